@@ -1,0 +1,151 @@
+"""Scale / zero-point math and (de)quantization at per-tensor, per-channel and per-group granularity.
+
+Affine quantization as in Jacob et al. (2018): q = clamp(round(x / scale) + zero_point), and
+x ≈ (q - zero_point) * scale. Symmetric mode fixes zero_point at the type's midpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.core.granularity import Granularity
+from lowbit.core.qtypes import QType, get_qtype
+from lowbit.errors import QuantizationError
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer values (one per element, original shape) plus the scale/zero point to read them."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    zero_point: torch.Tensor | None
+    qtype: QType
+    granularity: Granularity
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.qtype.is_float:
+            return self.data.to(dtype)
+        blocks = to_blocks(self.data, self.granularity).to(dtype)
+        scale = self.scale.reshape(-1, 1).to(dtype)
+        if self.zero_point is not None:
+            blocks = blocks - self.zero_point.reshape(-1, 1).to(dtype)
+        return from_blocks(blocks * scale, self.data.shape, self.granularity)
+
+
+def to_blocks(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
+    """Reshape so that each row holds the elements that share one scale."""
+    if granularity.kind == "per_tensor":
+        return x.reshape(1, -1)
+    if granularity.kind == "per_channel":
+        axis = granularity.axis % x.dim()
+        return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    if x.dim() == 0 or x.shape[-1] % granularity.group_size:
+        raise QuantizationError(
+            f"group size {granularity.group_size} does not divide the input dimension "
+            f"{x.shape[-1] if x.dim() else 0} of a tensor of shape {tuple(x.shape)}; "
+            "pick a group size that divides it, or use per_channel"
+        )
+    return x.reshape(-1, granularity.group_size)
+
+
+def from_blocks(blocks: torch.Tensor, shape: torch.Size, granularity: Granularity) -> torch.Tensor:
+    """Inverse of `to_blocks`."""
+    if granularity.kind == "per_channel":
+        axis = granularity.axis % len(shape)
+        moved = (shape[axis], *shape[:axis], *shape[axis + 1 :])
+        return blocks.reshape(moved).movedim(0, axis)
+    return blocks.reshape(shape)
+
+
+def scale_shape(shape: torch.Size, granularity: Granularity) -> tuple[int, ...]:
+    """Shape of the scale tensor for a tensor of `shape` (what is saved to disk)."""
+    if granularity.kind == "per_tensor":
+        return ()
+    if granularity.kind == "per_channel":
+        return (shape[granularity.axis % len(shape)],)
+    return (*shape[:-1], shape[-1] // granularity.group_size)
+
+
+def qparams_from_range(
+    low: torch.Tensor, high: torch.Tensor, qtype: QType, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point that map [low, high] (widened to include 0) onto the type's grid.
+
+    Returns zero_point None in symmetric mode with a signed type (it is 0). A zero-width range
+    gets scale 1 so that all-zero tensors quantize exactly.
+    """
+    low = torch.clamp(low.float(), max=0.0)
+    high = torch.clamp(high.float(), min=0.0)
+    if symmetric:
+        amax = torch.maximum(-low, high)
+        scale = amax / qtype.symmetric_qmax
+        zero_point = None if qtype.is_signed else torch.full_like(scale, 2 ** (qtype.bits - 1))
+    else:
+        scale = (high - low) / (qtype.qmax - qtype.qmin)
+        zero_point = None
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.clamp(scale, min=torch.finfo(torch.float32).tiny)
+    if not symmetric:
+        zero_point = torch.clamp(qtype.qmin - torch.round(low / scale), qtype.qmin, qtype.qmax)
+    return scale, None if zero_point is None else zero_point.to(torch.int32)
+
+
+def compute_qparams(
+    x: torch.Tensor, qtype: QType | str, granularity: Granularity | str, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point from the min/max of each block of `x`, shaped as `scale_shape`."""
+    qtype, granularity = get_qtype(qtype), Granularity.parse(granularity)
+    blocks = to_blocks(x.detach().float(), granularity)
+    scale, zero_point = qparams_from_range(blocks.amin(dim=1), blocks.amax(dim=1), qtype, symmetric)
+    shape = scale_shape(x.shape, granularity)
+    return scale.reshape(shape), None if zero_point is None else zero_point.reshape(shape)
+
+
+def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
+    """Refuse NaN/Inf early: they would silently poison every scale computed from them."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise QuantizationError(
+            f"{what} contains NaN or Inf values; fix the model's weights before quantizing"
+        )
+
+
+def quantize_with(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qtype: QType,
+    granularity: Granularity,
+    symmetric: bool,
+) -> torch.Tensor:
+    """Round `x` onto the grid given by `scale`/`zero_point` and clamp to the type's range."""
+    blocks = to_blocks(x.detach().float(), granularity)
+    q = torch.round(blocks / scale.reshape(-1, 1))
+    if zero_point is not None:
+        q = q + zero_point.reshape(-1, 1)
+    if symmetric and qtype.is_signed:
+        q = torch.clamp(q, -qtype.symmetric_qmax, qtype.symmetric_qmax)
+    else:
+        q = torch.clamp(q, qtype.qmin, qtype.qmax)
+    return from_blocks(q.to(qtype.storage_dtype), x.shape, granularity)
+
+
+def quantize_tensor(
+    x: torch.Tensor,
+    qtype: QType | str,
+    granularity: Granularity | str = "per_tensor",
+    symmetric: bool = True,
+) -> QuantizedTensor:
+    """Quantize `x` by round-to-nearest with scales from its own min/max."""
+    qtype, granularity = get_qtype(qtype), Granularity.parse(granularity)
+    check_finite(x)
+    if qtype.is_float:
+        limit = torch.finfo(qtype.storage_dtype).max
+        if x.numel() and float(x.detach().abs().max()) > limit:
+            raise QuantizationError(f"values exceed the {qtype.name} range (±{limit:g})")
+        return QuantizedTensor(x.detach().to(qtype.storage_dtype), None, None, qtype, granularity)
+    scale, zero_point = compute_qparams(x, qtype, granularity, symmetric)
+    data = quantize_with(x, scale, zero_point, qtype, granularity, symmetric)
+    return QuantizedTensor(data, scale, zero_point, qtype, granularity)

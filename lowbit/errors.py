@@ -1,0 +1,31 @@
+"""lowbit's own exception types: every user-facing failure is one of these, never a deep torch error."""
+
+from __future__ import annotations
+
+
+class LowbitError(Exception):
+    """Base class of every error lowbit raises on purpose; the CLI turns it into exit code 2."""
+
+
+class InvalidRecipeError(LowbitError, ValueError):
+    """A recipe, preset name or quantization option is unknown or inconsistent."""
+
+
+class QuantizationError(LowbitError):
+    """A model or tensor cannot be quantized as asked (bad weights, bad shape, unsupported module)."""
+
+
+class CalibrationError(LowbitError):
+    """Calibration data is missing, empty, or does not fit the model."""
+
+
+class FormatError(LowbitError):
+    """A saved model folder or file is missing, corrupt, or of an unknown format version."""
+
+
+class ChecksumError(FormatError):
+    """A tensor or file does not match the sha256 recorded when it was saved."""
+
+
+class ModelLoadError(LowbitError):
+    """A source model (folder, factory, weights file) cannot be found or built."""

@@ -1,0 +1,119 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from lowbit.core import Granularity, compute_qparams, get_qtype, pack_int4, quantize_tensor, unpack_int4
+from lowbit.core.quantize import to_blocks
+from lowbit.errors import InvalidRecipeError, QuantizationError
+
+INTEGER_TYPES = ["int8", "uint8", "int4", "uint4"]
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+
+
+def matrices(rows=st.integers(1, 6), groups=st.integers(1, 3)):
+    return st.tuples(rows, groups).flatmap(
+        lambda shape: arrays("float32", (shape[0], 32 * shape[1]), elements=finite)
+    )
+
+
+def step_of(quantized):
+    """Per-element step size, broadcast back to the tensor's shape."""
+    blocks = to_blocks(torch.zeros_like(quantized.data, dtype=torch.float32), quantized.granularity)
+    return (blocks + quantized.scale.reshape(-1, 1)).reshape_as(blocks)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    matrices(),
+    st.sampled_from(INTEGER_TYPES),
+    st.sampled_from(["per_tensor", "per_channel", "per_channel:1", "group:32"]),
+    st.booleans(),
+)
+def test_round_trip_error_is_at_most_half_a_step(array, qtype, granularity, symmetric):
+    x = torch.from_numpy(array)
+    quantized = quantize_tensor(x, qtype, granularity, symmetric)
+    error = to_blocks((quantized.dequantize() - x).abs(), quantized.granularity)
+    half_step = quantized.scale.reshape(-1, 1) / 2
+    assert bool((error <= half_step * (1 + 1e-5) + 1e-6).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices(), st.sampled_from(INTEGER_TYPES), st.sampled_from(["per_tensor", "group:32"]))
+def test_zero_is_exactly_representable_in_asymmetric_mode(array, qtype, granularity):
+    x = torch.from_numpy(array)
+    x[0, 0] = 0.0
+    quantized = quantize_tensor(x, qtype, granularity, symmetric=False)
+    assert quantized.dequantize()[0, 0].item() == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices(), st.sampled_from(INTEGER_TYPES + ["fp16", "bf16"]), st.booleans())
+def test_finite_input_never_yields_nan_or_inf(array, qtype, symmetric):
+    x = torch.from_numpy(array)
+    restored = quantize_tensor(x, qtype, "per_channel", symmetric).dequantize()
+    assert bool(torch.isfinite(restored).all())
+
+
+@pytest.mark.parametrize("qtype", INTEGER_TYPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_zero_and_constant_tensors_round_trip(qtype, symmetric):
+    zeros = torch.zeros(4, 64)
+    assert torch.equal(quantize_tensor(zeros, qtype, "group:32", symmetric).dequantize(), zeros)
+    constant = torch.full((4, 64), -3.5)
+    restored = quantize_tensor(constant, qtype, "per_channel", symmetric).dequantize()
+    assert torch.allclose(restored, constant, rtol=1e-6)
+
+
+def test_values_stay_inside_the_type_range():
+    x = torch.randn(16, 256) * 100
+    for name in INTEGER_TYPES:
+        qtype = get_qtype(name)
+        data = quantize_tensor(x, qtype, "group:64", symmetric=False).data
+        assert int(data.min()) >= qtype.qmin and int(data.max()) <= qtype.qmax
+
+
+def test_scale_shapes_follow_granularity():
+    x = torch.randn(8, 256)
+    assert compute_qparams(x, "int8", "per_tensor", True)[0].shape == ()
+    assert compute_qparams(x, "int8", "per_channel", True)[0].shape == (8,)
+    assert compute_qparams(x, "int8", "per_channel:1", True)[0].shape == (256,)
+    assert compute_qparams(x, "int4", "group:128", False)[0].shape == (8, 2)
+
+
+def test_group_size_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(QuantizationError, match="does not divide"):
+        quantize_tensor(torch.randn(4, 96), "int4", "group:64")
+
+
+@pytest.mark.parametrize("text", ["group:48", "per_row", "group:"])
+def test_unknown_granularity_is_refused(text):
+    with pytest.raises(InvalidRecipeError):
+        Granularity.parse(text)
+
+
+def test_unknown_type_is_refused():
+    with pytest.raises(InvalidRecipeError, match="int8"):
+        get_qtype("int3")
+
+
+def test_nan_weights_are_refused():
+    x = torch.randn(4, 32)
+    x[1, 2] = float("nan")
+    with pytest.raises(QuantizationError, match="NaN"):
+        quantize_tensor(x, "int8", "per_channel")
+
+
+def test_fp16_overflow_is_refused():
+    with pytest.raises(QuantizationError, match="fp16"):
+        quantize_tensor(torch.tensor([1e6]), "fp16")
+
+
+@given(arrays("uint8", st.tuples(st.integers(1, 5), st.integers(1, 8).map(lambda n: 2 * n)),
+              elements=st.integers(0, 15)))
+def test_int4_packing_round_trips_and_halves_the_bytes(values):
+    x = torch.from_numpy(values)
+    packed = pack_int4(x)
+    assert packed.numel() * 2 == x.numel()
+    assert torch.equal(unpack_int4(packed), x)
