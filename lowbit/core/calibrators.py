@@ -94,20 +94,26 @@ def entropy_range(histogram: Histogram, qtype: QType, symmetric: bool) -> Range:
 def expected_squared_error(
     histogram: Histogram, low: float, high: float, qtype: QType, symmetric: bool
 ) -> float:
-    """Mean squared quantization error of the histogram's values under the range [low, high]."""
+    """Expected squared quantization error of the histogram's values under the range [low, high].
+
+    Values inside the range carry rounding noise of step²/12 (uniform rounding error); values
+    outside are clipped to the nearest representable end, measured from their bin centres.
+    """
     scale, zero_point = qparams_from_range(
         torch.tensor(low), torch.tensor(high), qtype, symmetric
     )
-    scale = scale.double()
+    scale = float(scale)
     offset = 0.0 if zero_point is None else float(zero_point)
     if symmetric and qtype.is_signed:
         qmin, qmax = -qtype.symmetric_qmax, qtype.symmetric_qmax
     else:
         qmin, qmax = qtype.qmin, qtype.qmax
+    lowest, highest = (qmin - offset) * scale, (qmax - offset) * scale
     centers = histogram.centers()
-    quantized = torch.clamp(torch.round(centers / scale) + offset, qmin, qmax)
-    error = (quantized - offset) * scale - centers
-    return float((histogram.counts * error**2).sum() / max(histogram.total, 1.0))
+    clipped = torch.clamp(centers, lowest, highest)
+    inside = (centers >= lowest) & (centers <= highest)
+    error = torch.where(inside, torch.full_like(centers, scale**2 / 12), (centers - clipped) ** 2)
+    return float((histogram.counts * error).sum() / max(histogram.total, 1.0))
 
 
 def mse_range(histogram: Histogram, qtype: QType, symmetric: bool, steps: int = 128) -> Range:

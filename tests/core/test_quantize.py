@@ -4,7 +4,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lowbit.core import Granularity, compute_qparams, get_qtype, pack_int4, quantize_tensor, unpack_int4
+from lowbit.core import (
+    Granularity,
+    compute_qparams,
+    get_qtype,
+    pack_int4,
+    quantize_tensor,
+    unpack_int4,
+)
 from lowbit.core.quantize import to_blocks
 from lowbit.errors import InvalidRecipeError, QuantizationError
 
