@@ -40,6 +40,9 @@ UINT4 = QType("uint4", 4, False, torch.uint8, 0, 15)
 FP16 = QType("fp16", 16, True, torch.float16)
 BF16 = QType("bf16", 16, True, torch.bfloat16)
 
+# 7-bit activations for int8 kernels on CPUs without VNNI (see lowbit.nn.kernels); not a weight type.
+UINT7 = QType("uint7", 7, False, torch.uint8, 0, 127)
+
 QTYPES: dict[str, QType] = {t.name: t for t in (INT8, UINT8, INT4, UINT4, FP16, BF16)}
 
 

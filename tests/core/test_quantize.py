@@ -19,16 +19,10 @@ INTEGER_TYPES = ["int8", "uint8", "int4", "uint4"]
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 
 
-def matrices(rows=st.integers(1, 6), groups=st.integers(1, 3)):
-    return st.tuples(rows, groups).flatmap(
+def matrices():
+    return st.tuples(st.integers(1, 6), st.integers(1, 3)).flatmap(
         lambda shape: arrays("float32", (shape[0], 32 * shape[1]), elements=finite)
     )
-
-
-def step_of(quantized):
-    """Per-element step size, broadcast back to the tensor's shape."""
-    blocks = to_blocks(torch.zeros_like(quantized.data, dtype=torch.float32), quantized.granularity)
-    return (blocks + quantized.scale.reshape(-1, 1)).reshape_as(blocks)
 
 
 @settings(max_examples=60, deadline=None)

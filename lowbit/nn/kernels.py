@@ -1,0 +1,221 @@
+"""Linear kernels: the fastest integer kernel PyTorch ships for each scheme, chosen by measurement.
+
+Each kernel takes a quantized module and a 2-D float input [rows, in_features] and returns
+[rows, out_features] in float32. `reference` (dequantize, then a float matmul, with the same
+activation rounding as the integer kernels) is the ground truth every fast path is tested against.
+The choice is made per module and row bucket when the module is built, recorded in its LayerSpec
+and saved, so `lowbit inspect` can say which kernel ran and reloads run the same one.
+
+Without AVX512-VNNI, x86 int8 kernels sum pairs of uint8 × int8 products in int16 and saturate
+(`vpmaddubsw`); activations are therefore quantized to 7 bits (0..127) — fbgemm's reduce_range.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+ROW_BUCKETS = (1, 8, 32, 128, 512)  # inputs are timed at these row counts; larger inputs use the last
+ACTIVATION_QMAX = 127  # reduce_range: 7-bit activations keep int16 pair sums from saturating
+
+KernelFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def _quantized_tensor_api() -> Iterator[None]:
+    """torch's quantized-tensor constructors warn that they are deprecated; fbgemm still needs them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*deprecated")
+        yield
+
+
+def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Map each row onto [0, 1]: x = low + span * normalized. Per-row (per-token) asymmetric range."""
+    low, high = torch.aminmax(x, dim=1, keepdim=True)
+    span = (high - low).clamp_(min=torch.finfo(x.dtype).tiny)
+    return (x - low).div_(span), low, span
+
+
+def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    """Round `x` onto an unsigned grid [0, qmax] and back, in float."""
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, qmax)
+    return (q - zero_point) * scale
+
+
+def reference(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Dequantize-then-matmul with the scheme's activation rounding: slow, simple, the ground truth."""
+    scheme = module.spec.scheme
+    if scheme == "dynamic":
+        normalized, low, span = normalize_rows(x)
+        x = low + span * fake_quantize(normalized, 1.0 / ACTIVATION_QMAX, 0, ACTIVATION_QMAX)
+    elif scheme == "static":
+        x = fake_quantize(x, float(module.input_scale), int(module.input_zero_point), ACTIVATION_QMAX)
+    y = F.linear(x, module.dequantized_weight(x.dtype), module.bias)
+    if scheme == "static":
+        y = fake_quantize(y, float(module.output_scale), int(module.output_zero_point), 255)
+    return y
+
+
+def _fbgemm_packed(module: torch.nn.Module, with_bias: bool = True):
+    key = "fbgemm" if with_bias else "fbgemm_no_bias"
+    packed = module.kernel_cache.get(key)
+    if packed is None:
+        with _quantized_tensor_api():
+            scale = module.weight_scale.double()
+            if scale.dim() == 0:
+                qweight = torch._make_per_tensor_quantized_tensor(module.weight, float(scale), 0)
+            else:
+                zeros = torch.zeros(scale.numel(), dtype=torch.long)
+                qweight = torch._make_per_channel_quantized_tensor(module.weight, scale, zeros, 0)
+            bias = module.bias if with_bias else None
+            packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        module.kernel_cache[key] = packed
+    return packed
+
+
+def fbgemm_dynamic(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """fbgemm `quantized::linear_dynamic` (W8A8) with per-row activation ranges.
+
+    fbgemm quantizes activations with one range per call; normalizing each row to [0, 1] first and
+    undoing it on the output (W·x = span·W·normalized + low·W·1) gives every token its own range.
+    """
+    normalized, low, span = normalize_rows(x)
+    y = torch.ops.quantized.linear_dynamic(normalized, _fbgemm_packed(module, False), True)
+    row_sums = module.kernel_cache.get("weight_row_sums")
+    if row_sums is None:
+        row_sums = module.dequantized_weight().sum(dim=1, keepdim=True).T
+        module.kernel_cache["weight_row_sums"] = row_sums
+    offset = low @ row_sums if module.bias is None else torch.addmm(module.bias, low, row_sums)
+    return torch.addcmul(offset, y, span)
+
+
+def dequantized_fp32(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Dequantize the weight per call and run the float GEMM: wins over int8 GEMMs at many rows.
+
+    Activations stay in float, so it is at least as accurate as the scheme's integer path.
+    """
+    return F.linear(x, module.dequantized_weight(x.dtype), module.bias)
+
+
+def fbgemm_static(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """fbgemm `quantized::linear`: int8 weights, activations quantized with calibrated scales."""
+    input_scale, input_zero_point = float(module.input_scale), int(module.input_zero_point)
+    low = -input_zero_point * input_scale
+    x = torch.clamp(x, low, low + ACTIVATION_QMAX * input_scale)
+    with _quantized_tensor_api():
+        qx = torch.quantize_per_tensor(x, input_scale, input_zero_point, torch.quint8)
+        qy = torch.ops.quantized.linear(
+            qx, _fbgemm_packed(module), float(module.output_scale), int(module.output_zero_point)
+        )
+    return qy.dequantize()
+
+
+def int8pack_bf16(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`torch._weight_int8pack_mm` with bf16 activations: fast for a few rows, int8 weight-only."""
+    scales = module.kernel_cache.get("int8pack_scales")
+    if scales is None:
+        scales = module.kernel_cache["int8pack_scales"] = module.weight_scale.to(torch.bfloat16)
+    y = torch._weight_int8pack_mm(x.to(torch.bfloat16), module.weight, scales).float()
+    return y if module.bias is None else y + module.bias
+
+
+def _int4_packed(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    cached = module.kernel_cache.get("int4pack")
+    if cached is None:
+        quantized = module.quantized_weight()
+        packed = torch._convert_weight_to_int4pack_for_cpu(quantized.data.to(torch.int32), 2)
+        scale = quantized.scale
+        zero_point = module.weight_zero_point.float() if quantized.zero_point is not None else 8.0
+        zero = (8.0 - zero_point) * scale  # kernel computes (q - 8) * scale + zero
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        cached = module.kernel_cache["int4pack"] = (packed, scales_and_zeros.to(torch.bfloat16))
+    return cached
+
+
+def int4pack_bf16(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`torch._weight_int4pack_mm_for_cpu` with bf16 activations: int4 weight-only, few rows."""
+    packed, scales_and_zeros = _int4_packed(module)
+    group_size = module.weight_shape[-1] // module.weight_scale.shape[-1]
+    y = torch._weight_int4pack_mm_for_cpu(
+        x.to(torch.bfloat16), packed, group_size, scales_and_zeros
+    ).float()
+    return y if module.bias is None else y + module.bias
+
+
+KERNELS: dict[str, KernelFn] = {
+    "reference": reference,
+    "dequantized_fp32": dequantized_fp32,
+    "fbgemm_dynamic": fbgemm_dynamic,
+    "fbgemm_static": fbgemm_static,
+    "int8pack_bf16": int8pack_bf16,
+    "int4pack_bf16": int4pack_bf16,
+}
+
+
+def candidate_kernels(module: torch.nn.Module) -> list[str]:
+    """Kernels whose numerics fit this module's spec, the reference always included."""
+    spec = module.spec
+    candidates = ["reference"]
+    fbgemm_ready = "fbgemm" in torch.backends.quantized.supported_engines
+    if spec.scheme in ("dynamic", "static") and fbgemm_ready:
+        candidates.append(f"fbgemm_{spec.scheme}")
+    if spec.scheme == "dynamic":
+        candidates.append("dequantized_fp32")
+    weight_only = spec.scheme == "weight_only"
+    if weight_only and spec.weight == "int8" and spec.granularity == "per_channel" and spec.symmetric:
+        candidates.append("int8pack_bf16")
+    out_features, in_features = module.weight_shape
+    if weight_only and spec.weight == "int4" and out_features % 16 == 0 and in_features % 32 == 0:
+        candidates.append("int4pack_bf16")
+    return candidates
+
+
+def _time_kernel(kernel: KernelFn, module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    kernel(module, x)  # warm-up: builds packed weights
+    start = time.perf_counter()
+    for _ in range(repeats):
+        kernel(module, x)
+    return (time.perf_counter() - start) / repeats
+
+
+_CHOICES: dict[tuple, dict[str, str]] = {}
+
+
+def choose_kernels(module: torch.nn.Module) -> dict[str, str]:
+    """Time each candidate at each of ROW_BUCKETS rows and keep the fastest per bucket.
+
+    Results are cached per (spec, shape) within a process, so a model with repeated layer shapes
+    is measured once per shape. Set LOWBIT_KERNEL=reference to force the reference everywhere.
+    """
+    forced = os.environ.get("LOWBIT_KERNEL")
+    if forced:
+        return {str(rows): forced for rows in ROW_BUCKETS}
+    spec, in_features = module.spec, module.weight_shape[-1]
+    key = (spec.scheme, spec.weight, spec.granularity, spec.symmetric, module.weight_shape)
+    if key not in _CHOICES:
+        candidates = candidate_kernels(module)
+        choice = {}
+        with torch.inference_mode():
+            for rows in ROW_BUCKETS:
+                x = torch.randn(rows, in_features)
+                repeats = max(2, 64 // rows)
+                timings = {name: _time_kernel(KERNELS[name], module, x, repeats) for name in candidates}
+                choice[str(rows)] = min(timings, key=timings.get)
+        module.kernel_cache.clear()
+        _CHOICES[key] = choice
+    return dict(_CHOICES[key])
+
+
+def run_kernel(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Dispatch a 2-D input to the kernel recorded for its row bucket (reference off the CPU)."""
+    if x.device.type != "cpu":
+        return reference(module, x)
+    rows = x.shape[0]
+    bucket = next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
+    return KERNELS[module.spec.kernels.get(str(bucket), "reference")](module, x)

@@ -1,0 +1,96 @@
+"""QConv2d: a Conv2d with int8 per-channel weights, weight-only or static (fbgemm `quantized::conv2d`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.core.qtypes import UINT7, UINT8
+from lowbit.core.quantize import check_finite, qparams_from_range
+from lowbit.nn.kernels import ACTIVATION_QMAX, _quantized_tensor_api, fake_quantize
+from lowbit.nn.qweight import QuantizedWeightMixin
+from lowbit.nn.spec import LayerSpec
+
+
+class QConv2d(QuantizedWeightMixin, nn.Module):
+    """Drop-in replacement for `nn.Conv2d` (zero padding) with int8 per-output-channel weights."""
+
+    def __init__(self, conv: nn.Conv2d, spec: LayerSpec) -> None:
+        super().__init__()
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_cache: dict = {}
+        self._init_weight_buffers(spec, tuple(conv.weight.shape))
+        self.register_buffer("bias", None if conv.bias is None else torch.zeros(conv.out_channels))
+        if spec.scheme == "static":
+            for name in ("input", "output"):
+                self.register_buffer(f"{name}_scale", torch.tensor(1.0))
+                self.register_buffer(f"{name}_zero_point", torch.tensor(0, dtype=torch.int32))
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, spec: LayerSpec,
+                   input_range: tuple[float, float] | None = None,
+                   output_range: tuple[float, float] | None = None) -> QConv2d:
+        check_finite(conv.weight, "conv weight")
+        module = cls(conv, spec)
+        module._store_weight(conv.weight.detach().float())
+        if conv.bias is not None:
+            module.bias.copy_(conv.bias.detach().float())
+        if spec.scheme == "static":
+            module.set_activation_ranges(input_range, output_range)
+        fast = spec.scheme == "static" and "fbgemm" in torch.backends.quantized.supported_engines
+        kernel = "fbgemm_conv2d" if fast else "reference"
+        module.spec = spec.with_kernels({"all": kernel})
+        return module
+
+    def set_activation_ranges(self, input_range, output_range) -> None:
+        for name, (low, high), qtype in (("input", input_range, UINT7), ("output", output_range, UINT8)):
+            scale, zero_point = qparams_from_range(torch.tensor(low), torch.tensor(high), qtype, False)
+            getattr(self, f"{name}_scale").copy_(scale)
+            getattr(self, f"{name}_zero_point").copy_(zero_point)
+        self.kernel_cache.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.kernel_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize-then-convolve, with the static scheme's activation rounding."""
+        if self.spec.scheme != "static":
+            return self._conv(x, self.dequantized_weight(x.dtype))
+        x = fake_quantize(x, float(self.input_scale), int(self.input_zero_point), ACTIVATION_QMAX)
+        y = self._conv(x, self.dequantized_weight(x.dtype))
+        return fake_quantize(y, float(self.output_scale), int(self.output_zero_point), 255)
+
+    def fbgemm_conv2d(self, x: torch.Tensor) -> torch.Tensor:
+        """fbgemm `quantized::conv2d` on 7-bit activations and int8 per-channel weights."""
+        input_scale, input_zero_point = float(self.input_scale), int(self.input_zero_point)
+        low = -input_zero_point * input_scale
+        x = torch.clamp(x, low, low + ACTIVATION_QMAX * input_scale)
+        with _quantized_tensor_api():
+            packed = self.kernel_cache.get("fbgemm")
+            if packed is None:
+                zeros = torch.zeros(self.out_channels, dtype=torch.long)
+                qweight = torch._make_per_channel_quantized_tensor(
+                    self.weight, self.weight_scale.double(), zeros, 0
+                )
+                packed = torch.ops.quantized.conv2d_prepack(
+                    qweight, self.bias, list(self.stride), list(self.padding),
+                    list(self.dilation), self.groups,
+                )
+                self.kernel_cache["fbgemm"] = packed
+            qx = torch.quantize_per_tensor(x.contiguous(), input_scale, input_zero_point, torch.quint8)
+            qy = torch.ops.quantized.conv2d.new(
+                qx, packed, float(self.output_scale), int(self.output_zero_point)
+            )
+        return qy.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.spec.kernels.get("all") == "fbgemm_conv2d":
+            return self.fbgemm_conv2d(x.float()).to(x.dtype)
+        return self.reference(x)

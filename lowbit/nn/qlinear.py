@@ -1,0 +1,80 @@
+"""QLinear: a Linear layer whose weight is stored quantized and computed with an integer kernel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.core.qtypes import UINT7, UINT8
+from lowbit.core.quantize import check_finite, qparams_from_range
+from lowbit.nn.kernels import choose_kernels, run_kernel
+from lowbit.nn.qweight import QuantizedWeightMixin
+from lowbit.nn.spec import LayerSpec
+
+
+class QLinear(QuantizedWeightMixin, nn.Module):
+    """Drop-in replacement for `nn.Linear` with weight-only, dynamic or static quantization."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LayerSpec) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel_cache: dict = {}
+        self._init_weight_buffers(spec, (out_features, in_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        if spec.scheme == "static":
+            for name in ("input", "output"):
+                self.register_buffer(f"{name}_scale", torch.tensor(1.0))
+                self.register_buffer(f"{name}_zero_point", torch.tensor(0, dtype=torch.int32))
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        spec: LayerSpec,
+        input_range: tuple[float, float] | None = None,
+        output_range: tuple[float, float] | None = None,
+        choose_kernel: bool = True,
+    ) -> QLinear:
+        """Quantize a float Linear by round-to-nearest; static needs calibrated input/output ranges."""
+        check_finite(linear.weight, "weight")
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec)
+        module._store_weight(linear.weight.detach().float())
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float())
+        if spec.scheme == "static":
+            module.set_activation_ranges(input_range, output_range)
+        if choose_kernel:
+            module.spec = spec.with_kernels(choose_kernels(module))
+        return module
+
+    def set_activation_ranges(
+        self, input_range: tuple[float, float], output_range: tuple[float, float]
+    ) -> None:
+        """Static scheme: fix the activation grids from calibrated ranges."""
+        for name, (low, high), qtype in (
+            ("input", input_range, UINT7),
+            ("output", output_range, UINT8),
+        ):
+            scale, zero_point = qparams_from_range(
+                torch.tensor(low), torch.tensor(high), qtype, symmetric=False
+            )
+            getattr(self, f"{name}_scale").copy_(scale)
+            getattr(self, f"{name}_zero_point").copy_(zero_point)
+        self.kernel_cache.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.kernel_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = run_kernel(self, rows.float() if rows.dtype != torch.float32 else rows)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        kernels = ", ".join(f"{k}={v}" for k, v in self.spec.kernels.items())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"scheme={self.spec.scheme}, weight={self.spec.weight}, "
+            f"granularity={self.spec.granularity}, kernels=[{kernels}]"
+        )

@@ -1,0 +1,142 @@
+"""The model walk: match modules to recipe rules, calibrate if needed, swap in quantized modules."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from lowbit.calibrate import activation_ranges, collect_histograms
+from lowbit.errors import QuantizationError
+from lowbit.nn import LayerSpec, QConv2d, QEmbedding, QLinear
+from lowbit.recipe import Recipe, make_recipe
+
+MODULE_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Embedding: "embedding"}
+RECIPE_ATTRIBUTE = "lowbit_recipe"
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Glob on the dotted module name; a pattern also covers the submodules of what it names."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def recipe_for(name: str, recipe: Recipe) -> Recipe | None:
+    """The recipe that applies to one module name: None when skipped, else the first override."""
+    if any(_matches(name, pattern) for pattern in recipe.skip):
+        return None
+    for pattern, override in recipe.overrides.items():
+        if _matches(name, pattern):
+            return override
+    return recipe
+
+
+def _module_kind(module: nn.Module) -> str | None:
+    kind = MODULE_KINDS.get(type(module))
+    if kind == "conv" and module.padding_mode != "zeros":
+        return None
+    return kind
+
+
+def plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerSpec], list[str]]:
+    """LayerSpecs for every module to quantize, and the names of quantizable modules kept in float."""
+    specs, kept_float = {}, []
+    for name, module in model.named_modules():
+        kind = _module_kind(module)
+        if kind is None:
+            continue
+        rule = recipe_for(name, recipe)
+        if rule is None or (kind == "embedding" and not rule.embeddings):
+            kept_float.append(name)
+            continue
+        spec = rule.layer_spec(kind)
+        if kind == "conv" and spec.weight not in ("int8", "fp16", "bf16"):
+            kept_float.append(name)  # int4 convolutions have no kernel: keep them in float
+            continue
+        if spec.granularity.startswith("group") and module.weight.shape[-1] % int(
+            spec.granularity.split(":")[1]
+        ):
+            raise QuantizationError(
+                f"group size {spec.granularity.split(':')[1]} does not divide the input dimension "
+                f"{module.weight.shape[-1]} of {name!r}; choose another group size, or skip it"
+            )
+        specs[name] = spec
+    return specs, kept_float
+
+
+def build_module(module: nn.Module, spec: LayerSpec, ranges: dict | None = None) -> nn.Module:
+    """The quantized replacement of one float module."""
+    ranges = ranges or {}
+    if isinstance(module, nn.Linear):
+        return QLinear.from_float(module, spec, ranges.get("input"), ranges.get("output"))
+    if isinstance(module, nn.Conv2d):
+        return QConv2d.from_float(module, spec, ranges.get("input"), ranges.get("output"))
+    return QEmbedding.from_float(module, spec)
+
+
+def set_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, replacement)
+
+
+def _static_ranges(model, specs, recipe, calibration, progress) -> dict[str, dict]:
+    static = [name for name, spec in specs.items() if spec.scheme == "static"]
+    if not static:
+        return {}
+    if calibration is None:
+        raise QuantizationError(
+            "the static scheme needs calibration data: pass calibration=[batch, ...] "
+            "(CLI: --calibration FILE), or use 'w8a8-dynamic', which needs none"
+        )
+    histograms = collect_histograms(model, calibration, static, progress)
+    options = {"percentile": recipe.percentile} if recipe.calibrator == "percentile" else {}
+    return activation_ranges(histograms, recipe.calibrator, **options)
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe | str | dict | None = "w8a8-dynamic",
+    calibration: Iterable[Any] | None = None,
+    skip: Iterable[str] | None = None,
+    overrides: dict[str, Recipe | str] | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Return a quantized copy of `model` (the model itself when `inplace`).
+
+    `recipe` is a preset name ("w8a8-dynamic", "w8a8-static", "w8", "w4", "fp16", "bf16") or a
+    Recipe; `skip` lists module-name globs kept in float; `overrides` maps globs to other recipes.
+    """
+    if not isinstance(model, nn.Module):
+        raise QuantizationError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    recipe = make_recipe(recipe)
+    changes = {}
+    if skip:
+        changes["skip"] = (*recipe.skip, *skip)
+    if overrides:
+        changes["overrides"] = {**recipe.overrides, **overrides}
+    recipe = make_recipe(recipe, **changes)
+    specs, _ = plan(model, recipe)
+    if not specs:
+        raise QuantizationError(
+            "nothing to quantize: the model has no Linear, Conv2d or Embedding outside `skip`"
+        )
+    ranges = _static_ranges(model, specs, recipe, calibration, progress)
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules())
+    for name, spec in specs.items():
+        set_module(target, name, build_module(modules[name], spec, ranges.get(name)))
+    setattr(target, RECIPE_ATTRIBUTE, recipe)
+    return target.eval()
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The lowbit modules inside a model, by name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (QLinear, QConv2d, QEmbedding))
+    }

@@ -1,0 +1,125 @@
+"""Recipe: a typed, validated quantization config, with named presets; round-trips through JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lowbit.core import CALIBRATORS, Granularity
+from lowbit.errors import InvalidRecipeError
+from lowbit.nn.spec import LayerSpec
+
+Scheme = Literal["weight_only", "dynamic", "static"]
+WeightType = Literal["int8", "int4", "fp16", "bf16"]
+
+
+class Recipe(BaseModel):
+    """How to quantize a model: scheme, weight type, granularity, calibration, skips and overrides.
+
+    `dynamic` and `static` are W8A8 (int8 weights, 8-bit activations at run time or calibrated);
+    `weight_only` stores weights in `weights` and computes in float. `embeddings` also quantizes
+    embedding tables (weight-only) so a BERT's vocabulary shrinks too.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: Scheme = "weight_only"
+    weights: WeightType = "int8"
+    granularity: str = "per_channel"
+    symmetric: bool = True
+    calibrator: str = "percentile"
+    percentile: float = Field(99.99, gt=50.0, le=100.0)
+    algorithm: Literal["rtn"] = "rtn"
+    embeddings: bool = True
+    skip: tuple[str, ...] = ()
+    overrides: dict[str, Recipe] = Field(default_factory=dict)
+
+    @field_validator("granularity")
+    @classmethod
+    def _known_granularity(cls, value: str) -> str:
+        return str(Granularity.parse(value))
+
+    @field_validator("calibrator")
+    @classmethod
+    def _known_calibrator(cls, value: str) -> str:
+        if value not in CALIBRATORS:
+            raise ValueError(f"unknown calibrator {value!r}; choose one of {', '.join(CALIBRATORS)}")
+        return value
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _presets_in_overrides(cls, value: dict) -> dict:
+        if not isinstance(value, dict):
+            return value
+        unknown = [r for r in value.values() if isinstance(r, str) and r not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown preset {unknown[0]!r} in overrides; use one of {', '.join(PRESETS)}")
+        return {p: PRESETS[r] if isinstance(r, str) else r for p, r in value.items()}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.scheme in ("dynamic", "static"):
+            if self.weights != "int8" or not self.symmetric:
+                raise ValueError(f"scheme {self.scheme!r} needs symmetric int8 weights")
+            if self.granularity not in ("per_channel", "per_tensor"):
+                raise ValueError(f"scheme {self.scheme!r} needs per_channel or per_tensor weights")
+        if self.weights == "int4" and not self.granularity.startswith("group"):
+            raise ValueError("int4 weights need a group granularity, e.g. 'group:128'")
+        return self
+
+    def layer_spec(self, kind: str = "linear") -> LayerSpec:
+        """The LayerSpec this recipe gives a Linear, Conv2d or Embedding module."""
+        if self.weights in ("fp16", "bf16"):
+            return LayerSpec("weight_only", self.weights, "per_tensor", True)
+        if kind == "embedding":
+            granularity = self.granularity if self.weights == "int4" else "per_channel"
+            return LayerSpec("weight_only", self.weights, granularity, self.symmetric)
+        if kind == "conv" and self.scheme == "dynamic":
+            return LayerSpec("weight_only", "int8", "per_channel", True)
+        activation = "uint8" if self.scheme != "weight_only" else None
+        return LayerSpec(self.scheme, self.weights, self.granularity, self.symmetric, activation)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        try:
+            return cls.model_validate(json.loads(text))
+        except (ValidationError, json.JSONDecodeError) as error:
+            raise InvalidRecipeError(f"invalid recipe JSON: {error}") from None
+
+
+PRESETS: dict[str, dict] = {
+    "w8a8-dynamic": {"scheme": "dynamic", "weights": "int8", "granularity": "per_channel"},
+    "w8a8-static": {"scheme": "static", "weights": "int8", "granularity": "per_channel"},
+    "w8": {"scheme": "weight_only", "weights": "int8", "granularity": "per_channel"},
+    "w4": {"scheme": "weight_only", "weights": "int4", "granularity": "group:128",
+           "symmetric": False},
+    "w4-g32": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32",
+               "symmetric": False},
+    "fp16": {"scheme": "weight_only", "weights": "fp16", "granularity": "per_tensor"},
+    "bf16": {"scheme": "weight_only", "weights": "bf16", "granularity": "per_tensor"},
+}
+
+
+def make_recipe(recipe: Recipe | str | dict | None = None, **changes) -> Recipe:
+    """A Recipe from a preset name, a JSON-like dict or a Recipe, with `changes` applied on top."""
+    if recipe is None:
+        recipe = "w8a8-dynamic"
+    if isinstance(recipe, str):
+        if recipe not in PRESETS:
+            raise InvalidRecipeError(
+                f"unknown recipe {recipe!r}; presets are {', '.join(PRESETS)} "
+                "(or pass a lowbit.Recipe)"
+            )
+        recipe = PRESETS[recipe]
+    base = recipe.model_dump() if isinstance(recipe, Recipe) else dict(recipe)
+    base.update({key: value for key, value in changes.items() if value is not None})
+    try:
+        return Recipe.model_validate(base)
+    except ValidationError as error:
+        problems = "; ".join(e["msg"] for e in error.errors())
+        raise InvalidRecipeError(f"invalid recipe: {problems}") from None
