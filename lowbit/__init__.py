@@ -9,12 +9,13 @@ from lowbit.errors import (
     ModelLoadError,
     QuantizationError,
 )
+from lowbit.persist import load, save
 from lowbit.quantize import quantize
 from lowbit.recipe import PRESETS, Recipe, make_recipe
-
-__version__ = "0.1.0"
+from lowbit.version import __version__
 
 __all__ = [
+    "__version__",
     "PRESETS",
     "CalibrationError",
     "ChecksumError",
@@ -24,6 +25,8 @@ __all__ = [
     "ModelLoadError",
     "QuantizationError",
     "Recipe",
+    "load",
     "make_recipe",
     "quantize",
+    "save",
 ]

