@@ -1,0 +1,103 @@
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import CalibrationError, QuantizationError
+from lowbit.nn import QConv2d, QEmbedding, QLinear
+from lowbit.quantize import quantized_modules
+from tests.fixtures_models import tied_lm, tiny_cnn
+
+
+def test_quantize_returns_a_copy_and_leaves_the_input_untouched(mlp):
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    quantized = lowbit.quantize(mlp, "w8a8-dynamic")
+    assert quantized is not mlp
+    assert all(isinstance(m, nn.Linear) for m in (mlp[0], mlp[2]))
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+    assert isinstance(quantized[0], QLinear)
+
+
+def test_inplace_quantizes_the_model_itself(mlp):
+    assert lowbit.quantize(mlp, "w8", inplace=True) is mlp
+    assert isinstance(mlp[0], QLinear)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8", "w4-g32", "fp16", "bf16"])
+def test_quantized_outputs_stay_close_to_float(mlp, recipe):
+    x = torch.randn(16, 64)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    quantized = lowbit.quantize(model, recipe)
+    error = (quantized(x) - model(x)).norm() / model(x).norm()
+    assert error < (0.1 if recipe.startswith("w4") else 0.02)
+
+
+def test_static_quantization_calibrates_and_runs(mlp, mlp_batches):
+    quantized = lowbit.quantize(mlp, "w8a8-static", calibration=mlp_batches, progress=False)
+    module = quantized[0]
+    assert module.spec.scheme == "static" and float(module.input_scale) > 0
+    x = mlp_batches[0]
+    assert (quantized(x) - mlp(x)).norm() / mlp(x).norm() < 0.05
+
+
+def test_skip_keeps_matching_modules_in_float(mlp):
+    quantized = lowbit.quantize(mlp, "w8", skip=["2"])
+    assert isinstance(quantized[0], QLinear) and isinstance(quantized[2], nn.Linear)
+
+
+def test_overrides_mix_precisions_by_name(mlp):
+    quantized = lowbit.quantize(mlp, "w8a8-dynamic", overrides={"2": "w4-g32"})
+    assert quantized[0].spec.scheme == "dynamic" and quantized[2].spec.weight == "int4"
+
+
+def test_convolutions_and_embeddings_are_quantized():
+    cnn = lowbit.quantize(tiny_cnn().eval(), "w8")
+    assert sum(isinstance(m, QConv2d) for m in cnn.modules()) == 2
+    lm = lowbit.quantize(tied_lm().eval(), "w8")
+    assert isinstance(lm.embed, QEmbedding) and isinstance(lm.head, QLinear)
+
+
+def test_static_without_calibration_says_what_to_do(mlp):
+    with pytest.raises(QuantizationError, match="calibration"):
+        lowbit.quantize(mlp, "w8a8-static")
+
+
+def test_empty_calibration_is_an_error(mlp):
+    with pytest.raises(CalibrationError, match="empty"):
+        lowbit.quantize(mlp, "w8a8-static", calibration=[], progress=False)
+
+
+def test_wrongly_shaped_calibration_is_an_error(mlp):
+    with pytest.raises(CalibrationError, match="batch 0"):
+        lowbit.quantize(mlp, "w8a8-static", calibration=[torch.randn(4, 63)], progress=False)
+
+
+def test_nan_weights_are_refused_and_the_model_untouched(mlp):
+    with torch.no_grad():
+        mlp[0].weight[0, 0] = float("inf")
+    with pytest.raises(QuantizationError, match="NaN or Inf"):
+        lowbit.quantize(mlp, "w8")
+    assert isinstance(mlp[0], nn.Linear)
+
+
+def test_group_size_that_does_not_divide_names_the_module():
+    model = nn.Sequential(nn.Linear(96, 32))
+    with pytest.raises(QuantizationError, match="'0'"):
+        lowbit.quantize(model, "w4")
+
+
+def test_nothing_to_quantize_is_an_error():
+    with pytest.raises(QuantizationError, match="nothing to quantize"):
+        lowbit.quantize(nn.Sequential(nn.ReLU()), "w8")
+
+
+def test_not_a_module_is_an_error():
+    with pytest.raises(QuantizationError, match="nn.Module"):
+        lowbit.quantize("model.bin", "w8")
+
+
+def test_quantized_model_records_recipe_and_source(mlp):
+    quantized = lowbit.quantize(mlp, "w8")
+    assert quantized.lowbit_recipe.weights == "int8"
+    assert quantized.lowbit_source["parameters"] == sum(p.numel() for p in mlp.parameters())
+    assert len(quantized_modules(quantized)) == 2

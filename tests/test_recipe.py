@@ -1,0 +1,47 @@
+import pytest
+
+from lowbit import PRESETS, InvalidRecipeError, Recipe, make_recipe
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_a_valid_recipe_that_round_trips_through_json(name):
+    recipe = make_recipe(name)
+    assert Recipe.from_json(recipe.to_json()) == recipe
+
+
+def test_required_presets_exist():
+    assert {"w8a8-dynamic", "w8a8-static", "w8", "w4", "fp16", "bf16"} <= set(PRESETS)
+    assert make_recipe("w4").granularity == "group:128"
+
+
+def test_overrides_and_skip_round_trip():
+    recipe = make_recipe("w4", skip=["pooler*"], overrides={"encoder.layer.0.*": "w8"})
+    restored = Recipe.from_json(recipe.to_json())
+    assert restored.overrides["encoder.layer.0.*"].weights == "int8"
+    assert restored.skip == ("pooler*",)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"weights": "int4"}, "needs symmetric int8"),
+        ({"granularity": "group:48"}, "group size 48"),
+        ({"calibrator": "magic"}, "unknown calibrator"),
+        ({"percentile": 20.0}, "greater than 50"),
+        ({"overrides": {"x": "w3"}}, "unknown preset 'w3'"),
+        ({"color": "blue"}, "Extra inputs"),
+    ],
+)
+def test_inconsistent_recipes_are_refused_with_a_reason(changes, message):
+    with pytest.raises(InvalidRecipeError, match=message):
+        make_recipe("w8a8-dynamic", **changes)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(InvalidRecipeError, match="w8a8-dynamic"):
+        make_recipe("w3")
+
+
+def test_bad_recipe_json_is_an_error():
+    with pytest.raises(InvalidRecipeError):
+        Recipe.from_json("{not json")
