@@ -9,9 +9,11 @@ from lowbit.errors import (
     ModelLoadError,
     QuantizationError,
 )
+from lowbit.evaluate import estimate
 from lowbit.persist import load, save
 from lowbit.quantize import quantize
 from lowbit.recipe import PRESETS, Recipe, make_recipe
+from lowbit.sources import load_source
 from lowbit.version import __version__
 
 __all__ = [
@@ -25,7 +27,9 @@ __all__ = [
     "ModelLoadError",
     "QuantizationError",
     "Recipe",
+    "estimate",
     "load",
+    "load_source",
     "make_recipe",
     "quantize",
     "save",

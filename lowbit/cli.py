@@ -20,7 +20,7 @@ from lowbit import hf
 from lowbit.data import calibration_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate import estimate, folder_bytes
-from lowbit.formats.lowbit_format import read_manifest
+from lowbit.formats.lowbit_format import read_folder, read_manifest
 from lowbit.persist import save
 from lowbit.quantize import quantize as quantize_model
 from lowbit.quantize import quantized_modules
@@ -107,42 +107,54 @@ def quantize(
 
 
 def _kernel_summary(kernels: dict[str, str]) -> str:
-    """'fbgemm_dynamic', or 'int4pack_bf16 ≤32 rows, reference >32' when it varies by rows."""
-    names = list(dict.fromkeys(kernels.values()))
-    if len(names) <= 1:
-        return names[0] if names else "-"
-    parts, previous = [], None
+    """'fbgemm_dynamic', or 'fbgemm_dynamic ≤32 rows, dequantized_fp32 >32' when it varies by rows.
+
+    Bucket keys are the most rows each serves; the last bucket also serves every larger input.
+    """
+    runs: list[list] = []  # [kernel, largest bucket it serves]
     for bucket, name in kernels.items():
-        if name != previous:
-            parts.append(f"{name} from {bucket}")
-            previous = name
-    return ", ".join(parts) + " rows"
+        if runs and runs[-1][0] == name:
+            runs[-1][1] = bucket
+        else:
+            runs.append([name, bucket])
+    if len(runs) <= 1:
+        return runs[0][0] if runs else "-"
+    parts = [f"{name} ≤{bucket}" for name, bucket in runs[:-1]]
+    return ", ".join(parts) + f", {runs[-1][0]} >{runs[-2][1]} rows"
 
 
 @app.command()
 def inspect(
     folder: Annotated[Path, typer.Argument(help="A lowbit model folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    verify: Annotated[bool, typer.Option(help="Also check every file against its sha256.")] = False,
 ) -> None:
-    """Per-layer table of a saved model: scheme, bits, granularity, kernel, bytes, and totals."""
+    """Per-layer table of a saved model: scheme, bits, granularity, kernel, bytes, and totals.
+
+    Example: lowbit inspect ./minilm-w8a8 --verify
+    """
     with _user_errors():
-        manifest = read_manifest(folder)
+        manifest = read_folder(folder)[0] if verify else read_manifest(folder)
         modules = manifest.get("modules", {})
         if as_json:
             print(json.dumps({"recipe": manifest.get("recipe"), "modules": modules,
                               "folder_bytes": folder_bytes(folder)}, indent=2))
             return
         table = Table(title=f"{folder} ({manifest['model'].get('class')})")
-        for column in ("module", "type", "scheme", "weight", "granularity", "kernel", "bytes"):
-            table.add_column(column, justify="right" if column == "bytes" else "left")
+        for column in ("module", "layer", "scheme", "weight", "kernel", "bytes"):
+            table.add_column(column, justify="right" if column == "bytes" else "left",
+                             overflow="fold", no_wrap=column not in ("weight", "kernel"))
         for name, entry in modules.items():
             spec = entry["spec"]
-            table.add_row(name, entry["type"], spec["scheme"], spec["weight"], spec["granularity"],
+            table.add_row(name, entry["type"].removeprefix("Q"), spec["scheme"],
+                          f"{spec['weight']} {spec['granularity']}",
                           _kernel_summary(spec["kernels"]), f"{entry['bytes']:,}")
         console.print(table)
         quantized = sum(entry["bytes"] for entry in modules.values())
         console.print(f"{len(modules)} quantized modules, {_mib(quantized)} of quantized tensors; "
                       f"folder {_mib(folder_bytes(folder))}")
+        if verify:
+            console.print("every file matches its recorded sha256")
 
 
 @app.command("estimate")
@@ -151,14 +163,18 @@ def estimate_command(
     weights: Annotated[Path | None, typer.Option(help="safetensors weights for a factory.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Parameter count and estimated size at fp32/fp16/int8/int4 (estimates, not measurements)."""
+    """Parameter count and estimated size at fp32/fp16/int8/int4 (estimates, not measurements).
+
+    Example: lowbit estimate ./minilm
+    """
     with _user_errors():
         result = estimate(load_source(source, weights))
         if as_json:
             print(json.dumps(result.to_dict(), indent=2))
             return
-        table = Table(title=f"ESTIMATE for {source}: {result.parameters:,} parameters "
-                      f"({result.quantizable_parameters:,} quantizable)")
+        console.print(f"{source}\n{result.parameters:,} parameters, "
+                      f"{result.quantizable_parameters:,} in Linear/Conv2d/Embedding weights")
+        table = Table(title="ESTIMATED sizes")
         table.add_column("precision")
         table.add_column("estimated size", justify="right")
         for precision, size in result.bytes.items():
@@ -172,7 +188,10 @@ def demo(
     sentences: Annotated[int, typer.Option(help="Wikipedia sentences for the cosine.")] = 256,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
 ) -> None:
-    """Quantize the bundled real all-MiniLM-L6-v2 (w8a8-dynamic, w4) and print measured results."""
+    """Quantize the bundled real all-MiniLM-L6-v2 (w8a8-dynamic, w4) and print measured results.
+
+    Example: lowbit demo --threads 2
+    """
     from lowbit.demo import run_demo
 
     with _user_errors():

@@ -1,8 +1,10 @@
 """`lowbit demo`: quantize the bundled real all-MiniLM-L6-v2 and measure what it costs and buys.
 
 Everything shown is measured in this run: folder sizes on disk, latency at batch 1 (one short
-sentence) and batch 8 (eight 128-token sequences), and mean embedding cosine to fp32 on real
-Wikipedia sentences, embedded one at a time so the batch-1 kernels are the ones measured.
+sentence) and batch 8 (eight 128-token sequences), timed interleaved across the models, and mean
+embedding cosine to fp32 on real Wikipedia sentences, embedded one at a time so the batch-1
+kernels are the ones measured. Each quantized model is saved, reloaded, and the reloaded copy is
+the one measured.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from lowbit import assets, hf
-from lowbit.evaluate import LatencyStats, folder_bytes, mean_cosine, measure_latency
+from lowbit.evaluate import LatencyStats, folder_bytes, mean_cosine, measure_latencies
 from lowbit.persist import load, save
 from lowbit.quantize import quantize, quantized_modules
 
@@ -30,14 +32,14 @@ class DemoRow:
 
     name: str
     size_bytes: int
-    latency_batch1: LatencyStats
-    latency_batch8: LatencyStats
     cosine: float
+    latency_batch1: LatencyStats | None = None
+    latency_batch8: LatencyStats | None = None
     reload_identical: bool | None = None
     kernels: dict[str, int] = field(default_factory=dict)
 
 
-def _kernels_at_batch1(model: nn.Module) -> dict[str, int]:
+def kernels_at_batch1(model: nn.Module) -> dict[str, int]:
     """How many modules run each kernel for a short sentence (the row bucket of ≤32 rows)."""
     counts: Counter[str] = Counter()
     for module in quantized_modules(model).values():
@@ -46,19 +48,14 @@ def _kernels_at_batch1(model: nn.Module) -> dict[str, int]:
     return dict(counts)
 
 
-def _measure(name, model, tokenizer, size_bytes, sentences, reference, threads) -> DemoRow:
-    short = hf.tokenize(tokenizer, sentences[:1])
-    long_batch = dict(tokenizer(sentences[:8], padding="max_length", truncation=True,
+def _measure_speed(models: dict[str, nn.Module], tokenizer, texts, rows, threads) -> None:
+    short = hf.tokenize(tokenizer, texts[:1])
+    long_batch = dict(tokenizer(texts[:8], padding="max_length", truncation=True,
                                 max_length=128, return_tensors="pt"))
-    embeddings = hf.embed(model, tokenizer, sentences, batch_size=1)
-    return DemoRow(
-        name=name,
-        size_bytes=size_bytes,
-        latency_batch1=measure_latency(lambda: model(**short), runs=30, threads=threads),
-        latency_batch8=measure_latency(lambda: model(**long_batch), runs=5, threads=threads),
-        cosine=1.0 if reference is None else mean_cosine(reference, embeddings),
-        kernels=_kernels_at_batch1(model),
-    ), embeddings
+    for inputs, runs, attribute in ((short, 30, "latency_batch1"), (long_batch, 5, "latency_batch8")):
+        calls = {name: (lambda m=model, x=inputs: m(**x)) for name, model in models.items()}
+        for name, stats in measure_latencies(calls, runs=runs, threads=threads).items():
+            setattr(rows[name], attribute, stats)
 
 
 def run_demo(
@@ -72,21 +69,21 @@ def run_demo(
     texts = assets.wikipedia_sentences(sentences)
     on_step("loading all-MiniLM-L6-v2")
     model, tokenizer = hf.load_pretrained(source), hf.load_tokenizer(source)
-    on_step("measuring fp32")
-    fp32_row, reference = _measure("fp32", model, tokenizer, folder_bytes(source / "model.safetensors"),
-                                   texts, None, threads)
-    rows = [fp32_row]
+    reference = hf.embed(model, tokenizer, texts)
+    models = {"fp32": model}
+    rows = {"fp32": DemoRow("fp32", folder_bytes(source / "model.safetensors"), 1.0)}
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as scratch:
         for recipe in recipes:
-            on_step(f"quantizing with {recipe}")
+            on_step(f"quantizing with {recipe}, saving and reloading")
             quantized = quantize(model, recipe, progress=False)
             folder = save(quantized, Path(scratch) / recipe)
-            reloaded = load(folder)
-            on_step(f"measuring {recipe}")
-            row, embeddings = _measure(recipe, reloaded, tokenizer, folder_bytes(folder), texts,
-                                       reference, threads)
+            reloaded = models[recipe] = load(folder)
+            on_step(f"embedding {len(texts)} sentences with {recipe}")
+            embeddings = hf.embed(reloaded, tokenizer, texts)
             with torch.inference_mode():
-                row.reload_identical = torch.equal(hf.embed(quantized, tokenizer, texts[:16]),
-                                                   embeddings[:16])
-            rows.append(row)
-    return rows
+                identical = torch.equal(hf.embed(quantized, tokenizer, texts[:16]), embeddings[:16])
+            rows[recipe] = DemoRow(recipe, folder_bytes(folder), mean_cosine(reference, embeddings),
+                                   reload_identical=identical, kernels=kernels_at_batch1(reloaded))
+    on_step("timing every model, interleaved")
+    _measure_speed(models, tokenizer, texts, rows, threads)
+    return list(rows.values())

@@ -55,25 +55,31 @@ def test_w8a8_dynamic_runs_int8_kernels_for_a_short_sentence(saved):
     assert sum(m.spec.kernels["32"] == "fbgemm_dynamic" for m in linears) >= len(linears) // 2
 
 
+def record_linear_inputs(model, tokenizer, texts) -> dict[str, torch.Tensor]:
+    """The 2-D input each QLinear sees when the model embeds `texts`."""
+    inputs = {}
+
+    def record(name):
+        def hook(module, args, output):
+            inputs.setdefault(name, args[0].reshape(-1, args[0].shape[-1]))
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(n))
+             for n, m in model.named_modules() if isinstance(m, QLinear)]
+    with torch.inference_mode():
+        model(**hf.tokenize(tokenizer, texts))
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
 def test_fast_kernels_match_the_reference_on_real_activations(saved, minilm, wiki_sentences):
     """Real activations (outlier channels included) through every int8/int4 path vs the reference."""
     _, tokenizer, _ = minilm
     for recipe in ("w8a8-dynamic", "w4"):
         quantized, _ = saved[recipe]
-        inputs = {}
-
-        def record(name):
-            def hook(module, args, output):
-                inputs.setdefault(name, args[0].reshape(-1, args[0].shape[-1]))
-
-            return hook
-
-        hooks = [m.register_forward_hook(record(n))
-                 for n, m in quantized.named_modules() if isinstance(m, QLinear)]
-        with torch.inference_mode():
-            quantized(**hf.tokenize(tokenizer, wiki_sentences[:2]))
-        for hook in hooks:
-            hook.remove()
+        inputs = record_linear_inputs(quantized, tokenizer, wiki_sentences[:2])
         for name, x in inputs.items():
             module = quantized.get_submodule(name)
             expected = KERNELS["reference"](module, x)
@@ -89,11 +95,12 @@ def test_transformers_folder_loads_alone_in_a_new_process_with_identical_outputs
     script = (
         "import sys, lowbit, torch; from lowbit import hf; from safetensors.torch import save_file;"
         "m = lowbit.load(sys.argv[1]); t = hf.load_tokenizer(sys.argv[1]);"
-        "save_file({'y': hf.embed(m, t, ['A first sentence.', 'And a second, longer one here.'], 2)}, sys.argv[2])"
+        "save_file({'y': hf.embed(m, t, sys.argv[3:], 2)}, sys.argv[2])"
     )
+    texts = ["A first sentence.", "And a second, longer one here."]
     out = tmp_path / "y.safetensors"
-    subprocess.run([sys.executable, "-c", script, str(folder), str(out)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", script, str(folder), str(out), *texts], check=True, cwd=ROOT)
     from safetensors.torch import load_file
 
-    expected = hf.embed(quantized, tokenizer, ["A first sentence.", "And a second, longer one here."], 2)
+    expected = hf.embed(quantized, tokenizer, texts, 2)
     assert torch.equal(load_file(out)["y"], expected)

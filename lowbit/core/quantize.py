@@ -28,11 +28,11 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.qtype.is_float:
             return self.data.to(dtype)
-        blocks = to_blocks(self.data, self.granularity).to(dtype)
-        scale = self.scale.reshape(-1, 1).to(dtype)
+        blocks = to_blocks(self.data, self.granularity).to(dtype)  # a fresh tensor: safe in place
         if self.zero_point is not None:
-            blocks = blocks - self.zero_point.reshape(-1, 1).to(dtype)
-        return from_blocks(blocks * scale, self.data.shape, self.granularity)
+            blocks.sub_(self.zero_point.reshape(-1, 1))
+        blocks.mul_(self.scale.reshape(-1, 1))
+        return from_blocks(blocks, self.data.shape, self.granularity)
 
 
 def to_blocks(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
@@ -41,7 +41,8 @@ def to_blocks(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
         return x.reshape(1, -1)
     if granularity.kind == "per_channel":
         axis = granularity.axis % x.dim()
-        return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+        moved = x if axis == 0 else x.movedim(axis, 0)
+        return moved.reshape(x.shape[axis], -1)
     if x.dim() == 0 or x.shape[-1] % granularity.group_size:
         raise QuantizationError(
             f"group size {granularity.group_size} does not divide the input dimension "
@@ -53,7 +54,7 @@ def to_blocks(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
 
 def from_blocks(blocks: torch.Tensor, shape: torch.Size, granularity: Granularity) -> torch.Tensor:
     """Inverse of `to_blocks`."""
-    if granularity.kind == "per_channel":
+    if granularity.kind == "per_channel" and granularity.axis % len(shape) != 0:
         axis = granularity.axis % len(shape)
         moved = (shape[axis], *shape[:axis], *shape[axis + 1 :])
         return blocks.reshape(moved).movedim(0, axis)

@@ -32,34 +32,54 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-def measure_latency(
-    call: Callable[[], object], runs: int = 30, warmup: int = 3, threads: int | None = None
-) -> LatencyStats:
-    """Time `call` `runs` times after `warmup` untimed calls, under torch.inference_mode."""
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                call()
-            timings = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                call()
-                timings.append((time.perf_counter() - start) * 1000.0)
-        used_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous_threads)
-    timings.sort()
+def _stats(timings: list[float], threads: int) -> LatencyStats:
+    timings = sorted(timings)
     return LatencyStats(
         p50=_percentile(timings, 0.50),
         p95=_percentile(timings, 0.95),
         p99=_percentile(timings, 0.99),
         mean=statistics.fmean(timings),
-        runs=runs,
-        threads=used_threads,
+        runs=len(timings),
+        threads=threads,
     )
+
+
+def measure_latencies(
+    calls: dict[str, Callable[[], object]],
+    runs: int = 30,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> dict[str, LatencyStats]:
+    """Time several calls interleaved (a, b, c, a, b, c, ...), `runs` times each after warm-up.
+
+    Interleaving spreads any outside load over every model alike, so ratios between them stay
+    fair on a busy machine. Runs under torch.inference_mode with `threads` torch threads.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        timings: dict[str, list[float]] = {name: [] for name in calls}
+        with torch.inference_mode():
+            for call in calls.values():
+                for _ in range(warmup):
+                    call()
+            for _ in range(runs):
+                for name, call in calls.items():
+                    start = time.perf_counter()
+                    call()
+                    timings[name].append((time.perf_counter() - start) * 1000.0)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {name: _stats(values, used_threads) for name, values in timings.items()}
+
+
+def measure_latency(
+    call: Callable[[], object], runs: int = 30, warmup: int = 3, threads: int | None = None
+) -> LatencyStats:
+    """Time one call `runs` times after `warmup` untimed calls."""
+    return measure_latencies({"call": call}, runs, warmup, threads)["call"]
 
 
 def folder_bytes(path: str | Path) -> int:

@@ -68,8 +68,10 @@ class QLinear(QuantizedWeightMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        y = run_kernel(self, rows.float() if rows.dtype != torch.float32 else rows)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if rows.dtype != torch.float32:
+            rows = rows.float()
+        y = run_kernel(self, rows).reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         kernels = ", ".join(f"{k}={v}" for k, v in self.spec.kernels.items())

@@ -54,7 +54,7 @@ def test_load_in_a_new_process_gives_identical_outputs(saved_mlp, tmp_path):
         f"x = load_file({str(tmp_path / 'x.safetensors')!r})['x'];"
         f"save_file({{'y': m(x).detach()}}, {str(tmp_path / 'y.safetensors')!r})"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
     from safetensors.torch import load_file
 
     with torch.inference_mode():

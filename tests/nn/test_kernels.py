@@ -108,7 +108,8 @@ def test_qembedding_gathers_exactly_the_dequantized_rows(spec):
 
 
 def test_qembedding_int4_takes_an_eighth_of_the_bytes_plus_scales():
-    module = QEmbedding.from_float(nn.Embedding(1000, 128), LayerSpec("weight_only", "int4", "group:32", False))
+    spec = LayerSpec("weight_only", "int4", "group:32", False)
+    module = QEmbedding.from_float(nn.Embedding(1000, 128), spec)
     assert module.weight.numel() == 1000 * 64 and module.weight.dtype == torch.uint8
 
 

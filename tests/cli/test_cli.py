@@ -1,0 +1,150 @@
+"""The command line as a user runs it: real entry point, exit codes, no tracebacks, no partial output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.fixtures_models import tiny_mlp
+
+ROOT = Path(__file__).parents[2]
+FACTORY = "tests.fixtures_models:tiny_mlp"
+
+
+def lowbit(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "mlp.safetensors"
+    save_file(tiny_mlp().state_dict(), path)
+    return path
+
+
+def assert_refused(result, message, *not_created):
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for path in not_created:
+        assert not Path(path).exists()
+
+
+def test_help_explains_with_an_example():
+    result = lowbit("quantize", "--help")
+    assert result.returncode == 0 and "Example: lowbit quantize" in result.stdout
+
+
+def test_quantize_inspect_and_load_a_factory_model(tmp_path, weights):
+    out = tmp_path / "mlp-w8a8"
+    result = lowbit("quantize", FACTORY, "--weights", weights, "--recipe", "w8a8-dynamic", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "quantized 2 modules" in result.stdout
+    listing = json.loads(lowbit("inspect", out, "--json").stdout)
+    assert listing["modules"]["0"]["spec"]["weight"] == "int8"
+    kernel = listing["modules"]["0"]["spec"]["kernels"]["1"]
+    table = lowbit("inspect", out, "--verify")
+    assert table.returncode == 0 and kernel in table.stdout and "matches its recorded sha256" in table.stdout
+    import lowbit as api
+
+    model = api.load(out)  # the manifest names the factory
+    assert torch.equal(model[0].weight, api.quantize(tiny_mlp(), "w8a8-dynamic")[0].weight)
+
+
+def test_static_quantize_with_calibration_file(tmp_path, weights):
+    data = tmp_path / "calib.safetensors"
+    save_file({"input": torch.randn(32, 64)}, data)
+    out = tmp_path / "static"
+    result = lowbit("quantize", FACTORY, "--weights", weights, "-r", "w8a8-static",
+                    "--calibration", data, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "lowbit.json").read_text())["recipe"]["scheme"] == "static"
+
+
+def test_estimate_is_labelled_an_estimate(weights):
+    result = lowbit("estimate", FACTORY, "--weights", weights, "--json")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["kind"] == "estimate"
+    assert "ESTIMATE" in lowbit("estimate", FACTORY).stdout
+
+
+def test_missing_source(tmp_path):
+    out = tmp_path / "out"
+    assert_refused(lowbit("quantize", tmp_path / "nope", "--out", out), "does not exist", out)
+
+
+def test_unknown_recipe(tmp_path, weights):
+    out = tmp_path / "out"
+    assert_refused(lowbit("quantize", FACTORY, "--weights", weights, "-r", "w3", "--out", out),
+                   "unknown recipe", out)
+
+
+def test_group_size_that_does_not_divide(tmp_path, weights):
+    out = tmp_path / "out"
+    result = lowbit("quantize", FACTORY, "--weights", weights, "-r", "w4", "--group-size", "256",
+                    "--out", out)
+    assert_refused(result, "does not divide", out)
+
+
+def test_corrupt_and_truncated_weights(tmp_path, weights):
+    out = tmp_path / "out"
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(weights.read_bytes()[:200])
+    assert_refused(lowbit("quantize", FACTORY, "--weights", truncated, "--out", out), "corrupt", out)
+    pickle = tmp_path / "mlp.pt"
+    torch.save(tiny_mlp().state_dict(), pickle)
+    assert_refused(lowbit("quantize", FACTORY, "--weights", pickle, "--out", out), "no pickled", out)
+
+
+def test_nan_weights_are_refused(tmp_path):
+    state = tiny_mlp().state_dict()
+    state["0.weight"][0, 0] = float("nan")
+    nan_weights = tmp_path / "nan.safetensors"
+    save_file(state, nan_weights)
+    before = nan_weights.read_bytes()
+    out = tmp_path / "out"
+    assert_refused(lowbit("quantize", FACTORY, "--weights", nan_weights, "--out", out), "NaN", out)
+    assert nan_weights.read_bytes() == before
+
+
+def test_empty_and_wrongly_shaped_calibration(tmp_path, weights):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.safetensors"
+    save_file({"input": torch.zeros(0, 64)}, empty)
+    assert_refused(lowbit("quantize", FACTORY, "--weights", weights, "-r", "w8a8-static",
+                          "--calibration", empty, "--out", out), "no samples", out)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"input": torch.randn(8, 65)}, wrong)
+    assert_refused(lowbit("quantize", FACTORY, "--weights", weights, "-r", "w8a8-static",
+                          "--calibration", wrong, "--out", out), "calibration batch 0", out)
+
+
+def test_existing_output_is_not_overwritten(tmp_path, weights):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(lowbit("quantize", FACTORY, "--weights", weights, "--out", out), "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_inspect_corrupt_folder(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "lowbit.json").write_text("{")
+    assert_refused(lowbit("inspect", folder), "corrupt")
+
+
+def test_load_checksum_mismatch_from_the_cli(tmp_path, weights):
+    out = tmp_path / "q"
+    assert lowbit("quantize", FACTORY, "--weights", weights, "--out", out).returncode == 0
+    blob = bytearray((out / "model.safetensors").read_bytes())
+    blob[-3] ^= 0x01
+    (out / "model.safetensors").write_bytes(bytes(blob))
+    assert_refused(lowbit("inspect", out, "--verify"), "sha256")
