@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import lowbit
 from lowbit import ChecksumError, FormatError
 from lowbit.formats import write_folder
 from tests.fixtures_models import tied_lm, tiny_cnn, tiny_mlp
+
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture
