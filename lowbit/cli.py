@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -199,33 +200,33 @@ def demo(
             rows = run_demo(sentences=sentences, threads=threads,
                             on_step=lambda message: status.update(message))
         fp32 = rows[0]
-        table = Table(title=f"all-MiniLM-L6-v2, measured now ({fp32.latency_batch1.threads} threads)")
-        for column in ("model", "size on disk", "batch 1 p50", "batch 8×128 p50",
-                       "cosine to fp32", "reloaded =="):
-            table.add_column(column, justify="left" if column == "model" else "right")
+        table = Table(title=f"all-MiniLM-L6-v2, measured now ({fp32.latency_batch1.threads} threads)",
+                      box=box.SIMPLE_HEAD)
+        for column in ("model", "size on disk", "batch 1", "batch 8×128", "cosine"):
+            table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
         for row in rows:
             table.add_row(
                 row.name,
-                f"{_mib(row.size_bytes)} ({fp32.size_bytes / row.size_bytes:.2f}× smaller)",
-                f"{row.latency_batch1.p50:.1f} ms ({_speedup(fp32.latency_batch1, row.latency_batch1)})",
-                f"{row.latency_batch8.p50:.0f} ms ({_speedup(fp32.latency_batch8, row.latency_batch8)})",
+                f"{_mib(row.size_bytes)} ÷{fp32.size_bytes / row.size_bytes:.2f}",
+                f"{row.latency_batch1.p50:.1f} ms {_speedup(fp32.latency_batch1, row.latency_batch1)}",
+                f"{row.latency_batch8.p50:.0f} ms {_speedup(fp32.latency_batch8, row.latency_batch8)}",
                 f"{row.cosine:.4f}",
-                {None: "-", True: "yes", False: "NO"}[row.reload_identical],
             )
         console.print(table)
         for row in rows[1:]:
             kernels = ", ".join(f"{count} × {kernel}" for kernel, count in row.kernels.items())
-            console.print(f"{row.name} kernels at batch 1: {kernels}")
+            identical = "identical" if row.reload_identical else "[red]DIFFERENT[/]"
+            console.print(f"{row.name}: reloaded outputs {identical}; kernels at batch 1: {kernels}")
         console.print(
-            f"[dim]cosine: mean over {sentences} Wikipedia sentences embedded one at a time. "
-            "fp32 size: the source model.safetensors; quantized: the whole saved folder. "
-            "Speed: fp32 p50 / model p50 (below 1× is slower).[/]"
+            f"[dim]Latency: p50 of interleaved runs, ×N = fp32 p50 / model p50 (red: slower). "
+            f"Cosine: mean over {sentences} Wikipedia sentences embedded one at a time. "
+            "Size: fp32 model.safetensors vs the whole saved lowbit folder.[/]"
         )
 
 
 def _speedup(baseline, candidate) -> str:
     ratio = baseline.p50 / candidate.p50
-    return f"{ratio:.2f}×" if ratio >= 1 else f"[red]{ratio:.2f}× slower[/]"
+    return f"×{ratio:.2f}" if ratio >= 1 else f"[red]×{ratio:.2f}[/]"
 
 
 @app.command()

@@ -148,3 +148,42 @@ def test_load_checksum_mismatch_from_the_cli(tmp_path, weights):
     blob[-3] ^= 0x01
     (out / "model.safetensors").write_bytes(bytes(blob))
     assert_refused(lowbit("inspect", out, "--verify"), "sha256")
+
+
+@pytest.fixture(scope="module")
+def minilm_folder():
+    from lowbit import assets
+
+    return assets.minilm_path()
+
+
+def test_static_quantize_of_a_transformers_folder_with_text_calibration(tmp_path, minilm_folder):
+    from lowbit import assets
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in assets.wikipedia_sentences(16, 2000)))
+    out = tmp_path / "minilm-static"
+    result = lowbit("quantize", minilm_folder, "-r", "w8a8-static", "--calibration", data,
+                    "--skip", "embeddings*", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["modules"]["encoder.layer.0.output.dense"]["spec"]["scheme"] == "static"
+    assert "embeddings.word_embeddings" not in manifest["modules"]
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_corrupt_transformers_folder(tmp_path, minilm_folder):
+    broken = tmp_path / "broken-minilm"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((minilm_folder / "config.json").read_bytes())
+    (broken / "model.safetensors").write_bytes((minilm_folder / "model.safetensors").read_bytes()[:4096])
+    out = tmp_path / "out"
+    assert_refused(lowbit("quantize", broken, "--out", out), "cannot load the transformers model", out)
+
+
+def test_calibration_text_file_that_is_not_jsonl(tmp_path, minilm_folder):
+    data = tmp_path / "calib.jsonl"
+    data.write_text("not json at all\n")
+    out = tmp_path / "out"
+    assert_refused(lowbit("quantize", minilm_folder, "-r", "w8a8-static", "--calibration", data,
+                          "--out", out), "calib.jsonl:1", out)
