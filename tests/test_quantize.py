@@ -101,3 +101,15 @@ def test_quantized_model_records_recipe_and_source(mlp):
     assert quantized.lowbit_recipe.weights == "int8"
     assert quantized.lowbit_source["parameters"] == sum(p.numel() for p in mlp.parameters())
     assert len(quantized_modules(quantized)) == 2
+
+
+@pytest.mark.parametrize("recipe, kernel", [("w8a8-dynamic", "fbgemm_dynamic"),
+                                            ("w8", "int8pack_bf16"), ("w4-g32", "int4pack_bf16")])
+def test_model_served_under_inference_mode_still_runs_with_autograd_on(monkeypatch, recipe, kernel):
+    monkeypatch.setenv("LOWBIT_KERNEL", kernel)
+    model = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    quantized = lowbit.quantize(model, recipe)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        served = quantized(x)
+    assert torch.equal(quantized(x).detach(), served)

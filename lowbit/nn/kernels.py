@@ -66,21 +66,33 @@ def reference(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def cached(module: torch.nn.Module, key: str, build: Callable[[], object]) -> object:
+    """`module.kernel_cache[key]`, built on first use.
+
+    Built outside inference mode, so that packed weights made while serving under
+    torch.inference_mode stay usable when the model is later called with autograd enabled.
+    """
+    value = module.kernel_cache.get(key)
+    if value is None:
+        with torch.inference_mode(False), torch.no_grad():
+            value = module.kernel_cache[key] = build()
+    return value
+
+
+def _prepack_fbgemm(module: torch.nn.Module, with_bias: bool):
+    with _quantized_tensor_api():
+        scale = module.weight_scale.double()
+        if scale.dim() == 0:
+            qweight = torch._make_per_tensor_quantized_tensor(module.weight, float(scale), 0)
+        else:
+            zeros = torch.zeros(scale.numel(), dtype=torch.long)
+            qweight = torch._make_per_channel_quantized_tensor(module.weight, scale, zeros, 0)
+        return torch.ops.quantized.linear_prepack(qweight, module.bias if with_bias else None)
+
+
 def _fbgemm_packed(module: torch.nn.Module, with_bias: bool = True):
     key = "fbgemm" if with_bias else "fbgemm_no_bias"
-    packed = module.kernel_cache.get(key)
-    if packed is None:
-        with _quantized_tensor_api():
-            scale = module.weight_scale.double()
-            if scale.dim() == 0:
-                qweight = torch._make_per_tensor_quantized_tensor(module.weight, float(scale), 0)
-            else:
-                zeros = torch.zeros(scale.numel(), dtype=torch.long)
-                qweight = torch._make_per_channel_quantized_tensor(module.weight, scale, zeros, 0)
-            bias = module.bias if with_bias else None
-            packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        module.kernel_cache[key] = packed
-    return packed
+    return cached(module, key, lambda: _prepack_fbgemm(module, with_bias))
 
 
 def fbgemm_dynamic(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +103,8 @@ def fbgemm_dynamic(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     normalized, low, span = normalize_rows(x)
     y = torch.ops.quantized.linear_dynamic(normalized, _fbgemm_packed(module, False), True)
-    row_sums = module.kernel_cache.get("weight_row_sums")
-    if row_sums is None:
-        row_sums = module.dequantized_weight().sum(dim=1, keepdim=True).T
-        module.kernel_cache["weight_row_sums"] = row_sums
+    row_sums = cached(module, "weight_row_sums",
+                      lambda: module.dequantized_weight().sum(dim=1, keepdim=True).T.contiguous())
     offset = low @ row_sums if module.bias is None else torch.addmm(module.bias, low, row_sums)
     return torch.addcmul(offset, y, span)
 
@@ -122,29 +132,24 @@ def fbgemm_static(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def int8pack_bf16(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`torch._weight_int8pack_mm` with bf16 activations: fast for a few rows, int8 weight-only."""
-    scales = module.kernel_cache.get("int8pack_scales")
-    if scales is None:
-        scales = module.kernel_cache["int8pack_scales"] = module.weight_scale.to(torch.bfloat16)
+    scales = cached(module, "int8pack_scales", lambda: module.weight_scale.to(torch.bfloat16))
     y = torch._weight_int8pack_mm(x.to(torch.bfloat16), module.weight, scales).float()
     return y if module.bias is None else y + module.bias
 
 
-def _int4_packed(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    cached = module.kernel_cache.get("int4pack")
-    if cached is None:
-        quantized = module.quantized_weight()
-        packed = torch._convert_weight_to_int4pack_for_cpu(quantized.data.to(torch.int32), 2)
-        scale = quantized.scale
-        zero_point = module.weight_zero_point.float() if quantized.zero_point is not None else 8.0
-        zero = (8.0 - zero_point) * scale  # kernel computes (q - 8) * scale + zero
-        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-        cached = module.kernel_cache["int4pack"] = (packed, scales_and_zeros.to(torch.bfloat16))
-    return cached
+def _prepack_int4(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    quantized = module.quantized_weight()
+    packed = torch._convert_weight_to_int4pack_for_cpu(quantized.data.to(torch.int32), 2)
+    scale = quantized.scale
+    zero_point = module.weight_zero_point.float() if quantized.zero_point is not None else 8.0
+    zero = (8.0 - zero_point) * scale  # the kernel computes (q - 8) * scale + zero
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return packed, scales_and_zeros.to(torch.bfloat16)
 
 
 def int4pack_bf16(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`torch._weight_int4pack_mm_for_cpu` with bf16 activations: int4 weight-only, few rows."""
-    packed, scales_and_zeros = _int4_packed(module)
+    packed, scales_and_zeros = cached(module, "int4pack", lambda: _prepack_int4(module))
     group_size = module.weight_shape[-1] // module.weight_scale.shape[-1]
     y = torch._weight_int4pack_mm_for_cpu(
         x.to(torch.bfloat16), packed, group_size, scales_and_zeros
@@ -233,9 +238,9 @@ def choose_kernels(module: torch.nn.Module) -> dict[str, str]:
 
 def _dispatch_table(module: torch.nn.Module) -> list[KernelFn]:
     """Kernel per row count 0..ROW_BUCKETS[-1], built once per spec (the hot path is one index)."""
-    cached = module.kernel_cache.get("dispatch")
-    if cached is not None and cached[0] is module.spec:
-        return cached[1]
+    built = module.kernel_cache.get("dispatch")
+    if built is not None and built[0] is module.spec:
+        return built[1]
     table, kernels = [], module.spec.kernels
     for rows in range(ROW_BUCKETS[-1] + 1):
         bucket = next(b for b in ROW_BUCKETS if rows <= b)

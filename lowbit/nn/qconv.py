@@ -8,7 +8,7 @@ from torch import nn
 
 from lowbit.core.qtypes import UINT7, UINT8
 from lowbit.core.quantize import check_finite, qparams_from_range
-from lowbit.nn.kernels import ACTIVATION_QMAX, _quantized_tensor_api, fake_quantize
+from lowbit.nn.kernels import ACTIVATION_QMAX, _quantized_tensor_api, cached, fake_quantize
 from lowbit.nn.qweight import QuantizedWeightMixin
 from lowbit.nn.spec import LayerSpec
 
@@ -67,23 +67,24 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
         y = self._conv(x, self.dequantized_weight(x.dtype))
         return fake_quantize(y, float(self.output_scale), int(self.output_zero_point), 255)
 
+    def _prepack(self):
+        with _quantized_tensor_api():
+            zeros = torch.zeros(self.out_channels, dtype=torch.long)
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.weight, self.weight_scale.double(), zeros, 0
+            )
+            return torch.ops.quantized.conv2d_prepack(
+                qweight, self.bias, list(self.stride), list(self.padding), list(self.dilation),
+                self.groups,
+            )
+
     def fbgemm_conv2d(self, x: torch.Tensor) -> torch.Tensor:
         """fbgemm `quantized::conv2d` on 7-bit activations and int8 per-channel weights."""
         input_scale, input_zero_point = float(self.input_scale), int(self.input_zero_point)
         low = -input_zero_point * input_scale
         x = torch.clamp(x, low, low + ACTIVATION_QMAX * input_scale)
+        packed = cached(self, "fbgemm", self._prepack)
         with _quantized_tensor_api():
-            packed = self.kernel_cache.get("fbgemm")
-            if packed is None:
-                zeros = torch.zeros(self.out_channels, dtype=torch.long)
-                qweight = torch._make_per_channel_quantized_tensor(
-                    self.weight, self.weight_scale.double(), zeros, 0
-                )
-                packed = torch.ops.quantized.conv2d_prepack(
-                    qweight, self.bias, list(self.stride), list(self.padding),
-                    list(self.dilation), self.groups,
-                )
-                self.kernel_cache["fbgemm"] = packed
             qx = torch.quantize_per_tensor(x.contiguous(), input_scale, input_zero_point, torch.quint8)
             qy = torch.ops.quantized.conv2d.new(
                 qx, packed, float(self.output_scale), int(self.output_zero_point)
