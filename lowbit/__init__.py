@@ -1,5 +1,6 @@
 """lowbit: quantize trained models to 16, 8 and 4 bits, and measure what it costs and buys."""
 
+from lowbit.compare import bench, compare
 from lowbit.errors import (
     CalibrationError,
     ChecksumError,
@@ -10,6 +11,7 @@ from lowbit.errors import (
     QuantizationError,
 )
 from lowbit.evaluate import estimate
+from lowbit.evaluate.comparison import Comparison
 from lowbit.persist import load, save
 from lowbit.quantize import quantize
 from lowbit.recipe import PRESETS, Recipe, make_recipe
@@ -20,6 +22,7 @@ __all__ = [
     "__version__",
     "PRESETS",
     "CalibrationError",
+    "Comparison",
     "ChecksumError",
     "FormatError",
     "InvalidRecipeError",
@@ -27,6 +30,8 @@ __all__ = [
     "ModelLoadError",
     "QuantizationError",
     "Recipe",
+    "bench",
+    "compare",
     "estimate",
     "load",
     "load_source",

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit import hf
-from lowbit.data import calibration_batches
+from lowbit.dataset import calibration_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate import estimate, folder_bytes
 from lowbit.formats.lowbit_format import read_folder, read_manifest
@@ -30,10 +30,12 @@ from lowbit.sources import load_source
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
+EXIT_VERDICT_FAILED = 3
 
 app = typer.Typer(
     help="Quantize trained models to 16, 8 and 4 bits and measure what it costs and buys.\n\n"
-    "Exit codes: 0 ok, 2 bad input or refused (nothing written), 1 internal error.",
+    "Exit codes: 0 ok; 1 internal error; 2 bad input or refused (nothing written); "
+    "3 compare: the quantized model is slower than the original or over the quality budget.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -227,6 +229,93 @@ def demo(
 def _speedup(baseline, candidate) -> str:
     ratio = baseline.p50 / candidate.p50
     return f"×{ratio:.2f}" if ratio >= 1 else f"[red]×{ratio:.2f}[/]"
+
+
+@app.command("compare")
+def compare_command(
+    original: Annotated[str, typer.Argument(help="Original: transformers folder, lowbit folder or factory.")],
+    quantized: Annotated[str, typer.Argument(help="Quantized: lowbit folder (or any of the above).")],
+    data: Annotated[Path, typer.Option(help="Evaluation data: .jsonl, .txt, .csv, .npy, .pt, .safetensors.")],
+    metric: Annotated[str | None, typer.Option(
+        help="Headline metric: accuracy, f1, perplexity, cosine, agreement, sqnr (default: by model)."
+    )] = None,
+    batch_size: Annotated[list[int] | None, typer.Option(help="Batch size to time (repeatable).")] = None,
+    max_drop: Annotated[float | None, typer.Option(help="Quality budget: largest allowed drop.")] = None,
+    relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
+    samples: Annotated[int, typer.Option(help="Samples of the data to use.")] = 256,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sample (context for perplexity).")] = 128,
+    runs: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 20,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")] = None,
+    memory: Annotated[bool, typer.Option(help="Measure load time and peak RSS in subprocesses.")] = True,
+) -> None:
+    """Measure a quantized model against its original on your data: quality, speed, size, memory.
+
+    Exit code 3 when the quantized model is slower than the original at a batch size or misses
+    --max-drop. Example: lowbit compare ./minilm ./minilm-w8a8 --data test.jsonl --html report.html
+    """
+    from rich.markdown import Markdown
+
+    from lowbit.compare import compare as run_compare
+
+    with _user_errors():
+        comparison = run_compare(original, quantized, data, metric=metric,
+                                 batch_sizes=tuple(batch_size or (1, 8)), max_drop=max_drop,
+                                 relative=relative, samples=samples, seq_len=seq_len, runs=runs,
+                                 threads=threads, memory=memory)
+        console.print(Markdown(comparison.to_markdown()))
+        if json_out:
+            _write_atomic(json_out, comparison.to_json())
+        if html_out:
+            _write_atomic(html_out, comparison.to_html())
+    if not comparison.verdict()["passed"]:
+        raise typer.Exit(EXIT_VERDICT_FAILED)
+
+
+@app.command("bench")
+def bench_command(
+    model: Annotated[str, typer.Argument(help="A lowbit folder, transformers folder or factory.")],
+    batch_size: Annotated[list[int] | None, typer.Option(help="Batch size to time (repeatable).")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sample for text models.")] = 128,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    samples: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 20,
+    data: Annotated[Path | None, typer.Option(help="Inputs (required for tensor models).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Latency (p50/p95/p99), throughput, size, peak memory and load time of one model.
+
+    Example: lowbit bench ./minilm-w8a8 --batch-size 1 --batch-size 8 --threads 2
+    """
+    from lowbit.compare import bench as run_bench
+
+    with _user_errors():
+        report = run_bench(model, tuple(batch_size or (1, 8)), seq_len, samples, threads, data)
+        if as_json:
+            print(json.dumps(report, indent=2, default=str))
+            return
+        table = Table(title=f"{model} ({report['threads']} threads, {seq_len} tokens per sample)")
+        for column in ("batch", "p50 ms", "p95 ms", "p99 ms", "samples/s"):
+            table.add_column(column, justify="right")
+        for batch, entry in report["latency_ms"].items():
+            table.add_row(batch, f"{entry['p50']:.2f}", f"{entry['p95']:.2f}", f"{entry['p99']:.2f}",
+                          f"{entry['throughput']:.1f}")
+        console.print(table)
+        console.print(f"size on disk {_mib(report['size_bytes'] or 0)}, parameters in memory "
+                      f"{_mib(report['param_bytes'])}, peak RSS {_mib(report.get('peak_rss_bytes') or 0)}, "
+                      f"load {report.get('load_seconds') or 0:.2f} s")
+        if "generation" in report:
+            generation = report["generation"]
+            console.print(f"prefill {generation['prefill_tokens_per_second']:.1f} tokens/s, "
+                          f"decode {generation['decode_tokens_per_second']:.1f} tokens/s")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a report through a temporary file and a rename, so no half-written file is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 @app.command()

@@ -101,15 +101,16 @@ def write_files(model: nn.Module, quantization_config: dict[str, Any]):
     return write
 
 
-def build_skeleton(folder: str | Path, class_name: str) -> nn.Module:
-    """An untrained model of the saved architecture, from the folder's config.json alone."""
+def build_skeleton(folder: str | Path, class_name: str, device: str = "cpu") -> nn.Module:
+    """A model of the saved architecture from the folder's config.json alone, its tensors left
+    uninitialised on `device` ("meta": no memory at all, for loading saved tensors into)."""
     transformers = _transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model_class = _model_class(config, class_name)
-        with torch.device("cpu"):
+        with torch.device(device):
             model = model_class(config)
     except Exception as error:
         raise ModelLoadError(f"cannot rebuild the transformers model in {folder}: {error}") from error

@@ -56,10 +56,15 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
     if not isinstance(model, nn.Module):
         raise LowbitError(f"lowbit.save expects a torch.nn.Module, got {type(model).__name__}")
     manifest = build_manifest(model)
+    tensors = model.state_dict()
+    # Non-persistent buffers (position ids, rotary frequencies) are saved too, so a loader can
+    # build the skeleton on the meta device and take every tensor from the file.
+    extra = {name: buffer for name, buffer in model.named_buffers() if name not in tensors}
+    manifest["non_persistent_buffers"] = sorted(extra)
     write_extra = None
     if manifest["model"]["kind"] == "transformers":
         write_extra = hf.write_files(model, {"recipe": manifest["recipe"]})
-    return write_folder(path, model.state_dict(), manifest, write_extra, overwrite)
+    return write_folder(path, {**tensors, **extra}, manifest, write_extra, overwrite)
 
 
 def _skeleton(manifest: dict[str, Any], folder: Path, skeleton: Skeleton) -> nn.Module:
@@ -71,13 +76,21 @@ def _skeleton(manifest: dict[str, Any], folder: Path, skeleton: Skeleton) -> nn.
     if callable(skeleton):
         return skeleton()
     if description.get("kind") == "transformers":
-        return hf.build_skeleton(folder, description.get("class"))
+        return hf.build_skeleton(folder, description.get("class"), device="meta")
     if description.get("factory"):
         return build_from_factory(description["factory"])
     raise FormatError(
         f"{folder} holds a plain PyTorch module ({description.get('class')}); pass its architecture: "
         "lowbit.load(path, skeleton=model_or_factory) or --factory package.module:factory"
     )
+
+
+def _set_non_persistent_buffers(model: nn.Module, tensors: dict, names: list[str]) -> None:
+    """Put saved non-persistent buffers back on their modules (they are not in the state dict)."""
+    for name in names:
+        owner_name, _, buffer_name = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        owner.register_buffer(buffer_name, tensors.pop(name), persistent=False)
 
 
 def load(path: str | os.PathLike, skeleton: Skeleton = None) -> nn.Module:
@@ -93,11 +106,14 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None) -> nn.Module:
     specs = {name: LayerSpec.from_dict(entry["spec"]) for name, entry in manifest["modules"].items()}
     try:
         rebuild(model, specs)
-        model.load_state_dict(tensors, strict=True)
+        _set_non_persistent_buffers(model, tensors, manifest.get("non_persistent_buffers", []))
+        model.load_state_dict(tensors, strict=True, assign=True)
     except LowbitError:
         raise
-    except (RuntimeError, KeyError, TypeError) as error:
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
         raise FormatError(f"the tensors in {folder} do not fit the model: {error}") from None
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise FormatError(f"{folder} does not hold every tensor the model needs; re-save it")
     if manifest.get("recipe"):
         setattr(model, RECIPE_ATTRIBUTE, Recipe.model_validate(manifest["recipe"]))
     model.lowbit_source = manifest.get("source")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,9 +22,12 @@ class LatencyStats:
     mean: float
     runs: int
     threads: int
+    timings_ms: tuple[float, ...] = field(default=(), repr=False)
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, float | list[float]]:
+        data = asdict(self)
+        data["timings_ms"] = list(self.timings_ms)
+        return data
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -33,6 +36,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 def _stats(timings: list[float], threads: int) -> LatencyStats:
+    in_order = tuple(timings)
     timings = sorted(timings)
     return LatencyStats(
         p50=_percentile(timings, 0.50),
@@ -41,6 +45,7 @@ def _stats(timings: list[float], threads: int) -> LatencyStats:
         mean=statistics.fmean(timings),
         runs=len(timings),
         threads=threads,
+        timings_ms=in_order,
     )
 
 

@@ -1,16 +1,26 @@
-"""Quality metrics that compare a quantized model's outputs with the original's on the same inputs."""
+"""Quality metrics that compare a quantized model's outputs with the original's on the same inputs.
+
+Per-sample scores feed `bootstrap_difference`, which puts a 95% interval on the change in a
+metric by resampling the samples (both models are scored on the same resample each time).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 
 def mean_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows (e.g. sentence embeddings), 1.0 when identical."""
-    return float(F.cosine_similarity(reference.float(), candidate.float(), dim=-1).mean())
+    return float(cosine_per_sample(reference, candidate).mean())
+
+
+def cosine_per_sample(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(reference.float().flatten(1), candidate.float().flatten(1), dim=-1)
 
 
 def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -22,3 +32,54 @@ def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    scores = []
+    for cls in np.union1d(predictions, labels):
+        true_positive = np.sum((predictions == cls) & (labels == cls))
+        predicted, actual = np.sum(predictions == cls), np.sum(labels == cls)
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / actual if actual else 0.0
+        scores.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def top1_agreement(reference_logits: torch.Tensor, candidate_logits: torch.Tensor) -> float:
+    """Fraction of samples whose arg-max class is the same for both models."""
+    return float((reference_logits.argmax(-1) == candidate_logits.argmax(-1)).float().mean())
+
+
+def perplexity(negative_log_likelihood: float, tokens: int) -> float:
+    """exp(mean negative log-likelihood per predicted token)."""
+    return math.exp(negative_log_likelihood / max(tokens, 1))
+
+
+def bootstrap_difference(
+    samples: int,
+    score: Callable[[np.ndarray], tuple[float, float]],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Change in a metric (quantized − original) and its 95% bootstrap interval.
+
+    `score(indices)` returns (original, quantized) metric values on those samples; each resample
+    draws the same samples for both models, so the interval is for the paired difference.
+    """
+    original, quantized = score(np.arange(samples))
+    difference = quantized - original
+    if samples < 2 or not math.isfinite(difference):
+        return float(difference), float(difference), float(difference)
+    generator = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        original, quantized = score(generator.integers(0, samples, samples))
+        draws.append(quantized - original)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return float(difference), float(low), float(high)

@@ -1,0 +1,170 @@
+"""Evaluation data from a file, turned into batches for a task.
+
+Formats: .jsonl (a "text" field, plus "label" for classification), .txt (one sample per line;
+for a causal LM the lines are joined into running text), .csv (a "text" column, or numeric
+feature columns, plus an optional "label" column), and tensors in .npy, .pt (loaded with
+weights_only=True, no code runs) or .safetensors (an "input" tensor and optional "label").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lowbit.errors import LowbitError
+
+
+class DataError(LowbitError):
+    """An evaluation data file is missing, empty, malformed, or does not fit the model."""
+
+
+@dataclass
+class Dataset:
+    """Either texts or a tensor of inputs, with optional labels (one per sample)."""
+
+    texts: list[str] | None = None
+    inputs: torch.Tensor | None = None
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts) if self.texts is not None else int(self.inputs.shape[0])
+
+    def head(self, count: int) -> Dataset:
+        labels = None if self.labels is None else self.labels[:count]
+        if self.texts is not None:
+            return Dataset(texts=self.texts[:count], labels=labels)
+        return Dataset(inputs=self.inputs[:count], labels=labels)
+
+
+def _labels(values: list[Any]) -> np.ndarray | None:
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values):
+        raise DataError("some samples have a label and some do not")
+    return np.asarray(values)
+
+
+def _read_jsonl(path: Path) -> Dataset:
+    texts, labels = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            texts.append(str(record["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}:{number} is not a JSON object with a \"text\" field") from None
+        labels.append(record.get("label"))
+    return Dataset(texts=texts, labels=_labels(labels))
+
+
+def _read_csv(path: Path) -> Dataset:
+    with open(path, newline="", errors="replace") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return Dataset(texts=[])
+    labels = _labels([row.get("label") for row in rows]) if "label" in rows[0] else None
+    if "text" in rows[0]:
+        return Dataset(texts=[row["text"] for row in rows], labels=labels)
+    features = [name for name in rows[0] if name != "label"]
+    try:
+        values = [[float(row[name]) for name in features] for row in rows]
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: feature columns must be numeric (or give a \"text\" column)") from None
+    return Dataset(inputs=torch.tensor(values, dtype=torch.float32), labels=labels)
+
+
+def _read_tensors(path: Path) -> Dataset:
+    try:
+        if path.suffix == ".npy":
+            tensors = {"input": torch.from_numpy(np.load(path, allow_pickle=False))}
+        elif path.suffix == ".pt":
+            loaded = torch.load(path, weights_only=True)
+            tensors = loaded if isinstance(loaded, dict) else {"input": loaded}
+        else:
+            tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise DataError(f"{path} is not a readable tensor file: {error}") from None
+    inputs = tensors.get("input", next(iter(tensors.values()), None))
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+        raise DataError(f"{path} holds no input tensor (name it \"input\")")
+    label = tensors.get("label", tensors.get("labels"))
+    return Dataset(inputs=inputs, labels=None if label is None else label.numpy())
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Read an evaluation data file (see module docstring); refuses a missing or empty one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".npy": _read_tensors,
+               ".pt": _read_tensors, ".safetensors": _read_tensors}
+    if path.suffix == ".txt":
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        dataset = Dataset(texts=lines)
+    elif path.suffix in readers:
+        dataset = readers[path.suffix](path)
+    else:
+        raise DataError(f"unsupported data file {path}: use .jsonl, .txt, .csv, .npy, .pt or .safetensors")
+    if len(dataset) == 0:
+        raise DataError(f"{path} holds no samples")
+    if dataset.labels is not None and len(dataset.labels) != len(dataset):
+        raise DataError(f"{path} has {len(dataset.labels)} labels for {len(dataset)} samples")
+    return dataset
+
+
+def text_batches(tokenizer: Any, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
+    """Tokenized batches of `batch_size` texts, padded to the longest, truncated at max_length."""
+    return [dict(tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
+                           max_length=max_length, return_tensors="pt"))
+            for i in range(0, len(texts), batch_size)]
+
+
+def language_model_windows(
+    tokenizer: Any, texts: list[str], context: int, max_tokens: int | None = None,
+) -> list[dict]:
+    """Sliding windows over the running text for perplexity: `context` tokens, stride context/2.
+
+    Each window scores only the tokens the previous window did not (labels -100 elsewhere), so
+    every token is predicted once, with at least half a window of context after the first.
+    """
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise DataError("the text holds fewer than 2 tokens; perplexity needs more")
+    stride, windows, scored_until = max(1, context // 2), [], 0
+    for start in range(0, max(1, ids.numel() - 1), stride):
+        window = ids[start : start + context]
+        labels = window.clone()
+        labels[: max(0, scored_until - start)] = -100
+        windows.append({"input_ids": window[None], "attention_mask": torch.ones_like(window)[None],
+                        "labels": labels[None]})
+        scored_until = start + window.numel()
+        if scored_until >= ids.numel():
+            break
+    return windows
+
+
+def tensor_batches(inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(torch.split(inputs, batch_size))
+
+
+def calibration_batches(
+    path: str | Path, tokenizer: Any = None, batch_size: int = 8, max_length: int = 128
+) -> list[Any]:
+    """Calibration batches from a data file: tokenized text for a transformers model, else tensors."""
+    dataset = read_dataset(path)
+    if dataset.texts is not None:
+        if tokenizer is None:
+            raise DataError("text calibration data needs a model with a tokenizer")
+        return text_batches(tokenizer, dataset.texts, batch_size, max_length)
+    return tensor_batches(dataset.inputs, batch_size)

@@ -1,0 +1,112 @@
+"""`Comparison`: every figure of an original-vs-quantized run, the verdict, and its JSON form.
+
+The JSON layout is stable (documented in docs/compare-json.md): `original` and `quantized` each
+hold size_bytes, param_bytes, peak_rss_bytes, load_seconds, latency_ms (p50/p95/p99/mean per
+batch size), throughput and the quality metric; then `quality`, `delta`, `layers`, `verdict`,
+`settings`. Non-finite numbers (the SQNR of identical outputs is +inf) are written as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def quality_drop(entry: dict[str, Any], relative: bool = False) -> float:
+    """How much worse the quantized model is (positive = worse), absolute or relative."""
+    change = entry["quantized"] - entry["original"]
+    drop = -change if entry["higher_is_better"] else change
+    if relative:
+        base = abs(entry["original"])
+        return drop / base if base and math.isfinite(base) else math.inf
+    return drop
+
+
+@dataclass
+class Comparison:
+    """Measured side-by-side of an original and a quantized model (see module docstring)."""
+
+    original: dict[str, Any]
+    quantized: dict[str, Any]
+    quality: dict[str, dict[str, Any]]
+    metric: str
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    max_drop: float | None = None
+    relative: bool = False
+
+    @property
+    def speedups(self) -> dict[str, float]:
+        """Original p50 / quantized p50 per batch size (above 1 = quantized is faster)."""
+        return {
+            batch: self.original["latency_ms"][batch]["p50"] / self.quantized["latency_ms"][batch]["p50"]
+            for batch in self.original.get("latency_ms", {})
+            if batch in self.quantized.get("latency_ms", {})
+        }
+
+    def verdict(self) -> dict[str, Any]:
+        """Faster or slower at each batch size; quality within budget when one is given."""
+        speed = {batch: {"speedup": ratio, "faster": ratio >= 1.0} for batch, ratio in self.speedups.items()}
+        lines = [
+            f"batch {batch}: {'faster' if entry['faster'] else 'SLOWER'} than the original "
+            f"({entry['speedup']:.2f}×)"
+            for batch, entry in speed.items()
+        ]
+        within = None
+        if self.max_drop is not None and self.metric in self.quality:
+            drop = quality_drop(self.quality[self.metric], self.relative)
+            within = drop <= self.max_drop
+            unit = "relative " if self.relative else ""
+            lines.append(f"{self.metric}: {unit}drop {drop:.4g} {'within' if within else 'OVER'} "
+                         f"the budget {self.max_drop:g}")
+        passed = all(entry["faster"] for entry in speed.values()) and within is not False
+        return {"speed": speed, "within_budget": within, "max_drop": self.max_drop,
+                "relative": self.relative, "passed": passed, "lines": lines}
+
+    def delta(self) -> dict[str, Any]:
+        size = self.original.get("size_bytes"), self.quantized.get("size_bytes")
+        return {
+            "size_ratio": size[0] / size[1] if all(size) else None,
+            "speedup": self.speedups,
+            "quality": {name: entry["delta"] for name, entry in self.quality.items()},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite_json({
+            "schema_version": SCHEMA_VERSION,
+            "metric": self.metric,
+            "original": self.original,
+            "quantized": self.quantized,
+            "quality": self.quality,
+            "delta": self.delta(),
+            "layers": self.layers,
+            "verdict": self.verdict(),
+            "settings": self.settings,
+        })
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_markdown(self) -> str:
+        from lowbit.report.markdown import render_markdown  # the report face renders it
+
+        return render_markdown(self)
+
+    def to_html(self) -> str:
+        from lowbit.report.html import render_html
+
+        return render_html(self)

@@ -1,0 +1,1 @@
+"""Reports: a Comparison as Markdown (for terminals and CI logs) and as self-contained HTML."""
