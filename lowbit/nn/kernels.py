@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -95,18 +96,52 @@ def _fbgemm_packed(module: torch.nn.Module, with_bias: bool = True):
     return cached(module, key, lambda: _prepack_fbgemm(module, with_bias))
 
 
+def _scripted(function: Callable) -> Callable:
+    """TorchScript `function` to run its small ops without Python dispatch between them.
+
+    torch.jit.script is deprecated but still the cheapest way to fuse the dispatch of a few ops
+    on CPU; if it is missing or refuses, the plain function gives the same results, only slower.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(function)
+    except Exception:  # noqa: BLE001
+        return function
+
+
+def _per_row_linear_dynamic_eager(
+    x: torch.Tensor,
+    packed: torch.classes.quantized.LinearPackedParamsBase,
+    row_sums: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    # Scripted: from Python, each of these small ops costs more in dispatch than in arithmetic.
+    low = x.amin(dim=1, keepdim=True)
+    span = x.amax(dim=1, keepdim=True).sub_(low).clamp_(min=1.1754943508222875e-38)
+    y = torch.ops.quantized.linear_dynamic((x - low).div_(span), packed, True)
+    offset = torch.mm(low, row_sums) if bias is None else torch.addmm(bias, low, row_sums)
+    return torch.addcmul(offset, y, span)
+
+
+_per_row_linear_dynamic = _scripted(_per_row_linear_dynamic_eager)
+
+
 def fbgemm_dynamic(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """fbgemm `quantized::linear_dynamic` (W8A8) with per-row activation ranges.
 
     fbgemm quantizes activations with one range per call; normalizing each row to [0, 1] first and
     undoing it on the output (W·x = span·W·normalized + low·W·1) gives every token its own range.
     """
-    normalized, low, span = normalize_rows(x)
-    y = torch.ops.quantized.linear_dynamic(normalized, _fbgemm_packed(module, False), True)
+    packed, row_sums = _per_row_operands(module)
+    return _per_row_linear_dynamic(x, packed, row_sums, module.bias)
+
+
+def _per_row_operands(module: torch.nn.Module):
+    """fbgemm's packed weight (no bias) and the dequantized weight's row sums, as a [1, N] row."""
     row_sums = cached(module, "weight_row_sums",
                       lambda: module.dequantized_weight().sum(dim=1, keepdim=True).T.contiguous())
-    offset = low @ row_sums if module.bias is None else torch.addmm(module.bias, low, row_sums)
-    return torch.addcmul(offset, y, span)
+    return _fbgemm_packed(module, False), row_sums
 
 
 def dequantized_fp32(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -236,15 +271,34 @@ def choose_kernels(module: torch.nn.Module) -> dict[str, str]:
     return dict(_CHOICES[key])
 
 
-def _dispatch_table(module: torch.nn.Module) -> list[KernelFn]:
-    """Kernel per row count 0..ROW_BUCKETS[-1], built once per spec (the hot path is one index)."""
+def _bind_fbgemm_dynamic(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    packed, row_sums = _per_row_operands(module)
+    return partial(_per_row_linear_dynamic, packed=packed, row_sums=row_sums, bias=module.bias)
+
+
+# Kernels whose per-call work can be bound once: fewer Python steps on the hot path.
+BINDERS: dict[str, Callable[[torch.nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "fbgemm_dynamic": _bind_fbgemm_dynamic,
+}
+
+
+def _bind(module: torch.nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    binder = BINDERS.get(name)
+    return binder(module) if binder else partial(KERNELS[name], module)
+
+
+def _dispatch_table(module: torch.nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """A bound kernel per row count 0..ROW_BUCKETS[-1], built once per spec: the hot path is one
+    list index and one call."""
     built = module.kernel_cache.get("dispatch")
     if built is not None and built[0] is module.spec:
         return built[1]
-    table, kernels = [], module.spec.kernels
+    kernels = module.spec.kernels
+    bound = {name: _bind(module, name) for name in set(kernels.values()) | {"reference"}}
+    table = []
     for rows in range(ROW_BUCKETS[-1] + 1):
         bucket = next(b for b in ROW_BUCKETS if rows <= b)
-        table.append(KERNELS[kernels.get(str(bucket), "reference")])
+        table.append(bound[kernels.get(str(bucket), "reference")])
     module.kernel_cache["dispatch"] = (module.spec, table)
     return table
 
@@ -254,4 +308,4 @@ def run_kernel(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return reference(module, x)
     table = _dispatch_table(module)
-    return table[min(x.shape[0], len(table) - 1)](module, x)
+    return table[min(x.shape[0], len(table) - 1)](x)

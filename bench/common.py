@@ -1,0 +1,91 @@
+"""Shared helpers for the bench/ scripts: peers built side by side, timing, result tables.
+
+Every number a script prints is measured in that run, on the same inputs and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def onnx_session(path: Path, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(module: torch.nn.Module, args: tuple, names: list[str], output: str, path: Path,
+                dynamic: dict) -> Path:
+    """Export with torch's dynamo exporter (the TorchScript exporter mis-exports MiniLM here)."""
+    torch.onnx.export(module, args, str(path), input_names=names, output_names=[output],
+                      dynamic_shapes=dynamic, dynamo=True, verbose=False)
+    return path
+
+
+def onnx_int8(source: Path, target: Path) -> Path:
+    """ONNX Runtime dynamic int8: per-channel weights, reduce_range (no saturation without VNNI)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                     reduce_range=True)
+    return target
+
+
+def interleaved_p50(calls: dict[str, Callable[[], object]], runs: int, block: int = 5) -> dict[str, float]:
+    """Median milliseconds per call, in interleaved blocks: each model in turn makes one untimed
+    call, then `block` timed ones, round after round, until each has `runs` timings. Outside load
+    hits every model alike, and the untimed call absorbs what the previous model left behind
+    (ONNX Runtime's worker threads keep spinning for a while after a run)."""
+    timings = {name: [] for name in calls}
+    with torch.inference_mode():
+        while min(len(values) for values in timings.values()) < runs:
+            for name, call in calls.items():
+                call()
+                for _ in range(block):
+                    start = time.perf_counter()
+                    call()
+                    timings[name].append((time.perf_counter() - start) * 1000)
+    return {name: float(np.median(values)) for name, values in timings.items()}
+
+
+def onnx_bytes(path: Path) -> int:
+    """An ONNX model's bytes on disk, its external-data file included."""
+    return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name))
+
+
+def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    table = Table(title=title)
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*[row.get(key, "") if isinstance(row.get(key), str) else _format(row.get(key))
+                        for key, _ in columns])
+    Console(width=160).print(table)
+
+
+def _format(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
