@@ -1,18 +1,19 @@
 """all-MiniLM-L6-v2: fp32 vs lowbit vs torch.ao quantize_dynamic vs ONNX Runtime, side by side.
 
 Measures, in one process on the same data and thread count: embedding cosine to fp32 on 256
-Wikipedia sentences, topic accuracy of a logistic-regression head trained on fp32 embeddings
-(held-out split), latency at batch 1 × one short sentence and batch 8 × 128 tokens, and size on
-disk. Prints one table with ratios against fp32 and the best peer, writes bench/results/minilm.json.
+Wikipedia sentences (embedded one at a time), topic accuracy of a logistic-regression head
+trained on fp32 embeddings (fixed random held-out split of the 12-topic corpus), latency at
+batch 1 × one short sentence and batch 8 × 128 tokens, and size on disk. Prints one table with
+ratios against fp32 and the best peer; writes bench/results/minilm.json.
 
-    .venv/bin/python bench/minilm.py [--threads 2] [--runs 30]
+    .venv/bin/python -m bench.minilm [--threads 2] [--runs 30]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from bench.common import (
 from lowbit import assets, hf
 from lowbit.evaluate import folder_bytes, mean_cosine
 
+Runner = Callable[[dict], np.ndarray]
+
 
 class LastHidden(torch.nn.Module):
     """A positional-argument wrapper for export: (input_ids, attention_mask) -> last_hidden_state."""
@@ -44,94 +47,103 @@ class LastHidden(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    mask = mask[..., None].astype(hidden.dtype)
-    return (hidden * mask).sum(1) / np.clip(mask.sum(1), 1, None)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=30)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    path = assets.minilm_path()
-    tokenizer = hf.load_tokenizer(path)
+def build_models(tokenizer, threads: int, scratch: Path) -> tuple[dict[str, Runner], dict[str, int]]:
+    """Every contender as a function batch -> last hidden state, and its size on disk."""
     from transformers import AutoModel
 
+    path = assets.minilm_path()
     fp32 = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
-    scratch = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
-
-    lowbit_model = lowbit.quantize(fp32, "w8a8-dynamic", progress=False)
-    lowbit.save(lowbit_model, scratch / "lowbit")
+    quantized = lowbit.quantize(fp32, "w8a8-dynamic", progress=False)
+    lowbit.save(quantized, scratch / "lowbit")
     torchao = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
     torch.save(torchao.state_dict(), scratch / "torchao.pt")
     sample = hf.tokenize(tokenizer, ["An example sentence to trace the graph."])
     dim = torch.export.Dim
-    dynamic = {"input_ids": {0: dim("batch"), 1: dim("sequence")},
-               "attention_mask": {0: dim("batch"), 1: dim("sequence")}}
+    dynamic = {name: {0: dim("batch"), 1: dim("sequence")} for name in ("input_ids", "attention_mask")}
     onnx_fp32 = export_onnx(LastHidden(fp32), (sample["input_ids"], sample["attention_mask"]),
-                            ["input_ids", "attention_mask"], "last_hidden_state", scratch / "fp32.onnx",
-                            dynamic)
+                            ["input_ids", "attention_mask"], "last_hidden_state",
+                            scratch / "fp32.onnx", dynamic)
     onnx_q = onnx_int8(onnx_fp32, scratch / "int8.onnx")
-    sessions = {"ort fp32": onnx_session(onnx_fp32, args.threads), "ort int8": onnx_session(onnx_q, args.threads)}
 
-    def torch_runner(model):
+    def torch_runner(model) -> Runner:
         return lambda batch: model(**batch).last_hidden_state.numpy()
 
-    def ort_runner(session):
+    def ort_runner(onnx_path) -> Runner:
+        session = onnx_session(onnx_path, threads)
         return lambda batch: session.run(None, {"input_ids": batch["input_ids"].numpy(),
                                                 "attention_mask": batch["attention_mask"].numpy()})[0]
 
-    runners = {"fp32": torch_runner(fp32), "lowbit w8a8-dynamic": torch_runner(lowbit_model),
-               "torch.ao dynamic": torch_runner(torchao),
-               **{name: ort_runner(session) for name, session in sessions.items()}}
+    runners = {"fp32": torch_runner(fp32), "lowbit w8a8-dynamic": torch_runner(quantized),
+               "torch.ao dynamic": torch_runner(torchao), "ort fp32": ort_runner(onnx_fp32),
+               "ort int8": ort_runner(onnx_q)}
     sizes = {"fp32": folder_bytes(path / "model.safetensors"),
              "lowbit w8a8-dynamic": folder_bytes(scratch / "lowbit"),
              "torch.ao dynamic": folder_bytes(scratch / "torchao.pt"),
              "ort fp32": onnx_bytes(onnx_fp32), "ort int8": onnx_bytes(onnx_q)}
+    return runners, sizes
 
-    def embed(run, texts, batch_size):
-        chunks = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                batch = hf.tokenize(tokenizer, texts[start : start + batch_size], 128)
-                chunks.append(pooled(run(batch), batch["attention_mask"].numpy()))
-        return np.concatenate(chunks)
 
+def embed(run: Runner, tokenizer, texts: list[str], batch_size: int) -> np.ndarray:
+    """Mean-pooled embeddings of `texts`."""
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = hf.tokenize(tokenizer, texts[start : start + batch_size], 128)
+            hidden, mask = run(batch), batch["attention_mask"].numpy()[..., None].astype(np.float32)
+            chunks.append((hidden * mask).sum(1) / np.clip(mask.sum(1), 1, None))
+    return np.concatenate(chunks)
+
+
+def topic_split() -> tuple[list[str], np.ndarray, int]:
+    """First sentences and topics of 1,200 training and 400 held-out documents (fixed shuffle:
+    the corpus is sorted by topic)."""
+    documents = assets.wikipedia_documents()
+    order = np.random.default_rng(0).permutation(len(documents))[:1600]
+    texts = [documents[i]["extract"].split(". ")[0] for i in order]
+    return texts, np.array([documents[i]["topic"] for i in order]), 1200
+
+
+def quality(runners: dict[str, Runner], tokenizer) -> dict[str, dict[str, float]]:
     sentences = assets.wikipedia_sentences(256)
-    documents = assets.wikipedia_documents()  # sorted by topic: draw a fixed random split
-    order = np.random.default_rng(0).permutation(len(documents))
-    train_docs = [documents[i] for i in order[:1200]]
-    test_docs = [documents[i] for i in order[1200:1600]]
-    first = [doc["extract"].split(". ")[0] for doc in train_docs + test_docs]
-    topics = np.array([doc["topic"] for doc in train_docs + test_docs])
-    reference = torch.from_numpy(embed(runners["fp32"], sentences, 1))
-    fp32_features = embed(runners["fp32"], first, 32)
-    head = LogisticRegression(max_iter=2000).fit(fp32_features[: len(train_docs)], topics[: len(train_docs)])
+    reference = torch.from_numpy(embed(runners["fp32"], tokenizer, sentences, 1))
+    texts, topics, train = topic_split()
+    features = {name: embed(run, tokenizer, texts, 32) for name, run in runners.items()}
+    head = LogisticRegression(max_iter=2000).fit(features["fp32"][:train], topics[:train])
+    return {name: {
+        "cosine": mean_cosine(reference, torch.from_numpy(embed(run, tokenizer, sentences, 1))),
+        "topic_accuracy": float(np.mean(head.predict(features[name][train:]) == topics[train:])),
+    } for name, run in runners.items()}
 
-    short = hf.tokenize(tokenizer, sentences[:1])
-    long_batch = dict(tokenizer(sentences[:8], padding="max_length", truncation=True, max_length=128,
-                                return_tensors="pt"))
-    latency = {label: interleaved_p50({name: (lambda r=run, b=batch: r(b)) for name, run in runners.items()},
-                                      args.runs if label == "batch 1" else max(5, args.runs // 6))
-               for label, batch in (("batch 1", short), ("batch 8x128", long_batch))}
 
-    rows = []
-    for name, run in runners.items():
-        features = fp32_features if name == "fp32" else embed(run, first, 32)
-        rows.append({
-            "model": name, "size_mb": sizes[name] / 1e6,
-            "cosine": mean_cosine(reference, torch.from_numpy(embed(run, sentences, 1))),
-            "topic_accuracy": float(np.mean(head.predict(features[len(train_docs):]) == topics[len(train_docs):])),
-            "b1_ms": latency["batch 1"][name], "b8x128_ms": latency["batch 8x128"][name],
-        })
-    peers = [row for row in rows if row["model"] not in ("fp32", "lowbit w8a8-dynamic")]
-    best_peer_b1 = min(row["b1_ms"] for row in peers)
-    for row in rows:
-        row["b1_vs_fp32"] = latency["batch 1"]["fp32"] / row["b1_ms"]
-        row["b8_vs_fp32"] = latency["batch 8x128"]["fp32"] / row["b8x128_ms"]
-        row["b1_vs_best_peer"] = best_peer_b1 / row["b1_ms"]
+def latency(runners: dict[str, Runner], tokenizer, runs: int) -> dict[str, dict[str, float]]:
+    sentences = assets.wikipedia_sentences(8)
+    batches = {"b1": hf.tokenize(tokenizer, sentences[:1]),
+               "b8x128": dict(tokenizer(sentences, padding="max_length", truncation=True,
+                                        max_length=128, return_tensors="pt"))}
+    return {label: interleaved_p50({name: (lambda r=run, b=batch: r(b)) for name, run in runners.items()},
+                                   runs if label == "b1" else max(5, runs // 6))
+            for label, batch in batches.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokenizer = hf.load_tokenizer(assets.minilm_path())
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
+        runners, sizes = build_models(tokenizer, args.threads, Path(scratch))
+        scores = quality(runners, tokenizer)
+        timings = latency(runners, tokenizer, args.runs)
+    peers = [name for name in runners if name not in ("fp32", "lowbit w8a8-dynamic")]
+    best_peer = min(timings["b1"][name] for name in peers)
+    rows = [{"model": name, "size_mb": sizes[name] / 1e6, **scores[name],
+             "b1_ms": timings["b1"][name], "b1_vs_fp32": timings["b1"]["fp32"] / timings["b1"][name],
+             "b1_vs_best_peer": best_peer / timings["b1"][name], "b8x128_ms": timings["b8x128"][name],
+             "b8_vs_fp32": timings["b8x128"]["fp32"] / timings["b8x128"][name]}
+            for name in runners]
     print_table(f"all-MiniLM-L6-v2, {args.threads} threads, measured now (×: speed-up, above 1 is faster)",
                 rows, [("model", "model"), ("size_mb", "MB"), ("cosine", "cosine (256 sent.)"),
                        ("topic_accuracy", "topic acc."), ("b1_ms", "batch 1 ms"), ("b1_vs_fp32", "× fp32"),
@@ -141,5 +153,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()
