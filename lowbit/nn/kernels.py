@@ -23,10 +23,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-ROW_BUCKETS = (1, 8, 32, 128, 512)  # inputs are timed at these row counts; larger inputs use the last
+ROW_BUCKETS = (1, 8, 32, 128, 1024)  # inputs are timed at these row counts; larger ones use the last
 ACTIVATION_QMAX = 127  # reduce_range: 7-bit activations keep int16 pair sums from saturating
 
-PREFERENCE_MARGIN = 0.10
+PREFERENCE_MARGIN = 0.05
 TINY = torch.finfo(torch.float32).tiny
 
 KernelFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
