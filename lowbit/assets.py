@@ -43,3 +43,14 @@ def wikipedia_sentences(count: int = 256, offset: int = 0) -> list[str]:
     """The first sentence of each of `count` summaries, starting at document `offset`."""
     documents = wikipedia_documents()[offset : offset + count]
     return [doc["extract"].split(". ")[0].strip() for doc in documents]
+
+
+def write_wikipedia_jsonl(path: str | Path, count: int = 256, offset: int = 0) -> Path:
+    """Write `count` real sentences with their topic as {"text", "label"} lines: data to try
+    `lowbit compare` and calibration on."""
+    documents = wikipedia_documents()[offset : offset + count]
+    lines = [json.dumps({"text": doc["extract"].split(". ")[0].strip(), "label": doc["topic"]})
+             for doc in documents]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -172,7 +172,10 @@ def compare(
     tokenizer = tokenizer or _tokenizer_for(quantized_path, original_path, source_folder)
     task = Task(kind, labels=dataset.labels if kind == "logits" else None)
     metric = metric or task.metrics()[0]
-    batches = _batches(dataset, kind, tokenizer, max(batch_sizes), seq_len)
+    # Quality at the smallest batch size: kernels are chosen per row count, and small batches run
+    # the integer kernels (larger ones may run dequantized float GEMMs, which are more accurate).
+    quality_batch_size = min(batch_sizes)
+    batches = _batches(dataset, kind, tokenizer, quality_batch_size, seq_len)
     with Progress(transient=True, disable=not progress) as bar, \
             tempfile.TemporaryDirectory(prefix="lowbit-compare-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -181,7 +184,7 @@ def compare(
                    for name, model in (("original", original_model), ("quantized", quantized_model))}
         quality = score_quality(task, outputs["original"], outputs["quantized"])
         bar.update(step, advance=1, description="per-layer error")
-        layers = layer_errors(original_model, quantized_model, batches[:2],
+        layers = layer_errors(original_model, quantized_model, batches[:8],
                               quantized_modules(quantized_model))
         bar.update(step, advance=1, description="latency")
         speed_inputs = _speed_inputs(dataset, kind, tokenizer, batch_sizes, seq_len)
@@ -211,6 +214,7 @@ def compare(
             for name, model in (("original", original_model), ("quantized", quantized_model)):
                 reports[name]["generation"] = generation_speed(model, prompt, threads=threads)
     settings = {"kind": kind, "samples": len(dataset), "batch_sizes": list(batch_sizes),
+                "quality_batch_size": quality_batch_size,
                 "seq_len": seq_len, "runs": runs,
                 "threads": threads or torch.get_num_threads(), "torch": torch.__version__}
     return Comparison(reports["original"], reports["quantized"], quality, metric, layers, settings,

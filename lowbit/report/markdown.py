@@ -51,7 +51,8 @@ def render_markdown(comparison, worst_layers: int = 10) -> str:
     lines = [f"# lowbit compare: {comparison.metric}", ""]
     settings = comparison.settings
     lines.append(f"{settings.get('samples')} samples, {settings.get('kind')} model, "
-                 f"{settings.get('threads')} threads, batch sizes {settings.get('batch_sizes')}; "
+                 f"{settings.get('threads')} threads, batch sizes {settings.get('batch_sizes')} "
+                 f"(quality measured at batch {settings.get('quality_batch_size')}); "
                  "every figure measured in this run.")
     lines += ["", "| measure | original | quantized | change |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(comparison)]
