@@ -34,3 +34,21 @@ class TiedLM(nn.Module):
 
 def tied_lm() -> nn.Module:
     return TiedLM()
+
+
+class StaticSamePaddingConv(nn.Conv2d):
+    """The EfficientNet/timm pattern: a Conv2d subclass that pads with a module before convolving."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(self.static_padding(x), self.weight, self.bias, self.stride,
+                                          self.padding, self.dilation, self.groups)
+
+
+def same_padding_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(StaticSamePaddingConv(3, 8, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 4))

@@ -113,3 +113,25 @@ def test_model_served_under_inference_mode_still_runs_with_autograd_on(monkeypat
     with torch.inference_mode():
         served = quantized(x)
     assert torch.equal(quantized(x).detach(), served)
+
+
+def test_static_same_padding_convolutions_are_quantized_with_their_padding(tmp_path):
+    from tests.fixtures_models import same_padding_cnn
+
+    model = same_padding_cnn().eval()
+    x = torch.randn(2, 3, 8, 8)
+    quantized = lowbit.quantize(model, "w8")
+    assert isinstance(quantized[0], QConv2d)
+    assert (quantized(x) - model(x)).norm() / model(x).norm() < 0.02
+    reloaded = lowbit.load(lowbit.save(quantized, tmp_path / "m"), skeleton=same_padding_cnn)
+    assert torch.equal(reloaded(x), quantized(x))
+
+
+def test_other_subclasses_of_supported_modules_are_kept_in_float():
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(ScaledLinear(32, 32), nn.Linear(32, 32))
+    quantized = lowbit.quantize(model, "w8")
+    assert type(quantized[0]) is ScaledLinear and isinstance(quantized[1], QLinear)

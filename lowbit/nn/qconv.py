@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,10 +16,16 @@ from lowbit.nn.spec import LayerSpec
 
 
 class QConv2d(QuantizedWeightMixin, nn.Module):
-    """Drop-in replacement for `nn.Conv2d` (zero padding) with int8 per-output-channel weights."""
+    """Drop-in replacement for `nn.Conv2d` (zero padding) with int8 per-output-channel weights.
+
+    Also replaces the "static same padding" Conv2d subclass of EfficientNet/timm, whose forward
+    pads with a `static_padding` module first: that module is kept and applied the same way.
+    """
 
     def __init__(self, conv: nn.Conv2d, spec: LayerSpec) -> None:
         super().__init__()
+        padding_module = getattr(conv, "static_padding", None)
+        self.static_padding = copy.deepcopy(padding_module) if padding_module is not None else None
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -92,6 +100,8 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
         return qy.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static_padding is not None:
+            x = self.static_padding(x)
         if x.device.type == "cpu" and self.spec.kernels.get("all") == "fbgemm_conv2d":
             return self.fbgemm_conv2d(x.float()).to(x.dtype)
         return self.reference(x)
