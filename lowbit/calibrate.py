@@ -24,11 +24,13 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
 
 
 @contextmanager
-def _recording(model: nn.Module, names: set[str], histograms: dict[str, dict[str, Histogram]]):
+def _recording(model: nn.Module, names: set[str], histograms: dict[str, dict[str, Histogram]],
+               input_shapes: dict[str, tuple[int, ...]]):
     def make_hook(name: str):
         def hook(module, inputs, output):
             histograms[name]["input"].update(inputs[0])
             histograms[name]["output"].update(output)
+            input_shapes.setdefault(name, tuple(inputs[0].shape))
 
         return hook
 
@@ -45,11 +47,20 @@ def _recording(model: nn.Module, names: set[str], histograms: dict[str, dict[str
 
 
 def collect_histograms(
-    model: nn.Module, batches: Iterable[Any], names: Iterable[str], progress: bool = True
+    model: nn.Module,
+    batches: Iterable[Any],
+    names: Iterable[str],
+    progress: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, dict[str, Histogram]]:
-    """Input and output histograms of the named modules over all calibration batches."""
+    """Input and output histograms of the named modules over all calibration batches.
+
+    `input_shapes`, when given, receives the shape of each module's first input (convolution
+    kernels are timed on it).
+    """
     names = set(names)
     histograms = {name: {"input": Histogram(), "output": Histogram()} for name in names}
+    input_shapes = {} if input_shapes is None else input_shapes
     batches = list(batches) if batches is not None else []
     if not batches:
         raise CalibrationError(
@@ -58,7 +69,7 @@ def collect_histograms(
     was_training = model.training
     model.eval()
     try:
-        with _recording(model, names, histograms), torch.inference_mode(), Progress(
+        with _recording(model, names, histograms, input_shapes), torch.inference_mode(), Progress(
             transient=True, disable=not progress
         ) as bar:
             task = bar.add_task("calibrating", total=len(batches))

@@ -82,7 +82,8 @@ def build_module(module: nn.Module, spec: LayerSpec, ranges: dict | None = None)
     if isinstance(module, nn.Linear):
         return QLinear.from_float(module, spec, ranges.get("input"), ranges.get("output"))
     if isinstance(module, nn.Conv2d):
-        return QConv2d.from_float(module, spec, ranges.get("input"), ranges.get("output"))
+        return QConv2d.from_float(module, spec, ranges.get("input"), ranges.get("output"),
+                                  ranges.get("input_shape"))
     return QEmbedding.from_float(module, spec)
 
 
@@ -101,9 +102,13 @@ def _static_ranges(model, specs, recipe, calibration, progress) -> dict[str, dic
             "the static scheme needs calibration data: pass calibration=[batch, ...] "
             "(CLI: --calibration FILE), or use 'w8a8-dynamic', which needs none"
         )
-    histograms = collect_histograms(model, calibration, static, progress)
+    input_shapes: dict[str, tuple[int, ...]] = {}
+    histograms = collect_histograms(model, calibration, static, progress, input_shapes)
     options = {"percentile": recipe.percentile} if recipe.calibrator == "percentile" else {}
-    return activation_ranges(histograms, recipe.calibrator, **options)
+    ranges = activation_ranges(histograms, recipe.calibrator, **options)
+    for name, shape in input_shapes.items():
+        ranges[name]["input_shape"] = shape
+    return ranges
 
 
 def quantize(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +43,11 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, spec: LayerSpec,
                    input_range: tuple[float, float] | None = None,
-                   output_range: tuple[float, float] | None = None) -> QConv2d:
+                   output_range: tuple[float, float] | None = None,
+                   input_shape: tuple[int, ...] | None = None) -> QConv2d:
+        """Quantize a float Conv2d. For the static scheme, fbgemm's int8 convolution is timed
+        against the reference on `input_shape` (seen in calibration) and kept only if faster:
+        some grouped and strided shapes take slow paths in fbgemm."""
         check_finite(conv.weight, "conv weight")
         module = cls(conv, spec)
         module._store_weight(conv.weight.detach().float())
@@ -50,8 +57,28 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
             module.set_activation_ranges(input_range, output_range)
         fast = spec.scheme == "static" and "fbgemm" in torch.backends.quantized.supported_engines
         kernel = "fbgemm_conv2d" if fast else "reference"
+        if fast and input_shape is not None and os.environ.get("LOWBIT_KERNEL") is None:
+            kernel = module._faster_kernel(torch.randn(input_shape))
         module.spec = spec.with_kernels({"all": kernel})
         return module
+
+    def _faster_kernel(self, x: torch.Tensor) -> str:
+        """"fbgemm_conv2d" or "reference", whichever is faster on `x` (median of 5 after warm-up)."""
+        timings = {}
+        with torch.inference_mode():
+            for name, run in (("fbgemm_conv2d", self.fbgemm_conv2d), ("reference", self.reference)):
+                run(self._padded(x))
+                samples = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    run(self._padded(x))
+                    samples.append(time.perf_counter() - start)
+                timings[name] = statistics.median(samples)
+        self.kernel_cache.clear()
+        return min(timings, key=timings.get)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.static_padding is None else self.static_padding(x)
 
     def set_activation_ranges(self, input_range, output_range) -> None:
         for name, (low, high), qtype in (("input", input_range, UINT7), ("output", output_range, UINT8)):
@@ -100,8 +127,7 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
         return qy.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.static_padding is not None:
-            x = self.static_padding(x)
+        x = self._padded(x)
         if x.device.type == "cpu" and self.spec.kernels.get("all") == "fbgemm_conv2d":
             return self.fbgemm_conv2d(x.float()).to(x.dtype)
         return self.reference(x)
