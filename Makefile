@@ -36,6 +36,7 @@ $(BENCH_INSTALLED): $(INSTALLED)
 
 bench: $(BENCH_INSTALLED)
 	$(BIN)/python -m bench.minilm
+	$(BIN)/python -m bench.efficientnet
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
