@@ -1,0 +1,43 @@
+"""A (tiny, random) Llama-architecture causal LM end to end: tied embeddings, rotary buffers,
+meta-device reload, perplexity with sliding windows, and generation speed."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import assets, hf
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, minilm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer, _ = minilm
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, max_position_embeddings=256)
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_causal_lm_reloads_bit_identical_from_its_folder(llama_folder, tmp_path):
+    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), "w8a8-dynamic")
+    reloaded = lowbit.load(lowbit.save(quantized, tmp_path / "q"))
+    ids = torch.randint(0, 1000, (2, 17))
+    with torch.inference_mode():
+        assert torch.equal(quantized(ids).logits, reloaded(ids).logits)
+
+
+def test_compare_measures_perplexity_and_generation_speed(llama_folder, tmp_path):
+    quantized = lowbit.save(lowbit.quantize(hf.load_pretrained(llama_folder), "w8"), tmp_path / "q")
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n".join(assets.wikipedia_sentences(30)))
+    comparison = lowbit.compare(llama_folder, quantized, text, seq_len=64, runs=2, memory=False,
+                                progress=False)
+    assert comparison.settings["kind"] == "causal_lm" and comparison.metric == "perplexity"
+    entry = comparison.quality["perplexity"]
+    assert 1.0 < entry["original"] < float("inf") and entry["ci95"][0] <= entry["delta"] <= entry["ci95"][1]
+    assert comparison.quantized["generation"]["decode_tokens_per_second"] > 0
