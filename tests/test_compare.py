@@ -101,3 +101,10 @@ def test_cli_compare_writes_json_and_html(tmp_path, labelled_tensors):
 def test_cli_compare_with_missing_data_is_refused(tmp_path):
     assert_refused(run_cli("compare", FACTORY, FACTORY, "--data", tmp_path / "none.jsonl",
                            "--json", tmp_path / "r.json"), "does not exist", tmp_path / "r.json")
+
+
+def test_wikipedia_sample_file_is_labelled_jsonl(tmp_path):
+    from lowbit.assets import write_wikipedia_jsonl
+
+    dataset = read_dataset(write_wikipedia_jsonl(tmp_path / "wiki.jsonl", 5, offset=100))
+    assert len(dataset) == 5 and dataset.labels is not None and all(dataset.texts)
