@@ -64,12 +64,11 @@ def _kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 def _expand_quantized(clipped: np.ndarray, levels: int) -> np.ndarray:
     """Merge `clipped` into `levels` bins, then spread each back evenly over its non-empty bins."""
-    expanded = np.zeros_like(clipped)
-    for chunk in np.array_split(np.arange(clipped.size), levels):
-        nonzero = clipped[chunk] > 0
-        if nonzero.any():
-            expanded[chunk[nonzero]] = clipped[chunk].sum() / nonzero.sum()
-    return expanded
+    chunk = (np.arange(clipped.size) * levels) // clipped.size
+    nonzero = clipped > 0
+    sums = np.bincount(chunk, weights=clipped, minlength=levels)
+    counts = np.bincount(chunk, weights=nonzero, minlength=levels)
+    return np.where(nonzero, sums[chunk] / np.maximum(counts[chunk], 1), 0.0)
 
 
 def entropy_range(histogram: Histogram, qtype: QType, symmetric: bool) -> Range:
