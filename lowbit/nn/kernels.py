@@ -53,6 +53,23 @@ def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> 
     return (q - zero_point) * scale
 
 
+def static_fake_quantize(module: torch.nn.Module, x: torch.Tensor, side: str) -> torch.Tensor:
+    """Round a static module's "input" (7-bit grid) or "output" (8-bit grid) as its kernel does."""
+    qmax = ACTIVATION_QMAX if side == "input" else 255
+    return fake_quantize(x, float(getattr(module, f"{side}_scale")),
+                         int(getattr(module, f"{side}_zero_point")), qmax)
+
+
+def quantize_static_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x as a quint8 tensor on a static module's calibrated 7-bit input grid (clamped first, so
+    values outside the calibrated range cannot reach the saturating top half of uint8)."""
+    scale, zero_point = float(module.input_scale), int(module.input_zero_point)
+    low = -zero_point * scale
+    x = torch.clamp(x, low, low + ACTIVATION_QMAX * scale)
+    with _quantized_tensor_api():
+        return torch.quantize_per_tensor(x.contiguous(), scale, zero_point, torch.quint8)
+
+
 def reference(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Dequantize-then-matmul with the scheme's activation rounding: slow, simple, the ground truth."""
     scheme = module.spec.scheme
@@ -60,11 +77,9 @@ def reference(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         normalized, low, span = normalize_rows(x)
         x = low + span * fake_quantize(normalized, 1.0 / ACTIVATION_QMAX, 0, ACTIVATION_QMAX)
     elif scheme == "static":
-        x = fake_quantize(x, float(module.input_scale), int(module.input_zero_point), ACTIVATION_QMAX)
+        x = static_fake_quantize(module, x, "input")
     y = F.linear(x, module.dequantized_weight(x.dtype), module.bias)
-    if scheme == "static":
-        y = fake_quantize(y, float(module.output_scale), int(module.output_zero_point), 255)
-    return y
+    return static_fake_quantize(module, y, "output") if scheme == "static" else y
 
 
 def cached(module: torch.nn.Module, key: str, build: Callable[[], object]) -> object:
@@ -154,14 +169,10 @@ def dequantized_fp32(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def fbgemm_static(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """fbgemm `quantized::linear`: int8 weights, activations quantized with calibrated scales."""
-    input_scale, input_zero_point = float(module.input_scale), int(module.input_zero_point)
-    low = -input_zero_point * input_scale
-    x = torch.clamp(x, low, low + ACTIVATION_QMAX * input_scale)
-    with _quantized_tensor_api():
-        qx = torch.quantize_per_tensor(x, input_scale, input_zero_point, torch.quint8)
-        qy = torch.ops.quantized.linear(
-            qx, _fbgemm_packed(module), float(module.output_scale), int(module.output_zero_point)
-        )
+    qx = quantize_static_input(module, x)
+    qy = torch.ops.quantized.linear(
+        qx, _fbgemm_packed(module), float(module.output_scale), int(module.output_zero_point)
+    )
     return qy.dequantize()
 
 

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core.quantize import check_finite
-from lowbit.nn.kernels import ACTIVATION_QMAX, _quantized_tensor_api, cached, fake_quantize
+from lowbit.nn.kernels import (
+    _quantized_tensor_api,
+    cached,
+    quantize_static_input,
+    static_fake_quantize,
+)
 from lowbit.nn.qweight import QuantizedWeightMixin
 from lowbit.nn.spec import LayerSpec
 
@@ -84,9 +89,8 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
         """Dequantize-then-convolve, with the static scheme's activation rounding."""
         if self.spec.scheme != "static":
             return self._conv(x, self.dequantized_weight(x.dtype))
-        x = fake_quantize(x, float(self.input_scale), int(self.input_zero_point), ACTIVATION_QMAX)
-        y = self._conv(x, self.dequantized_weight(x.dtype))
-        return fake_quantize(y, float(self.output_scale), int(self.output_zero_point), 255)
+        x = static_fake_quantize(self, x, "input")
+        return static_fake_quantize(self, self._conv(x, self.dequantized_weight(x.dtype)), "output")
 
     def _prepack(self):
         with _quantized_tensor_api():
@@ -101,15 +105,10 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
 
     def fbgemm_conv2d(self, x: torch.Tensor) -> torch.Tensor:
         """fbgemm `quantized::conv2d` on 7-bit activations and int8 per-channel weights."""
-        input_scale, input_zero_point = float(self.input_scale), int(self.input_zero_point)
-        low = -input_zero_point * input_scale
-        x = torch.clamp(x, low, low + ACTIVATION_QMAX * input_scale)
         packed = cached(self, "fbgemm", self._prepack)
-        with _quantized_tensor_api():
-            qx = torch.quantize_per_tensor(x.contiguous(), input_scale, input_zero_point, torch.quint8)
-            qy = torch.ops.quantized.conv2d.new(
-                qx, packed, float(self.output_scale), int(self.output_zero_point)
-            )
+        qy = torch.ops.quantized.conv2d.new(
+            quantize_static_input(self, x), packed, float(self.output_scale), int(self.output_zero_point)
+        )
         return qy.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
