@@ -19,12 +19,17 @@ from rich.table import Table
 RESULTS = Path(__file__).parent / "results"
 
 
-def bench_arguments(description: str) -> argparse.Namespace:
-    """--threads and --runs, shared by every bench script; sets torch's thread count."""
+def bench_arguments(
+    description: str, runs: int = 30, extra: dict[str, int] | None = None,
+) -> argparse.Namespace:
+    """--threads and --runs, shared by every bench script, plus `extra` integer options with
+    their defaults; sets torch's thread count."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=runs)
+    for option, default in (extra or {}).items():
+        parser.add_argument(option, type=int, default=default)
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     return arguments
@@ -39,10 +44,11 @@ def onnx_session(path: Path, threads: int):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(module: torch.nn.Module, args: tuple, names: list[str], output: str, path: Path,
-                dynamic: dict) -> Path:
+def export_onnx(module: torch.nn.Module, args: tuple, names: list[str], outputs: str | list[str],
+                path: Path, dynamic: dict) -> Path:
     """Export with torch's dynamo exporter (the TorchScript exporter mis-exports MiniLM here)."""
-    torch.onnx.export(module, args, str(path), input_names=names, output_names=[output],
+    outputs = [outputs] if isinstance(outputs, str) else outputs
+    torch.onnx.export(module, args, str(path), input_names=names, output_names=outputs,
                       dynamic_shapes=dynamic, dynamo=True, verbose=False)
     return path
 

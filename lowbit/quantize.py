@@ -7,6 +7,7 @@ import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.calibrate import activation_ranges, collect_histograms
@@ -93,6 +94,38 @@ def set_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
     setattr(parent, child, replacement)
 
 
+WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_zero_point")
+
+
+def weight_storage(module: nn.Module) -> tuple[int, tuple[int, ...]]:
+    return module.weight.data_ptr(), tuple(module.weight.shape)
+
+
+def share_tied_weights(model: nn.Module, storages: dict[str, tuple[int, tuple[int, ...]]]) -> None:
+    """Modules that shared one float weight (a tied embedding and LM head) share their quantized
+    buffers too when both quantized it to identical values, so memory and the file hold it once."""
+    first: dict[tuple, nn.Module] = {}
+    for name, storage in storages.items():
+        module = model.get_submodule(name)
+        if storage not in first:
+            first[storage] = module
+        elif _same_quantized_weight(first[storage], module):
+            for buffer in WEIGHT_BUFFERS:
+                if hasattr(module, buffer):
+                    setattr(module, buffer, getattr(first[storage], buffer))
+            getattr(module, "kernel_cache", {}).clear()
+
+
+def _same_quantized_weight(a: nn.Module, b: nn.Module) -> bool:
+    for buffer in WEIGHT_BUFFERS:
+        x, y = getattr(a, buffer, None), getattr(b, buffer, None)
+        if (x is None) != (y is None):
+            return False
+        if x is not None and (x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y)):
+            return False
+    return True
+
+
 def _static_ranges(model, specs, recipe, calibration, progress) -> dict[str, dict]:
     static = [name for name, spec in specs.items() if spec.scheme == "static"]
     if not static:
@@ -143,8 +176,10 @@ def quantize(
     source = describe_source(model)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
+    storages = {name: weight_storage(modules[name]) for name in specs}
     for name, spec in specs.items():
         set_module(target, name, build_module(modules[name], spec, ranges.get(name)))
+    share_tied_weights(target, storages)
     setattr(target, RECIPE_ATTRIBUTE, recipe)
     target.lowbit_source = source
     return target.eval()

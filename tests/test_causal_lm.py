@@ -6,6 +6,7 @@ import torch
 
 import lowbit
 from lowbit import assets, hf
+from lowbit.formats.lowbit_format import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,27 @@ def test_causal_lm_reloads_bit_identical_from_its_folder(llama_folder, tmp_path)
     ids = torch.randint(0, 1000, (2, 17))
     with torch.inference_mode():
         assert torch.equal(quantized(ids).logits, reloaded(ids).logits)
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4-g32", "w8a8-dynamic"])
+def test_tied_embedding_and_head_share_one_quantized_copy(llama_folder, tmp_path, recipe):
+    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, progress=False)
+    embedding, head = quantized.model.embed_tokens, quantized.lm_head
+    assert head.weight is embedding.weight and head.weight_scale is embedding.weight_scale
+    folder = lowbit.save(quantized, tmp_path / "tied")
+    aliases = read_manifest(folder)["aliases"]
+    assert {"lm_head.weight", "model.embed_tokens.weight"} & set(aliases)
+    reloaded = lowbit.load(folder)
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(quantized(ids).logits, reloaded(ids).logits)
+
+
+def test_a_head_quantized_differently_from_its_embedding_keeps_its_own_copy(llama_folder):
+    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), "w8", overrides={"lm_head": "w4-g32"},
+                                progress=False)
+    assert quantized.lm_head.weight is not quantized.model.embed_tokens.weight
+    assert quantized.lm_head.weight.shape != quantized.model.embed_tokens.weight.shape
 
 
 def test_compare_measures_perplexity_and_generation_speed(llama_folder, tmp_path):
