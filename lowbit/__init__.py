@@ -1,12 +1,16 @@
 """lowbit: quantize trained models to 16, 8 and 4 bits, and measure what it costs and buys."""
 
+from lowbit.calibrate import CalibrationResult, calibrate, load_calibration
 from lowbit.compare import bench, compare
 from lowbit.errors import (
+    AccuracyBudgetError,
     CalibrationError,
     ChecksumError,
     FormatError,
+    HardwareCompatibilityError,
     InvalidRecipeError,
     LowbitError,
+    LowbitWarning,
     ModelLoadError,
     QuantizationError,
 )
@@ -21,19 +25,25 @@ from lowbit.version import __version__
 __all__ = [
     "__version__",
     "PRESETS",
+    "AccuracyBudgetError",
     "CalibrationError",
+    "CalibrationResult",
     "Comparison",
     "ChecksumError",
     "FormatError",
+    "HardwareCompatibilityError",
     "InvalidRecipeError",
     "LowbitError",
+    "LowbitWarning",
     "ModelLoadError",
     "QuantizationError",
     "Recipe",
     "bench",
+    "calibrate",
     "compare",
     "estimate",
     "load",
+    "load_calibration",
     "load_source",
     "make_recipe",
     "quantize",

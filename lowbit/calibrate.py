@@ -1,17 +1,34 @@
-"""Calibration: run data through a model and fill one activation histogram per watched module."""
+"""Calibration: run data through a model and fill one activation histogram per watched module.
+
+`calibrate` returns a `CalibrationResult`: the histograms (one pass over the data serves every
+calibrator), updatable with more data, saved as safetensors, and passed to `quantize` so that
+many trials share one calibration run.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from rich.progress import Progress
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.core import Histogram, compute_range
-from lowbit.errors import CalibrationError, LowbitError
+from lowbit.core import CALIBRATORS, Histogram, compute_range
+from lowbit.core.calibrators import expected_squared_error
+from lowbit.core.qtypes import UINT7, UINT8
+from lowbit.errors import CalibrationError, FormatError, LowbitError
+
+AUTO = "auto"
+# The static scheme quantizes a module's input on a 7-bit grid and its output on an 8-bit one.
+SIDE_QTYPES = {"input": UINT7, "output": UINT8}
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
@@ -95,9 +112,139 @@ def collect_histograms(
 def activation_ranges(
     histograms: dict[str, dict[str, Histogram]], calibrator: str, **options: float
 ) -> dict[str, dict[str, tuple[float, float]]]:
-    """Clipping ranges per module input and output by the named calibrator."""
+    """Clipping ranges per module input and output by the named calibrator, or by the best one
+    for each tensor with `calibrator="auto"` (see `best_range`)."""
+    if calibrator == AUTO:
+        return {name: {side: best_range(hist, SIDE_QTYPES[side])[1] for side, hist in pair.items()}
+                for name, pair in histograms.items()}
     return {
         name: {side: compute_range(hist, calibrator, "uint8", False, **options)
                for side, hist in pair.items()}
         for name, pair in histograms.items()
     }
+
+
+def best_range(histogram: Histogram, qtype=UINT8) -> tuple[str, tuple[float, float]]:
+    """The calibrator whose range gives this tensor the least expected squared quantization
+    error on `qtype`'s grid, and that range: one histogram scores them all."""
+    scored = {}
+    for name in CALIBRATORS:
+        low, high = compute_range(histogram, name, "uint8", False)
+        scored[name] = (expected_squared_error(histogram, low, high, qtype, False), (low, high))
+    best = min(scored, key=lambda name: scored[name][0])
+    return best, scored[best][1]
+
+
+@dataclass
+class CalibrationResult:
+    """Activation histograms of a model's modules, from `calibrate`.
+
+    `ranges(calibrator)` turns them into clipping ranges ("auto" picks the best calibrator per
+    tensor); `update(batches)` adds data; `save(path)` / `load_calibration(path)` keep them.
+    """
+
+    histograms: dict[str, dict[str, Histogram]]
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def ranges(self, calibrator: str = AUTO, names: Iterable[str] | None = None,
+               **options: float) -> dict[str, dict[str, Any]]:
+        """{module: {"input": (low, high), "output": (low, high), "input_shape": shape}}."""
+        wanted = list(self.histograms) if names is None else list(names)
+        missing = [name for name in wanted if name not in self.histograms]
+        if missing:
+            raise CalibrationError(f"the calibration has no data for {', '.join(missing[:5])}; "
+                                   "calibrate the same model (or these modules) first")
+        ranges = activation_ranges({name: self.histograms[name] for name in wanted}, calibrator, **options)
+        for name in wanted:
+            if name in self.input_shapes:
+                ranges[name]["input_shape"] = self.input_shapes[name]
+        return ranges
+
+    def best_calibrators(self) -> dict[str, dict[str, str]]:
+        """The calibrator "auto" picks for each module's input and output."""
+        return {name: {side: best_range(hist, SIDE_QTYPES[side])[0] for side, hist in pair.items()}
+                for name, pair in self.histograms.items()}
+
+    def update(self, batches: Iterable[Any], progress: bool = True) -> CalibrationResult:
+        """Add more batches to the same histograms (needs the model it was calibrated on)."""
+        if self.model is None:
+            raise CalibrationError("this calibration was loaded from a file; pass it to "
+                                   "load_calibration(path, model) to update it")
+        more = collect_histograms(self.model, batches, self.histograms, progress, self.input_shapes)
+        for name, pair in more.items():
+            for side, histogram in pair.items():
+                self.histograms[name][side] = merge_histograms(self.histograms[name][side], histogram)
+        return self
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One safetensors file: every histogram, with the input shapes in its metadata."""
+        path = Path(path)
+        tensors = {f"{name}::{side}::{key}": value
+                   for name, pair in self.histograms.items()
+                   for side, histogram in pair.items()
+                   for key, value in histogram.state_dict().items()}
+        metadata = {"format": "lowbit-calibration", "version": "1",
+                    "input_shapes": json.dumps({k: list(v) for k, v in self.input_shapes.items()})}
+        staging = path.with_name(f".{path.name}.partial")
+        save_file(tensors, staging, metadata=metadata)
+        staging.replace(path)
+        return path
+
+
+def merge_histograms(first: Histogram, second: Histogram) -> Histogram:
+    """One histogram holding both: the counts of the narrower are re-binned, by bin centre, onto
+    the wider one's range."""
+    wide, narrow = (first, second) if first.limit >= second.limit else (second, first)
+    merged = Histogram.from_state_dict(wide.state_dict())
+    if narrow.total and merged.limit == 0:  # only zeros on both sides: they sit in the middle bin
+        merged.counts[merged.bins // 2] += narrow.total
+    elif narrow.total:
+        span = (-merged.limit, merged.limit)
+        merged.counts += torch.histogram(narrow.centers(), bins=merged.bins, range=span,
+                                         weight=narrow.counts).hist.double()
+    merged.min, merged.max = min(first.min, second.min), max(first.max, second.max)
+    batches = first.batches + second.batches
+    merged.average_min = (first.average_min * first.batches + second.average_min * second.batches) / batches
+    merged.average_max = (first.average_max * first.batches + second.average_max * second.batches) / batches
+    merged.batches = batches
+    return merged
+
+
+def calibratable_modules(model: nn.Module) -> list[str]:
+    """Names of the modules whose activations a static scheme quantizes."""
+    return [name for name, module in model.named_modules() if type(module) in (nn.Linear, nn.Conv2d)]
+
+
+def calibrate(
+    model: nn.Module, batches: Iterable[Any], names: Iterable[str] | None = None, progress: bool = True,
+) -> CalibrationResult:
+    """One pass of `batches` through `model`, recording every Linear and Conv2d input and output
+    (or only `names`). Pass the result to `quantize(..., calibration=result)`."""
+    names = list(names) if names is not None else calibratable_modules(model)
+    if not names:
+        raise CalibrationError("the model has no Linear or Conv2d module to calibrate")
+    shapes: dict[str, tuple[int, ...]] = {}
+    histograms = collect_histograms(model, batches, names, progress, shapes)
+    return CalibrationResult(histograms, shapes, model)
+
+
+def load_calibration(path: str | os.PathLike, model: nn.Module | None = None) -> CalibrationResult:
+    """A CalibrationResult saved with `.save`; give `model` to `update` it with more data."""
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            metadata = json.loads(handle.read(header_size)).get("__metadata__", {})
+    except (OSError, SafetensorError, ValueError) as error:
+        raise FormatError(f"cannot read calibration file {path}: {error}") from None
+    if metadata.get("format") != "lowbit-calibration":
+        raise FormatError(f"{path} is not a lowbit calibration file")
+    states: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, value in tensors.items():
+        name, side, part = key.split("::")
+        states.setdefault(name, {}).setdefault(side, {})[part] = value
+    histograms = {name: {side: Histogram.from_state_dict(state) for side, state in pair.items()}
+                  for name, pair in states.items()}
+    shapes = {k: tuple(v) for k, v in json.loads(metadata.get("input_shapes", "{}")).items()}
+    return CalibrationResult(histograms, shapes, model)

@@ -15,6 +15,23 @@ class QuantizationError(LowbitError):
     """A model or tensor cannot be quantized as asked (bad weights, bad shape, unsupported module)."""
 
 
+class HardwareCompatibilityError(QuantizationError):
+    """This machine lacks the kernel a scheme needs; `quantize` falls back (with a warning) to the
+    reference kernel, or to the `fallback` recipe when one is given, instead of raising it."""
+
+
+class AccuracyBudgetError(LowbitError):
+    """No quantized candidate met the accuracy budget; `.result` holds the measured trials."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class LowbitWarning(UserWarning):
+    """Something lowbit worked around (a fallback, an unverified result) that you should know."""
+
+
 class CalibrationError(LowbitError):
     """Calibration data is missing, empty, or does not fit the model."""
 

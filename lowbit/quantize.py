@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowbit.calibrate import activation_ranges, collect_histograms
+from lowbit.calibrate import CalibrationResult, calibrate
 from lowbit.core.digest import state_dict_sha256
-from lowbit.errors import QuantizationError
+from lowbit.errors import HardwareCompatibilityError, LowbitWarning, QuantizationError
 from lowbit.nn import LayerSpec, QConv2d, QEmbedding, QLinear
+from lowbit.nn.kernels import missing_kernel
 from lowbit.recipe import Recipe, make_recipe
 
 MODULE_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Embedding: "embedding"}
@@ -51,8 +53,15 @@ def _module_kind(module: nn.Module) -> str | None:
     return kind
 
 
-def plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerSpec], list[str]]:
-    """LayerSpecs for every module to quantize, and the names of quantizable modules kept in float."""
+def plan(
+    model: nn.Module, recipe: Recipe, fallback: Recipe | None = None,
+) -> tuple[dict[str, LayerSpec], list[str]]:
+    """LayerSpecs for every module to quantize, and the names of quantizable modules kept in float.
+
+    A module the recipe cannot quantize (a group size that does not divide it, a kernel this
+    machine lacks) takes `fallback`'s spec, with a warning; without a fallback the first is an
+    error and the second runs the reference kernel, with a warning.
+    """
     specs, kept_float = {}, []
     for name, module in model.named_modules():
         kind = _module_kind(module)
@@ -66,15 +75,36 @@ def plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerSpec], list[s
         if kind == "conv" and spec.weight not in ("int8", "fp16", "bf16"):
             kept_float.append(name)  # int4 convolutions have no kernel: keep them in float
             continue
-        if spec.granularity.startswith("group") and module.weight.shape[-1] % int(
-            spec.granularity.split(":")[1]
-        ):
-            raise QuantizationError(
-                f"group size {spec.granularity.split(':')[1]} does not divide the input dimension "
-                f"{module.weight.shape[-1]} of {name!r}; choose another group size, or skip it"
-            )
-        specs[name] = spec
+        specs[name] = _supported_spec(name, module, kind, spec, fallback)
     return specs, kept_float
+
+
+def _problem(name: str, module: nn.Module, spec: LayerSpec) -> QuantizationError | None:
+    if spec.granularity.startswith("group"):
+        group = int(spec.granularity.split(":")[1])
+        if module.weight.shape[-1] % group:
+            return QuantizationError(
+                f"group size {group} does not divide the input dimension {module.weight.shape[-1]} of "
+                f"{name!r}; choose another group size, skip it, or pass fallback='w8'")
+    reason = missing_kernel(spec)
+    return HardwareCompatibilityError(f"{name!r}: {reason}") if reason else None
+
+
+def _supported_spec(name: str, module: nn.Module, kind: str, spec: LayerSpec,
+                    fallback: Recipe | None) -> LayerSpec:
+    problem = _problem(name, module, spec)
+    if problem is None:
+        return spec
+    if fallback is not None:
+        fallback_spec = fallback.layer_spec(kind)
+        if _problem(name, module, fallback_spec) is None:
+            warnings.warn(f"{problem} -> quantized with the fallback recipe instead", LowbitWarning,
+                          stacklevel=4)
+            return fallback_spec
+    if isinstance(problem, HardwareCompatibilityError):
+        warnings.warn(f"{problem} -> running the (slow, exact) reference kernel", LowbitWarning, stacklevel=4)
+        return spec
+    raise problem
 
 
 def build_module(module: nn.Module, spec: LayerSpec, ranges: dict | None = None) -> nn.Module:
@@ -135,28 +165,28 @@ def _static_ranges(model, specs, recipe, calibration, progress) -> dict[str, dic
             "the static scheme needs calibration data: pass calibration=[batch, ...] "
             "(CLI: --calibration FILE), or use 'w8a8-dynamic', which needs none"
         )
-    input_shapes: dict[str, tuple[int, ...]] = {}
-    histograms = collect_histograms(model, calibration, static, progress, input_shapes)
+    if not isinstance(calibration, CalibrationResult):
+        calibration = calibrate(model, calibration, static, progress)
     options = {"percentile": recipe.percentile} if recipe.calibrator == "percentile" else {}
-    ranges = activation_ranges(histograms, recipe.calibrator, **options)
-    for name, shape in input_shapes.items():
-        ranges[name]["input_shape"] = shape
-    return ranges
+    return calibration.ranges(recipe.calibrator, static, **options)
 
 
 def quantize(
     model: nn.Module,
     recipe: Recipe | str | dict | None = "w8a8-dynamic",
-    calibration: Iterable[Any] | None = None,
+    calibration: Iterable[Any] | CalibrationResult | None = None,
     skip: Iterable[str] | None = None,
     overrides: dict[str, Recipe | str] | None = None,
     inplace: bool = False,
     progress: bool = True,
+    fallback: Recipe | str | None = None,
 ) -> nn.Module:
     """Return a quantized copy of `model` (the model itself when `inplace`).
 
     `recipe` is a preset name ("w8a8-dynamic", "w8a8-static", "w8", "w4", "fp16", "bf16") or a
-    Recipe; `skip` lists module-name globs kept in float; `overrides` maps globs to other recipes.
+    Recipe; `skip` lists module-name globs kept in float; `overrides` maps globs to other recipes;
+    `fallback` is the recipe for modules the recipe cannot quantize here (see `plan`).
+    `calibration` is a list of batches or a `CalibrationResult` from `lowbit.calibrate`.
     """
     if not isinstance(model, nn.Module):
         raise QuantizationError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -167,7 +197,7 @@ def quantize(
     if overrides:
         changes["overrides"] = {**recipe.overrides, **overrides}
     recipe = make_recipe(recipe, **changes)
-    specs, _ = plan(model, recipe)
+    specs, _ = plan(model, recipe, make_recipe(fallback) if fallback is not None else None)
     if not specs:
         raise QuantizationError(
             "nothing to quantize: the model has no Linear, Conv2d or Embedding outside `skip`"

@@ -44,8 +44,8 @@ class Recipe(BaseModel):
     @field_validator("calibrator")
     @classmethod
     def _known_calibrator(cls, value: str) -> str:
-        if value not in CALIBRATORS:
-            raise ValueError(f"unknown calibrator {value!r}; choose one of {', '.join(CALIBRATORS)}")
+        if value not in CALIBRATORS and value != "auto":
+            raise ValueError(f"unknown calibrator {value!r}; choose one of auto, {', '.join(CALIBRATORS)}")
         return value
 
     @field_validator("overrides", mode="before")

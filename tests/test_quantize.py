@@ -135,3 +135,26 @@ def test_other_subclasses_of_supported_modules_are_kept_in_float():
     model = nn.Sequential(ScaledLinear(32, 32), nn.Linear(32, 32))
     quantized = lowbit.quantize(model, "w8")
     assert type(quantized[0]) is ScaledLinear and isinstance(quantized[1], QLinear)
+
+
+def test_fallback_recipe_takes_the_modules_the_recipe_cannot_quantize():
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 8)).eval()  # 96 % 64 != 0
+    with pytest.raises(QuantizationError, match="fallback="):
+        lowbit.quantize(model, lowbit.make_recipe("w4", granularity="group:64"), progress=False)
+    with pytest.warns(lowbit.LowbitWarning, match="fallback"):
+        quantized = lowbit.quantize(model, lowbit.make_recipe("w4", granularity="group:64"), fallback="w8",
+                                    progress=False)
+    assert quantized[0].spec.weight == "int8" and quantized[2].spec.weight == "int4"
+
+
+def test_a_missing_kernel_falls_back_with_a_warning_instead_of_crashing(mlp, monkeypatch):
+    from lowbit.nn import kernels
+
+    monkeypatch.setattr(kernels, "fbgemm_available", lambda: False)
+    with pytest.warns(lowbit.LowbitWarning, match="reference kernel"):
+        slow = lowbit.quantize(mlp, "w8a8-dynamic", progress=False)
+    assert set(slow[0].spec.kernels.values()) <= {"reference", "dequantized_fp32"}
+    with pytest.warns(lowbit.LowbitWarning, match="fallback"):
+        weight_only = lowbit.quantize(mlp, "w8a8-dynamic", fallback="w8", progress=False)
+    assert weight_only[0].spec.scheme == "weight_only"
+    assert issubclass(lowbit.HardwareCompatibilityError, lowbit.QuantizationError)

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowbit.evaluate.metrics import speedup_interval
+
 SCHEMA_VERSION = 1
 
 
@@ -34,6 +36,14 @@ def quality_drop(entry: dict[str, Any], relative: bool = False) -> float:
         base = abs(entry["original"])
         return drop / base if base and math.isfinite(base) else math.inf
     return drop
+
+
+def _speed_word(entry: dict[str, Any]) -> str:
+    if entry["faster"]:
+        return "faster than the original"
+    if entry["slower"]:
+        return "SLOWER than the original"
+    return "same speed as the original within noise"
 
 
 @dataclass
@@ -58,14 +68,30 @@ class Comparison:
             if batch in self.quantized.get("latency_ms", {})
         }
 
+    def speed_verdicts(self) -> dict[str, dict[str, Any]]:
+        """Per batch size: the speed-up, its 95% interval, and faster / slower / within noise.
+
+        A model is called faster or slower only when the whole interval lies above or below 1, so
+        the call does not flip from run to run on a noisy machine; a tie says so.
+        """
+        verdicts = {}
+        for batch, ratio in self.speedups.items():
+            low, high = speedup_interval(self.original["latency_ms"][batch].get("timings_ms", ()),
+                                         self.quantized["latency_ms"][batch].get("timings_ms", ()))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                low = high = ratio
+            verdicts[batch] = {"speedup": ratio, "ci95": [low, high], "faster": low > 1.0,
+                               "slower": high < 1.0}
+        return verdicts
+
     def verdict(self) -> dict[str, Any]:
-        """Faster or slower at each batch size; quality within budget when one is given."""
-        speed = {batch: {"speedup": ratio, "faster": ratio >= 1.0} for batch, ratio in self.speedups.items()}
-        lines = [
-            f"batch {batch}: {'faster' if entry['faster'] else 'SLOWER'} than the original "
-            f"({entry['speedup']:.2f}×)"
-            for batch, entry in speed.items()
-        ]
+        """Faster, slower or a tie at each batch size; quality within budget when one is given.
+
+        It fails when the quantized model is measurably slower at some batch size, or over budget.
+        """
+        speed = self.speed_verdicts()
+        lines = [f"batch {batch}: {_speed_word(entry)} ({entry['speedup']:.2f}×, 95% interval "
+                 f"{entry['ci95'][0]:.2f}–{entry['ci95'][1]:.2f})" for batch, entry in speed.items()]
         within = None
         if self.max_drop is not None and self.metric in self.quality:
             drop = quality_drop(self.quality[self.metric], self.relative)
@@ -73,7 +99,7 @@ class Comparison:
             unit = "relative " if self.relative else ""
             lines.append(f"{self.metric}: {unit}drop {drop:.4g} {'within' if within else 'OVER'} "
                          f"the budget {self.max_drop:g}")
-        passed = all(entry["faster"] for entry in speed.values()) and within is not False
+        passed = not any(entry["slower"] for entry in speed.values()) and within is not False
         return {"speed": speed, "within_budget": within, "max_drop": self.max_drop,
                 "relative": self.relative, "passed": passed, "lines": lines}
 

@@ -7,7 +7,7 @@ metric by resampling the samples (both models are scored on the same resample ea
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -83,3 +83,23 @@ def bootstrap_difference(
         draws.append(quantized - original)
     low, high = np.percentile(draws, [2.5, 97.5])
     return float(difference), float(low), float(high)
+
+
+def speedup_interval(
+    original_ms: Sequence[float], quantized_ms: Sequence[float], resamples: int = 1000, seed: int = 0,
+) -> tuple[float, float]:
+    """95% bootstrap interval of median(original) / median(quantized) over paired timings.
+
+    The timings are interleaved (run i of both models back to back), so run indices are
+    resampled together: load that hits both models alike cancels out of the ratio.
+    """
+    original, quantized = np.asarray(original_ms, float), np.asarray(quantized_ms, float)
+    runs = min(len(original), len(quantized))
+    if runs < 2:
+        ratio = float(np.median(original) / np.median(quantized)) if runs else math.nan
+        return ratio, ratio
+    generator = np.random.default_rng(seed)
+    draws = generator.integers(0, runs, (resamples, runs))
+    ratios = np.median(original[:runs][draws], axis=1) / np.median(quantized[:runs][draws], axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)

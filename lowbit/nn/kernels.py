@@ -23,6 +23,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from lowbit.nn.spec import LayerSpec
+
 ROW_BUCKETS = (1, 8, 32, 128, 1024)  # inputs are timed at these row counts; larger ones use the last
 ACTIVATION_QMAX = 127  # reduce_range: 7-bit activations keep int16 pair sums from saturating
 
@@ -213,12 +215,25 @@ KERNELS: dict[str, KernelFn] = {
 }
 
 
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def missing_kernel(spec: LayerSpec) -> str | None:
+    """Why this machine cannot run `spec`'s integer kernel (it would run the slow reference), or
+    None when it can."""
+    if spec.scheme in ("dynamic", "static") and not fbgemm_available():
+        return (f"the {spec.scheme} W8A8 scheme needs PyTorch's fbgemm engine, which this build lacks "
+                f"(engines: {', '.join(torch.backends.quantized.supported_engines) or 'none'})")
+    return None
+
+
 def candidate_kernels(module: torch.nn.Module) -> list[str]:
     """Kernels whose numerics fit this module's spec: the reference first, then the scheme's own
     fast kernel (preferred when timings are close), then alternatives."""
     spec = module.spec
     candidates = ["reference"]
-    fbgemm_ready = "fbgemm" in torch.backends.quantized.supported_engines
+    fbgemm_ready = fbgemm_available()
     if spec.scheme in ("dynamic", "static") and fbgemm_ready:
         candidates.append(f"fbgemm_{spec.scheme}")
     if spec.scheme == "dynamic":
@@ -269,9 +284,9 @@ def choose_kernels(module: torch.nn.Module) -> dict[str, str]:
     if forced:
         return {str(rows): forced for rows in ROW_BUCKETS}
     spec, in_features = module.spec, module.weight_shape[-1]
-    key = (spec.scheme, spec.weight, spec.granularity, spec.symmetric, module.weight_shape)
+    candidates = candidate_kernels(module)
+    key = (spec.scheme, spec.weight, spec.granularity, spec.symmetric, module.weight_shape, tuple(candidates))
     if key not in _CHOICES:
-        candidates = candidate_kernels(module)
         choice = {}
         with torch.inference_mode():
             for rows in ROW_BUCKETS:

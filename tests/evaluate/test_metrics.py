@@ -12,6 +12,7 @@ from lowbit.evaluate.metrics import (
     bootstrap_difference,
     macro_f1,
     mean_cosine,
+    speedup_interval,
     sqnr_db,
     top1_agreement,
 )
@@ -97,7 +98,7 @@ def test_verdict_marks_a_slower_model_as_a_failure():
     fast = {"latency_ms": {"1": {"p50": 10.0}, "8": {"p50": 50.0}}}
     slow = {"latency_ms": {"1": {"p50": 8.0}, "8": {"p50": 60.0}}}
     verdict = Comparison(fast, slow, quality, "accuracy", max_drop=0.02).verdict()
-    assert verdict["speed"]["1"]["faster"] and not verdict["speed"]["8"]["faster"]
+    assert verdict["speed"]["1"]["faster"] and verdict["speed"]["8"]["slower"]
     assert verdict["within_budget"] and not verdict["passed"]
     assert Comparison(fast, fast, quality, "accuracy", max_drop=0.005).verdict()["within_budget"] is False
 
@@ -110,3 +111,31 @@ def test_relative_budget_for_perplexity_counts_an_increase_as_a_drop():
         "within_budget"] is False
     assert Comparison(same, same, quality, "perplexity", max_drop=0.05, relative=True).verdict()[
         "within_budget"] is True
+
+
+def _timed(p50: float, timings: list[float]) -> dict:
+    return {"latency_ms": {"1": {"p50": p50, "timings_ms": timings}}}
+
+
+def test_a_speed_difference_inside_the_noise_is_a_tie_not_a_failure():
+    noise = np.random.default_rng(1).normal(0, 1.0, 40)
+    original, quantized = list(20 + noise), list(20.2 + noise[::-1])
+    verdict = Comparison(_timed(np.median(original), original), _timed(np.median(quantized), quantized),
+                         {}, "cosine").verdict()
+    entry = verdict["speed"]["1"]
+    assert entry["ci95"][0] < 1.0 < entry["ci95"][1]
+    assert not entry["faster"] and not entry["slower"] and verdict["passed"]
+    assert "within noise" in verdict["lines"][0]
+
+
+def test_a_consistently_slower_model_fails_even_by_a_few_percent():
+    noise = np.random.default_rng(2).normal(0, 0.1, 40)
+    original, quantized = list(20 + noise), list(21 + noise)
+    verdict = Comparison(_timed(20.0, original), _timed(21.0, quantized), {}, "cosine").verdict()
+    assert verdict["speed"]["1"]["slower"] and not verdict["passed"]
+
+
+def test_speedup_interval_is_paired_over_interleaved_runs():
+    drift = np.linspace(10, 30, 50)  # outside load that slows both models alike
+    low, high = speedup_interval(list(drift * 1.5), list(drift))
+    assert 1.45 < low <= high < 1.55
