@@ -20,6 +20,7 @@ from lowbit.persist import load, save
 from lowbit.quantize import quantize
 from lowbit.recipe import PRESETS, Recipe, make_recipe
 from lowbit.sources import load_source
+from lowbit.tune import TuneResult, tune
 from lowbit.version import __version__
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ModelLoadError",
     "QuantizationError",
     "Recipe",
+    "TuneResult",
     "bench",
     "calibrate",
     "compare",
@@ -48,4 +50,5 @@ __all__ = [
     "make_recipe",
     "quantize",
     "save",
+    "tune",
 ]

@@ -1,7 +1,8 @@
 """The `lowbit` command line: a thin face over the Python API (parse, call, print).
 
 Exit codes: 0 success; 2 bad input or a refused operation (a lowbit error, message on stderr,
-nothing written); 1 an unexpected internal error.
+nothing written); 1 an unexpected internal error; 3 compare's verdict failed; 4 tune (or quantize
+--max-drop) found no quantized model within the budget, so nothing was written.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from lowbit.sources import load_source
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 EXIT_VERDICT_FAILED = 3
+EXIT_BUDGET_MISSED = 4
 
 app = typer.Typer(
     help="Quantize trained models to 16, 8 and 4 bits and measure what it costs and buys.\n\n"
     "Exit codes: 0 ok; 1 internal error; 2 bad input or refused (nothing written); "
-    "3 compare: the quantized model is slower than the original or over the quality budget.",
+    "3 compare: the quantized model is slower than the original or over the quality budget; "
+    "4 tune / quantize --max-drop: nothing quantized met the budget (nothing written).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -87,10 +90,18 @@ def quantize(
         help="Group size for int4 recipes (32, 64, 128, 256)."
     )] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    max_drop: Annotated[float | None, typer.Option(
+        help="Quality budget: measure on --data and fall back (layer by layer, then to safer recipes) "
+        "until the drop is at most this; exit 4 and write nothing if nothing quantized meets it."
+    )] = None,
+    data: Annotated[Path | None, typer.Option(help="Evaluation data for --max-drop.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Metric for --max-drop (default: by model).")] = None,
+    relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
 ) -> None:
     """Quantize a model and save it as a lowbit folder.
 
     Example: lowbit quantize ./minilm --recipe w8a8-dynamic --out ./minilm-w8a8
+    With a budget: lowbit quantize ./minilm --recipe w4 --max-drop 0.005 --data val.jsonl --out ./q
     """
     with _user_errors():
         if out.exists() and not overwrite:
@@ -100,6 +111,15 @@ def quantize(
         model = load_source(source, weights)
         tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
         batches = calibration_batches(calibration, tokenizer) if calibration else None
+        if max_drop is not None:
+            if data is None:
+                raise LowbitError("--max-drop needs --data to measure the quality on")
+            from lowbit.tune import safer_candidates
+
+            candidates = [chosen, *safer_candidates(recipe)]
+            _tune_and_save(model, data, metric, max_drop, "size", candidates, batches, relative, out,
+                           overwrite, tokenizer=tokenizer)
+            return
         quantized = quantize_model(model, chosen, calibration=batches, skip=skip)
         folder = save(quantized, out, overwrite=overwrite)
         modules = quantized_modules(quantized)
@@ -308,6 +328,76 @@ def bench_command(
             generation = report["generation"]
             console.print(f"prefill {generation['prefill_tokens_per_second']:.1f} tokens/s, "
                           f"decode {generation['decode_tokens_per_second']:.1f} tokens/s")
+
+
+def _tune_and_save(model, data, metric, max_drop, objective, candidates, calibration, relative, out,
+                   overwrite, tokenizer=None, time_budget=None, batch_size=1, samples=256,
+                   json_out=None, html_out=None) -> None:
+    """Run tune, print its report, write the reports; save the model only if the budget held."""
+    from rich.markdown import Markdown
+
+    from lowbit.tune import tune
+
+    result = tune(model, data, metric=metric, max_drop=max_drop, objective=objective, candidates=candidates,
+                  calibration=calibration, time_budget=time_budget, relative=relative,
+                  batch_size=batch_size, samples=samples, tokenizer=tokenizer)
+    console.print(Markdown(result.to_markdown()))
+    if json_out:
+        _write_atomic(json_out, json.dumps(result.to_dict(), indent=2))
+    if html_out:
+        _write_atomic(html_out, result.to_html())
+    if not result.met_budget:
+        errors.print(f"[bold red]budget not met:[/] {result.message} Nothing was written to {out}.",
+                     highlight=False)
+        raise typer.Exit(EXIT_BUDGET_MISSED)
+    folder = save(result.model, out, overwrite=overwrite)
+    console.print(f"wrote {folder} ({_mib(folder_bytes(folder))})")
+
+
+@app.command("tune")
+def tune_command(
+    source: Annotated[str, typer.Argument(help="A transformers folder, or package.module:factory.")],
+    data: Annotated[Path, typer.Option(help="Evaluation data: .jsonl, .txt, .csv, .npy, .pt, .safetensors.")],
+    max_drop: Annotated[float, typer.Option(
+        help="Largest allowed quality drop: absolute (0.01 = one point of accuracy) or with --relative "
+        "a fraction of the original's value.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (must not exist).")],
+    metric: Annotated[str | None, typer.Option(
+        help="accuracy, f1, perplexity, cosine, agreement, sqnr (default: by model).")] = None,
+    relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
+    objective: Annotated[str, typer.Option(
+        help="size: the smallest model within budget; latency: the fastest at --batch-size.")] = "size",
+    candidates: Annotated[str | None, typer.Option(
+        help="Comma-separated presets from aggressive to safe (default: w4,w8a8-static,w8a8-dynamic,w8,fp16)."
+    )] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        help="Calibration data for static candidates (default: the first 32 samples of --data).")] = None,
+    time_budget: Annotated[float | None, typer.Option(
+        help="Seconds after which no new trial starts.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size for quality and latency.")] = 1,
+    samples: Annotated[int, typer.Option(help="Samples of the data to use.")] = 256,
+    weights: Annotated[Path | None, typer.Option(help="safetensors weights for a factory source.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Find the smallest (or fastest) quantized model within a quality budget, and save it.
+
+    Tries candidates from aggressive to safe, moves the most sensitive modules to a safer scheme
+    when one misses, and keeps the best that meets the budget. Exit code 4, and nothing written,
+    when no quantized model meets it. Example:
+    lowbit tune ./minilm --data val.jsonl --metric accuracy --max-drop 0.005 --objective size --out ./q
+    """
+    with _user_errors():
+        if out.exists() and not overwrite:
+            raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+        model = load_source(source, weights)
+        tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
+        batches = calibration_batches(calibration, tokenizer) if calibration else None
+        names = [name.strip() for name in candidates.split(",") if name.strip()] if candidates else None
+        _tune_and_save(model, data, metric, max_drop, objective, names, batches, relative, out, overwrite,
+                       tokenizer=tokenizer, time_budget=time_budget, batch_size=batch_size, samples=samples,
+                       json_out=json_out, html_out=html_out)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -56,13 +56,13 @@ def infer_kind(model: nn.Module, metric: str | None) -> str:
     return kind
 
 
-def _open(model: ModelLike) -> tuple[nn.Module, str | None]:
+def open_model(model: ModelLike) -> tuple[nn.Module, str | None]:
     if isinstance(model, nn.Module):
         return model.eval(), None
     return load_any(model), str(model)
 
 
-def _tokenizer_for(*paths: str | None) -> Any:
+def find_tokenizer(*paths: str | None) -> Any:
     for path in paths:
         if path and Path(path).is_dir():
             tokenizer = hf.load_tokenizer(path)
@@ -71,7 +71,7 @@ def _tokenizer_for(*paths: str | None) -> Any:
     return None
 
 
-def _dataset(data: Any) -> Dataset:
+def as_dataset(data: Any) -> Dataset:
     if isinstance(data, Dataset):
         return data
     if isinstance(data, (str, os.PathLike)):
@@ -83,7 +83,7 @@ def _dataset(data: Any) -> Dataset:
     raise LowbitError("data must be a file path, a list of texts, a tensor, or a lowbit Dataset")
 
 
-def _batches(dataset: Dataset, kind: str, tokenizer: Any, batch_size: int, seq_len: int) -> list[Any]:
+def task_batches(dataset: Dataset, kind: str, tokenizer: Any, batch_size: int, seq_len: int) -> list[Any]:
     if dataset.texts is None:
         return tensor_batches(dataset.inputs, batch_size)
     if tokenizer is None:
@@ -167,20 +167,20 @@ def compare(
     every metric of the kind is measured anyway. `max_drop` is the quality budget (absolute,
     or a fraction of the original's value with `relative=True`).
     """
-    original_model, original_path = _open(original)
-    quantized_model, quantized_path = _open(quantized)
+    original_model, original_path = open_model(original)
+    quantized_model, quantized_path = open_model(quantized)
     kind = infer_kind(original_model, metric)
-    dataset = _dataset(data)
+    dataset = as_dataset(data)
     if samples:
         dataset = dataset.head(samples)
     source_folder = getattr(getattr(original_model, "config", None), "_name_or_path", None)
-    tokenizer = tokenizer or _tokenizer_for(quantized_path, original_path, source_folder)
+    tokenizer = tokenizer or find_tokenizer(quantized_path, original_path, source_folder)
     task = Task(kind, labels=dataset.labels if kind == "logits" else None)
     metric = metric or task.metrics()[0]
     # Quality at the smallest batch size: kernels are chosen per row count, and small batches run
     # the integer kernels (larger ones may run dequantized float GEMMs, which are more accurate).
     quality_batch_size = min(batch_sizes)
-    batches = _batches(dataset, kind, tokenizer, quality_batch_size, seq_len)
+    batches = task_batches(dataset, kind, tokenizer, quality_batch_size, seq_len)
     with Progress(transient=True, disable=not progress) as bar, \
             tempfile.TemporaryDirectory(prefix="lowbit-compare-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -244,14 +244,14 @@ def bench(
     Text models get `seq_len`-token inputs made from `data` (or a fixed English paragraph);
     tensor models need `data`.
     """
-    loaded, path = _open(model)
+    loaded, path = open_model(model)
     kind = infer_kind(loaded, None)
-    tokenizer = _tokenizer_for(path)
+    tokenizer = find_tokenizer(path)
     if data is None:
         if tokenizer is None:
             raise LowbitError("this model takes tensors: pass data (e.g. --data inputs.safetensors)")
         data = [DEFAULT_TEXT * (seq_len // 20 + 1)] * max(batch_sizes)
-    inputs = _inputs_per_batch_size(_dataset(data), batch_sizes, lambda texts, size: dict(
+    inputs = _inputs_per_batch_size(as_dataset(data), batch_sizes, lambda texts, size: dict(
         tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")))
     latency = compare_latency({"model": loaded}, inputs, runs=runs, threads=threads)["model"]
     report: dict[str, Any] = {"source": path, "kind": kind, "param_bytes": parameter_bytes(loaded),

@@ -52,3 +52,18 @@ def same_padding_cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(StaticSamePaddingConv(3, 8, 3, stride=2), nn.ReLU(), nn.Flatten(),
                          nn.Linear(8 * 4 * 4, 4))
+
+
+def sensitive_mlp() -> nn.Module:
+    """A classifier whose middle layer '2' has one huge weight per group of 32 inputs, on input
+    features that ReLU always zeroes: harmless in float, but in 4 bits it takes every other
+    weight of its group to zero. Tune's sensitivity must find it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    model.eval()
+    dead = [0, 32]
+    with torch.no_grad():
+        model[0].weight[dead] = 0.0
+        model[0].bias[dead] = -1.0
+        model[2].weight[:, dead] = 1000.0
+    return model

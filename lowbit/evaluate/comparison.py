@@ -18,13 +18,13 @@ from lowbit.evaluate.metrics import speedup_interval
 SCHEMA_VERSION = 1
 
 
-def _finite_json(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {str(k): _finite_json(v) for k, v in value.items()}
+        return {str(k): finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
@@ -112,7 +112,7 @@ class Comparison:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite_json({
+        return finite_json({
             "schema_version": SCHEMA_VERSION,
             "metric": self.metric,
             "original": self.original,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lowbit.evaluate.metrics import sqnr_db
-from lowbit.evaluate.tasks import _call
+from lowbit.evaluate.tasks import call_model
 
 
 def _capture(model: nn.Module, names: set[str], batches: list[Any]):
@@ -36,7 +36,7 @@ def _capture(model: nn.Module, names: set[str], batches: list[Any]):
     try:
         with torch.inference_mode():
             for batch in batches:
-                _call(model, batch)
+                call_model(model, batch)
     finally:
         for handle in handles:
             handle.remove()

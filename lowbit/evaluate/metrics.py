@@ -74,7 +74,7 @@ def bootstrap_difference(
     """
     original, quantized = score(np.arange(samples))
     difference = quantized - original
-    if samples < 2 or not math.isfinite(difference):
+    if samples < 2 or resamples < 1 or not math.isfinite(difference):
         return float(difference), float(difference), float(difference)
     generator = np.random.default_rng(seed)
     draws = []

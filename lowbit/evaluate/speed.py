@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.evaluate.benchmark import measure_latencies
-from lowbit.evaluate.tasks import _call
+from lowbit.evaluate.tasks import call_model
 
 
 def compare_latency(
@@ -22,7 +22,7 @@ def compare_latency(
     """
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
     for label, batch in inputs.items():
-        calls = {name: (lambda m=model, b=batch: _call(m, b)) for name, model in models.items()}
+        calls = {name: (lambda m=model, b=batch: call_model(m, b)) for name, model in models.items()}
         for name, stats in measure_latencies(calls, runs=runs, threads=threads).items():
             entry = stats.to_dict()
             entry["throughput"] = _batch_size(batch) / (stats.p50 / 1000.0)

@@ -60,7 +60,7 @@ class Task:
         return names
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
+def call_model(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -68,7 +68,7 @@ def _call(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def _primary_tensor(output: Any) -> torch.Tensor:
+def primary_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     for name in ("logits", "last_hidden_state"):
@@ -82,14 +82,14 @@ def _primary_tensor(output: Any) -> torch.Tensor:
 
 def mean_pooled_embedding(model: nn.Module, batch: dict) -> torch.Tensor:
     """Sentence embedding: attention-mask-weighted mean of the last hidden state."""
-    hidden = _call(model, batch).last_hidden_state
+    hidden = call_model(model, batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 def _window_nll(model: nn.Module, batch: dict) -> torch.Tensor:
     """[sum of NLL, predicted tokens] per sequence; `labels` of -100 are not scored."""
-    logits = _call(model, {k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    logits = call_model(model, {k: v for k, v in batch.items() if k != "labels"}).logits.float()
     labels = batch["labels"][:, 1:]
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none",
                              ignore_index=-100)
@@ -107,7 +107,7 @@ def collect_outputs(model: nn.Module, batches: Iterable[Any], task: Task) -> tor
             elif task.kind == "causal_lm":
                 chunks.append(_window_nll(model, batch))
             else:
-                tensor = _primary_tensor(_call(model, batch)).float()
+                tensor = primary_tensor(call_model(model, batch)).float()
                 chunks.append(tensor if tensor.dim() > 1 else tensor.unsqueeze(1))
     if not chunks:
         raise MetricError("the data produced no batches")

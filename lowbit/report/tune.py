@@ -1,0 +1,80 @@
+"""A TuneResult as Markdown and as one self-contained HTML file: the choice, every trial, and the
+sensitivity ranking (table and plot)."""
+
+from __future__ import annotations
+
+import html
+
+from lowbit.report.html import _figure_png, _table
+from lowbit.report.markdown import _number
+
+TRIAL_HEADER = ["trial", "quality", "drop", "MiB", "× original speed", "seconds", "outcome"]
+
+
+def _trial_rows(result) -> list[list[str]]:
+    return [[trial.label, _number(trial.quality), _number(trial.drop), f"{trial.size_bytes / 2**20:.2f}",
+             "n/a" if trial.speedup is None else f"{trial.speedup:.2f}", f"{trial.seconds:.1f}", trial.reason]
+            for trial in result.trials]
+
+
+def _sensitivity_rows(block: dict, top: int) -> list[list[str]]:
+    return [[row["name"], _number(row["sqnr_db"], 3),
+             _number(row["drop_alone"]) if "drop_alone" in row else "", f"{row['scheme']} {row['weight']}"]
+            for row in block["modules"][:top]]
+
+
+def _header(result) -> list[str]:
+    unit = "relative " if result.relative else ""
+    return [f"{result.message}",
+            f"Budget: {result.metric} {unit}drop ≤ {result.max_drop:g}; objective: {result.objective}; "
+            f"original {result.metric} {_number(result.original_quality)}, "
+            f"{result.original_size_bytes / 2**20:.2f} MiB in memory."]
+
+
+def render_markdown(result, top: int = 10) -> str:
+    lines = ["# lowbit tune", "", *_header(result), "", "## Trials", "",
+             "| " + " | ".join(TRIAL_HEADER) + " |", "|" + " --- |" * len(TRIAL_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in _trial_rows(result)]
+    for block in result.sensitivity:
+        lines += ["", f"## Most sensitive modules under {block['candidate']} (output SQNR with only that "
+                  "module quantized; exact metric drop for the top suspects)", "",
+                  "| module | SQNR dB | drop alone | quantized as |", "| --- | ---: | ---: | --- |"]
+        lines += ["| " + " | ".join(row) + " |" for row in _sensitivity_rows(block, top)]
+    if result.comparison is not None:
+        lines += ["", result.comparison.to_markdown().replace("# lowbit compare", "## Chosen model: compare")]
+    return "\n".join(lines) + "\n"
+
+
+def _sensitivity_plot(block: dict, top: int = 25) -> str:
+    rows = block["modules"][:top]
+
+    def draw(axes):
+        axes.barh(range(len(rows)), [min(row["sqnr_db"], 80.0) for row in rows])
+        axes.set_yticks(range(len(rows)), [row["name"] for row in rows], fontsize=6)
+        axes.invert_yaxis()
+        axes.set_xlabel("model output SQNR with only this module quantized, dB (lower = more sensitive)")
+        axes.set_title(f"Sensitivity under {block['candidate']}")
+
+    return _figure_png(draw)
+
+
+def render_html(result, top: int = 25) -> str:
+    status = "MET" if result.met_budget else "NOT MET"
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>lowbit tune</title><style>",
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}",
+        "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}td:first-child{text-align:left}",
+        "</style></head><body>",
+        f"<h1>lowbit tune: budget {status}</h1>",
+        *[f"<p>{html.escape(line)}</p>" for line in _header(result)],
+        "<h2>Trials</h2>", _table(TRIAL_HEADER, _trial_rows(result)),
+    ]
+    for block in result.sensitivity:
+        parts += [f"<h2>Sensitivity under {html.escape(block['candidate'])}</h2>",
+                  _table(["module", "SQNR dB", "drop alone", "quantized as"], _sensitivity_rows(block, top)),
+                  f"<img alt='sensitivity' src='data:image/png;base64,{_sensitivity_plot(block, top)}'>"]
+    if result.comparison is not None:
+        body = result.comparison.to_html().split("<body>", 1)[1].rsplit("</body>", 1)[0]
+        parts += ["<h2>Chosen model against the original</h2>", body]
+    parts.append(f"<p><small>settings: {html.escape(str(result.settings))}</small></p></body></html>")
+    return "\n".join(parts)

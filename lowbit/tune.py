@@ -1,0 +1,446 @@
+"""`lowbit.tune`: the smallest or fastest quantized model within an accuracy budget.
+
+How it decides:
+1. Candidates go from aggressive to safe (w4 → w8a8-static → w8a8-dynamic → w8 → fp16). Each is
+   quantized (static ones from one shared calibration pass, the calibrator picked per tensor) and
+   scored on the user's data against the original's outputs.
+2. A candidate that misses the budget gets layer fallback: modules are ranked by sensitivity
+   (output SQNR of the model with only that module quantized, on a few batches; the exact metric
+   for the top suspects), and the most sensitive 1, 2, 4, ... move to the next safer candidate
+   until the budget holds.
+3. Among the trials that meet the budget, the smallest (objective "size") or the fastest at the
+   user's batch size (objective "latency", and never one slower than the original) wins. The
+   search stops early once no later candidate can beat the winner on the objective.
+4. When nothing quantized meets the budget, the original model is returned, with the closest
+   trial's numbers; `strict=True` raises AccuracyBudgetError instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from lowbit.calibrate import CalibrationResult, calibrate
+from lowbit.compare import (
+    ModelLike,
+    as_dataset,
+    compare,
+    find_tokenizer,
+    infer_kind,
+    open_model,
+    task_batches,
+)
+from lowbit.errors import AccuracyBudgetError, LowbitError, LowbitWarning
+from lowbit.evaluate.benchmark import measure_latencies, parameter_bytes
+from lowbit.evaluate.comparison import Comparison, finite_json, quality_drop
+from lowbit.evaluate.metrics import speedup_interval, sqnr_db
+from lowbit.evaluate.tasks import Task, call_model, collect_outputs, primary_tensor, score_quality
+from lowbit.quantize import build_module, plan, quantize, set_module
+from lowbit.recipe import Recipe, make_recipe
+
+Objective = Literal["size", "latency"]
+DEFAULT_CANDIDATES = ("w4", "w8a8-static", "w8a8-dynamic", "w8", "fp16")
+WEIGHT_BITS = {"int4": 4, "int8": 8, "fp16": 16, "bf16": 16}
+
+
+@dataclass
+class Trial:
+    """One measured candidate: its recipe, quality, size, speed, and whether it was accepted."""
+
+    label: str
+    recipe: dict[str, Any]
+    quality: float
+    drop: float
+    size_bytes: int
+    accepted: bool
+    reason: str
+    fallback_modules: list[str] = field(default_factory=list)
+    latency_ms: float | None = None
+    speedup: float | None = None
+    speedup_ci95: list[float] | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TuneResult:
+    """What `tune` chose and why: the model, its recipe, its Comparison, and every trial."""
+
+    model: nn.Module
+    recipe: Recipe | None
+    comparison: Comparison | None
+    trials: list[Trial]
+    sensitivity: list[dict[str, Any]]
+    met_budget: bool
+    objective: str
+    metric: str
+    max_drop: float
+    relative: bool
+    original_quality: float
+    original_size_bytes: int
+    message: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> Trial | None:
+        return next((trial for trial in self.trials if trial.reason == "chosen"), None)
+
+    def closest(self) -> Trial | None:
+        """The trial with the smallest quality drop (what to look at when nothing passed)."""
+        return min(self.trials, key=lambda trial: trial.drop, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return finite_json({
+            "met_budget": self.met_budget, "message": self.message, "objective": self.objective,
+            "metric": self.metric, "max_drop": self.max_drop, "relative": self.relative,
+            "original": {"quality": self.original_quality, "size_bytes": self.original_size_bytes},
+            "recipe": self.recipe.model_dump(mode="json") if self.recipe else None,
+            "trials": [asdict(trial) for trial in self.trials],
+            "sensitivity": self.sensitivity, "settings": self.settings,
+            "comparison": self.comparison.to_dict() if self.comparison else None,
+        })
+
+    def to_markdown(self) -> str:
+        from lowbit.report.tune import render_markdown
+
+        return render_markdown(self)
+
+    def to_html(self) -> str:
+        from lowbit.report.tune import render_html
+
+        return render_html(self)
+
+
+@dataclass
+class _Workload:
+    """Everything a trial is measured against: data batches and the original's outputs."""
+
+    model: nn.Module
+    task: Task
+    metric: str
+    batches: list[Any]
+    reference: torch.Tensor
+    proxy_batches: list[Any]
+    proxy_reference: torch.Tensor
+    speed_batch: Any
+    max_drop: float
+    relative: bool
+
+
+def _primary_outputs(model: nn.Module, batches: Iterable[Any]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([primary_tensor(call_model(model, batch)).float().reshape(-1) for batch in batches])
+
+
+def _score(work: _Workload, model: nn.Module) -> tuple[float, float]:
+    """(quantized metric value, drop against the original: positive is worse)."""
+    outputs = collect_outputs(model, work.batches, work.task)
+    entry = score_quality(work.task, work.reference, outputs, [work.metric], resamples=0)[work.metric]
+    return entry["quantized"], quality_drop(entry, work.relative)
+
+
+def _original_quality(work: _Workload) -> float:
+    entry = score_quality(work.task, work.reference, work.reference, [work.metric], resamples=0)
+    return entry[work.metric]["original"]
+
+
+def _latency(work: _Workload, model: nn.Module, runs: int) -> dict[str, Any]:
+    """Candidate p50 at the user's batch size, timed interleaved with the original."""
+    calls = {"original": lambda: call_model(work.model, work.speed_batch),
+             "candidate": lambda: call_model(model, work.speed_batch)}
+    stats = measure_latencies(calls, runs=runs)
+    low, high = speedup_interval(stats["original"].timings_ms, stats["candidate"].timings_ms)
+    return {"latency_ms": stats["candidate"].p50, "speedup": stats["original"].p50 / stats["candidate"].p50,
+            "speedup_ci95": [low, high]}
+
+
+def _one_module_at_a_time(model: nn.Module, recipe: Recipe, calibration: CalibrationResult | None,
+                          fallback: Recipe | None, names: Iterable[str] | None = None):
+    """Yield (name, spec, model) with only module `name` quantized, on one working copy of `model`
+    (the module is put back after each step)."""
+    work = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LowbitWarning)  # the trials record these
+        specs, _ = plan(work, recipe, fallback)
+    static = [name for name, spec in specs.items() if spec.scheme == "static"]
+    ranges = calibration.ranges(recipe.calibrator, static) if static and calibration else {}
+    for name in specs if names is None else names:
+        original = work.get_submodule(name)
+        set_module(work, name, build_module(original, specs[name], ranges.get(name)))
+        try:
+            yield name, specs[name], work
+        finally:
+            set_module(work, name, original)
+
+
+def sensitivity(
+    model: nn.Module, recipe: Recipe, proxy_batches: list[Any], calibration: CalibrationResult | None = None,
+    reference: torch.Tensor | None = None, fallback: Recipe | None = None,
+) -> list[dict[str, Any]]:
+    """Each quantizable module's effect alone: the model's output SQNR (dB) with only that module
+    quantized by `recipe`, most sensitive (lowest SQNR) first. `model` itself is not changed."""
+    reference = _primary_outputs(model, proxy_batches) if reference is None else reference
+    rows = [{"name": name, "sqnr_db": sqnr_db(reference, _primary_outputs(work, proxy_batches)),
+             "weight": spec.weight, "scheme": spec.scheme}
+            for name, spec, work in _one_module_at_a_time(model, recipe, calibration, fallback)]
+    return sorted(rows, key=lambda row: row["sqnr_db"])
+
+
+def _rank_with_exact_metric(work: _Workload, recipe: Recipe, rows: list[dict[str, Any]],
+                            calibration: CalibrationResult | None, fallback: Recipe | None,
+                            top: int) -> list[dict[str, Any]]:
+    """Re-rank the `top` proxy suspects by the exact metric drop with only that module quantized."""
+    by_name = {row["name"]: row for row in rows[:top]}
+    for name, _, model in _one_module_at_a_time(work.model, recipe, calibration, fallback, list(by_name)):
+        by_name[name]["drop_alone"] = _score(work, model)[1]
+    head = sorted(rows[:top], key=lambda row: -row["drop_alone"])
+    return head + rows[top:]
+
+
+def _label(recipe_name: str, moved: list[str], safer: str | None) -> str:
+    if not moved:
+        return recipe_name
+    return f"{recipe_name}, {len(moved)} most sensitive → {safer or 'float'}"
+
+
+def _bits(recipe: Recipe) -> int:
+    return WEIGHT_BITS[recipe.weights]
+
+
+class _Search:
+    """The trial loop: candidates in order, layer fallback on a miss, early stop, time budget."""
+
+    def __init__(self, work: _Workload, candidates: list[tuple[str, Recipe]], objective: Objective,
+                 calibration: CalibrationResult | None, time_budget: float | None, runs: int,
+                 exact_top: int, bar: Progress) -> None:
+        self.work, self.candidates, self.objective = work, candidates, objective
+        self.calibration, self.runs, self.exact_top, self.bar = calibration, runs, exact_top, bar
+        self.deadline = time.monotonic() + time_budget if time_budget else math.inf
+        self.trials: list[Trial] = []
+        self.best: tuple[Trial, nn.Module] | None = None
+        self.sensitivity: list[dict[str, Any]] = []
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def run(self) -> None:
+        step = self.bar.add_task("tuning", total=len(self.candidates))
+        for index, (name, recipe) in enumerate(self.candidates):
+            if self.out_of_time():
+                break
+            if self._cannot_improve(recipe):
+                self.bar.advance(step)
+                continue
+            safer = self.candidates[index + 1] if index + 1 < len(self.candidates) else None
+            self.bar.update(step, description=f"trying {name}")
+            trial = self._try(name, recipe, [], safer)
+            if trial.reason.startswith("over budget") and safer is not None:
+                self._fall_back(name, recipe, safer, step)
+            self.bar.advance(step)
+
+    def _cannot_improve(self, recipe: Recipe) -> bool:
+        """For size: a candidate with at least the winner's weight bits cannot be smaller."""
+        if self.best is None or self.objective != "size":
+            return False
+        return _bits(recipe) >= _bits(make_recipe(self.best[0].recipe))
+
+    def _try(self, name: str, recipe: Recipe, moved: list[str], safer: tuple[str, Recipe] | None) -> Trial:
+        start = time.monotonic()
+        overrides = {module: safer[1] for module in moved} if safer else {}
+        skip = moved if safer is None else []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", LowbitWarning)
+                model = quantize(self.work.model, recipe, calibration=self.calibration, overrides=overrides,
+                                 skip=skip, fallback=safer[1] if safer else None, progress=False)
+        except LowbitError as error:
+            failed = Trial(_label(name, moved, safer and safer[0]), recipe.model_dump(mode="json"), math.nan,
+                           math.inf, 0, False, f"could not quantize: {error}", moved)
+            self.trials.append(failed)
+            return failed
+        quality, drop = _score(self.work, model)
+        trial = Trial(_label(name, moved, safer and safer[0]), recipe.model_dump(mode="json"), quality, drop,
+                      parameter_bytes(model), drop <= self.work.max_drop, "", moved,
+                      notes=sorted({str(warning.message) for warning in caught}))
+        if trial.accepted:
+            for key, value in _latency(self.work, model, self.runs).items():
+                setattr(trial, key, value)
+        trial.reason = self._judge(trial)
+        trial.accepted = trial.reason in ("accepted", "chosen")
+        trial.seconds = time.monotonic() - start
+        self.trials.append(trial)
+        if trial.accepted and self._better(trial):
+            if self.best is not None:
+                self.best[0].reason = "accepted"
+            trial.reason = "chosen"
+            self.best = (trial, model)
+        return trial
+
+    def _judge(self, trial: Trial) -> str:
+        if not trial.accepted:
+            return f"over budget: drop {trial.drop:.4g} > {self.work.max_drop:g}"
+        if self.objective == "latency" and (trial.speedup is None or trial.speedup <= 1.0):
+            return f"within budget but not faster than the original ({trial.speedup:.2f}×)"
+        return "accepted"
+
+    def _better(self, trial: Trial) -> bool:
+        if self.best is None:
+            return True
+        best = self.best[0]
+        if self.objective == "size":
+            return (trial.size_bytes, trial.drop) < (best.size_bytes, best.drop)
+        return trial.speedup > best.speedup
+
+    def _fall_back(self, name: str, recipe: Recipe, safer: tuple[str, Recipe], step) -> None:
+        self.bar.update(step, description=f"sensitivity of {name}")
+        ranked = sensitivity(self.work.model, recipe, self.work.proxy_batches, self.calibration,
+                             self.work.proxy_reference, fallback=safer[1])
+        ranked = _rank_with_exact_metric(self.work, recipe, ranked, self.calibration, safer[1],
+                                         self.exact_top)
+        self.sensitivity.append({"candidate": name, "modules": ranked})
+        count = 1
+        while count <= len(ranked) // 2 and not self.out_of_time():
+            self.bar.update(step, description=f"{name}: {count} most sensitive → {safer[0]}")
+            if self._try(name, recipe, [row["name"] for row in ranked[:count]], safer).accepted:
+                return
+            count *= 2
+
+
+def safer_candidates(recipe: str) -> list[str]:
+    """The default candidates safer than `recipe` (for quantize --max-drop's fallback chain)."""
+    order = list(DEFAULT_CANDIDATES)
+    start = order.index(recipe) + 1 if recipe in order else 1 if recipe.startswith("w4") else len(order) - 1
+    return order[start:]
+
+
+def _candidates(candidates: Sequence[str | Recipe] | None) -> list[tuple[str, Recipe]]:
+    chosen = candidates or DEFAULT_CANDIDATES
+    named = [(item if isinstance(item, str) else f"candidate {i + 1}", make_recipe(item))
+             for i, item in enumerate(chosen)]
+    if not named:
+        raise LowbitError("give at least one candidate recipe")
+    return named
+
+
+def _calibration(model: nn.Module, candidates: list[tuple[str, Recipe]], calibration: Any,
+                 fallback_batches: list[Any], progress: bool) -> CalibrationResult | None:
+    if not any(recipe.scheme == "static" for _, recipe in candidates):
+        return None
+    if isinstance(calibration, CalibrationResult):
+        return calibration
+    return calibrate(model, calibration if calibration is not None else fallback_batches, progress=progress)
+
+
+def tune(
+    model: ModelLike,
+    data: Any,
+    metric: str | None = None,
+    max_drop: float = 0.01,
+    objective: Objective = "size",
+    candidates: Sequence[str | Recipe] | None = None,
+    calibration: Any = None,
+    time_budget: float | None = None,
+    relative: bool = False,
+    batch_size: int = 1,
+    samples: int | None = 256,
+    seq_len: int = 128,
+    runs: int = 20,
+    proxy_batches: int = 4,
+    exact_top: int = 3,
+    tokenizer: Any = None,
+    strict: bool = False,
+    final_comparison: bool = True,
+    progress: bool = True,
+) -> TuneResult:
+    """Search `candidates` (default: w4 → w8a8-static → w8a8-dynamic → w8 → fp16) with layer
+    fallback for the best model whose `metric` drops at most `max_drop` on `data`.
+
+    `max_drop` is absolute (0.01 = one point of accuracy) or, with `relative=True`, a fraction of
+    the original's value (perplexity: an increase counts as a drop). `calibration` (batches or a
+    CalibrationResult) serves every static trial; without it the first 32 samples of `data` are
+    used. `time_budget` (seconds) stops starting new trials. Returns the original model, plainly
+    labelled, when nothing meets the budget (or raises AccuracyBudgetError when `strict`).
+    """
+    if objective not in ("size", "latency"):
+        raise LowbitError(f"objective must be 'size' or 'latency', not {objective!r}")
+    if max_drop < 0:
+        raise LowbitError("max_drop must be zero or positive")
+    original, path = open_model(model)
+    kind = infer_kind(original, metric)
+    dataset = as_dataset(data)
+    dataset = dataset.head(samples) if samples else dataset
+    source_folder = getattr(getattr(original, "config", None), "_name_or_path", None)
+    tokenizer = tokenizer or find_tokenizer(path, source_folder)
+    task = Task(kind, labels=dataset.labels if kind == "logits" else None)
+    metric = metric or task.metrics()[0]
+    batches = task_batches(dataset, kind, tokenizer, batch_size, seq_len)
+    named = _candidates(candidates)
+    started = time.monotonic()
+    calibration_batches = task_batches(dataset.head(32), kind, tokenizer, 8, seq_len)
+    shared = _calibration(original, named, calibration, calibration_batches, progress)
+    with Progress(transient=True, disable=not progress) as bar:
+        bar.add_task("measuring the original", total=None)
+        reference = collect_outputs(original, batches, task)
+        proxy = batches[:proxy_batches]
+        work = _Workload(original, task, metric, batches, reference, proxy, _primary_outputs(original, proxy),
+                         batches[0], max_drop, relative)
+        search = _Search(work, named, objective, shared, time_budget, runs, exact_top, bar)
+        search.run()
+    return _result(search, work, named, original, dataset, tokenizer, strict, final_comparison, {
+        "kind": kind, "samples": len(dataset), "batch_size": batch_size, "seq_len": seq_len,
+        "candidates": [name for name, _ in named], "time_budget": time_budget,
+        "threads": torch.get_num_threads(), "search_seconds": time.monotonic() - started})
+
+
+def _result(search: _Search, work: _Workload, named, original: nn.Module, dataset, tokenizer, strict: bool,
+            final_comparison: bool, settings: dict[str, Any]) -> TuneResult:
+    original_quality = _original_quality(work)
+    base = {"trials": search.trials, "sensitivity": search.sensitivity, "objective": search.objective,
+            "metric": work.metric, "max_drop": work.max_drop, "relative": work.relative,
+            "original_quality": original_quality, "original_size_bytes": parameter_bytes(original),
+            "settings": settings}
+    if search.best is None:
+        closest = min(search.trials, key=lambda trial: trial.drop, default=None)
+        message = "No quantized candidate met the budget; the original model is returned unchanged."
+        if closest is not None:
+            message += (f" Closest: {closest.label}, {work.metric} {closest.quality:.4g} (drop "
+                        f"{closest.drop:.4g} against a budget of {work.max_drop:g}).")
+        if search.out_of_time():
+            message += " The time budget ran out before every candidate was tried."
+        result = TuneResult(original, None, None, met_budget=False, message=message, **base)
+        if strict:
+            raise AccuracyBudgetError(message, result)
+        return result
+    trial, model = search.best
+    comparison = None
+    if final_comparison:
+        comparison = compare(original, model, dataset, metric=work.metric,
+                             batch_sizes=(settings["batch_size"],), max_drop=work.max_drop,
+                             relative=work.relative, seq_len=settings["seq_len"], tokenizer=tokenizer,
+                             memory=False, progress=False)
+    message = (f"Chose {trial.label}: {work.metric} {trial.quality:.4g} (drop {trial.drop:.4g}, budget "
+               f"{work.max_drop:g}), {trial.size_bytes / 2**20:.2f} MiB in memory")
+    if trial.speedup is not None:
+        message += f", {trial.speedup:.2f}× the original's speed at batch {settings['batch_size']}"
+    return TuneResult(model, make_recipe(trial.recipe) if not trial.fallback_modules else _mixed_recipe(
+        trial, named), comparison, met_budget=True, message=message + ".", **base)
+
+
+def _mixed_recipe(trial: Trial, named: list[tuple[str, Recipe]]) -> Recipe:
+    """The chosen recipe with its fallback modules as per-module overrides (or skips)."""
+    recipe = make_recipe(trial.recipe)
+    index = next(i for i, (_, candidate) in enumerate(named) if candidate == recipe)
+    if index + 1 < len(named):
+        safer = named[index + 1][1]
+        return make_recipe(recipe, overrides={**recipe.overrides,
+                                              **dict.fromkeys(trial.fallback_modules, safer)})
+    return make_recipe(recipe, skip=(*recipe.skip, *trial.fallback_modules))

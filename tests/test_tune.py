@@ -1,0 +1,130 @@
+"""lowbit.tune: budget, objective, layer fallback, the original when nothing passes, and the CLI."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lowbit
+from lowbit.cli import EXIT_BUDGET_MISSED, app
+from lowbit.tune import safer_candidates, sensitivity
+from tests.fixtures_models import sensitive_mlp, tiny_mlp
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    torch.manual_seed(1)
+    return torch.randn(256, 16)
+
+
+def test_layer_fallback_moves_the_sensitive_module_and_meets_the_budget(inputs):
+    model = sensitive_mlp()
+    result = lowbit.tune(model, inputs, metric="agreement", max_drop=0.05, candidates=["w4-g32", "fp16"],
+                         final_comparison=False, progress=False)
+    first = result.trials[0]
+    assert first.label == "w4-g32" and not first.accepted and first.drop > 0.3
+    assert result.met_budget and result.chosen.fallback_modules == ["2"]
+    assert result.sensitivity[0]["modules"][0]["name"] == "2"
+    assert result.recipe.overrides["2"].weights == "fp16" and result.recipe.weights == "int4"
+    assert result.model[2].spec.weight == "fp16" and result.model[4].spec.weight == "int4"
+    agreement = (result.model(inputs).argmax(-1) == model(inputs).argmax(-1)).float().mean()
+    assert 1 - agreement <= 0.05
+
+
+def test_sensitivity_ranks_the_planted_layer_first_and_leaves_the_model_untouched(inputs):
+    model = sensitive_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ranked = sensitivity(model, lowbit.make_recipe("w4-g32"), [inputs[:64]],
+                         fallback=lowbit.make_recipe("w8"))
+    assert [row["name"] for row in ranked][0] == "2" and ranked[0]["sqnr_db"] < ranked[-1]["sqnr_db"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_size_objective_picks_the_smallest_within_budget_not_the_first():
+    result = lowbit.tune(tiny_mlp().eval(), torch.randn(128, 64), metric="agreement", max_drop=0.1,
+                         candidates=["fp16", "w8"], final_comparison=False, progress=False)
+    assert [trial.accepted for trial in result.trials] == [True, True]
+    assert result.chosen.label == "w8"
+    assert result.chosen.size_bytes < result.trials[0].size_bytes
+
+
+def test_nothing_within_budget_returns_the_original_and_says_so(inputs):
+    model = sensitive_mlp()
+    result = lowbit.tune(model, inputs, metric="agreement", max_drop=0.0, candidates=["w4-g32"],
+                         progress=False)
+    assert not result.met_budget and result.model is model and result.recipe is None
+    assert "original model is returned" in result.message and "Closest: w4-g32" in result.message
+    with pytest.raises(lowbit.AccuracyBudgetError) as raised:
+        lowbit.tune(model, inputs, metric="agreement", max_drop=0.0, candidates=["w4-g32"], strict=True,
+                    progress=False)
+    assert raised.value.result.trials
+
+
+def test_latency_objective_never_chooses_a_candidate_slower_than_the_original(inputs):
+    result = lowbit.tune(tiny_mlp().eval(), torch.randn(128, 64), metric="agreement", max_drop=0.5,
+                         objective="latency", candidates=["w8a8-dynamic", "w8", "fp16"],
+                         final_comparison=False, runs=10, progress=False)
+    assert len(result.trials) == 3  # the latency objective tries every candidate
+    for trial in result.trials:
+        assert trial.speedup is not None
+        if trial.speedup <= 1.0:
+            assert trial.reason.startswith("within budget but not faster") and not trial.accepted
+    if result.met_budget:
+        assert result.chosen.speedup > 1.0
+    else:
+        assert result.model is not None and result.recipe is None
+
+
+def test_static_candidates_share_one_calibration(inputs):
+    calibration = lowbit.calibrate(sensitive_mlp(), [inputs[:64]], progress=False)
+    result = lowbit.tune(sensitive_mlp(), inputs, metric="agreement", max_drop=0.2,
+                         candidates=["w8a8-static"], calibration=calibration, final_comparison=False,
+                         progress=False)
+    assert result.trials[0].recipe["scheme"] == "static"
+    assert result.to_dict()["trials"][0]["label"] == "w8a8-static"
+
+
+def test_quantize_max_drop_falls_back_through_safer_recipes():
+    assert safer_candidates("w4") == ["w8a8-static", "w8a8-dynamic", "w8", "fp16"]
+    assert safer_candidates("w8a8-dynamic") == ["w8", "fp16"]
+    assert safer_candidates("w4-g32")[0] == "w8a8-static"
+
+
+def _factory_files(tmp_path, inputs):
+    from safetensors.torch import save_file
+
+    save_file(sensitive_mlp().state_dict(), tmp_path / "weights.safetensors")
+    save_file({"inputs": inputs}, tmp_path / "data.safetensors")
+    return ["tests.fixtures_models:sensitive_mlp", "--weights", str(tmp_path / "weights.safetensors"),
+            "--data", str(tmp_path / "data.safetensors")]
+
+
+def test_cli_tune_writes_the_model_and_reports(tmp_path, inputs):
+    arguments = _factory_files(tmp_path, inputs)
+    out, report = tmp_path / "tuned", tmp_path / "tune.json"
+    result = CliRunner().invoke(app, ["tune", *arguments, "--metric", "agreement", "--max-drop", "0.05",
+                                      "--candidates", "w4-g32,fp16", "--out", str(out), "--json", str(report),
+                                      "--html", str(tmp_path / "tune.html")])
+    assert result.exit_code == 0, result.output
+    assert (out / "lowbit.json").is_file() and json.loads(report.read_text())["met_budget"]
+    assert "<img" in (tmp_path / "tune.html").read_text()
+    reloaded = lowbit.load(out, skeleton=sensitive_mlp())
+    assert reloaded[2].spec.weight == "fp16"
+
+
+def test_cli_budget_missed_exits_4_and_writes_nothing(tmp_path, inputs):
+    arguments = _factory_files(tmp_path, inputs)
+    out = tmp_path / "tuned"
+    for command in (["tune", *arguments, "--metric", "agreement", "--max-drop", "0",
+                     "--candidates", "w4-g32"],
+                    ["quantize", *arguments, "--recipe", "fp16", "--metric", "sqnr", "--max-drop", "1"]):
+        result = CliRunner().invoke(app, [*command, "--out", str(out)])
+        assert result.exit_code == EXIT_BUDGET_MISSED, result.output
+        assert not out.exists()
+
+
+def test_cli_quantize_max_drop_needs_data(tmp_path):
+    result = CliRunner().invoke(app, ["quantize", "tests.fixtures_models:sensitive_mlp", "--max-drop", "0.1",
+                                      "--out", str(tmp_path / "q")])
+    assert result.exit_code == 2 and "--data" in result.output
