@@ -98,6 +98,8 @@ PRESETS: dict[str, dict] = {
     "w8": {"scheme": "weight_only", "weights": "int8", "granularity": "per_channel"},
     "w4": {"scheme": "weight_only", "weights": "int4", "granularity": "group:128",
            "symmetric": False},
+    "w4-g64": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",
+               "symmetric": False},
     "w4-g32": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32",
                "symmetric": False},
     "fp16": {"scheme": "weight_only", "weights": "fp16", "granularity": "per_tensor"},

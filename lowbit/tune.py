@@ -136,9 +136,15 @@ class _Workload:
     relative: bool
 
 
+def _model_inputs(batch: Any) -> Any:
+    """A batch without its labels (language-model windows carry them for scoring)."""
+    return {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, dict) else batch
+
+
 def _primary_outputs(model: nn.Module, batches: Iterable[Any]) -> torch.Tensor:
     with torch.inference_mode():
-        return torch.cat([primary_tensor(call_model(model, batch)).float().reshape(-1) for batch in batches])
+        return torch.cat([primary_tensor(call_model(model, _model_inputs(batch))).float().reshape(-1)
+                          for batch in batches])
 
 
 def _score(work: _Workload, model: nn.Module) -> tuple[float, float]:
@@ -271,7 +277,7 @@ class _Search:
         trial = Trial(_label(name, moved, safer and safer[0]), recipe.model_dump(mode="json"), quality, drop,
                       parameter_bytes(model), drop <= self.work.max_drop, "", moved,
                       notes=sorted({str(warning.message) for warning in caught}))
-        if trial.accepted:
+        if trial.accepted and self.objective == "latency":
             for key, value in _latency(self.work, model, self.runs).items():
                 setattr(trial, key, value)
         trial.reason = self._judge(trial)
@@ -392,7 +398,7 @@ def tune(
         reference = collect_outputs(original, batches, task)
         proxy = batches[:proxy_batches]
         work = _Workload(original, task, metric, batches, reference, proxy, _primary_outputs(original, proxy),
-                         batches[0], max_drop, relative)
+                         _model_inputs(batches[0]), max_drop, relative)
         search = _Search(work, named, objective, shared, time_budget, runs, exact_top, bar)
         search.run()
     return _result(search, work, named, original, dataset, tokenizer, strict, final_comparison, {
@@ -429,8 +435,11 @@ def _result(search: _Search, work: _Workload, named, original: nn.Module, datase
                              memory=False, progress=False)
     message = (f"Chose {trial.label}: {work.metric} {trial.quality:.4g} (drop {trial.drop:.4g}, budget "
                f"{work.max_drop:g}), {trial.size_bytes / 2**20:.2f} MiB in memory")
-    if trial.speedup is not None:
-        message += f", {trial.speedup:.2f}× the original's speed at batch {settings['batch_size']}"
+    speedup = trial.speedup
+    if speedup is None and comparison is not None:
+        speedup = comparison.speedups.get(str(settings["batch_size"]))
+    if speedup is not None:
+        message += f", {speedup:.2f}× the original's speed at batch {settings['batch_size']}"
     return TuneResult(model, make_recipe(trial.recipe) if not trial.fallback_modules else _mixed_recipe(
         trial, named), comparison, met_budget=True, message=message + ".", **base)
 
