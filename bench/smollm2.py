@@ -125,7 +125,7 @@ def export_cached_step(model: torch.nn.Module, path: Path) -> Path:
     head_dim = config.hidden_size // config.num_attention_heads
     past = torch.zeros(config.num_hidden_layers, 1, config.num_key_value_heads, 4, head_dim)
     past_length = dim("past")
-    return export_onnx(CachedStep(model), (torch.randint(0, 1000, (1, 3)), past, past),
+    return export_onnx(CachedStep(model).eval(), (torch.randint(0, 1000, (1, 3)), past, past),
                        ["input_ids", "past_keys", "past_values"], ["logits", "keys", "values"], path,
                        {"input_ids": {1: dim("tokens")}, "past_keys": {3: past_length},
                         "past_values": {3: past_length}})

@@ -3,8 +3,9 @@
 How it decides:
 1. Candidates go from aggressive to safe (w4 → w8a8-static → w8a8-dynamic → w8 → fp16). Each is
    quantized (static ones from one shared calibration pass, the calibrator picked per tensor) and
-   scored on the user's data against the original's outputs.
-2. A candidate that misses the budget gets layer fallback: modules are ranked by sensitivity
+   scored on the user's data against the original's outputs; all of them first, as they are, so
+   that a safe answer exists before the costlier search.
+2. A candidate that missed the budget then gets layer fallback: modules are ranked by sensitivity
    (output SQNR of the model with only that module quantized, on a few batches; the exact metric
    for the top suspects), and the most sensitive 1, 2, 4, ... move to the next safer candidate
    until the budget holds.
@@ -136,6 +137,17 @@ class _Workload:
     relative: bool
 
 
+PROXY_TOKENS = 128
+
+
+def _proxy(batches: list[Any], kind: str) -> list[Any]:
+    """The sensitivity proxy's batches: a language model's windows cut to their first 128 tokens
+    (the proxy ranks modules; it need not score every token)."""
+    if kind != "causal_lm":
+        return batches
+    return [{k: v[:, :PROXY_TOKENS] for k, v in batch.items()} for batch in batches]
+
+
 def _model_inputs(batch: Any) -> Any:
     """A batch without its labels (language-model windows carry them for scoring)."""
     return {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, dict) else batch
@@ -151,7 +163,7 @@ def _score(work: _Workload, model: nn.Module) -> tuple[float, float]:
     """(quantized metric value, drop against the original: positive is worse)."""
     outputs = collect_outputs(model, work.batches, work.task)
     entry = score_quality(work.task, work.reference, outputs, [work.metric], resamples=0)[work.metric]
-    return entry["quantized"], quality_drop(entry, work.relative)
+    return entry["quantized"], quality_drop(entry, work.relative) + 0.0  # + 0.0: no "-0" in reports
 
 
 def _original_quality(work: _Workload) -> float:
@@ -239,22 +251,26 @@ class _Search:
         return time.monotonic() > self.deadline
 
     def run(self) -> None:
-        step = self.bar.add_task("tuning", total=len(self.candidates))
+        """Every candidate as it is first, so that an answer exists early; then layer fallback for
+        the ones that missed the budget, aggressive first, while it can still beat the winner."""
+        step = self.bar.add_task("tuning", total=2 * len(self.candidates))
+        missed = []
         for index, (name, recipe) in enumerate(self.candidates):
-            if self.out_of_time():
-                break
-            if self._cannot_improve(recipe):
-                self.bar.advance(step)
-                continue
-            safer = self.candidates[index + 1] if index + 1 < len(self.candidates) else None
-            self.bar.update(step, description=f"trying {name}")
-            trial = self._try(name, recipe, [], safer)
-            if trial.reason.startswith("over budget") and safer is not None:
-                self._fall_back(name, recipe, safer, step)
             self.bar.advance(step)
+            if self.out_of_time() or self._cannot_improve(recipe):
+                continue
+            self.bar.update(step, description=f"trying {name}")
+            safer = self.candidates[index + 1] if index + 1 < len(self.candidates) else None
+            if self._try(name, recipe, [], safer).reason.startswith("over budget") and safer is not None:
+                missed.append((name, recipe, safer))
+        for name, recipe, safer in missed:
+            self.bar.advance(step)
+            if not (self.out_of_time() or self._cannot_improve(recipe)):
+                self._fall_back(name, recipe, safer, step)
 
     def _cannot_improve(self, recipe: Recipe) -> bool:
-        """For size: a candidate with at least the winner's weight bits cannot be smaller."""
+        """For size: a candidate (even mixed with safer modules) with at least the winner's weight
+        bits cannot be smaller."""
         if self.best is None or self.objective != "size":
             return False
         return _bits(recipe) >= _bits(make_recipe(self.best[0].recipe))
@@ -396,7 +412,7 @@ def tune(
     with Progress(transient=True, disable=not progress) as bar:
         bar.add_task("measuring the original", total=None)
         reference = collect_outputs(original, batches, task)
-        proxy = batches[:proxy_batches]
+        proxy = _proxy(batches[:proxy_batches], kind)
         work = _Workload(original, task, metric, batches, reference, proxy, _primary_outputs(original, proxy),
                          _model_inputs(batches[0]), max_drop, relative)
         search = _Search(work, named, objective, shared, time_budget, runs, exact_top, bar)
@@ -431,8 +447,8 @@ def _result(search: _Search, work: _Workload, named, original: nn.Module, datase
     if final_comparison:
         comparison = compare(original, model, dataset, metric=work.metric,
                              batch_sizes=(settings["batch_size"],), max_drop=work.max_drop,
-                             relative=work.relative, seq_len=settings["seq_len"], tokenizer=tokenizer,
-                             memory=False, progress=False)
+                             relative=work.relative, samples=None, seq_len=settings["seq_len"],
+                             tokenizer=tokenizer, memory=False, progress=False)
     message = (f"Chose {trial.label}: {work.metric} {trial.quality:.4g} (drop {trial.drop:.4g}, budget "
                f"{work.max_drop:g}), {trial.size_bytes / 2**20:.2f} MiB in memory")
     speedup = trial.speedup

@@ -63,3 +63,14 @@ def test_compare_measures_perplexity_and_generation_speed(llama_folder, tmp_path
     entry = comparison.quality["perplexity"]
     assert 1.0 < entry["original"] < float("inf") and entry["ci95"][0] <= entry["delta"] <= entry["ci95"][1]
     assert comparison.quantized["generation"]["decode_tokens_per_second"] > 0
+
+
+def test_tune_on_a_causal_lm_budgets_perplexity_relatively(llama_folder, tmp_path):
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n".join(assets.wikipedia_sentences(20)))
+    result = lowbit.tune(llama_folder, text, metric="perplexity", max_drop=0.01, relative=True,
+                         candidates=["w8", "fp16"], seq_len=64, final_comparison=False, progress=False)
+    assert result.metric == "perplexity" and result.met_budget
+    trial = result.trials[0]
+    assert trial.quality > 1.0 and abs(trial.drop) <= 0.01
+    assert trial.drop == pytest.approx(trial.quality / result.original_quality - 1.0)
