@@ -344,10 +344,16 @@ def safer_candidates(recipe: str) -> list[str]:
     return order[start:]
 
 
+def _auto_calibrated(recipe: Recipe) -> Recipe:
+    """A static preset takes, per tensor, the calibrator with the least expected error (all are
+    scored from the one shared histogram pass) rather than one global choice."""
+    return make_recipe(recipe, calibrator="auto") if recipe.scheme == "static" else recipe
+
+
 def _candidates(candidates: Sequence[str | Recipe] | None) -> list[tuple[str, Recipe]]:
     chosen = candidates or DEFAULT_CANDIDATES
-    named = [(item if isinstance(item, str) else f"candidate {i + 1}", make_recipe(item))
-             for i, item in enumerate(chosen)]
+    named = [(item, _auto_calibrated(make_recipe(item))) if isinstance(item, str)
+             else (f"candidate {i + 1}", make_recipe(item)) for i, item in enumerate(chosen)]
     if not named:
         raise LowbitError("give at least one candidate recipe")
     return named

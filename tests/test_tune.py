@@ -81,7 +81,7 @@ def test_static_candidates_share_one_calibration(inputs):
     result = lowbit.tune(sensitive_mlp(), inputs, metric="agreement", max_drop=0.2,
                          candidates=["w8a8-static"], calibration=calibration, final_comparison=False,
                          progress=False)
-    assert result.trials[0].recipe["scheme"] == "static"
+    assert result.trials[0].recipe["scheme"] == "static" and result.trials[0].recipe["calibrator"] == "auto"
     assert result.to_dict()["trials"][0]["label"] == "w8a8-static"
 
 
