@@ -50,6 +50,7 @@ from lowbit.recipe import Recipe, make_recipe
 
 Objective = Literal["size", "latency"]
 DEFAULT_CANDIDATES = ("w4", "w8a8-static", "w8a8-dynamic", "w8", "fp16")
+BUDGET_TOLERANCE = 1e-9  # 0.7575 - 0.7525 is 0.00500000000000000444 in floating point
 WEIGHT_BITS = {"int4": 4, "int8": 8, "fp16": 16, "bf16": 16}
 
 
@@ -291,7 +292,7 @@ class _Search:
             return failed
         quality, drop = _score(self.work, model)
         trial = Trial(_label(name, moved, safer and safer[0]), recipe.model_dump(mode="json"), quality, drop,
-                      parameter_bytes(model), drop <= self.work.max_drop, "", moved,
+                      parameter_bytes(model), drop <= self.work.max_drop + BUDGET_TOLERANCE, "", moved,
                       notes=sorted({str(warning.message) for warning in caught}))
         if trial.accepted and self.objective == "latency":
             for key, value in _latency(self.work, model, self.runs).items():
