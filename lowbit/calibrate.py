@@ -25,6 +25,7 @@ from lowbit.core import CALIBRATORS, Histogram, compute_range
 from lowbit.core.calibrators import expected_squared_error
 from lowbit.core.qtypes import UINT7, UINT8
 from lowbit.errors import CalibrationError, FormatError, LowbitError
+from lowbit.nn.kinds import module_kind
 
 AUTO = "auto"
 # The static scheme quantizes a module's input on a 7-bit grid and its output on an 8-bit one.
@@ -212,8 +213,8 @@ def merge_histograms(first: Histogram, second: Histogram) -> Histogram:
 
 
 def calibratable_modules(model: nn.Module) -> list[str]:
-    """Names of the modules whose activations a static scheme quantizes."""
-    return [name for name, module in model.named_modules() if type(module) in (nn.Linear, nn.Conv2d)]
+    """Names of the modules whose activations a static scheme quantizes (Linear and Conv2d)."""
+    return [name for name, module in model.named_modules() if module_kind(module) in ("linear", "conv")]
 
 
 def calibrate(

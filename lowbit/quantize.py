@@ -16,9 +16,9 @@ from lowbit.core.digest import state_dict_sha256
 from lowbit.errors import HardwareCompatibilityError, LowbitWarning, QuantizationError
 from lowbit.nn import LayerSpec, QConv2d, QEmbedding, QLinear
 from lowbit.nn.kernels import missing_kernel
+from lowbit.nn.kinds import module_kind
 from lowbit.recipe import Recipe, make_recipe
 
-MODULE_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Embedding: "embedding"}
 RECIPE_ATTRIBUTE = "lowbit_recipe"
 
 
@@ -37,22 +37,6 @@ def recipe_for(name: str, recipe: Recipe) -> Recipe | None:
     return recipe
 
 
-def _module_kind(module: nn.Module) -> str | None:
-    """"linear", "conv" or "embedding" for modules lowbit can replace exactly, else None.
-
-    Subclasses are not replaced (their forward may differ), except the static-same-padding
-    Conv2d of EfficientNet/timm, which QConv2d reproduces.
-    """
-    kind = MODULE_KINDS.get(type(module))
-    if kind is None and isinstance(module, nn.Conv2d) and isinstance(
-        getattr(module, "static_padding", None), nn.Module
-    ):
-        kind = "conv"
-    if kind == "conv" and module.padding_mode != "zeros":
-        return None
-    return kind
-
-
 def plan(
     model: nn.Module, recipe: Recipe, fallback: Recipe | None = None,
 ) -> tuple[dict[str, LayerSpec], list[str]]:
@@ -64,7 +48,7 @@ def plan(
     """
     specs, kept_float = {}, []
     for name, module in model.named_modules():
-        kind = _module_kind(module)
+        kind = module_kind(module)
         if kind is None:
             continue
         rule = recipe_for(name, recipe)

@@ -84,3 +84,15 @@ def test_merging_histograms_of_zeros_keeps_them_in_the_middle_bin():
     more_zeros.update(torch.zeros(6))
     merged = merge_histograms(zeros, more_zeros)
     assert merged.total == 16 and merged.counts[merged.bins // 2] == 16 and merged.batches == 2
+
+
+def test_calibrate_covers_the_static_same_padding_convolutions_quantize_replaces():
+    from tests.fixtures_models import same_padding_cnn
+
+    model = same_padding_cnn().eval()
+    images = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    result = calibrate(model, images, progress=False)
+    quantized = lowbit.quantize(model, "w8a8-static", calibration=result, progress=False)
+    static = [name for name, module in quantized.named_modules() if getattr(module, "spec", None)
+              and module.spec.scheme == "static"]
+    assert static and set(static) <= set(result.histograms)
