@@ -1,0 +1,93 @@
+"""lowbit for scikit-learn: quantize fitted estimators and pipelines with zero prediction change.
+
+    q = lowbit.sklearn.quantize(pipeline, bits=8, data=X_check)   # guarded on X_check
+    q.predict(X); q.save("model.lowbit"); lowbit.sklearn.load("model.lowbit")
+
+Every float array (coefficients, log-probabilities, scaler statistics, support vectors, network
+weights) takes the smallest encoding on its ladder (int8 or int16 rows with a scale, float32)
+under which no prediction on `data` changes; text vocabularies are stored as their terms in
+column order. The file is a zip of JSON, safetensors and skops: no pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError, QuantizationError
+from lowbit.sklearn.encodings import LADDERS, Encoded
+from lowbit.sklearn.fileformat import read_file, write_file
+from lowbit.sklearn.guard import PROBABILITY_TOLERANCE, guard
+from lowbit.sklearn.slots import find_slots
+from lowbit.sklearn.support import check_estimator
+
+
+@dataclass
+class QuantizedEstimator:
+    """The quantized estimator (it predicts with the stored values) and what was done to it.
+
+    `predict`, `predict_proba`, `decision_function`, `transform` and `score` reach the estimator.
+    """
+
+    estimator: Any
+    encodings: dict[str, Encoded]
+    bits: int
+    verified: bool
+    prediction_differences: int | None
+    max_probability_difference: float | None
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    kept_float: list[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.__dict__["estimator"], name)
+
+    def report(self) -> dict[str, Any]:
+        return {"bits": self.bits, "verified": self.verified,
+                "prediction_differences": self.prediction_differences,
+                "max_probability_difference": self.max_probability_difference,
+                "fallbacks": self.fallbacks, "kept_float": self.kept_float,
+                "encodings": {path: encoded.encoding for path, encoded in self.encodings.items()}}
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """One zip file (see lowbit.sklearn.fileformat), written atomically."""
+        return write_file(self.estimator, self.encodings, path, self.report(), overwrite)
+
+
+def quantize(
+    estimator: Any, bits: int = 8, weight_threshold: float = 0.0, data: Any = None,
+    probability_tolerance: float = PROBABILITY_TOLERANCE,
+) -> QuantizedEstimator:
+    """A quantized copy of a fitted estimator or pipeline; the input is not changed.
+
+    `bits` (8, 16 or 32) is where every float array starts; with reference `data` the fidelity
+    guard moves any array that changes a prediction to the next wider type (8 → 16 → 32 bits →
+    original), so the result predicts `data` exactly as the original does and its probabilities
+    stay within `probability_tolerance`. Without `data`, fidelity is not verified.
+    """
+    if bits not in LADDERS:
+        raise QuantizationError(f"bits must be one of {', '.join(map(str, LADDERS))}, not {bits}")
+    if weight_threshold:
+        raise QuantizationError("weight_threshold pruning is not available yet; pass 0.0")
+    kept_float = check_estimator(estimator)
+    target = copy.deepcopy(estimator)
+    slots = [slot for slot in find_slots(target) if not any(slot.path.startswith(k) for k in kept_float)]
+    try:
+        result = guard(slots, bits, target, data, probability_tolerance)
+    except LowbitError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise QuantizationError(f"the estimator failed on the reference data: {error}") from None
+    return QuantizedEstimator(target, result.encodings, bits, result.verified, result.prediction_differences,
+                              result.max_probability_difference, result.fallbacks, kept_float)
+
+
+def load(path: str | Path) -> Any:
+    """The scikit-learn estimator saved by `QuantizedEstimator.save`, rebuilt without pickle."""
+    return read_file(path)
+
+
+__all__ = ["QuantizedEstimator", "load", "quantize"]

@@ -1,0 +1,138 @@
+"""The fidelity guard: every float array as small as it can be without changing a prediction.
+
+Start with every array at the smallest rung of its ladder. If predictions on the reference data
+differ from the original's, find the arrays that change predictions on their own and move each
+up one rung (when none does alone, the one whose next rung helps most); repeat until the whole
+model predicts exactly as the original did. Without
+reference data nothing can be checked, and the result says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lowbit.sklearn.encodings import Encoded, decode, encode, ladder
+from lowbit.sklearn.slots import Slot
+
+PROBABILITY_TOLERANCE = 0.01  # largest allowed change of a predicted probability
+
+
+@dataclass
+class GuardResult:
+    """Per array: the chosen encoding; the arrays that fell back, and the differences left."""
+
+    encodings: dict[str, Encoded]
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    prediction_differences: int | None = None
+    max_probability_difference: float | None = None
+    verified: bool = False
+
+
+def predictions(estimator: Any, data: Any) -> dict[str, np.ndarray]:
+    """What the guard compares: predict always; predict_proba / transform where they exist."""
+    outputs = {}
+    if hasattr(estimator, "predict"):
+        outputs["predict"] = np.asarray(estimator.predict(data))
+    elif hasattr(estimator, "transform"):
+        transformed = estimator.transform(data)
+        dense = transformed.todense() if hasattr(transformed, "todense") else transformed
+        outputs["transform"] = np.asarray(dense)
+    if hasattr(estimator, "predict_proba"):
+        # e.g. SVC without probability=True advertises predict_proba but cannot
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            outputs["predict_proba"] = np.asarray(estimator.predict_proba(data))
+    return outputs
+
+
+def differences(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> tuple[int, float]:
+    """(samples whose prediction differs, largest probability difference). Regressor outputs and
+    transforms count as different beyond float rounding (relative 1e-6)."""
+    key = "predict" if "predict" in reference else "transform"
+    before, after = reference[key], candidate[key]
+    if np.issubdtype(before.dtype, np.floating):
+        same = np.isclose(before, after, rtol=1e-6, atol=1e-12)
+    else:
+        same = before == after
+    changed = int(np.sum(~same.reshape(len(before), -1).all(axis=1)))
+    probability = 0.0
+    if "predict_proba" in reference and "predict_proba" in candidate:
+        gap = np.abs(reference["predict_proba"] - candidate["predict_proba"])
+        probability = float(np.max(gap, initial=0.0))
+    return changed, probability
+
+
+def _apply(slots: dict[str, Slot], encodings: dict[str, Encoded]) -> None:
+    for path, encoded in encodings.items():
+        slots[path].set(decode(encoded))
+
+
+def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
+          tolerance: float = PROBABILITY_TOLERANCE) -> GuardResult:
+    """Choose an encoding per slot (see the module docstring); leaves `estimator` computing with
+    the chosen, decoded arrays."""
+    by_path = {slot.path: slot for slot in slots}
+    originals = {slot.path: slot.get().copy() for slot in slots}
+    rungs = {path: ladder(bits, array) for path, array in originals.items()}
+    level = dict.fromkeys(originals, 0)
+    fallbacks: dict[str, list[str]] = {}
+
+    def encodings() -> dict[str, Encoded]:
+        return {path: encode(originals[path], rungs[path][level[path]]) for path in originals}
+
+    if data is None:
+        chosen = encodings()
+        _apply(by_path, chosen)
+        return GuardResult(chosen)
+    reference = predictions(estimator, data)
+
+    def check(chosen: dict[str, Encoded]) -> tuple[int, float]:
+        """Differences from the original; a model the rounding broke (a scale rounded to zero
+        makes NaN, which the estimator refuses) counts as every prediction changed."""
+        _apply(by_path, chosen)
+        try:
+            with np.errstate(all="ignore"):
+                return differences(reference, predictions(estimator, data))
+        except (ValueError, FloatingPointError, ZeroDivisionError):
+            return len(next(iter(reference.values()))), float("inf")
+
+    def climb(path: str) -> None:
+        fallbacks.setdefault(path, [rungs[path][level[path]]])
+        level[path] += 1
+        fallbacks[path].append(rungs[path][level[path]])
+
+    def culprits() -> list[str]:
+        """Arrays that change predictions on their own (the others left exact)."""
+        found = []
+        for path in originals:
+            if rungs[path][level[path]] == "exact":
+                continue
+            alone = {p: encode(originals[p], "exact") for p in originals}
+            alone[path] = encode(originals[path], rungs[path][level[path]])
+            changed, probability = check(alone)
+            if changed or probability > tolerance:
+                found.append(path)
+        return found
+
+    def most_helpful() -> list[str]:
+        """When only the arrays together change predictions: the one whose next rung helps most."""
+        scores = {}
+        for path in originals:
+            if rungs[path][level[path]] == "exact":
+                continue
+            trial = encodings()
+            trial[path] = encode(originals[path], rungs[path][level[path] + 1])
+            scores[path] = check(trial)
+        return [min(scores, key=scores.get)]
+
+    changed, probability = check(encodings())
+    while changed or probability > tolerance:
+        for path in culprits() or most_helpful():
+            climb(path)
+        changed, probability = check(encodings())
+    chosen = encodings()
+    _apply(by_path, chosen)
+    return GuardResult(chosen, fallbacks, changed, probability, verified=True)

@@ -1,0 +1,94 @@
+"""lowbit.sklearn: guarded quantization of fitted estimators, and the pickle-free file."""
+
+import zipfile
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.datasets import load_breast_cancer
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.naive_bayes import MultinomialNB
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import lowbit.sklearn as lowbit_sklearn
+from lowbit import assets
+from lowbit.errors import ChecksumError, FormatError, QuantizationError
+
+
+@pytest.fixture(scope="module")
+def topics():
+    documents = assets.wikipedia_documents()
+    order = np.random.default_rng(0).permutation(len(documents))[:1500]
+    texts = [documents[i]["extract"] for i in order]
+    labels = np.array([documents[i]["topic"] for i in order])
+    return texts[:1000], labels[:1000], texts[1000:]
+
+
+@pytest.mark.parametrize("classifier", [LogisticRegression(max_iter=500), MultinomialNB()])
+def test_text_pipeline_predicts_held_out_data_exactly_and_shrinks(topics, classifier, tmp_path):
+    train, labels, held_out = topics
+    model = make_pipeline(TfidfVectorizer(), classifier).fit(train, labels)
+    before = model.predict(held_out)
+    quantized = lowbit_sklearn.quantize(model, bits=8, data=held_out)
+    assert quantized.verified and quantized.prediction_differences == 0
+    assert quantized.max_probability_difference <= 0.01
+    assert np.array_equal(model.predict(held_out), before)  # the input is not changed
+    path = quantized.save(tmp_path / "model.lowbit")
+    joblib.dump(model, tmp_path / "model.joblib")
+    assert path.stat().st_size < 0.5 * (tmp_path / "model.joblib").stat().st_size
+    assert "model.skops" in zipfile.ZipFile(path).namelist()
+    reloaded = lowbit_sklearn.load(path)
+    assert np.array_equal(reloaded.predict(held_out), before)
+    assert np.allclose(reloaded.predict_proba(held_out), quantized.predict_proba(held_out))
+
+
+def test_an_array_that_changes_predictions_falls_back_to_a_wider_type():
+    features, labels = load_breast_cancer(return_X_y=True)
+    network = MLPClassifier((32,), max_iter=300, random_state=0)
+    model = make_pipeline(StandardScaler(), network).fit(features, labels)
+    quantized = lowbit_sklearn.quantize(model, bits=8, data=features)
+    assert quantized.prediction_differences == 0
+    assert np.array_equal(quantized.predict(features), model.predict(features))
+    for path, steps in quantized.fallbacks.items():
+        assert steps[0] == "int8-rows" and quantized.encodings[path].encoding == steps[-1]
+
+
+def test_without_reference_data_fidelity_is_not_claimed():
+    features, labels = load_breast_cancer(return_X_y=True)
+    quantized = lowbit_sklearn.quantize(LogisticRegression(max_iter=3000).fit(features, labels), bits=16)
+    assert not quantized.verified and quantized.prediction_differences is None
+
+
+def test_unsupported_unfitted_and_foreign_objects_are_clear_errors():
+    from sklearn.cluster import KMeans
+
+    with pytest.raises(QuantizationError, match="not supported; supported: .*LogisticRegression"):
+        lowbit_sklearn.quantize(KMeans(n_clusters=2).fit(np.random.rand(20, 2)))
+    with pytest.raises(QuantizationError, match="not fitted"):
+        lowbit_sklearn.quantize(LogisticRegression())
+    with pytest.raises(QuantizationError, match="scikit-learn"):
+        lowbit_sklearn.quantize({"weights": [1, 2]})
+    with pytest.raises(QuantizationError, match="bits"):
+        lowbit_sklearn.quantize(LogisticRegression(), bits=4)
+
+
+def test_a_corrupt_or_foreign_file_is_refused(tmp_path):
+    features, labels = load_breast_cancer(return_X_y=True)
+    path = lowbit_sklearn.quantize(LogisticRegression(max_iter=3000).fit(features, labels),
+                                   data=features).save(tmp_path / "m.lowbit")
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    entries["arrays.safetensors"] = entries["arrays.safetensors"][:-4] + b"\0\0\0\0"
+    with zipfile.ZipFile(tmp_path / "bad.lowbit", "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    with pytest.raises(ChecksumError):
+        lowbit_sklearn.load(tmp_path / "bad.lowbit")
+    (tmp_path / "junk.lowbit").write_bytes(b"not a zip")
+    with pytest.raises(FormatError):
+        lowbit_sklearn.load(tmp_path / "junk.lowbit")
+    with pytest.raises(FormatError, match="exists"):
+        lowbit_sklearn.quantize(LogisticRegression(max_iter=3000).fit(features, labels)).save(path)
