@@ -97,8 +97,13 @@ def quantize(
     data: Annotated[Path | None, typer.Option(help="Evaluation data for --max-drop.")] = None,
     metric: Annotated[str | None, typer.Option(help="Metric for --max-drop (default: by model).")] = None,
     relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(
+        help="scikit-learn: allow loading a .joblib/.pkl file (unpickling runs the code it holds).")] = False,
+    bits: Annotated[int, typer.Option(help="scikit-learn: starting width of every array (8, 16, 32).")] = 8,
+    weight_threshold: Annotated[float, typer.Option(
+        help="scikit-learn: prune coefficients below this (not available yet).")] = 0.0,
 ) -> None:
-    """Quantize a model and save it as a lowbit folder.
+    """Quantize a model and save it as a lowbit folder (a scikit-learn model: one lowbit file).
 
     Example: lowbit quantize ./minilm --recipe w8a8-dynamic --out ./minilm-w8a8
     With a budget: lowbit quantize ./minilm --recipe w4 --max-drop 0.005 --data val.jsonl --out ./q
@@ -106,6 +111,11 @@ def quantize(
     with _user_errors():
         if out.exists() and not overwrite:
             raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+        from lowbit.sklearn.files import is_sklearn_file
+
+        if is_sklearn_file(source):
+            _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite)
+            return
         granularity = f"group:{group_size}" if group_size else None
         chosen = make_recipe(recipe, granularity=granularity)
         model = load_source(source, weights)
@@ -127,6 +137,29 @@ def quantize(
             f"quantized {len(modules)} modules with {recipe}; wrote {folder} "
             f"({_mib(folder_bytes(folder))}, source weights {_mib(quantized.lowbit_source['bytes'])})"
         )
+
+
+def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite) -> None:
+    from lowbit.sklearn import quantize_model_file
+
+    report = quantize_model_file(source, out, bits, weight_threshold, data, trust_pickle, overwrite)
+    table = Table(title=f"{source} → {out}", box=box.SIMPLE)
+    for column in ("measure", "original", "lowbit"):
+        table.add_column(column, justify="right")
+    table.add_row("file size", _mib(report["original_size_bytes"]), _mib(report["quantized_size_bytes"]))
+    table.add_row("load seconds", f"{report['original_load_seconds']:.3f}",
+                  f"{report['quantized_load_seconds']:.3f}")
+    if report["original_predictions_per_second"]:
+        table.add_row("predictions/s", f"{report['original_predictions_per_second']:.0f}",
+                      f"{report['quantized_predictions_per_second']:.0f}")
+    console.print(table)
+    console.print(f"{report['file_size_reduction_percent']:.1f}% smaller; "
+                  + (f"{report['prediction_differences']} prediction differences on --data"
+                     if report["verified"] else "fidelity NOT verified: pass --data to check predictions"))
+    for path, steps in report["fallbacks"].items():
+        console.print(f"  fell back: {path}: {' → '.join(steps)}")
+    for path in report["kept_float"]:
+        console.print(f"  kept as is (unsupported): {path}")
 
 
 def _kernel_summary(kernels: dict[str, str]) -> str:

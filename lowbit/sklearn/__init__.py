@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.errors import LowbitError, QuantizationError
+from lowbit.errors import FormatError, LowbitError, QuantizationError
 from lowbit.sklearn.encodings import LADDERS, Encoded
 from lowbit.sklearn.fileformat import read_file, write_file
+from lowbit.sklearn.files import measure_files, read_estimator, reference_inputs
 from lowbit.sklearn.guard import PROBABILITY_TOLERANCE, guard
 from lowbit.sklearn.slots import find_slots
 from lowbit.sklearn.support import check_estimator
@@ -85,9 +86,33 @@ def quantize(
                               result.max_probability_difference, result.fallbacks, kept_float)
 
 
+def quantize_model_file(
+    input_path: str | Path, output_path: str | Path | None = None, bit_depth: int = 8,
+    weight_threshold: float = 0.0, data: Any = None, trust_pickle: bool = False, overwrite: bool = False,
+) -> dict[str, Any]:
+    """Quantize a saved model file into a lowbit file and measure both.
+
+    `data` (a .jsonl/.txt/.csv/.npy file, texts or an array) is the fidelity guard's reference and
+    the throughput workload. Returns sizes, reduction, prediction differences (the reloaded lowbit
+    file against the original), load times, predictions per second and the arrays that fell back.
+    A pickle or joblib file needs `trust_pickle=True`; a skops file loads safely without it.
+    """
+    input_path = Path(input_path)
+    output_path = Path(output_path) if output_path else input_path.with_suffix(".lowbit")
+    if output_path.exists() and not overwrite:
+        raise FormatError(f"{output_path} already exists; choose another path or pass overwrite=True")
+    estimator = read_estimator(input_path, trust_pickle)
+    inputs = reference_inputs(data)
+    quantized = quantize(estimator, bit_depth, weight_threshold, inputs)
+    quantized.save(output_path, overwrite=overwrite)
+    return {"output_path": str(output_path), "bits": bit_depth, "verified": quantized.verified,
+            **measure_files(input_path, output_path, estimator, inputs, trust_pickle),
+            "fallbacks": quantized.fallbacks, "kept_float": quantized.kept_float}
+
+
 def load(path: str | Path) -> Any:
     """The scikit-learn estimator saved by `QuantizedEstimator.save`, rebuilt without pickle."""
     return read_file(path)
 
 
-__all__ = ["QuantizedEstimator", "load", "quantize"]
+__all__ = ["QuantizedEstimator", "load", "quantize", "quantize_model_file"]

@@ -1,5 +1,6 @@
 """lowbit.sklearn: guarded quantization of fitted estimators, and the pickle-free file."""
 
+import json
 import zipfile
 
 import joblib
@@ -15,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 import lowbit.sklearn as lowbit_sklearn
 from lowbit import assets
-from lowbit.errors import ChecksumError, FormatError, QuantizationError
+from lowbit.errors import ChecksumError, FormatError, LowbitError, QuantizationError
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,45 @@ def test_a_corrupt_or_foreign_file_is_refused(tmp_path):
         lowbit_sklearn.load(tmp_path / "junk.lowbit")
     with pytest.raises(FormatError, match="exists"):
         lowbit_sklearn.quantize(LogisticRegression(max_iter=3000).fit(features, labels)).save(path)
+
+
+def _pickled_pipeline(tmp_path, topics):
+    train, labels, held_out = topics
+    model = make_pipeline(TfidfVectorizer(), LogisticRegression(max_iter=500)).fit(train, labels)
+    joblib.dump(model, tmp_path / "model.joblib")
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps({"text": text}) for text in held_out) + "\n")
+    return model, data
+
+
+def test_quantize_model_file_measures_both_files(topics, tmp_path):
+    model, data = _pickled_pipeline(tmp_path, topics)
+    report = lowbit_sklearn.quantize_model_file(tmp_path / "model.joblib", tmp_path / "model.lowbit",
+                                                data=data, trust_pickle=True)
+    assert report["prediction_differences"] == 0 and report["file_size_reduction_percent"] > 50
+    for key in ("original_load_seconds", "quantized_load_seconds", "original_predictions_per_second",
+                "quantized_predictions_per_second", "fallbacks"):
+        assert report[key] is not None
+    with pytest.raises(LowbitError, match="trust-pickle"):
+        lowbit_sklearn.quantize_model_file(tmp_path / "model.joblib", tmp_path / "other.lowbit")
+    assert not (tmp_path / "other.lowbit").exists()
+
+
+def test_cli_quantizes_a_pickle_only_when_trusted(topics, tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    _, data = _pickled_pipeline(tmp_path, topics)
+    out = tmp_path / "model.lowbit"
+    refused = CliRunner().invoke(app, ["quantize", str(tmp_path / "model.joblib"), "--data", str(data),
+                                       "--out", str(out)])
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output and not out.exists()
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "model.joblib"), "--trust-pickle",
+                                      "--bits", "8", "--data", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "0 prediction differences" in result.output and lowbit_sklearn.load(out) is not None
+    (tmp_path / "truncated.joblib").write_bytes((tmp_path / "model.joblib").read_bytes()[:100])
+    broken = CliRunner().invoke(app, ["quantize", str(tmp_path / "truncated.joblib"), "--trust-pickle",
+                                      "--out", str(tmp_path / "t.lowbit")])
+    assert broken.exit_code == 2 and not (tmp_path / "t.lowbit").exists()

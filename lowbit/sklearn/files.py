@@ -1,0 +1,90 @@
+"""Model files in and out: read a user's pickle / joblib (only when trusted) or skops file, write
+the lowbit file, and measure both side by side."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowbit.errors import FormatError, LowbitError
+from lowbit.sklearn.fileformat import load_skops_safely, read_file
+
+PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
+SKOPS_SUFFIXES = (".skops",)
+SKLEARN_SUFFIXES = PICKLE_SUFFIXES + SKOPS_SUFFIXES
+
+
+def is_sklearn_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in SKLEARN_SUFFIXES
+
+
+def read_estimator(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    """The estimator in a skops file (loaded safely), or in a pickle / joblib file when the
+    caller trusts it: unpickling runs arbitrary code, so it is never done implicitly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in SKOPS_SUFFIXES:
+        return load_skops_safely(path.read_bytes())
+    if suffix not in PICKLE_SUFFIXES:
+        raise FormatError(f"{path}: expected a .joblib, .pkl, .pickle or .skops file")
+    if not trust_pickle:
+        raise LowbitError(f"{path} is a pickle: loading it runs any code it holds. Pass --trust-pickle "
+                          "(trust_pickle=True) if you trust where it came from, or save it with skops")
+    import joblib
+
+    try:
+        return joblib.load(path)
+    except Exception as error:  # noqa: BLE001 - a corrupt or truncated pickle fails in many ways
+        raise FormatError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+
+
+def reference_inputs(data: Any) -> Any:
+    """Inputs for predict from a data file (texts, or a numeric array) or an in-memory object."""
+    if data is None or not isinstance(data, (str, os.PathLike)):
+        return data
+    from lowbit.dataset import read_dataset
+
+    dataset = read_dataset(data)
+    return dataset.texts if dataset.texts is not None else dataset.inputs.numpy()
+
+
+def _timed_load(load, path: Path) -> tuple[Any, float]:
+    start = time.perf_counter()
+    model = load(path)
+    return model, time.perf_counter() - start
+
+
+def _predictions_per_second(model: Any, inputs: Any, repeats: int = 3) -> float | None:
+    if inputs is None:
+        return None
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.predict(inputs)
+        best = min(best, time.perf_counter() - start)
+    return len(inputs) / best
+
+
+def measure_files(original_path: Path, quantized_path: Path, original: Any, inputs: Any,
+                  trust_pickle: bool) -> dict[str, Any]:
+    """Sizes, load times (each file loaded fresh) and predict throughput of both files."""
+    loaded_original, original_seconds = _timed_load(lambda p: read_estimator(p, trust_pickle), original_path)
+    loaded, quantized_seconds = _timed_load(read_file, quantized_path)
+    original_size, quantized_size = original_path.stat().st_size, quantized_path.stat().st_size
+    differences = None
+    if inputs is not None:
+        differences = int(np.sum(np.asarray(loaded.predict(inputs)) != np.asarray(original.predict(inputs))))
+    return {
+        "original_size_bytes": original_size, "quantized_size_bytes": quantized_size,
+        "file_size_reduction_percent": 100.0 * (1 - quantized_size / original_size),
+        "prediction_differences": differences,
+        "original_load_seconds": original_seconds, "quantized_load_seconds": quantized_seconds,
+        "original_predictions_per_second": _predictions_per_second(loaded_original, inputs),
+        "quantized_predictions_per_second": _predictions_per_second(loaded, inputs),
+    }
