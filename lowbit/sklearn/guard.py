@@ -80,8 +80,15 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
     level = dict.fromkeys(originals, 0)
     fallbacks: dict[str, list[str]] = {}
 
+    cache: dict[tuple[str, str], Encoded] = {}
+
+    def encoded(path: str, rung: str) -> Encoded:
+        if (path, rung) not in cache:
+            cache[path, rung] = encode(originals[path], rung)
+        return cache[path, rung]
+
     def encodings() -> dict[str, Encoded]:
-        return {path: encode(originals[path], rungs[path][level[path]]) for path in originals}
+        return {path: encoded(path, rungs[path][level[path]]) for path in originals}
 
     if data is None:
         chosen = encodings()
@@ -110,8 +117,8 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
         for path in originals:
             if rungs[path][level[path]] == "exact":
                 continue
-            alone = {p: encode(originals[p], "exact") for p in originals}
-            alone[path] = encode(originals[path], rungs[path][level[path]])
+            alone = {p: encoded(p, "exact") for p in originals}
+            alone[path] = encoded(path, rungs[path][level[path]])
             changed, probability = check(alone)
             if changed or probability > tolerance:
                 found.append(path)
@@ -124,7 +131,7 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
             if rungs[path][level[path]] == "exact":
                 continue
             trial = encodings()
-            trial[path] = encode(originals[path], rungs[path][level[path] + 1])
+            trial[path] = encoded(path, rungs[path][level[path] + 1])
             scores[path] = check(trial)
         return [min(scores, key=scores.get)]
 

@@ -1,0 +1,87 @@
+"""lowbit for scikit-learn on real models: joblib pickle vs lowbit file, side by side.
+
+Trains, on real data: TF-IDF + LogisticRegression / MultinomialNB / LinearSVC on the Wikipedia
+topic corpus (12 topics, and a binary one-topic-vs-rest model), an MLP and a RandomForest on
+digits, a HistGradientBoosting on breast_cancer. Each is saved with joblib, quantized with
+`lowbit.sklearn.quantize_model_file(bit_depth=8, data=held-out split)` and measured: file sizes,
+reduction, prediction differences of the reloaded file on the held-out split, load time and
+predictions/s of both. Writes bench/results/sklearn.json.
+
+    .venv/bin/python -m bench.sklearn_models
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import joblib
+import numpy as np
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.naive_bayes import MultinomialNB
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.svm import LinearSVC
+
+import lowbit.sklearn
+from bench.common import print_table, write_json
+from lowbit import assets
+
+
+def text_split():
+    documents = assets.wikipedia_documents()
+    order = np.random.default_rng(0).permutation(len(documents))
+    texts = [documents[i]["extract"] for i in order]
+    topics = np.array([documents[i]["topic"] for i in order])
+    cut = int(0.8 * len(texts))
+    return texts[:cut], topics[:cut], texts[cut:]
+
+
+def models():
+    """(name, fitted model, held-out inputs) for every model of the table."""
+    train, topics, held_out = text_split()
+    first_topic = topics[0]
+    for name, classifier in (("tfidf+logreg", LogisticRegression(max_iter=1000)),
+                             ("tfidf+multinomialNB", MultinomialNB()), ("tfidf+linearSVC", LinearSVC())):
+        yield name, make_pipeline(TfidfVectorizer(), classifier).fit(train, topics), held_out
+    binary = make_pipeline(TfidfVectorizer(), LogisticRegression(max_iter=1000))
+    yield f"tfidf+logreg binary ({first_topic} vs rest)", binary.fit(train, topics == first_topic), held_out
+    digits, digit_labels = load_digits(return_X_y=True)
+    x_train, x_test, y_train, _ = train_test_split(digits, digit_labels, test_size=0.25, random_state=0)
+    yield "digits MLP", MLPClassifier((64,), max_iter=500, random_state=0).fit(x_train, y_train), x_test
+    yield "digits RandomForest", RandomForestClassifier(100, random_state=0).fit(x_train, y_train), x_test
+    cancer, cancer_labels = load_breast_cancer(return_X_y=True)
+    x_train, x_test, y_train, _ = train_test_split(cancer, cancer_labels, test_size=0.25, random_state=0)
+    yield "breast_cancer HistGradientBoosting", HistGradientBoostingClassifier(random_state=0).fit(
+        x_train, y_train), x_test
+
+
+def main() -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
+        for index, (name, model, held_out) in enumerate(models()):
+            source = Path(scratch) / f"{index}.joblib"
+            joblib.dump(model, source)
+            report = lowbit.sklearn.quantize_model_file(source, Path(scratch) / f"{index}.lowbit", 8,
+                                                        data=held_out, trust_pickle=True)
+            rows.append({"model": name, "samples": len(held_out), **report})
+    print_table("scikit-learn models: joblib pickle vs lowbit file (8-bit start, guarded on held-out data)",
+                rows, [("model", "model"), ("original_size_bytes", "joblib bytes"),
+                       ("quantized_size_bytes", "lowbit bytes"), ("file_size_reduction_percent", "smaller %"),
+                       ("prediction_differences", "differences"), ("original_load_seconds", "joblib load s"),
+                       ("quantized_load_seconds", "lowbit load s"),
+                       ("original_predictions_per_second", "joblib pred/s"),
+                       ("quantized_predictions_per_second", "lowbit pred/s")])
+    for row in rows:
+        if row["fallbacks"]:
+            print(f"{row['model']}: fell back: " + "; ".join(f"{path} → {steps[-1]}"
+                                                             for path, steps in row["fallbacks"].items()))
+    print(f"results: {write_json('sklearn', {'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
