@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from rich.progress import Progress
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -234,9 +234,8 @@ def load_calibration(path: str | os.PathLike, model: nn.Module | None = None) ->
     """A CalibrationResult saved with `.save`; give `model` to `update` it with more data."""
     try:
         tensors = load_file(str(path))
-        with open(path, "rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            metadata = json.loads(handle.read(header_size)).get("__metadata__", {})
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
     except (OSError, SafetensorError, ValueError) as error:
         raise FormatError(f"cannot read calibration file {path}: {error}") from None
     if metadata.get("format") != "lowbit-calibration":

@@ -36,8 +36,9 @@ def _sha256(data: bytes) -> str:
 
 def _placeholder_skeleton(
     estimator: Any, encodings: dict[str, Encoded],
-) -> tuple[bytes, dict[str, list[str]]]:
-    """The skops bytes of `estimator` with encoded arrays and vocabularies emptied (restored after)."""
+) -> tuple[bytes, dict[str, list[str]], set[str]]:
+    """The skops bytes of `estimator` with encoded arrays and vocabularies emptied (restored
+    after), the vocabularies' terms, and the paths of the arrays left out."""
     import skops.io
 
     slots = {slot.path: slot for slot in find_slots(estimator) if slot.standalone and slot.path in encodings}
@@ -51,7 +52,7 @@ def _placeholder_skeleton(
             slot.set(np.empty(0, dtype=kept[path].dtype))
         for owner in vocabularies.values():
             owner.vocabulary_ = {}
-        return skops.io.dumps(estimator), terms
+        return skops.io.dumps(estimator), terms, set(slots)
     finally:
         for path, slot in slots.items():
             slot.set(kept[path])
@@ -67,8 +68,7 @@ def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.Pat
     path = Path(path)
     if path.exists() and not overwrite:
         raise FormatError(f"{path} already exists; choose another path or pass overwrite=True")
-    skeleton, terms = _placeholder_skeleton(estimator, encodings)
-    stored = {slot.path for slot in find_slots(estimator) if slot.standalone and slot.path in encodings}
+    skeleton, terms, stored = _placeholder_skeleton(estimator, encodings)
     tensors, arrays = {}, {}
     for index, (slot_path, encoded) in enumerate(sorted(encodings.items())):
         if slot_path not in stored:
