@@ -16,7 +16,8 @@ from lowbit.errors import (
 )
 from lowbit.evaluate import estimate
 from lowbit.evaluate.comparison import Comparison
-from lowbit.persist import load, save
+from lowbit.loading import load
+from lowbit.persist import save
 from lowbit.quantize import quantize
 from lowbit.recipe import PRESETS, Recipe, make_recipe
 from lowbit.sources import load_source

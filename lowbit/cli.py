@@ -101,7 +101,8 @@ def quantize(
         help="scikit-learn: allow loading a .joblib/.pkl file (unpickling runs the code it holds).")] = False,
     bits: Annotated[int, typer.Option(help="scikit-learn: starting width of every array (8, 16, 32).")] = 8,
     weight_threshold: Annotated[float, typer.Option(
-        help="scikit-learn: prune coefficients below this (not available yet).")] = 0.0,
+        help="scikit-learn: set coefficients smaller than this in magnitude to zero and store them "
+        "sparsely, wherever no prediction on --data changes.")] = 0.0,
 ) -> None:
     """Quantize a model and save it as a lowbit folder (a scikit-learn model: one lowbit file).
 
@@ -302,8 +303,12 @@ def compare_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")] = None,
     memory: Annotated[bool, typer.Option(help="Measure load time and peak RSS in subprocesses.")] = True,
+    trust_pickle: Annotated[bool, typer.Option(
+        help="scikit-learn: allow loading a .joblib/.pkl original (unpickling runs its code).")] = False,
 ) -> None:
     """Measure a quantized model against its original on your data: quality, speed, size, memory.
+
+    scikit-learn: lowbit compare model.joblib model.lowbit --data test.jsonl --trust-pickle
 
     Exit code 3 when the quantized model is slower than the original at a batch size or misses
     --max-drop. Example: lowbit compare ./minilm ./minilm-w8a8 --data test.jsonl --html report.html
@@ -316,7 +321,7 @@ def compare_command(
         comparison = run_compare(original, quantized, data, metric=metric,
                                  batch_sizes=tuple(batch_size or (1, 8)), max_drop=max_drop,
                                  relative=relative, samples=samples, seq_len=seq_len, runs=runs,
-                                 threads=threads, memory=memory)
+                                 threads=threads, memory=memory, trust_pickle=trust_pickle)
         console.print(Markdown(comparison.to_markdown()))
         if json_out:
             _write_atomic(json_out, comparison.to_json())

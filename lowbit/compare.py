@@ -159,14 +159,23 @@ def compare(
     tokenizer: Any = None,
     memory: bool = True,
     progress: bool = True,
+    trust_pickle: bool = False,
 ) -> Comparison:
     """Measure `quantized` against `original` on `data` (a file, texts, or a tensor).
 
     `metric` picks the headline quality metric (default: the first for the model kind:
     cosine for encoders, accuracy or agreement for classifiers, perplexity for causal LMs);
     every metric of the kind is measured anyway. `max_drop` is the quality budget (absolute,
-    or a fraction of the original's value with `relative=True`).
+    or a fraction of the original's value with `relative=True`). scikit-learn estimators and
+    model files are measured by lowbit.sklearn.compare (agreement, accuracy or R², predict speed);
+    `trust_pickle` allows reading a .joblib/.pkl original.
     """
+    from lowbit.sklearn.compare import compare_estimators, is_sklearn_model
+
+    if is_sklearn_model(original) or is_sklearn_model(quantized):
+        return compare_estimators(original, quantized, data, metric=metric, batch_sizes=batch_sizes,
+                                  max_drop=max_drop, relative=relative, samples=samples, runs=runs,
+                                  threads=threads, trust_pickle=trust_pickle)
     original_model, original_path = open_model(original)
     quantized_model, quantized_path = open_model(quantized)
     kind = infer_kind(original_model, metric)

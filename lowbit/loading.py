@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from lowbit.formats import MANIFEST
-from lowbit.persist import load
+from lowbit.persist import Skeleton
+from lowbit.persist import load as load_folder
 from lowbit.sources import load_source
+
+
+def load(path: str | os.PathLike, skeleton: Skeleton = None) -> Any:
+    """A saved lowbit model: a folder (a torch module, see lowbit.persist.load) or a single
+    scikit-learn file (the estimator, rebuilt without pickle)."""
+    from lowbit.sklearn.fileformat import is_lowbit_file, read_file
+
+    if Path(path).is_file() and is_lowbit_file(path):
+        return read_file(path)
+    return load_folder(path, skeleton)
 
 
 def load_any(spec: str | Path, weights: str | Path | None = None) -> nn.Module:
     """A lowbit folder (has lowbit.json), a transformers folder, or package.module:factory."""
     path = Path(str(spec))
     if path.is_dir() and (path / MANIFEST).is_file():
-        return load(path)
+        return load_folder(path)
     return load_source(spec, weights)
 
 

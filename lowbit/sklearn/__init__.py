@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import FormatError, LowbitError, QuantizationError
-from lowbit.sklearn.encodings import LADDERS, Encoded
+from lowbit.sklearn.encodings import LADDERS, Encoded, sparsity
 from lowbit.sklearn.fileformat import read_file, write_file
 from lowbit.sklearn.files import measure_files, read_estimator, reference_inputs
 from lowbit.sklearn.guard import PROBABILITY_TOLERANCE, guard
@@ -46,12 +46,17 @@ class QuantizedEstimator:
             raise AttributeError(name)
         return getattr(self.__dict__["estimator"], name)
 
+    def __getitem__(self, key: Any) -> Any:  # a Pipeline's steps: q[-1].coef_
+        return self.estimator[key]
+
     def report(self) -> dict[str, Any]:
         return {"bits": self.bits, "verified": self.verified,
                 "prediction_differences": self.prediction_differences,
                 "max_probability_difference": self.max_probability_difference,
                 "fallbacks": self.fallbacks, "kept_float": self.kept_float,
-                "encodings": {path: encoded.encoding for path, encoded in self.encodings.items()}}
+                "encodings": {path: encoded.encoding for path, encoded in self.encodings.items()},
+                "pruned": {path: sparsity(encoded) for path, encoded in self.encodings.items()
+                           if sparsity(encoded) is not None}}
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """One zip file (see lowbit.sklearn.fileformat), written atomically."""
@@ -68,16 +73,19 @@ def quantize(
     guard moves any array that changes a prediction to the next wider type (8 → 16 → 32 bits →
     original), so the result predicts `data` exactly as the original does and its probabilities
     stay within `probability_tolerance`. Without `data`, fidelity is not verified.
+    `weight_threshold` > 0 first tries coefficient arrays (coef_, coefs_, dual_coef_,
+    components_) with entries below it in magnitude set to zero and stored sparsely; the guard
+    undoes the pruning of any array where it changes a prediction.
     """
     if bits not in LADDERS:
         raise QuantizationError(f"bits must be one of {', '.join(map(str, LADDERS))}, not {bits}")
-    if weight_threshold:
-        raise QuantizationError("weight_threshold pruning is not available yet; pass 0.0")
+    if not weight_threshold >= 0:
+        raise QuantizationError(f"weight_threshold must be 0 or more, not {weight_threshold}")
     kept_float = check_estimator(estimator)
     target = copy.deepcopy(estimator)
     slots = [slot for slot in find_slots(target) if not any(slot.path.startswith(k) for k in kept_float)]
     try:
-        result = guard(slots, bits, target, data, probability_tolerance)
+        result = guard(slots, bits, target, data, probability_tolerance, weight_threshold)
     except LowbitError:
         raise
     except (ValueError, TypeError) as error:

@@ -3,6 +3,10 @@
 `int8-rows` / `int16-rows`: symmetric integers with one scale per row of a matrix (one for a
 vector), `float32`, and `exact` (the original bytes). The fidelity guard climbs the ladder,
 array by array, until no prediction changes.
+
+With a weight threshold, coefficient arrays first try `pruned-` rungs: entries smaller than the
+threshold in magnitude (or rounding to zero) become zero, and only the others are stored, with
+a bitmask of where they are.
 """
 
 from __future__ import annotations
@@ -17,51 +21,95 @@ LADDERS = {
     32: ("float32", "exact"),
 }
 INTEGER_TYPES = {"int8-rows": np.int8, "int16-rows": np.int16}
+PRUNED = "pruned-"
 
 
 @dataclass
 class Encoded:
-    """An array as stored: its encoding, the stored parts, and what to rebuild."""
+    """An array as stored: its encoding, the stored parts, and what to rebuild (with its memory
+    order: a Fortran-ordered coef_ copied to C order would be copied back on every predict)."""
 
     encoding: str
     parts: dict[str, np.ndarray]
     dtype: str
     shape: tuple[int, ...]
+    order: str = "C"
 
     @property
     def nbytes(self) -> int:
         return sum(part.nbytes for part in self.parts.values())
 
 
-def ladder(bits: int, array: np.ndarray) -> tuple[str, ...]:
+def ladder(bits: int, array: np.ndarray, pruned: bool = False) -> tuple[str, ...]:
     """The encodings to try for `array`, smallest first; integer grids only for float arrays
-    that are finite (an inf or NaN has no place on them)."""
+    that are finite (an inf or NaN has no place on them). `pruned` puts the pruned rungs first."""
     steps = LADDERS[bits]
     if array.dtype == np.float32:
         steps = tuple(step for step in steps if step != "float32")
     if not np.isfinite(array).all():
         steps = tuple(step for step in steps if step not in INTEGER_TYPES)
+        pruned = False
+    if pruned:
+        steps = tuple(PRUNED + step for step in steps if step != "exact") + steps
     return steps or ("exact",)
 
 
-def encode(array: np.ndarray, encoding: str) -> Encoded:
-    array = np.ascontiguousarray(array)
-    if encoding == "exact":
-        return Encoded(encoding, {"data": array}, array.dtype.str, array.shape)
-    if encoding in ("float16", "float32"):
-        return Encoded(encoding, {"data": array.astype(encoding)}, array.dtype.str, array.shape)
-    integer = INTEGER_TYPES[encoding]
+def _rows(array: np.ndarray) -> np.ndarray:
+    return array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+
+
+def _on_grid(rows: np.ndarray, integer: type) -> tuple[np.ndarray, np.ndarray]:
     qmax = np.iinfo(integer).max
-    rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
     scale = np.abs(rows).max(axis=1, keepdims=True) / qmax
     scale[scale == 0] = 1.0
-    data = np.clip(np.rint(rows / scale), -qmax, qmax).astype(integer)
-    return Encoded(encoding, {"data": data, "scale": scale.astype(np.float64)}, array.dtype.str, array.shape)
+    return np.clip(np.rint(rows / scale), -qmax, qmax).astype(integer), scale.astype(np.float64)
+
+
+def encode(array: np.ndarray, encoding: str, threshold: float = 0.0) -> Encoded:
+    """`array` stored as `encoding`; `threshold` is the pruning threshold of `pruned-` rungs."""
+    order = memory_order(array)
+    array = np.ascontiguousarray(array)
+    if encoding == "exact":
+        return Encoded(encoding, {"data": array}, array.dtype.str, array.shape, order)
+    step = encoding.removeprefix(PRUNED)
+    rows = _rows(array)
+    if encoding.startswith(PRUNED):
+        rows = np.where(np.abs(rows) < threshold, 0.0, rows)
+    if step == "float32":
+        parts = {"data": rows.astype(np.float32)}
+    else:
+        data, scale = _on_grid(rows, INTEGER_TYPES[step])
+        parts = {"data": data, "scale": scale}
+    if encoding.startswith(PRUNED):
+        kept = parts["data"] != 0
+        parts["mask"] = np.packbits(kept.ravel())
+        parts["data"] = parts["data"][kept]
+    return Encoded(encoding, parts, array.dtype.str, array.shape, order)
+
+
+def memory_order(array: np.ndarray) -> str:
+    return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
 
 
 def decode(encoded: Encoded) -> np.ndarray:
     """The array the estimator computes with, in its original dtype and shape."""
-    data = encoded.parts["data"]
-    if encoded.encoding in INTEGER_TYPES:
-        data = data.astype(np.float64) * encoded.parts["scale"]
-    return np.asarray(data, dtype=np.dtype(encoded.dtype)).reshape(encoded.shape)
+    parts = encoded.parts
+    data = parts["data"]
+    if "mask" in parts:  # pruned: zeros, then the kept values where the mask says
+        size = int(np.prod(encoded.shape))
+        kept = np.unpackbits(parts["mask"], count=size).astype(bool)
+        dense = np.zeros(size, dtype=data.dtype)
+        dense[kept] = data
+        data = dense.reshape(parts["scale"].shape[0], -1) if "scale" in parts else dense
+    if "scale" in parts:
+        data = data.astype(np.float64) * parts["scale"]
+    array = np.asarray(data, dtype=np.dtype(encoded.dtype)).reshape(encoded.shape)
+    return np.asfortranarray(array) if encoded.order == "F" else array
+
+
+def sparsity(encoded: Encoded) -> float | None:
+    """The share of entries a pruned encoding set to zero (None when not pruned)."""
+    if "mask" not in encoded.parts:
+        return None
+    size = int(np.prod(encoded.shape))
+    return 1.0 - len(encoded.parts["data"]) / size if size else 0.0

@@ -1,14 +1,14 @@
 """The lowbit file for a scikit-learn model: one zip, no pickle.
 
-    lowbit.json          format, version, estimator class, per-array encoding, sha256 of every
-                         entry, the fidelity report
-    model.skops          the estimator's structure (skops, no pickle), its large float arrays
-                         and vocabularies left out
-    arrays.safetensors   the encoded arrays (int8/int16 rows with scales, float32, exact)
+    lowbit.json          format, version, estimator class, sha256 of every other entry, the
+                         fidelity report (per-array encodings, fallbacks)
+    skeleton.json        the estimator's object graph (lowbit.sklearn.skeleton): plain JSON
+    arrays.safetensors   every array: quantized ones as their parts (int8/int16 rows and
+                         scales), tree node tables one column each, integers narrowed exactly
     vocabulary/N.txt     a text vectorizer's terms in column order, one per line
 
 Written to a temporary file and renamed into place; every entry is checked against its sha256
-before anything is built, and skops loads only scikit-learn and numpy types.
+before anything is built, and loading resolves only scikit-learn, numpy and scipy names.
 """
 
 from __future__ import annotations
@@ -20,72 +20,34 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lowbit.errors import ChecksumError, FormatError
-from lowbit.sklearn.encodings import Encoded, decode
-from lowbit.sklearn.slots import find_slots, find_vocabularies
+from lowbit.sklearn import skeleton
+from lowbit.sklearn.encodings import Encoded
 
-FORMAT, VERSION = "lowbit-sklearn", 1
-TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.sparse.", "builtins.", "collections.")
+FORMAT, VERSION = "lowbit-sklearn", 2
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _placeholder_skeleton(
-    estimator: Any, encodings: dict[str, Encoded],
-) -> tuple[bytes, dict[str, list[str]], set[str]]:
-    """The skops bytes of `estimator` with encoded arrays and vocabularies emptied (restored
-    after), the vocabularies' terms, and the paths of the arrays left out."""
-    import skops.io
-
-    slots = {slot.path: slot for slot in find_slots(estimator) if slot.standalone and slot.path in encodings}
-    vocabularies = dict(find_vocabularies(estimator))
-    kept = {path: slot.get() for path, slot in slots.items()}
-    terms = {path: [term for term, _ in sorted(owner.vocabulary_.items(), key=lambda item: item[1])]
-             for path, owner in vocabularies.items()}
-    saved_vocabularies = {path: owner.vocabulary_ for path, owner in vocabularies.items()}
-    try:
-        for path, slot in slots.items():
-            slot.set(np.empty(0, dtype=kept[path].dtype))
-        for owner in vocabularies.values():
-            owner.vocabulary_ = {}
-        return skops.io.dumps(estimator), terms, set(slots)
-    finally:
-        for path, slot in slots.items():
-            slot.set(kept[path])
-        for path, owner in vocabularies.items():
-            owner.vocabulary_ = saved_vocabularies[path]
+def _class_path(estimator: Any) -> str:
+    return f"{type(estimator).__module__}.{type(estimator).__qualname__}"
 
 
 def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.PathLike,
                report: dict[str, Any], overwrite: bool = False) -> Path:
-    """Save atomically; `encodings` maps slot paths to how each array is stored."""
+    """Save atomically; `encodings` maps slot paths to how each quantized array is stored."""
     from safetensors.numpy import save as save_arrays
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FormatError(f"{path} already exists; choose another path or pass overwrite=True")
-    skeleton, terms, stored = _placeholder_skeleton(estimator, encodings)
-    tensors, arrays = {}, {}
-    for index, (slot_path, encoded) in enumerate(sorted(encodings.items())):
-        if slot_path not in stored:
-            continue  # kept inside the skeleton (tree node fields), already holding decoded values
-        keys = {name: f"{index}.{name}" for name in encoded.parts}
-        tensors.update({keys[name]: np.ascontiguousarray(part) for name, part in encoded.parts.items()})
-        arrays[slot_path] = {"encoding": encoded.encoding, "dtype": encoded.dtype,
-                             "shape": list(encoded.shape), "parts": keys}
-    entries = {"model.skops": skeleton, "arrays.safetensors": save_arrays(tensors) if tensors else b""}
-    vocabularies = {}
-    for index, (vocab_path, words) in enumerate(sorted(terms.items())):
-        if any("\n" in word for word in words):
-            raise FormatError(f"a term of {vocab_path} holds a newline; this vocabulary cannot be stored")
-        entries[f"vocabulary/{index}.txt"] = "\n".join(words).encode()
-        vocabularies[vocab_path] = f"vocabulary/{index}.txt"
-    manifest = {"format": FORMAT, "version": VERSION, "estimator": _class_path(estimator), "arrays": arrays,
-                "vocabularies": vocabularies, "report": report,
+    root, arrays, texts = skeleton.dump(estimator, encodings)
+    entries = {"skeleton.json": json.dumps(root, separators=(",", ":")).encode(),
+               "arrays.safetensors": save_arrays(arrays) if arrays else b""}
+    entries.update({f"vocabulary/{index}.txt": text.encode() for index, text in enumerate(texts)})
+    manifest = {"format": FORMAT, "version": VERSION, "estimator": _class_path(estimator), "report": report,
                 "sha256": {name: _sha256(data) for name, data in entries.items()}}
     staging = path.with_name(f".{path.name}.partial")
     try:
@@ -99,14 +61,10 @@ def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.Pat
     return path
 
 
-def _class_path(estimator: Any) -> str:
-    return f"{type(estimator).__module__}.{type(estimator).__qualname__}"
-
-
 def is_lowbit_file(path: str | os.PathLike) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
-            return "lowbit.json" in archive.namelist() and "model.skops" in archive.namelist()
+            return {"lowbit.json", "skeleton.json"} <= set(archive.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
 
@@ -117,44 +75,32 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             manifest = json.loads(archive.read("lowbit.json"))
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as error:
         raise FormatError(f"{path} is not a lowbit scikit-learn file: {error}") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FormatError(f"{path} is not a lowbit scikit-learn file")
-    if manifest.get("version", 0) > VERSION:
-        raise FormatError(f"{path} has format version {manifest['version']}; this lowbit reads {VERSION}")
+    if manifest.get("version") != VERSION:
+        raise FormatError(f"{path} has format version {manifest.get('version')}; this lowbit reads {VERSION}")
     return manifest
 
 
-def load_skops_safely(data: bytes) -> Any:
-    """skops.io.load trusting only scikit-learn, numpy and builtin types."""
-    import skops.io
-
-    untrusted = skops.io.get_untrusted_types(data=data)
-    foreign = [name for name in untrusted if not name.startswith(TRUSTED_PREFIXES)]
-    if foreign:
-        raise FormatError(f"the model holds types outside scikit-learn and numpy: {', '.join(foreign[:5])}")
-    return skops.io.loads(data, trusted=untrusted)
-
-
 def read_file(path: str | os.PathLike) -> Any:
-    """Rebuild the estimator: checksums first, then structure, then decoded arrays and terms."""
+    """Rebuild the estimator: checksums first, then the object graph with its arrays and terms."""
     from safetensors.numpy import load as load_arrays
 
     manifest = read_manifest(path)
-    with zipfile.ZipFile(path) as archive:
-        entries = {name: archive.read(name) for name in manifest["sha256"]}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = {name: archive.read(name) for name in manifest["sha256"]}
+    except (KeyError, zipfile.BadZipFile, OSError) as error:
+        raise FormatError(f"{path}: {error}") from None
     for name, data in entries.items():
         if _sha256(data) != manifest["sha256"][name]:
             raise ChecksumError(f"{path}: {name} does not match its sha256; the file is corrupt")
-    estimator = load_skops_safely(entries["model.skops"])
-    tensors = load_arrays(entries["arrays.safetensors"]) if entries["arrays.safetensors"] else {}
-    slots = {slot.path: slot for slot in find_slots(estimator, min_elements=0)}
-    for slot_path, entry in manifest["arrays"].items():
-        if slot_path not in slots:
-            raise FormatError(f"{path}: the model has no array at {slot_path}")
-        parts = {name: tensors[key] for name, key in entry["parts"].items()}
-        slots[slot_path].set(decode(Encoded(entry["encoding"], parts, entry["dtype"], tuple(entry["shape"]))))
-    owners = dict(find_vocabularies(estimator))
-    for vocab_path, entry in manifest["vocabularies"].items():
-        words = entries[entry].decode().split("\n") if entries[entry] else []
-        owners[vocab_path].vocabulary_ = {word: index for index, word in enumerate(words)}
-    return estimator
+    arrays = load_arrays(entries["arrays.safetensors"]) if entries["arrays.safetensors"] else {}
+    count = sum(name.startswith("vocabulary/") for name in entries)
+    texts = [entries[f"vocabulary/{index}.txt"].decode() for index in range(count)]
+    try:
+        return skeleton.load(json.loads(entries["skeleton.json"]), arrays, texts)
+    except FormatError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
+        raise FormatError(f"{path}: the model cannot be rebuilt: {type(error).__name__}: {error}") from None

@@ -11,15 +11,30 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import FormatError, LowbitError
-from lowbit.sklearn.fileformat import load_skops_safely, read_file
+from lowbit.sklearn.fileformat import read_file
 
 PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 SKOPS_SUFFIXES = (".skops",)
 SKLEARN_SUFFIXES = PICKLE_SUFFIXES + SKOPS_SUFFIXES
+SKOPS_TRUSTED = ("sklearn.", "numpy.", "scipy.sparse.", "builtins.", "collections.")
 
 
 def is_sklearn_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in SKLEARN_SUFFIXES
+
+
+def load_skops_safely(data: bytes) -> Any:
+    """skops.io.load trusting only scikit-learn, numpy and builtin types."""
+    import skops.io
+
+    try:
+        untrusted = skops.io.get_untrusted_types(data=data)
+    except Exception as error:  # noqa: BLE001 - a corrupt zip or schema fails in many ways
+        raise FormatError(f"not a readable skops file: {type(error).__name__}: {error}") from None
+    foreign = [name for name in untrusted if not name.startswith(SKOPS_TRUSTED)]
+    if foreign:
+        raise FormatError(f"the model holds types outside scikit-learn and numpy: {', '.join(foreign[:5])}")
+    return skops.io.loads(data, trusted=untrusted)
 
 
 def read_estimator(path: str | os.PathLike, trust_pickle: bool = False) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.sklearn.encodings import Encoded, decode, encode, ladder
-from lowbit.sklearn.slots import Slot
+from lowbit.sklearn.slots import Slot, is_coefficient
 
 PROBABILITY_TOLERANCE = 0.01  # largest allowed change of a predicted probability
 
@@ -65,18 +65,28 @@ def differences(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarra
     return changed, probability
 
 
-def _apply(slots: dict[str, Slot], encodings: dict[str, Encoded]) -> None:
-    for path, encoded in encodings.items():
-        slots[path].set(decode(encoded))
+class _Applied:
+    """The estimator's arrays as currently set: a slot is written only when its encoding
+    changes (a tree's setter copies the whole node table)."""
+
+    def __init__(self, slots: dict[str, Slot]) -> None:
+        self.slots, self.current = slots, {}
+
+    def apply(self, encodings: dict[str, Encoded]) -> None:
+        for path, encoded in encodings.items():
+            if self.current.get(path) is not encoded:
+                self.slots[path].set(decode(encoded))
+                self.current[path] = encoded
 
 
 def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
-          tolerance: float = PROBABILITY_TOLERANCE) -> GuardResult:
+          tolerance: float = PROBABILITY_TOLERANCE, weight_threshold: float = 0.0) -> GuardResult:
     """Choose an encoding per slot (see the module docstring); leaves `estimator` computing with
-    the chosen, decoded arrays."""
-    by_path = {slot.path: slot for slot in slots}
-    originals = {slot.path: slot.get().copy() for slot in slots}
-    rungs = {path: ladder(bits, array) for path, array in originals.items()}
+    the chosen, decoded arrays. A `weight_threshold` first tries coefficient arrays pruned."""
+    applied = _Applied({slot.path: slot for slot in slots})
+    originals = {slot.path: slot.get().copy(order="K") for slot in slots}
+    rungs = {slot.path: ladder(max(bits, slot.min_bits), originals[slot.path],
+                               pruned=weight_threshold > 0 and is_coefficient(slot.path)) for slot in slots}
     level = dict.fromkeys(originals, 0)
     fallbacks: dict[str, list[str]] = {}
 
@@ -84,7 +94,7 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
 
     def encoded(path: str, rung: str) -> Encoded:
         if (path, rung) not in cache:
-            cache[path, rung] = encode(originals[path], rung)
+            cache[path, rung] = encode(originals[path], rung, weight_threshold)
         return cache[path, rung]
 
     def encodings() -> dict[str, Encoded]:
@@ -92,14 +102,14 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
 
     if data is None:
         chosen = encodings()
-        _apply(by_path, chosen)
+        applied.apply(chosen)
         return GuardResult(chosen)
     reference = predictions(estimator, data)
 
     def check(chosen: dict[str, Encoded]) -> tuple[int, float]:
         """Differences from the original; a model the rounding broke (a scale rounded to zero
         makes NaN, which the estimator refuses) counts as every prediction changed."""
-        _apply(by_path, chosen)
+        applied.apply(chosen)
         try:
             with np.errstate(all="ignore"):
                 return differences(reference, predictions(estimator, data))
@@ -111,17 +121,28 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
         level[path] += 1
         fallbacks[path].append(rungs[path][level[path]])
 
+    def changes_alone(group: list[str]) -> bool:
+        """Whether quantizing only `group` (every other array exact) changes predictions."""
+        trial = {path: encoded(path, "exact") for path in originals}
+        trial.update((path, encoded(path, rungs[path][level[path]])) for path in group)
+        changed, probability = check(trial)
+        return bool(changed) or probability > tolerance
+
     def culprits() -> list[str]:
-        """Arrays that change predictions on their own (the others left exact)."""
-        found = []
-        for path in originals:
-            if rungs[path][level[path]] == "exact":
-                continue
-            alone = {p: encoded(p, "exact") for p in originals}
-            alone[path] = encoded(path, rungs[path][level[path]])
-            changed, probability = check(alone)
-            if changed or probability > tolerance:
-                found.append(path)
+        """Arrays that change predictions on their own, found by halving: a group that changes
+        nothing alone holds no culprit, so a few culprits among many arrays cost few checks."""
+        found: list[str] = []
+
+        def search(group: list[str]) -> None:
+            if not group or not changes_alone(group):
+                return
+            if len(group) == 1:
+                found.extend(group)
+                return
+            search(group[:len(group) // 2])
+            search(group[len(group) // 2:])
+
+        search([path for path in originals if rungs[path][level[path]] != "exact"])
         return found
 
     def most_helpful() -> list[str]:
@@ -141,5 +162,5 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
             climb(path)
         changed, probability = check(encodings())
     chosen = encodings()
-    _apply(by_path, chosen)
+    applied.apply(chosen)
     return GuardResult(chosen, fallbacks, changed, probability, verified=True)

@@ -4,6 +4,7 @@ tree nodes and all)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,20 +12,27 @@ from typing import Any
 import numpy as np
 
 MIN_ELEMENTS = 8  # smaller arrays are not worth a scale of their own
+COEFFICIENTS = frozenset({"coef_", "coefs_", "dual_coef_", "components_"})  # what weight_threshold prunes
+THRESHOLD_BITS = 16  # split thresholds start here: on int8 grids nearly every tree's splits move
 
 
 @dataclass
 class Slot:
     """One float array of the estimator: its path, and how to read and replace it.
 
-    `standalone` arrays can be left out of the saved skeleton and stored encoded; the others
-    (fields of tree node tables) stay in place, holding their decoded values.
+    `min_bits`: where the ladder starts at least (split thresholds: int8 moves most splits).
     """
 
     path: str
     get: Callable[[], np.ndarray]
     set: Callable[[np.ndarray], None]
-    standalone: bool = True
+    min_bits: int = 8
+
+
+def is_coefficient(path: str) -> bool:
+    """Whether the array at `path` is a weight matrix (linear coefficients, network weights,
+    dual coefficients, components): the arrays that pruning small entries makes sense for."""
+    return re.sub(r"(\[[^\]]*\])+$", "", path).rpartition(".")[2] in COEFFICIENTS
 
 
 def _is_float_array(value: Any, min_elements: int = MIN_ELEMENTS) -> bool:
@@ -49,7 +57,8 @@ def _tree_slots(tree: Any, path: str) -> Iterator[Slot]:
                 state[key] = np.ascontiguousarray(value)
             tree.__setstate__(state)
 
-        return Slot(f"{path}.{field or key}", get, put, standalone=False)
+        return Slot(f"{path}.{key}.{field}" if field else f"{path}.{key}", get, put,
+                    min_bits=THRESHOLD_BITS if field == "threshold" else 8)
 
     yield field_slot("nodes", "threshold")
     yield field_slot("values", None)
@@ -64,7 +73,8 @@ def _structured_slots(owner: Any, name: str, array: np.ndarray, path: str) -> It
             def put(value: np.ndarray, field=field) -> None:
                 getattr(owner, name)[field] = value
 
-            yield Slot(f"{path}.{field}", get, put, standalone=False)
+            yield Slot(f"{path}.{field}", get, put,
+                       min_bits=THRESHOLD_BITS if "threshold" in field else 8)
 
 
 def _item_slot(container: Any, key: Any, path: str) -> Slot:

@@ -40,7 +40,7 @@ def test_text_pipeline_predicts_held_out_data_exactly_and_shrinks(topics, classi
     path = quantized.save(tmp_path / "model.lowbit")
     joblib.dump(model, tmp_path / "model.joblib")
     assert path.stat().st_size < 0.5 * (tmp_path / "model.joblib").stat().st_size
-    assert "model.skops" in zipfile.ZipFile(path).namelist()
+    assert "skeleton.json" in zipfile.ZipFile(path).namelist()
     reloaded = lowbit_sklearn.load(path)
     assert np.array_equal(reloaded.predict(held_out), before)
     assert np.allclose(reloaded.predict_proba(held_out), quantized.predict_proba(held_out))

@@ -1,0 +1,192 @@
+"""`lowbit compare` for scikit-learn models: the same `Comparison` report as for networks.
+
+Quality: agreement with the original's predictions (and accuracy, or R² for regressors, when
+the data has labels), each with a paired bootstrap interval. Speed: `predict` latency at each
+batch size, the two models timed interleaved. Size: the two files. Load time: best of three
+loads of each file in this process. "Layers": every quantized array, worst SQNR first, with
+its encoding, so a difference can be traced to the array that caused it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+from lowbit.evaluate.benchmark import measure_latencies
+from lowbit.evaluate.comparison import Comparison
+from lowbit.evaluate.metrics import bootstrap_difference
+from lowbit.sklearn.fileformat import is_lowbit_file, read_file
+from lowbit.sklearn.files import is_sklearn_file, read_estimator
+from lowbit.sklearn.slots import find_slots
+
+EstimatorLike = Any  # a fitted estimator, a QuantizedEstimator, or a path to a model file
+
+
+def is_sklearn_model(model: Any) -> bool:
+    """Whether `model` is a scikit-learn estimator or a file that holds one."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model).is_file() and (is_sklearn_file(model) or is_lowbit_file(model))
+    return type(model).__module__.startswith(("sklearn", "lowbit.sklearn"))
+
+
+def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, Callable[[], Any] | None]:
+    """(estimator, its path, a function that loads it again) for an estimator or a file."""
+    if not isinstance(model, (str, os.PathLike)):
+        return getattr(model, "estimator", model), None, None
+    path = Path(model)
+    if is_lowbit_file(path):
+        return read_file(path), str(path), lambda: read_file(path)
+    return read_estimator(path, trust_pickle), str(path), lambda: read_estimator(path, trust_pickle)
+
+
+def _best_load_seconds(load: Callable[[], Any] | None, repeats: int = 3) -> float | None:
+    if load is None:
+        return None
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        load()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _take(inputs: Any, indices: np.ndarray) -> Any:
+    return [inputs[i] for i in indices] if isinstance(inputs, list) else inputs[indices]
+
+
+def _quality(original: Any, quantized: Any, inputs: Any, labels: np.ndarray | None) -> dict[str, dict]:
+    """agreement always; accuracy (classifiers) or r2 (regressors) against labels when given."""
+    before, after = np.asarray(original.predict(inputs)), np.asarray(quantized.predict(inputs))
+    regressor = np.issubdtype(before.dtype, np.floating) and not hasattr(original, "classes_")
+    same = (np.isclose(before, after, rtol=1e-6, atol=1e-12) if regressor else before == after)
+    same = same.reshape(len(before), -1).all(axis=1)
+    scores: dict[str, Callable[[np.ndarray], tuple[float, float]]] = {
+        "agreement": lambda idx: (1.0, float(same[idx].mean()))}
+    if labels is not None and regressor:
+        truth = labels.astype(float)
+
+        def r2(predicted: np.ndarray, idx: np.ndarray) -> float:
+            spread = np.sum((truth[idx] - truth[idx].mean()) ** 2)
+            return float(1 - np.sum((truth[idx] - predicted[idx]) ** 2) / spread) if spread else math.nan
+
+        scores["r2"] = lambda idx: (r2(before, idx), r2(after, idx))
+    elif labels is not None:
+        expected = _as_predictions(labels, before.dtype)
+        scores["accuracy"] = lambda idx: (float((before[idx] == expected[idx]).mean()),
+                                          float((after[idx] == expected[idx]).mean()))
+    results = {}
+    for name, score in scores.items():
+        first, second = score(np.arange(len(before)))
+        delta, low, high = bootstrap_difference(len(before), score)
+        results[name] = {"original": first, "quantized": second, "delta": delta, "ci95": [low, high],
+                         "higher_is_better": True}
+    return results
+
+
+def _as_predictions(labels: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Labels in the type the model predicts (a CSV's labels arrive as text)."""
+    try:
+        return labels.astype(dtype)
+    except ValueError:
+        return labels.astype(str)
+
+
+def _sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(float) - candidate.astype(float)) ** 2))
+    signal = float(np.sum(reference.astype(float) ** 2))
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal else -math.inf
+
+
+def array_errors(original: Any, quantized: Any, encodings: dict[str, str] | None = None) -> list[dict]:
+    """Per float array: SQNR of the quantized values against the original's, worst first."""
+    reference = {slot.path: slot.get() for slot in find_slots(original)}
+    rows = []
+    for slot in find_slots(quantized):
+        if slot.path not in reference or reference[slot.path].shape != slot.get().shape:
+            continue
+        encoding = (encodings or {}).get(slot.path, "unknown")
+        rows.append({"name": slot.path, "sqnr_db": _sqnr_db(reference[slot.path], slot.get()),
+                     "scheme": encoding, "weight": str(slot.get().dtype),
+                     "granularity": "per row" if encoding.endswith("-rows") else "whole array",
+                     "kernel": "scikit-learn"})
+    return sorted(rows, key=lambda row: row["sqnr_db"])
+
+
+def _latency(original: Any, quantized: Any, inputs: Any, batch_sizes: Sequence[int], runs: int,
+             threads: int | None) -> dict[str, dict[str, dict[str, Any]]]:
+    results: dict[str, dict[str, dict[str, Any]]] = {"original": {}, "quantized": {}}
+    for size in batch_sizes:
+        if size > len(inputs):
+            raise LowbitError(f"batch size {size} needs at least {size} samples; the data has {len(inputs)}")
+        batch = _take(inputs, np.arange(size))
+        calls = {"original": lambda batch=batch: original.predict(batch),
+                 "quantized": lambda batch=batch: quantized.predict(batch)}
+        stats = measure_latencies(calls, runs=runs, threads=threads)
+        for name, entry in stats.items():
+            results[name][str(size)] = {**entry.to_dict(), "throughput": size / (entry.p50 / 1000.0)}
+    return results
+
+
+def compare_estimators(
+    original: EstimatorLike, quantized: EstimatorLike, data: Any, labels: np.ndarray | None = None,
+    metric: str | None = None, batch_sizes: Sequence[int] = (1, 8), max_drop: float | None = None,
+    relative: bool = False, samples: int | None = None, runs: int = 20, threads: int | None = None,
+    trust_pickle: bool = False,
+) -> Comparison:
+    """Measure a quantized scikit-learn model against its original on `data` (a data file,
+    texts, or an array; a file's labels are used when `labels` is not given)."""
+    from lowbit.sklearn.files import reference_inputs
+
+    original_model, original_path, load_original = _open(original, trust_pickle)
+    quantized_model, quantized_path, load_quantized = _open(quantized, trust_pickle)
+    if isinstance(data, (str, os.PathLike)) and labels is None:
+        from lowbit.dataset import read_dataset
+
+        labels = read_dataset(data).labels
+    inputs = reference_inputs(data)
+    if samples:
+        inputs, labels = _take(inputs, np.arange(min(samples, len(inputs)))), (
+            None if labels is None else labels[:samples])
+    try:
+        quality = _quality(original_model, quantized_model, inputs, labels)
+    except ValueError as error:
+        raise LowbitError(f"the data does not fit the model: {error}") from None
+    metric = metric or ("accuracy" if "accuracy" in quality else "agreement")
+    if metric not in quality:
+        raise LowbitError(f"metric {metric!r} is not measured for this model and data; "
+                          f"choose one of {', '.join(quality)}")
+    latency = _latency(original_model, quantized_model, inputs, batch_sizes, runs, threads)
+    encodings = _encodings(quantized, quantized_path)
+    reports = {}
+    for name, path, load in (("original", original_path, load_original),
+                             ("quantized", quantized_path, load_quantized)):
+        reports[name] = {
+            "source": path, "size_bytes": Path(path).stat().st_size if path else None, "param_bytes": None,
+            "peak_rss_bytes": None, "load_seconds": _best_load_seconds(load),
+            "latency_ms": {size: {k: v for k, v in entry.items() if k != "throughput"}
+                           for size, entry in latency[name].items()},
+            "throughput": {size: entry["throughput"] for size, entry in latency[name].items()},
+            "quality": {m: entry[name] for m, entry in quality.items()}}
+    settings = {"kind": f"scikit-learn {type(original_model).__name__}", "samples": len(inputs),
+                "batch_sizes": list(batch_sizes), "quality_batch_size": len(inputs), "runs": runs,
+                "threads": threads}
+    return Comparison(reports["original"], reports["quantized"], quality, metric,
+                      array_errors(original_model, quantized_model, encodings), settings, max_drop, relative)
+
+
+def _encodings(quantized: Any, path: str | None) -> dict[str, str] | None:
+    """How each array of the quantized model is stored, from its file or its report."""
+    if path:
+        from lowbit.sklearn.fileformat import read_manifest
+
+        return read_manifest(path).get("report", {}).get("encodings")
+    return quantized.report().get("encodings") if hasattr(quantized, "report") else None
