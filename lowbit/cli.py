@@ -154,6 +154,9 @@ def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, o
         table.add_row("predictions/s", f"{report['original_predictions_per_second']:.0f}",
                       f"{report['quantized_predictions_per_second']:.0f}")
     console.print(table)
+    if report["file_size_reduction_percent"] <= 0:
+        console.print("[yellow]note:[/] the lowbit file is not smaller: this model is too small for its "
+                      "arrays to outweigh the file's structure")
     console.print(f"{report['file_size_reduction_percent']:.1f}% smaller; "
                   + (f"{report['prediction_differences']} prediction differences on --data"
                      if report["verified"] else "fidelity NOT verified: pass --data to check predictions"))

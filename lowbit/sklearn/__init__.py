@@ -69,10 +69,11 @@ def quantize(
 ) -> QuantizedEstimator:
     """A quantized copy of a fitted estimator or pipeline; the input is not changed.
 
-    `bits` (8, 16 or 32) is where every float array starts; with reference `data` the fidelity
-    guard moves any array that changes a prediction to the next wider type (8 → 16 → 32 bits →
-    original), so the result predicts `data` exactly as the original does and its probabilities
-    stay within `probability_tolerance`. Without `data`, fidelity is not verified.
+    `bits` (8, 16 or 32) is where every float array starts. With reference `data` (texts, an
+    array, or a .jsonl/.txt/.csv/.npy file) the fidelity guard moves any array that changes a
+    prediction to the next wider type (8 → 16 → 32 bits → original), so the result predicts
+    `data` exactly as the original does and its probabilities stay within
+    `probability_tolerance`. Without `data`, fidelity is not verified.
     `weight_threshold` > 0 first tries coefficient arrays (coef_, coefs_, dual_coef_,
     components_) with entries below it in magnitude set to zero and stored sparsely; the guard
     undoes the pruning of any array where it changes a prediction.
@@ -82,6 +83,7 @@ def quantize(
     if not weight_threshold >= 0:
         raise QuantizationError(f"weight_threshold must be 0 or more, not {weight_threshold}")
     kept_float = check_estimator(estimator)
+    data = reference_inputs(data)
     target = copy.deepcopy(estimator)
     slots = [slot for slot in find_slots(target) if not any(slot.path.startswith(k) for k in kept_float)]
     try:

@@ -42,21 +42,35 @@ TABULAR = {
     "BernoulliNB": lambda: naive_bayes.BernoulliNB(),
     "MultinomialNB": lambda: make_pipeline(MinMaxScaler(), naive_bayes.MultinomialNB()),
     "ComplementNB": lambda: make_pipeline(MinMaxScaler(), naive_bayes.ComplementNB()),
-    "MLPClassifier": lambda: _scaled(neural_network.MLPClassifier(hidden_layer_sizes=(16,), max_iter=300, random_state=0)),
+    "MLPClassifier": lambda: _scaled(
+        neural_network.MLPClassifier(hidden_layer_sizes=(16,), max_iter=300, random_state=0)
+    ),
     "KNeighborsClassifier": lambda: _scaled(neighbors.KNeighborsClassifier(algorithm="kd_tree")),
     "DecisionTree": lambda: tree.DecisionTreeClassifier(random_state=0),
     "RandomForest": lambda: ensemble.RandomForestClassifier(20, random_state=0),
     "ExtraTrees": lambda: ensemble.ExtraTreesClassifier(20, random_state=0),
     "GradientBoosting": lambda: ensemble.GradientBoostingClassifier(n_estimators=20, random_state=0),
     "HistGradientBoosting": lambda: ensemble.HistGradientBoostingClassifier(max_iter=20, random_state=0),
-    "PCA+LogisticRegression": lambda: make_pipeline(StandardScaler(), PCA(5), linear_model.LogisticRegression()),
+    "PCA+LogisticRegression": lambda: make_pipeline(
+        StandardScaler(), PCA(5), linear_model.LogisticRegression()
+    ),
     "ColumnTransformer": lambda: make_pipeline(
-        ColumnTransformer([("scaled", StandardScaler(), list(range(10))), ("minmax", MinMaxScaler(), [10, 11]),
-                           ("rest", "passthrough", list(range(12, 30)))]), linear_model.LogisticRegression()),
+        ColumnTransformer(
+            [
+                ("scaled", StandardScaler(), list(range(10))),
+                ("minmax", MinMaxScaler(), [10, 11]),
+                ("rest", "passthrough", list(range(12, 30))),
+            ]
+        ),
+        linear_model.LogisticRegression(),
+    ),
 }
 REGRESSORS = {
-    "LinearRegression": linear_model.LinearRegression, "Ridge": linear_model.Ridge,
-    "MLPRegressor": lambda: neural_network.MLPRegressor(hidden_layer_sizes=(8,), max_iter=200, random_state=0),
+    "LinearRegression": linear_model.LinearRegression,
+    "Ridge": linear_model.Ridge,
+    "MLPRegressor": lambda: neural_network.MLPRegressor(
+        hidden_layer_sizes=(8,), max_iter=200, random_state=0
+    ),
     "DecisionTreeRegressor": lambda: tree.DecisionTreeRegressor(max_depth=6, random_state=0),
     "RandomForestRegressor": lambda: ensemble.RandomForestRegressor(10, max_depth=6, random_state=0),
     "ExtraTreesRegressor": lambda: ensemble.ExtraTreesRegressor(10, max_depth=6, random_state=0),
@@ -92,12 +106,16 @@ def test_every_supported_regressor_keeps_its_predictions_through_the_file(name, 
 
 def test_text_transformers_and_svd_rebuild_exactly(tmp_path):
     texts = [document["extract"] for document in assets.wikipedia_documents()[:300]]
-    for model in (make_pipeline(CountVectorizer(), TfidfTransformer(), TruncatedSVD(20, random_state=0)),
-                  make_pipeline(HashingVectorizer(n_features=2**12), TruncatedSVD(10, random_state=0))):
+    for model in (
+        make_pipeline(CountVectorizer(), TfidfTransformer(), TruncatedSVD(20, random_state=0)),
+        make_pipeline(HashingVectorizer(n_features=2**12), TruncatedSVD(10, random_state=0)),
+    ):
         model.fit(texts[:200])
         quantized = lowbit_sklearn.quantize(model, bits=8, data=texts[200:])
         reloaded = lowbit_sklearn.load(quantized.save(tmp_path / f"{len(model.steps)}.lowbit"))
-        assert np.allclose(reloaded.transform(texts[200:]), model.transform(texts[200:]), rtol=1e-6, atol=1e-12)
+        assert np.allclose(
+            reloaded.transform(texts[200:]), model.transform(texts[200:]), rtol=1e-6, atol=1e-12
+        )
 
 
 def test_trees_shrink_by_more_than_half_with_no_prediction_change(tmp_path):
@@ -111,8 +129,11 @@ def test_trees_shrink_by_more_than_half_with_no_prediction_change(tmp_path):
     assert np.array_equal(reloaded.predict(features[1200:]), forest.predict(features[1200:]))
     assert np.allclose(reloaded.feature_importances_, forest.feature_importances_)  # node statistics kept
     # split thresholds never start below int16: int8 moves nearly every split
-    assert all(encoded.encoding != "int8-rows" for path, encoded in quantized.encodings.items()
-               if path.endswith("threshold"))
+    assert all(
+        encoded.encoding != "int8-rows"
+        for path, encoded in quantized.encodings.items()
+        if path.endswith("threshold")
+    )
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -130,7 +151,9 @@ def test_memory_order_survives_so_predict_does_not_copy(tmp_path):
 
 def test_weight_threshold_prunes_coefficients_sparsely_only_where_predictions_hold(cancer, tmp_path):
     train, labels, held_out = cancer
-    model = _scaled(linear_model.RidgeClassifier(alpha=10)).fit(train, labels)  # labels only, no probabilities
+    model = _scaled(linear_model.RidgeClassifier(alpha=10)).fit(
+        train, labels
+    )  # labels only, no probabilities
     coefficients = model[-1].coef_
     threshold = float(np.quantile(np.abs(coefficients), 0.2))
     pruned = lowbit_sklearn.quantize(model, bits=8, weight_threshold=threshold, data=held_out)
@@ -150,21 +173,28 @@ def test_weight_threshold_prunes_coefficients_sparsely_only_where_predictions_ho
 
 def test_the_file_holds_no_pickle_and_loads_only_sklearn_numpy_and_scipy_names(cancer, tmp_path):
     train, labels, _ = cancer
-    path = lowbit_sklearn.quantize(tree.DecisionTreeClassifier().fit(train, labels)).save(tmp_path / "t.lowbit")
+    path = lowbit_sklearn.quantize(tree.DecisionTreeClassifier().fit(train, labels)).save(
+        tmp_path / "t.lowbit"
+    )
     with zipfile.ZipFile(path) as archive:
         assert sorted(archive.namelist()) == ["arrays.safetensors", "lowbit.json", "skeleton.json"]
         graph = json.loads(archive.read("skeleton.json"))
     assert graph["class"] == "sklearn.tree._classes.DecisionTreeClassifier"
-    for hostile in ({"$": "name", "name": "os.system"}, {"$": "call", "function": "builtins.eval", "args": []},
-                    {"$": "object", "class": "subprocess.Popen", "state": None},
-                    {"$": "call", "function": "numpy.memmap", "args": ["/tmp/x"]}):
+    for hostile in (
+        {"$": "name", "name": "os.system"},
+        {"$": "call", "function": "builtins.eval", "args": []},
+        {"$": "object", "class": "subprocess.Popen", "state": None},
+        {"$": "call", "function": "numpy.memmap", "args": ["/tmp/x"]},
+    ):
         with pytest.raises(FormatError):
             skeleton.load(hostile, {}, [])
 
 
 def test_an_unstorable_component_is_a_clear_error_and_nothing_is_written(cancer, tmp_path):
     train, labels, _ = cancer
-    model = make_pipeline(FunctionTransformer(lambda x: x * 2), linear_model.LogisticRegression(max_iter=3000))
+    model = make_pipeline(
+        FunctionTransformer(lambda x: x * 2), linear_model.LogisticRegression(max_iter=3000)
+    )
     quantized = lowbit_sklearn.quantize(model.fit(train, labels), bits=8)
     assert quantized.kept_float == ["model.steps[0][1]"]  # unsupported: kept as it is, and reported
     with pytest.raises(FormatError, match="lambda"):

@@ -1,0 +1,101 @@
+"""The command line on scikit-learn files: skops input, compare, and every kind of bad input
+(clear error, exit 2, nothing written)."""
+
+import csv
+import json
+
+import joblib
+import numpy as np
+import pytest
+import skops.io
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import LogisticRegression
+from sklearn.tree import DecisionTreeClassifier
+from typer.testing import CliRunner
+
+import lowbit
+from lowbit.cli import app
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sklearn-cli")
+    features, labels = load_breast_cancer(return_X_y=True)
+    joblib.dump(LogisticRegression(max_iter=5000).fit(features[:400], labels[:400]), folder / "model.joblib")
+    skops.io.dump(
+        DecisionTreeClassifier(random_state=0).fit(features[:400], labels[:400]), folder / "tree.skops"
+    )
+    with open(folder / "test.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([f"feature{i}" for i in range(30)] + ["label"])
+        writer.writerows([*row, label] for row, label in zip(features[400:], labels[400:], strict=True))
+    np.save(folder / "three_columns.npy", features[400:, :3])
+    return folder
+
+
+def _run(*args):
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def test_a_skops_file_needs_no_trust_and_compare_reports_the_comparison(files, tmp_path):
+    out = tmp_path / "tree.lowbit"
+    result = _run("quantize", files / "tree.skops", "--data", files / "test.csv", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "0 prediction differences" in result.output
+    report = tmp_path / "compare.json"
+    compared = _run(
+        "compare", files / "tree.skops", out, "--data", files / "test.csv", "--runs", 5, "--json", report
+    )
+    assert compared.exit_code in (0, 3), compared.output  # 3: measurably slower, which timing decides
+    measured = json.loads(report.read_text())
+    assert measured["quality"]["agreement"]["quantized"] == 1.0
+    assert measured["quality"]["accuracy"]["original"] == measured["quality"]["accuracy"]["quantized"]
+    assert measured["delta"]["size_ratio"] > 2
+    assert measured["layers"][0]["name"].startswith("model.tree_.")
+    assert "Verdict" in compared.output
+
+
+def test_compare_through_the_python_api_on_estimators(files):
+    original = joblib.load(files / "model.joblib")
+    quantized = lowbit.sklearn.quantize(original, bits=8, data=str(files / "test.csv"))
+    comparison = lowbit.compare(original, quantized, str(files / "test.csv"), runs=3)
+    assert comparison.metric == "accuracy"
+    assert comparison.quality["agreement"]["quantized"] == 1.0
+    assert set(comparison.speedups) == {"1", "8"}
+
+
+@pytest.mark.parametrize(
+    "case", ["no trust", "not sklearn", "unfitted", "columns", "truncated", "no such file"]
+)
+def test_bad_input_is_a_clear_error_with_exit_2_and_nothing_written(files, tmp_path, case):
+    model, data, flags = files / "model.joblib", files / "test.csv", ["--trust-pickle"]
+    expected = {
+        "no trust": "--trust-pickle",
+        "not sklearn": "scikit-learn estimator",
+        "unfitted": "not fitted",
+        "columns": "3 features",
+        "truncated": "cannot read",
+        "no such file": "does not exist",
+    }[case]
+    if case == "no trust":
+        flags = []
+    elif case == "not sklearn":
+        model = tmp_path / "weights.joblib"
+        joblib.dump({"weights": [1.0, 2.0]}, model)
+    elif case == "unfitted":
+        model = tmp_path / "unfitted.joblib"
+        joblib.dump(LogisticRegression(), model)
+    elif case == "columns":
+        data = files / "three_columns.npy"
+    elif case == "truncated":
+        model = tmp_path / "truncated.joblib"
+        model.write_bytes((files / "model.joblib").read_bytes()[:200])
+    else:
+        model = tmp_path / "missing.joblib"
+    before = model.read_bytes() if model.exists() else None
+    out = tmp_path / "out.lowbit"
+    result = _run("quantize", model, *flags, "--data", data, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+    assert (model.read_bytes() if model.exists() else None) == before  # input untouched
