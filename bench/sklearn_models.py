@@ -13,6 +13,7 @@ predictions/s of both. Writes bench/results/sklearn.json.
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import joblib
@@ -52,12 +53,23 @@ def models():
     yield f"tfidf+logreg binary ({first_topic} vs rest)", binary.fit(train, topics == first_topic), held_out
     digits, digit_labels = load_digits(return_X_y=True)
     x_train, x_test, y_train, _ = train_test_split(digits, digit_labels, test_size=0.25, random_state=0)
-    yield "digits MLP", MLPClassifier((64,), max_iter=500, random_state=0).fit(x_train, y_train), x_test
+    network = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=0)
+    yield "digits MLP", network.fit(x_train, y_train), x_test
     yield "digits RandomForest", RandomForestClassifier(100, random_state=0).fit(x_train, y_train), x_test
     cancer, cancer_labels = load_breast_cancer(return_X_y=True)
     x_train, x_test, y_train, _ = train_test_split(cancer, cancer_labels, test_size=0.25, random_state=0)
     yield "breast_cancer HistGradientBoosting", HistGradientBoostingClassifier(random_state=0).fit(
         x_train, y_train), x_test
+
+
+def fallback_summary(fallbacks: dict[str, list[str]]) -> str:
+    """'3 arrays fell back: 2 to int16-rows, 1 to float32 (e.g. coef_, idf_)'."""
+    if not fallbacks:
+        return "no array fell back"
+    finals = Counter(steps[-1] for steps in fallbacks.values())
+    names = Counter(path.rpartition(".")[2] for path in fallbacks)
+    return (f"{len(fallbacks)} arrays fell back: " + ", ".join(f"{n} to {rung}" for rung, n in finals.items())
+            + " (" + ", ".join(f"{name} ×{n}" for name, n in names.most_common(4)) + ")")
 
 
 def main() -> None:
@@ -77,9 +89,7 @@ def main() -> None:
                        ("original_predictions_per_second", "joblib pred/s"),
                        ("quantized_predictions_per_second", "lowbit pred/s")])
     for row in rows:
-        if row["fallbacks"]:
-            print(f"{row['model']}: fell back: " + "; ".join(f"{path} → {steps[-1]}"
-                                                             for path, steps in row["fallbacks"].items()))
+        print(f"{row['model']}: {fallback_summary(row['fallbacks'])}")
     print(f"results: {write_json('sklearn', {'rows': rows})}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from lowbit.evaluate.benchmark import measure_latencies
 from lowbit.evaluate.comparison import Comparison
 from lowbit.evaluate.metrics import bootstrap_difference
 from lowbit.sklearn.fileformat import is_lowbit_file, read_file
-from lowbit.sklearn.files import is_sklearn_file, read_estimator
+from lowbit.sklearn.files import best_load_seconds, is_sklearn_file, read_estimator
 from lowbit.sklearn.slots import find_slots
 
 EstimatorLike = Any  # a fitted estimator, a QuantizedEstimator, or a path to a model file
@@ -44,17 +43,6 @@ def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, Ca
     if is_lowbit_file(path):
         return read_file(path), str(path), lambda: read_file(path)
     return read_estimator(path, trust_pickle), str(path), lambda: read_estimator(path, trust_pickle)
-
-
-def _best_load_seconds(load: Callable[[], Any] | None, repeats: int = 3) -> float | None:
-    if load is None:
-        return None
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        load()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _take(inputs: Any, indices: np.ndarray) -> Any:
@@ -171,7 +159,7 @@ def compare_estimators(
                              ("quantized", quantized_path, load_quantized)):
         reports[name] = {
             "source": path, "size_bytes": Path(path).stat().st_size if path else None, "param_bytes": None,
-            "peak_rss_bytes": None, "load_seconds": _best_load_seconds(load),
+            "peak_rss_bytes": None, "load_seconds": best_load_seconds(load)[1] if load else None,
             "latency_ms": {size: {k: v for k, v in entry.items() if k != "throughput"}
                            for size, entry in latency[name].items()},
             "throughput": {size: entry["throughput"] for size, entry in latency[name].items()},

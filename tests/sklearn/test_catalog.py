@@ -178,7 +178,7 @@ def test_the_file_holds_no_pickle_and_loads_only_sklearn_numpy_and_scipy_names(c
     )
     with zipfile.ZipFile(path) as archive:
         assert sorted(archive.namelist()) == ["arrays.safetensors", "lowbit.json", "skeleton.json"]
-        graph = json.loads(archive.read("skeleton.json"))
+        graph = json.loads(archive.read("skeleton.json"))["graph"]
     assert graph["class"] == "sklearn.tree._classes.DecisionTreeClassifier"
     for hostile in (
         {"$": "name", "name": "os.system"},
@@ -187,7 +187,7 @@ def test_the_file_holds_no_pickle_and_loads_only_sklearn_numpy_and_scipy_names(c
         {"$": "call", "function": "numpy.memmap", "args": ["/tmp/x"]},
     ):
         with pytest.raises(FormatError):
-            skeleton.load(hostile, {}, [])
+            skeleton.load({"record_dtypes": [], "graph": hostile}, {}, [])
 
 
 def test_an_unstorable_component_is_a_clear_error_and_nothing_is_written(cancer, tmp_path):
