@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow lint bench bench-tune clean
+.PHONY: demo test test-slow lint bench bench-tune bench-sklearn clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(BENCH_INSTALLED)
 	$(BIN)/python -m bench.minilm
 	$(BIN)/python -m bench.efficientnet
 	$(BIN)/python -m bench.smollm2
+	$(BIN)/python -m bench.sklearn_models
+
+# scikit-learn needs only the test install: joblib pickle vs lowbit file on real models (4 minutes).
+bench-sklearn: $(INSTALLED)
+	$(BIN)/python -m bench.sklearn_models
 
 bench-tune: $(BENCH_INSTALLED)
 	$(BIN)/python -m bench.tune --model minilm --objective size

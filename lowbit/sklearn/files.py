@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import FormatError, LowbitError
+from lowbit.evaluate.benchmark import measure_latencies
 from lowbit.sklearn.fileformat import read_file
 
 PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
@@ -82,15 +83,14 @@ def best_load_seconds(load: Callable[[], Any], repeats: int = 3) -> tuple[Any, f
     return model, best
 
 
-def _predictions_per_second(model: Any, inputs: Any, repeats: int = 3) -> float | None:
+def predictions_per_second(models: dict[str, Any], inputs: Any, runs: int = 10) -> dict[str, float | None]:
+    """Samples per second of `predict` on all of `inputs`, at the median of `runs` calls; the
+    models are timed interleaved, so outside load hits each alike."""
     if inputs is None:
-        return None
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.predict(inputs)
-        best = min(best, time.perf_counter() - start)
-    return len(inputs) / best
+        return dict.fromkeys(models)
+    calls = {name: (lambda model=model: model.predict(inputs)) for name, model in models.items()}
+    return {name: len(inputs) / (stats.p50 / 1000.0)
+            for name, stats in measure_latencies(calls, runs=runs, warmup=1).items()}
 
 
 def measure_files(original_path: Path, quantized_path: Path, original: Any, inputs: Any,
@@ -102,11 +102,12 @@ def measure_files(original_path: Path, quantized_path: Path, original: Any, inpu
     differences = None
     if inputs is not None:
         differences = int(np.sum(np.asarray(loaded.predict(inputs)) != np.asarray(original.predict(inputs))))
+    speed = predictions_per_second({"original": loaded_original, "quantized": loaded}, inputs)
     return {
         "original_size_bytes": original_size, "quantized_size_bytes": quantized_size,
         "file_size_reduction_percent": 100.0 * (1 - quantized_size / original_size),
         "prediction_differences": differences,
         "original_load_seconds": original_seconds, "quantized_load_seconds": quantized_seconds,
-        "original_predictions_per_second": _predictions_per_second(loaded_original, inputs),
-        "quantized_predictions_per_second": _predictions_per_second(loaded, inputs),
+        "original_predictions_per_second": speed["original"],
+        "quantized_predictions_per_second": speed["quantized"],
     }
