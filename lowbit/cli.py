@@ -72,8 +72,10 @@ def _mib(size: int) -> str:
 
 @app.command()
 def quantize(
-    source: Annotated[str, typer.Argument(help="A transformers folder, or package.module:factory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (must not exist).")],
+    source: Annotated[str, typer.Argument(
+        help="A transformers folder, package.module:factory, or a scikit-learn .joblib/.pkl/.skops file.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Folder (a file for scikit-learn) to write; must not exist.")],
     recipe: Annotated[str, typer.Option("--recipe", "-r", help=f"Preset: {', '.join(PRESETS)}.")] = (
         "w8a8-dynamic"
     ),
@@ -94,7 +96,9 @@ def quantize(
         help="Quality budget: measure on --data and fall back (layer by layer, then to safer recipes) "
         "until the drop is at most this; exit 4 and write nothing if nothing quantized meets it."
     )] = None,
-    data: Annotated[Path | None, typer.Option(help="Evaluation data for --max-drop.")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Evaluation data for --max-drop; for scikit-learn, the reference inputs the fidelity guard "
+        "checks (.jsonl/.txt/.csv/.npy).")] = None,
     metric: Annotated[str | None, typer.Option(help="Metric for --max-drop (default: by model).")] = None,
     relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
     trust_pickle: Annotated[bool, typer.Option(
@@ -108,6 +112,8 @@ def quantize(
 
     Example: lowbit quantize ./minilm --recipe w8a8-dynamic --out ./minilm-w8a8
     With a budget: lowbit quantize ./minilm --recipe w4 --max-drop 0.005 --data val.jsonl --out ./q
+    scikit-learn: lowbit quantize model.joblib --trust-pickle --bits 8 --data test.jsonl --out model.lowbit
+    (every array as small as it can be with no prediction on --data changed; recipes do not apply)
     """
     with _user_errors():
         if out.exists() and not overwrite:
