@@ -79,88 +79,95 @@ class _Applied:
                 self.current[path] = encoded
 
 
+class _Search:
+    """The guard's state: each array's ladder and current rung, and the encodings tried so far."""
+
+    def __init__(self, slots: list[Slot], bits: int, estimator: Any, data: Any, tolerance: float,
+                 weight_threshold: float) -> None:
+        self.applied = _Applied({slot.path: slot for slot in slots})
+        self.originals = {slot.path: slot.get().copy(order="K") for slot in slots}
+        self.rungs = {slot.path: ladder(max(bits, slot.min_bits), self.originals[slot.path],
+                                        pruned=weight_threshold > 0 and is_coefficient(slot.path))
+                      for slot in slots}
+        self.level = dict.fromkeys(self.originals, 0)
+        self.fallbacks: dict[str, list[str]] = {}
+        self.cache: dict[tuple[str, str], Encoded] = {}
+        self.estimator, self.data = estimator, data
+        self.tolerance, self.threshold = tolerance, weight_threshold
+        self.reference = predictions(estimator, data) if data is not None else None
+
+    def encoded(self, path: str, rung: str) -> Encoded:
+        if (path, rung) not in self.cache:
+            self.cache[path, rung] = encode(self.originals[path], rung, self.threshold)
+        return self.cache[path, rung]
+
+    def rung(self, path: str, step: int = 0) -> str:
+        return self.rungs[path][self.level[path] + step]
+
+    def current(self) -> dict[str, Encoded]:
+        return {path: self.encoded(path, self.rung(path)) for path in self.originals}
+
+    def check(self, chosen: dict[str, Encoded]) -> tuple[int, float]:
+        """Differences from the original; a model the rounding broke (a scale rounded to zero
+        makes NaN, which the estimator refuses) counts as every prediction changed."""
+        self.applied.apply(chosen)
+        try:
+            with np.errstate(all="ignore"):
+                return differences(self.reference, predictions(self.estimator, self.data))
+        except (ValueError, FloatingPointError, ZeroDivisionError):
+            return len(next(iter(self.reference.values()))), float("inf")
+
+    def fails(self, chosen: dict[str, Encoded]) -> bool:
+        changed, probability = self.check(chosen)
+        return bool(changed) or probability > self.tolerance
+
+    def climb(self, path: str) -> None:
+        self.fallbacks.setdefault(path, [self.rung(path)])
+        self.level[path] += 1
+        self.fallbacks[path].append(self.rung(path))
+
+    def changes_alone(self, group: list[str]) -> bool:
+        """Whether quantizing only `group` (every other array exact) changes predictions."""
+        trial = {path: self.encoded(path, "exact") for path in self.originals}
+        trial.update((path, self.encoded(path, self.rung(path))) for path in group)
+        return self.fails(trial)
+
+    def culprits(self, group: list[str]) -> list[str]:
+        """Arrays of `group` that change predictions on their own, found by halving: a group
+        that changes nothing alone holds no culprit, so a few among many cost few checks."""
+        if not group or not self.changes_alone(group):
+            return []
+        if len(group) == 1:
+            return group
+        middle = len(group) // 2
+        return self.culprits(group[:middle]) + self.culprits(group[middle:])
+
+    def most_helpful(self) -> list[str]:
+        """When only the arrays together change predictions: the one whose next rung helps most."""
+        scores = {}
+        for path in self.originals:
+            if self.rung(path) != "exact":
+                trial = self.current()
+                trial[path] = self.encoded(path, self.rung(path, 1))
+                scores[path] = self.check(trial)
+        return [min(scores, key=scores.get)]
+
+    def run(self) -> GuardResult:
+        """Climb until nothing differs (every array exact differs in nothing, so this ends)."""
+        while self.fails(self.current()):
+            movable = [path for path in self.originals if self.rung(path) != "exact"]
+            for path in self.culprits(movable) or self.most_helpful():
+                self.climb(path)
+        changed, probability = self.check(self.current())
+        return GuardResult(self.current(), self.fallbacks, changed, probability, verified=True)
+
+
 def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
           tolerance: float = PROBABILITY_TOLERANCE, weight_threshold: float = 0.0) -> GuardResult:
     """Choose an encoding per slot (see the module docstring); leaves `estimator` computing with
     the chosen, decoded arrays. A `weight_threshold` first tries coefficient arrays pruned."""
-    applied = _Applied({slot.path: slot for slot in slots})
-    originals = {slot.path: slot.get().copy(order="K") for slot in slots}
-    rungs = {slot.path: ladder(max(bits, slot.min_bits), originals[slot.path],
-                               pruned=weight_threshold > 0 and is_coefficient(slot.path)) for slot in slots}
-    level = dict.fromkeys(originals, 0)
-    fallbacks: dict[str, list[str]] = {}
-
-    cache: dict[tuple[str, str], Encoded] = {}
-
-    def encoded(path: str, rung: str) -> Encoded:
-        if (path, rung) not in cache:
-            cache[path, rung] = encode(originals[path], rung, weight_threshold)
-        return cache[path, rung]
-
-    def encodings() -> dict[str, Encoded]:
-        return {path: encoded(path, rungs[path][level[path]]) for path in originals}
-
+    search = _Search(slots, bits, estimator, data, tolerance, weight_threshold)
     if data is None:
-        chosen = encodings()
-        applied.apply(chosen)
-        return GuardResult(chosen)
-    reference = predictions(estimator, data)
-
-    def check(chosen: dict[str, Encoded]) -> tuple[int, float]:
-        """Differences from the original; a model the rounding broke (a scale rounded to zero
-        makes NaN, which the estimator refuses) counts as every prediction changed."""
-        applied.apply(chosen)
-        try:
-            with np.errstate(all="ignore"):
-                return differences(reference, predictions(estimator, data))
-        except (ValueError, FloatingPointError, ZeroDivisionError):
-            return len(next(iter(reference.values()))), float("inf")
-
-    def climb(path: str) -> None:
-        fallbacks.setdefault(path, [rungs[path][level[path]]])
-        level[path] += 1
-        fallbacks[path].append(rungs[path][level[path]])
-
-    def changes_alone(group: list[str]) -> bool:
-        """Whether quantizing only `group` (every other array exact) changes predictions."""
-        trial = {path: encoded(path, "exact") for path in originals}
-        trial.update((path, encoded(path, rungs[path][level[path]])) for path in group)
-        changed, probability = check(trial)
-        return bool(changed) or probability > tolerance
-
-    def culprits() -> list[str]:
-        """Arrays that change predictions on their own, found by halving: a group that changes
-        nothing alone holds no culprit, so a few culprits among many arrays cost few checks."""
-        found: list[str] = []
-
-        def search(group: list[str]) -> None:
-            if not group or not changes_alone(group):
-                return
-            if len(group) == 1:
-                found.extend(group)
-                return
-            search(group[:len(group) // 2])
-            search(group[len(group) // 2:])
-
-        search([path for path in originals if rungs[path][level[path]] != "exact"])
-        return found
-
-    def most_helpful() -> list[str]:
-        """When only the arrays together change predictions: the one whose next rung helps most."""
-        scores = {}
-        for path in originals:
-            if rungs[path][level[path]] == "exact":
-                continue
-            trial = encodings()
-            trial[path] = encoded(path, rungs[path][level[path] + 1])
-            scores[path] = check(trial)
-        return [min(scores, key=scores.get)]
-
-    changed, probability = check(encodings())
-    while changed or probability > tolerance:
-        for path in culprits() or most_helpful():
-            climb(path)
-        changed, probability = check(encodings())
-    chosen = encodings()
-    applied.apply(chosen)
-    return GuardResult(chosen, fallbacks, changed, probability, verified=True)
+        search.applied.apply(search.current())
+        return GuardResult(search.current())
+    return search.run()

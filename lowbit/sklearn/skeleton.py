@@ -1,15 +1,15 @@
 """A fitted estimator's object graph as JSON, its arrays kept apart: pickle's job, without pickle.
 
-`dump` walks the estimator the way pickle would (`__reduce_ex__`) and writes plain JSON nodes;
-every numpy array becomes a reference into one pool per dtype (saved as safetensors), a
-structured array one array per field, an integer array the smallest integer type that holds it exactly, and
-an array named in `encodings` its quantized parts. A `str -> 0..n-1` dict (a text vectorizer's
-vocabulary) becomes its keys in index order, one line of text.
+`dump` walks the estimator the way pickle would (`__reduce_ex__`) and writes plain JSON nodes.
+Every numpy array becomes a reference into one pool per dtype (saved as safetensors): a
+structured array one column per field, an integer array in the narrowest type that holds it
+exactly, an array named in `encodings` as its quantized parts. A `str -> 0..n-1` dict (a text
+vectorizer's vocabulary) becomes one line of text per term.
 
-`load` rebuilds it and calls nothing a file could choose freely: classes and functions resolve
-only inside scikit-learn, numpy and scipy; objects are made with `cls.__new__` and their state;
-the few constructors that take arguments (sklearn's Cython trees and losses, numpy's random
-generators, `slice`) are named one by one.
+`load` rebuilds it and calls nothing a file could choose freely: names resolve only to classes
+and ufuncs inside scikit-learn, numpy and scipy (never to other functions); objects are made
+with `cls.__new__` and their state; the few constructors that take arguments (sklearn's Cython
+trees and losses, numpy's random generators, `slice`) are named one by one.
 """
 
 from __future__ import annotations
@@ -111,8 +111,11 @@ class _Writer:
             return {"$": kind, "items": [self.value(item, f"{path}[{i}]") for i, item in enumerate(items)]}
         if isinstance(value, bytes):
             return {"$": "bytes", "hex": value.hex()}
-        if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType, np.ufunc)):
+        if isinstance(value, (type, np.ufunc)):
             return self.name(value, path)
+        if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, functools.partial)):
+            raise FormatError(f"{path} is the function {_qualified_name(value)}; functions cannot be stored "
+                              "without pickle (only classes and numpy ufuncs)")
         return self.reduced(value, path)
 
     def name(self, value: Any, path: str) -> dict[str, Any]:
@@ -369,7 +372,10 @@ class _Reader:
         return array.reshape(node["shape"])
 
     def build_name(self, node: dict[str, Any]) -> Any:
-        return _resolve(node["name"])
+        value = _resolve(node["name"])
+        if not isinstance(value, (type, np.ufunc)):
+            raise FormatError(f"the file names {node['name']}, which is not a class or a numpy ufunc")
+        return value
 
     def build_object(self, node: dict[str, Any]) -> Any:
         cls = _resolve(node["class"])

@@ -182,6 +182,7 @@ def test_the_file_holds_no_pickle_and_loads_only_sklearn_numpy_and_scipy_names(c
     assert graph["class"] == "sklearn.tree._classes.DecisionTreeClassifier"
     for hostile in (
         {"$": "name", "name": "os.system"},
+        {"$": "name", "name": "numpy.load"},
         {"$": "call", "function": "builtins.eval", "args": []},
         {"$": "object", "class": "subprocess.Popen", "state": None},
         {"$": "call", "function": "numpy.memmap", "args": ["/tmp/x"]},
@@ -197,6 +198,6 @@ def test_an_unstorable_component_is_a_clear_error_and_nothing_is_written(cancer,
     )
     quantized = lowbit_sklearn.quantize(model.fit(train, labels), bits=8)
     assert quantized.kept_float == ["model.steps[0][1]"]  # unsupported: kept as it is, and reported
-    with pytest.raises(FormatError, match="lambda"):
+    with pytest.raises(FormatError, match="function"):
         quantized.save(tmp_path / "m.lowbit")
     assert list(tmp_path.iterdir()) == []
