@@ -107,6 +107,8 @@ def quantize(
     weight_threshold: Annotated[float, typer.Option(
         help="scikit-learn: set coefficients smaller than this in magnitude to zero and store them "
         "sparsely, wherever no prediction on --data changes.")] = 0.0,
+    probability_tolerance: Annotated[float, typer.Option(
+        help="scikit-learn: largest allowed change of a predicted probability on --data.")] = 0.01,
 ) -> None:
     """Quantize a model and save it as a lowbit folder (a scikit-learn model: one lowbit file).
 
@@ -121,7 +123,8 @@ def quantize(
         from lowbit.sklearn.files import is_sklearn_file
 
         if is_sklearn_file(source):
-            _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite)
+            _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
+                              probability_tolerance)
             return
         granularity = f"group:{group_size}" if group_size else None
         chosen = make_recipe(recipe, granularity=granularity)
@@ -146,10 +149,12 @@ def quantize(
         )
 
 
-def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite) -> None:
+def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
+                      probability_tolerance) -> None:
     from lowbit.sklearn import quantize_model_file
 
-    report = quantize_model_file(source, out, bits, weight_threshold, data, trust_pickle, overwrite)
+    report = quantize_model_file(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
+                                 probability_tolerance)
     table = Table(title=f"{source} → {out}", box=box.SIMPLE)
     for column in ("measure", "original", "lowbit"):
         table.add_column(column, justify="right")

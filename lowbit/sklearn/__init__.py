@@ -82,6 +82,8 @@ def quantize(
         raise QuantizationError(f"bits must be one of {', '.join(map(str, LADDERS))}, not {bits}")
     if not weight_threshold >= 0:
         raise QuantizationError(f"weight_threshold must be 0 or more, not {weight_threshold}")
+    if not 0 <= probability_tolerance <= 1:
+        raise QuantizationError(f"probability_tolerance must be within [0, 1], not {probability_tolerance}")
     kept_float = check_estimator(estimator)
     data = reference_inputs(data)
     target = copy.deepcopy(estimator)
@@ -99,6 +101,7 @@ def quantize(
 def quantize_model_file(
     input_path: str | Path, output_path: str | Path | None = None, bit_depth: int = 8,
     weight_threshold: float = 0.0, data: Any = None, trust_pickle: bool = False, overwrite: bool = False,
+    probability_tolerance: float = PROBABILITY_TOLERANCE,
 ) -> dict[str, Any]:
     """Quantize a saved model file into a lowbit file and measure both.
 
@@ -113,7 +116,7 @@ def quantize_model_file(
         raise FormatError(f"{output_path} already exists; choose another path or pass overwrite=True")
     estimator = read_estimator(input_path, trust_pickle)
     inputs = reference_inputs(data)
-    quantized = quantize(estimator, bit_depth, weight_threshold, inputs)
+    quantized = quantize(estimator, bit_depth, weight_threshold, inputs, probability_tolerance)
     quantized.save(output_path, overwrite=overwrite)
     return {"output_path": str(output_path), "bits": bit_depth, "verified": quantized.verified,
             **measure_files(input_path, output_path, estimator, inputs, trust_pickle),

@@ -65,7 +65,7 @@ def test_compare_through_the_python_api_on_estimators(files):
 
 
 @pytest.mark.parametrize(
-    "case", ["no trust", "not sklearn", "unfitted", "columns", "truncated", "no such file"]
+    "case", ["no trust", "not sklearn", "unfitted", "columns", "truncated", "no such file", "tolerance"]
 )
 def test_bad_input_is_a_clear_error_with_exit_2_and_nothing_written(files, tmp_path, case):
     model, data, flags = files / "model.joblib", files / "test.csv", ["--trust-pickle"]
@@ -76,6 +76,7 @@ def test_bad_input_is_a_clear_error_with_exit_2_and_nothing_written(files, tmp_p
         "columns": "3 features",
         "truncated": "cannot read",
         "no such file": "does not exist",
+        "tolerance": "probability_tolerance must be within",
     }[case]
     if case == "no trust":
         flags = []
@@ -90,6 +91,8 @@ def test_bad_input_is_a_clear_error_with_exit_2_and_nothing_written(files, tmp_p
     elif case == "truncated":
         model = tmp_path / "truncated.joblib"
         model.write_bytes((files / "model.joblib").read_bytes()[:200])
+    elif case == "tolerance":
+        flags = ["--trust-pickle", "--probability-tolerance", "2"]
     else:
         model = tmp_path / "missing.joblib"
     before = model.read_bytes() if model.exists() else None
