@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lowbit.errors import FormatError, LowbitError
 from lowbit.evaluate.benchmark import measure_latencies
 from lowbit.sklearn.fileformat import read_file
+from lowbit.sklearn.guard import differences as count_differences
+from lowbit.sklearn.guard import predictions
 
 PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 SKOPS_SUFFIXES = (".skops",)
@@ -101,7 +101,7 @@ def measure_files(original_path: Path, quantized_path: Path, original: Any, inpu
     original_size, quantized_size = original_path.stat().st_size, quantized_path.stat().st_size
     differences = None
     if inputs is not None:
-        differences = int(np.sum(np.asarray(loaded.predict(inputs)) != np.asarray(original.predict(inputs))))
+        differences = count_differences(predictions(original, inputs), predictions(loaded, inputs))[0]
     speed = predictions_per_second({"original": loaded_original, "quantized": loaded}, inputs)
     return {
         "original_size_bytes": original_size, "quantized_size_bytes": quantized_size,
