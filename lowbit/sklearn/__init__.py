@@ -85,7 +85,7 @@ def quantize(
     if not 0 <= probability_tolerance <= 1:
         raise QuantizationError(f"probability_tolerance must be within [0, 1], not {probability_tolerance}")
     kept_float = check_estimator(estimator)
-    data = reference_inputs(data)
+    data = reference_inputs(data, estimator)
     target = copy.deepcopy(estimator)
     slots = [slot for slot in find_slots(target) if not any(slot.path.startswith(k) for k in kept_float)]
     try:
@@ -115,7 +115,7 @@ def quantize_model_file(
     if output_path.exists() and not overwrite:
         raise FormatError(f"{output_path} already exists; choose another path or pass overwrite=True")
     estimator = read_estimator(input_path, trust_pickle)
-    inputs = reference_inputs(data)
+    inputs = reference_inputs(data, estimator)
     quantized = quantize(estimator, bit_depth, weight_threshold, inputs, probability_tolerance)
     quantized.save(output_path, overwrite=overwrite)
     return {"output_path": str(output_path), "bits": bit_depth, "verified": quantized.verified,

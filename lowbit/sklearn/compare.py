@@ -46,7 +46,9 @@ def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, Ca
 
 
 def _take(inputs: Any, indices: np.ndarray) -> Any:
-    return [inputs[i] for i in indices] if isinstance(inputs, list) else inputs[indices]
+    if isinstance(inputs, list):
+        return [inputs[i] for i in indices]
+    return inputs.iloc[indices] if hasattr(inputs, "iloc") else inputs[indices]
 
 
 def _quality(original: Any, quantized: Any, inputs: Any, labels: np.ndarray | None) -> dict[str, dict]:
@@ -132,15 +134,13 @@ def compare_estimators(
 ) -> Comparison:
     """Measure a quantized scikit-learn model against its original on `data` (a data file,
     texts, or an array; a file's labels are used when `labels` is not given)."""
-    from lowbit.sklearn.files import reference_inputs
+    from lowbit.sklearn.files import reference_inputs, reference_labels
 
     original_model, original_path, load_original = _open(original, trust_pickle)
     quantized_model, quantized_path, load_quantized = _open(quantized, trust_pickle)
     if isinstance(data, (str, os.PathLike)) and labels is None:
-        from lowbit.dataset import read_dataset
-
-        labels = read_dataset(data).labels
-    inputs = reference_inputs(data)
+        labels = reference_labels(data)
+    inputs = reference_inputs(data, original_model)
     if samples:
         inputs, labels = _take(inputs, np.arange(min(samples, len(inputs)))), (
             None if labels is None else labels[:samples])

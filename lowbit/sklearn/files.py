@@ -3,12 +3,15 @@ the lowbit file, and measure both side by side."""
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lowbit.errors import FormatError, LowbitError
 from lowbit.evaluate.benchmark import measure_latencies
@@ -62,14 +65,49 @@ def read_estimator(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
         raise FormatError(f"cannot read {path}: {type(error).__name__}: {error}") from None
 
 
-def reference_inputs(data: Any) -> Any:
-    """Inputs for predict from a data file (texts, or a numeric array) or an in-memory object."""
+def reference_inputs(data: Any, estimator: Any = None) -> Any:
+    """Inputs for predict from a data file (texts, or a numeric array) or an in-memory object.
+
+    A CSV file for an estimator fitted on a DataFrame (it has `feature_names_in_`) is read as a
+    DataFrame of those columns, so named and non-numeric columns reach a ColumnTransformer.
+    """
     if data is None or not isinstance(data, (str, os.PathLike)):
         return data
+    names = getattr(estimator, "feature_names_in_", None)
+    if names is not None and Path(data).suffix.lower() == ".csv":
+        return _named_columns(Path(data), list(names))
     from lowbit.dataset import read_dataset
 
     dataset = read_dataset(data)
     return dataset.texts if dataset.texts is not None else dataset.inputs.numpy()
+
+
+def reference_labels(data: str | os.PathLike) -> np.ndarray | None:
+    """The "label" column or field of a data file, as read (a CSV's labels are text)."""
+    path = Path(data)
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", errors="replace") as handle:
+            rows = list(csv.DictReader(handle))
+        return np.asarray([row["label"] for row in rows]) if rows and "label" in rows[0] else None
+    from lowbit.dataset import read_dataset
+
+    return read_dataset(path).labels
+
+
+def _named_columns(path: Path, names: list[str]) -> Any:
+    try:
+        import pandas
+    except ImportError:
+        raise LowbitError("the model was fitted on a DataFrame: reading its CSV data needs pandas "
+                          "(pip install pandas)") from None
+    try:
+        frame = pandas.read_csv(path)
+    except (OSError, ValueError) as error:
+        raise FormatError(f"cannot read {path}: {error}") from None
+    missing = [name for name in names if name not in frame.columns]
+    if missing:
+        raise LowbitError(f"{path} lacks columns the model was fitted on: {', '.join(missing[:10])}")
+    return frame[names]
 
 
 def best_load_seconds(load: Callable[[], Any], repeats: int = 3) -> tuple[Any, float]:

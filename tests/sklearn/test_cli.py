@@ -102,3 +102,47 @@ def test_bad_input_is_a_clear_error_with_exit_2_and_nothing_written(files, tmp_p
     assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
     assert (model.read_bytes() if model.exists() else None) == before  # input untouched
+
+
+def test_a_model_fitted_on_a_dataframe_reads_its_csv_by_column_name(tmp_path):
+    """Named and text columns (a ColumnTransformer over a DataFrame) reach the model from a CSV;
+    a CSV that lacks one of them is a clear error."""
+    import pandas
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    features, labels = load_breast_cancer(return_X_y=True, as_frame=True)
+    frame = features.iloc[:, :6].copy()
+    frame["size class"] = pandas.cut(features["mean area"], 3, labels=["small", "medium", "large"]).astype(
+        str
+    )
+    columns = ColumnTransformer(
+        [("numbers", StandardScaler(), list(frame.columns[:6])), ("words", OneHotEncoder(), ["size class"])]
+    )
+    model = make_pipeline(columns, LogisticRegression(max_iter=2000)).fit(frame[:400], labels[:400])
+    joblib.dump(model, tmp_path / "frame.joblib")
+    frame[400:].assign(label=labels[400:]).to_csv(tmp_path / "test.csv", index=False)
+    out = tmp_path / "frame.lowbit"
+    result = _run(
+        "quantize", tmp_path / "frame.joblib", "--trust-pickle", "--data", tmp_path / "test.csv", "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    assert "0 prediction differences" in result.output and "kept as is" in result.output  # OneHotEncoder
+    assert np.array_equal(lowbit.load(out).predict(frame[400:]), model.predict(frame[400:]))
+    compared = lowbit.compare(
+        tmp_path / "frame.joblib", out, tmp_path / "test.csv", runs=3, trust_pickle=True
+    )
+    assert compared.quality["accuracy"]["original"] == compared.quality["accuracy"]["quantized"]
+    frame[400:].drop(columns=["mean radius"]).to_csv(tmp_path / "partial.csv", index=False)
+    partial = _run(
+        "quantize",
+        tmp_path / "frame.joblib",
+        "--trust-pickle",
+        "--data",
+        tmp_path / "partial.csv",
+        "--out",
+        tmp_path / "partial.lowbit",
+    )
+    assert partial.exit_code == 2 and "lacks columns" in partial.output and "mean radius" in partial.output
+    assert not (tmp_path / "partial.lowbit").exists()
