@@ -196,15 +196,19 @@ def _kernel_summary(kernels: dict[str, str]) -> str:
 
 @app.command()
 def inspect(
-    folder: Annotated[Path, typer.Argument(help="A lowbit model folder.")],
+    folder: Annotated[Path, typer.Argument(help="A lowbit model folder, or a scikit-learn lowbit file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     verify: Annotated[bool, typer.Option(help="Also check every file against its sha256.")] = False,
 ) -> None:
     """Per-layer table of a saved model: scheme, bits, granularity, kernel, bytes, and totals.
 
-    Example: lowbit inspect ./minilm-w8a8 --verify
+    A scikit-learn file: per quantized array, its encoding, shape and stored bytes, and the
+    fidelity report. Example: lowbit inspect ./minilm-w8a8 --verify
     """
     with _user_errors():
+        if folder.is_file():  # lowbit folders are folders; a file is a scikit-learn lowbit file
+            _inspect_sklearn(folder, as_json, verify)
+            return
         manifest = read_folder(folder)[0] if verify else read_manifest(folder)
         modules = manifest.get("modules", {})
         if as_json:
@@ -226,6 +230,29 @@ def inspect(
                       f"folder {_mib(folder_bytes(folder))}")
         if verify:
             console.print("every file matches its recorded sha256")
+
+
+def _inspect_sklearn(path: Path, as_json: bool, verify: bool) -> None:
+    from lowbit.sklearn.fileformat import describe_file
+
+    described = describe_file(path, verify)
+    if as_json:
+        print(json.dumps(described, indent=2))
+        return
+    table = Table(title=f"{path} ({described['estimator']})")
+    for column in ("array", "encoding", "shape", "stored bytes"):
+        table.add_column(column, justify="right" if column == "stored bytes" else "left", overflow="fold")
+    for entry in described["arrays"]:
+        table.add_row(entry["path"], entry["encoding"], "×".join(map(str, entry["shape"])),
+                      f"{entry['stored_bytes']:,}")
+    console.print(table)
+    report = described["report"]
+    fidelity = (f"{report['prediction_differences']} prediction differences on the reference data"
+                if report["verified"] else "fidelity NOT verified (quantized without reference data)")
+    console.print(f"{len(described['arrays'])} quantized arrays, {len(report['fallbacks'])} fell back; "
+                  f"{fidelity}; file {_mib(described['file_bytes'])}")
+    if verify:
+        console.print("every entry matches its recorded sha256, and the model rebuilds")
 
 
 @app.command("estimate")
@@ -347,32 +374,43 @@ def compare_command(
 
 @app.command("bench")
 def bench_command(
-    model: Annotated[str, typer.Argument(help="A lowbit folder, transformers folder or factory.")],
+    model: Annotated[str, typer.Argument(
+        help="A lowbit folder, transformers folder, factory, or scikit-learn model file.")],
     batch_size: Annotated[list[int] | None, typer.Option(help="Batch size to time (repeatable).")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per sample for text models.")] = 128,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
     samples: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 20,
     data: Annotated[Path | None, typer.Option(help="Inputs (required for tensor models).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(
+        help="scikit-learn: allow loading a .joblib/.pkl file (unpickling runs its code).")] = False,
 ) -> None:
     """Latency (p50/p95/p99), throughput, size, peak memory and load time of one model.
 
     Example: lowbit bench ./minilm-w8a8 --batch-size 1 --batch-size 8 --threads 2
+    scikit-learn: lowbit bench model.lowbit --data test.jsonl (predict on the first samples)
     """
     from lowbit.compare import bench as run_bench
 
     with _user_errors():
-        report = run_bench(model, tuple(batch_size or (1, 8)), seq_len, samples, threads, data)
+        report = run_bench(model, tuple(batch_size or (1, 8)), seq_len, samples, threads, data,
+                           trust_pickle=trust_pickle)
         if as_json:
             print(json.dumps(report, indent=2, default=str))
             return
-        table = Table(title=f"{model} ({report['threads']} threads, {seq_len} tokens per sample)")
+        sklearn = report["kind"].startswith("scikit-learn")
+        title = report["kind"] if sklearn else f"{report['threads']} threads, {seq_len} tokens per sample"
+        table = Table(title=f"{model} ({title})")
         for column in ("batch", "p50 ms", "p95 ms", "p99 ms", "samples/s"):
             table.add_column(column, justify="right")
         for batch, entry in report["latency_ms"].items():
             table.add_row(batch, f"{entry['p50']:.2f}", f"{entry['p95']:.2f}", f"{entry['p99']:.2f}",
                           f"{entry['throughput']:.1f}")
         console.print(table)
+        if sklearn:
+            console.print(f"size on disk {_mib(report['size_bytes'] or 0)}, "
+                          f"load {report.get('load_seconds') or 0:.3f} s (best of 3)")
+            return
         console.print(f"size on disk {_mib(report['size_bytes'] or 0)}, parameters in memory "
                       f"{_mib(report['param_bytes'])}, peak RSS {_mib(report.get('peak_rss_bytes') or 0)}, "
                       f"load {report.get('load_seconds') or 0:.2f} s")

@@ -247,12 +247,18 @@ def bench(
     threads: int | None = None,
     data: Any = None,
     memory: bool = True,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Latency, throughput, size, memory and load time of one model.
 
     Text models get `seq_len`-token inputs made from `data` (or a fixed English paragraph);
-    tensor models need `data`.
+    tensor models need `data`. A scikit-learn estimator or file is timed on `data` by
+    lowbit.sklearn.compare.bench_estimator (`trust_pickle` allows a .joblib/.pkl file).
     """
+    from lowbit.sklearn.compare import bench_estimator, is_sklearn_model
+
+    if is_sklearn_model(model):
+        return bench_estimator(model, data, batch_sizes, runs, threads, trust_pickle)
     loaded, path = open_model(model)
     kind = infer_kind(loaded, None)
     tokenizer = find_tokenizer(path)

@@ -17,9 +17,9 @@ from lowbit.sources import load_source
 def load(path: str | os.PathLike, skeleton: Skeleton = None) -> Any:
     """A saved lowbit model: a folder (a torch module, see lowbit.persist.load) or a single
     scikit-learn file (the estimator, rebuilt without pickle)."""
-    from lowbit.sklearn.fileformat import is_lowbit_file, read_file
+    from lowbit.sklearn.fileformat import read_file
 
-    if Path(path).is_file() and is_lowbit_file(path):
+    if Path(path).is_file():  # torch models are folders; a single file is a scikit-learn model
         return read_file(path)
     return load_folder(path, skeleton)
 

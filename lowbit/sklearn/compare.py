@@ -31,7 +31,8 @@ EstimatorLike = Any  # a fitted estimator, a QuantizedEstimator, or a path to a 
 def is_sklearn_model(model: Any) -> bool:
     """Whether `model` is a scikit-learn estimator or a file that holds one."""
     if isinstance(model, (str, os.PathLike)):
-        return Path(model).is_file() and (is_sklearn_file(model) or is_lowbit_file(model))
+        path = Path(model)
+        return path.is_file() and (is_sklearn_file(path) or path.suffix == ".lowbit" or is_lowbit_file(path))
     return type(model).__module__.startswith(("sklearn", "lowbit.sklearn"))
 
 
@@ -40,7 +41,7 @@ def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, Ca
     if not isinstance(model, (str, os.PathLike)):
         return getattr(model, "estimator", model), None, None
     path = Path(model)
-    if is_lowbit_file(path):
+    if path.suffix == ".lowbit" or is_lowbit_file(path):
         return read_file(path), str(path), lambda: read_file(path)
     return read_estimator(path, trust_pickle), str(path), lambda: read_estimator(path, trust_pickle)
 
@@ -111,15 +112,16 @@ def array_errors(original: Any, quantized: Any, encodings: dict[str, str] | None
     return sorted(rows, key=lambda row: row["sqnr_db"])
 
 
-def _latency(original: Any, quantized: Any, inputs: Any, batch_sizes: Sequence[int], runs: int,
+def _latency(models: dict[str, Any], inputs: Any, batch_sizes: Sequence[int], runs: int,
              threads: int | None) -> dict[str, dict[str, dict[str, Any]]]:
-    results: dict[str, dict[str, dict[str, Any]]] = {"original": {}, "quantized": {}}
+    """{model: {batch size: p50/p95/p99/mean, timings, throughput}} of predict, timed interleaved."""
+    results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in models}
     for size in batch_sizes:
         if size > len(inputs):
             raise LowbitError(f"batch size {size} needs at least {size} samples; the data has {len(inputs)}")
         batch = _take(inputs, np.arange(size))
-        calls = {"original": lambda batch=batch: original.predict(batch),
-                 "quantized": lambda batch=batch: quantized.predict(batch)}
+        calls = {name: (lambda model=model, batch=batch: model.predict(batch))
+                 for name, model in models.items()}
         stats = measure_latencies(calls, runs=runs, threads=threads)
         for name, entry in stats.items():
             results[name][str(size)] = {**entry.to_dict(), "throughput": size / (entry.p50 / 1000.0)}
@@ -152,7 +154,8 @@ def compare_estimators(
     if metric not in quality:
         raise LowbitError(f"metric {metric!r} is not measured for this model and data; "
                           f"choose one of {', '.join(quality)}")
-    latency = _latency(original_model, quantized_model, inputs, batch_sizes, runs, threads)
+    latency = _latency({"original": original_model, "quantized": quantized_model}, inputs, batch_sizes, runs,
+                       threads)
     encodings = _encodings(quantized, quantized_path)
     reports = {}
     for name, path, load in (("original", original_path, load_original),
@@ -178,3 +181,23 @@ def _encodings(quantized: Any, path: str | None) -> dict[str, str] | None:
 
         return read_manifest(path).get("report", {}).get("encodings")
     return quantized.report().get("encodings") if hasattr(quantized, "report") else None
+
+
+def bench_estimator(model: EstimatorLike, data: Any, batch_sizes: Sequence[int] = (1, 8), runs: int = 20,
+                    threads: int | None = None, trust_pickle: bool = False) -> dict[str, Any]:
+    """`lowbit bench` for one scikit-learn model: predict latency and throughput per batch size
+    on `data`, size on disk and load time (best of three)."""
+    from lowbit.sklearn.files import reference_inputs
+
+    if data is None:
+        raise LowbitError("a scikit-learn model needs --data: inputs to time predict on")
+    estimator, path, load = _open(model, trust_pickle)
+    inputs = reference_inputs(data, estimator)
+    try:
+        latency = _latency({"model": estimator}, inputs, batch_sizes, runs, threads)["model"]
+    except ValueError as error:
+        raise LowbitError(f"the data does not fit the model: {error}") from None
+    return {"source": path, "kind": f"scikit-learn {type(estimator).__name__}", "latency_ms": latency,
+            "size_bytes": Path(path).stat().st_size if path else None, "param_bytes": None,
+            "peak_rss_bytes": None, "load_seconds": best_load_seconds(load)[1] if load else None,
+            "threads": threads}

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lowbit.errors import ChecksumError, FormatError
 from lowbit.sklearn import skeleton
@@ -104,3 +108,31 @@ def read_file(path: str | os.PathLike) -> Any:
         raise
     except (KeyError, ValueError, TypeError, AttributeError) as error:
         raise FormatError(f"{path}: the model cannot be rebuilt: {type(error).__name__}: {error}") from None
+
+
+def describe_file(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
+    """What `lowbit inspect` shows: the estimator, the fidelity report, and per quantized array
+    its encoding, shape and stored bytes. `verify` rebuilds the model (checksums first)."""
+    manifest = read_manifest(path)
+    if verify:
+        read_file(path)
+    with zipfile.ZipFile(path) as archive:
+        document = json.loads(archive.read("skeleton.json"))
+    arrays = [{"path": node.get("path", "?"), "encoding": node["encoding"], "shape": node["shape"],
+               "stored_bytes": sum(math.prod(shape) * np.dtype(pool).itemsize
+                                   for pool, _, shape in node["parts"].values())}
+              for node in _encoded_nodes(document["graph"])]
+    return {"estimator": manifest["estimator"], "report": manifest["report"], "arrays": arrays,
+            "file_bytes": Path(path).stat().st_size, "verified_checksums": verify}
+
+
+def _encoded_nodes(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        if node.get("$") == "encoded":
+            yield node
+            return
+        for value in node.values():
+            yield from _encoded_nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _encoded_nodes(value)

@@ -158,7 +158,7 @@ class _Writer:
     def array(self, array: np.ndarray, path: str) -> dict[str, Any]:
         if path in self.encodings:
             encoded = self.encodings[path]
-            return {"$": "encoded", "encoding": encoded.encoding, "dtype": encoded.dtype,
+            return {"$": "encoded", "path": path, "encoding": encoded.encoding, "dtype": encoded.dtype,
                     "shape": list(encoded.shape), "order": encoded.order,
                     "parts": {name: self.array_ref(part) for name, part in encoded.parts.items()}}
         if array.dtype.fields is not None:

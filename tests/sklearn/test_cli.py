@@ -146,3 +146,26 @@ def test_a_model_fitted_on_a_dataframe_reads_its_csv_by_column_name(tmp_path):
     )
     assert partial.exit_code == 2 and "lacks columns" in partial.output and "mean radius" in partial.output
     assert not (tmp_path / "partial.lowbit").exists()
+
+
+def test_inspect_and_bench_read_a_scikit_learn_file(files, tmp_path):
+    out = tmp_path / "model.lowbit"
+    assert (
+        _run(
+            "quantize", files / "model.joblib", "--trust-pickle", "--data", files / "test.csv", "--out", out
+        ).exit_code
+        == 0
+    )
+    shown = _run("inspect", out, "--verify")
+    assert shown.exit_code == 0, shown.output
+    assert "model.coef_" in shown.output and "0 prediction differences" in shown.output
+    described = json.loads(_run("inspect", out, "--json").output)
+    assert [entry["path"] for entry in described["arrays"]] == ["model.coef_"]
+    assert described["arrays"][0]["stored_bytes"] < 30 * 8  # 30 float64 coefficients, stored narrower
+    timed = _run("bench", out, "--data", files / "test.csv", "--samples", 3, "--json")
+    assert timed.exit_code == 0, timed.output
+    assert set(json.loads(timed.output)["latency_ms"]) == {"1", "8"}
+    assert _run("bench", out).exit_code == 2  # a scikit-learn model needs --data
+    broken = tmp_path / "broken.lowbit"
+    broken.write_bytes(out.read_bytes()[:-40])
+    assert _run("inspect", broken, "--verify").exit_code == 2
