@@ -201,3 +201,55 @@ def test_an_unstorable_component_is_a_clear_error_and_nothing_is_written(cancer,
     with pytest.raises(FormatError, match="function"):
         quantized.save(tmp_path / "m.lowbit")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_string_labels_a_fixed_vocabulary_and_a_feature_union_survive_the_file(tmp_path):
+    from sklearn.datasets import load_iris
+    from sklearn.pipeline import make_union
+
+    features, labels = load_iris(return_X_y=True)
+    names = np.array(["setosa", "versicolor", "virginica"])[labels]
+    texts = [document["extract"] for document in assets.wikipedia_documents()[:400]]
+    topics = [document["topic"] for document in assets.wikipedia_documents()[:400]]
+    words = [
+        "the",
+        "of",
+        "and",
+        "in",
+        "to",
+        "a",
+        "is",
+        "was",
+        "for",
+        "on",
+        "as",
+        "by",
+        "with",
+        "from",
+        "at",
+        "that",
+        "his",
+        "her",
+        "are",
+    ]
+    cases = [
+        (ensemble.HistGradientBoostingClassifier(max_iter=20).fit(features, names), features),
+        (naive_bayes.GaussianNB().fit(features, names), features),
+        (
+            make_pipeline(make_union(StandardScaler(), PCA(2)), linear_model.LogisticRegression()).fit(
+                features, labels
+            ),
+            features,
+        ),
+        (
+            make_pipeline(
+                CountVectorizer(vocabulary={word: i for i, word in enumerate(words)}),
+                linear_model.LogisticRegression(max_iter=1000),
+            ).fit(texts, topics),
+            texts,
+        ),
+    ]
+    for index, (model, data) in enumerate(cases):
+        quantized = lowbit_sklearn.quantize(model, bits=8, data=data)
+        reloaded = lowbit.load(quantized.save(tmp_path / f"{index}.lowbit"))
+        assert np.array_equal(reloaded.predict(data), model.predict(data)), type(model).__name__
