@@ -209,8 +209,11 @@ def test_string_labels_a_fixed_vocabulary_and_a_feature_union_survive_the_file(t
 
     features, labels = load_iris(return_X_y=True)
     names = np.array(["setosa", "versicolor", "virginica"])[labels]
-    texts = [document["extract"] for document in assets.wikipedia_documents()[:400]]
-    topics = [document["topic"] for document in assets.wikipedia_documents()[:400]]
+    documents = [assets.wikipedia_documents()[i] for i in np.random.default_rng(0).permutation(2000)[:400]]
+    texts, topics = (
+        [document["extract"] for document in documents],
+        [document["topic"] for document in documents],
+    )
     words = [
         "the",
         "of",
