@@ -175,6 +175,8 @@ def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, o
         console.print(f"  fell back: {path}: {' → '.join(steps)}")
     for path in report["kept_float"]:
         console.print(f"  kept as is (unsupported): {path}")
+    for path, share in report["pruned"].items():
+        console.print(f"  pruned: {path}: {share:.1%} of its entries are zero, stored sparsely")
 
 
 def _kernel_summary(kernels: dict[str, str]) -> str:

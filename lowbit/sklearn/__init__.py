@@ -120,7 +120,8 @@ def quantize_model_file(
     quantized.save(output_path, overwrite=overwrite)
     return {"output_path": str(output_path), "bits": bit_depth, "verified": quantized.verified,
             **measure_files(input_path, output_path, estimator, inputs, trust_pickle),
-            "fallbacks": quantized.fallbacks, "kept_float": quantized.kept_float}
+            "fallbacks": quantized.fallbacks, "kept_float": quantized.kept_float,
+            "pruned": quantized.report()["pruned"]}
 
 
 def load(path: str | Path) -> Any:

@@ -169,3 +169,29 @@ def test_inspect_and_bench_read_a_scikit_learn_file(files, tmp_path):
     broken = tmp_path / "broken.lowbit"
     broken.write_bytes(out.read_bytes()[:-40])
     assert _run("inspect", broken, "--verify").exit_code == 2
+
+
+def test_weight_threshold_on_the_command_line_reports_what_was_pruned(files, tmp_path):
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = load_breast_cancer(return_X_y=True)
+    model = make_pipeline(StandardScaler(), RidgeClassifier(alpha=10)).fit(features[:400], labels[:400])
+    joblib.dump(model, tmp_path / "ridge.joblib")
+    threshold = float(np.quantile(np.abs(model[-1].coef_), 0.2))  # 6 of its 30 weights
+    out = tmp_path / "pruned.lowbit"
+    result = _run(
+        "quantize",
+        tmp_path / "ridge.joblib",
+        "--trust-pickle",
+        "--weight-threshold",
+        threshold,
+        "--data",
+        files / "test.csv",
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    assert "0 prediction differences" in result.output
+    assert "pruned: model.steps[1][1].coef_: 20.0% of its entries are zero" in " ".join(result.output.split())
