@@ -36,14 +36,16 @@ def is_sklearn_model(model: Any) -> bool:
     return type(model).__module__.startswith(("sklearn", "lowbit.sklearn"))
 
 
-def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, Callable[[], Any] | None]:
-    """(estimator, its path, a function that loads it again) for an estimator or a file."""
+def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, float | None]:
+    """(estimator, its path, its load seconds: the best of three loads) for an estimator or a file."""
     if not isinstance(model, (str, os.PathLike)):
         return getattr(model, "estimator", model), None, None
     path = Path(model)
     if path.suffix == ".lowbit" or is_lowbit_file(path):
-        return read_file(path), str(path), lambda: read_file(path)
-    return read_estimator(path, trust_pickle), str(path), lambda: read_estimator(path, trust_pickle)
+        estimator, seconds = best_load_seconds(lambda: read_file(path))
+    else:
+        estimator, seconds = best_load_seconds(lambda: read_estimator(path, trust_pickle))
+    return estimator, str(path), seconds
 
 
 def _take(inputs: Any, indices: np.ndarray) -> Any:
@@ -138,8 +140,8 @@ def compare_estimators(
     texts, or an array; a file's labels are used when `labels` is not given)."""
     from lowbit.sklearn.files import reference_inputs, reference_labels
 
-    original_model, original_path, load_original = _open(original, trust_pickle)
-    quantized_model, quantized_path, load_quantized = _open(quantized, trust_pickle)
+    original_model, original_path, original_seconds = _open(original, trust_pickle)
+    quantized_model, quantized_path, quantized_seconds = _open(quantized, trust_pickle)
     if isinstance(data, (str, os.PathLike)) and labels is None:
         labels = reference_labels(data)
     inputs = reference_inputs(data, original_model)
@@ -158,11 +160,11 @@ def compare_estimators(
                        threads)
     encodings = _encodings(quantized, quantized_path)
     reports = {}
-    for name, path, load in (("original", original_path, load_original),
-                             ("quantized", quantized_path, load_quantized)):
+    for name, path, seconds in (("original", original_path, original_seconds),
+                                ("quantized", quantized_path, quantized_seconds)):
         reports[name] = {
             "source": path, "size_bytes": Path(path).stat().st_size if path else None, "param_bytes": None,
-            "peak_rss_bytes": None, "load_seconds": best_load_seconds(load)[1] if load else None,
+            "peak_rss_bytes": None, "load_seconds": seconds,
             "latency_ms": {size: {k: v for k, v in entry.items() if k != "throughput"}
                            for size, entry in latency[name].items()},
             "throughput": {size: entry["throughput"] for size, entry in latency[name].items()},
@@ -191,7 +193,7 @@ def bench_estimator(model: EstimatorLike, data: Any, batch_sizes: Sequence[int] 
 
     if data is None:
         raise LowbitError("a scikit-learn model needs --data: inputs to time predict on")
-    estimator, path, load = _open(model, trust_pickle)
+    estimator, path, seconds = _open(model, trust_pickle)
     inputs = reference_inputs(data, estimator)
     try:
         latency = _latency({"model": estimator}, inputs, batch_sizes, runs, threads)["model"]
@@ -199,5 +201,4 @@ def bench_estimator(model: EstimatorLike, data: Any, batch_sizes: Sequence[int] 
         raise LowbitError(f"the data does not fit the model: {error}") from None
     return {"source": path, "kind": f"scikit-learn {type(estimator).__name__}", "latency_ms": latency,
             "size_bytes": Path(path).stat().st_size if path else None, "param_bytes": None,
-            "peak_rss_bytes": None, "load_seconds": best_load_seconds(load)[1] if load else None,
-            "threads": threads}
+            "peak_rss_bytes": None, "load_seconds": seconds, "threads": threads}

@@ -154,11 +154,12 @@ class _Search:
 
     def run(self) -> GuardResult:
         """Climb until nothing differs (every array exact differs in nothing, so this ends)."""
-        while self.fails(self.current()):
+        changed, probability = self.check(self.current())
+        while changed or probability > self.tolerance:
             movable = [path for path in self.originals if self.rung(path) != "exact"]
             for path in self.culprits(movable) or self.most_helpful():
                 self.climb(path)
-        changed, probability = self.check(self.current())
+            changed, probability = self.check(self.current())
         return GuardResult(self.current(), self.fallbacks, changed, probability, verified=True)
 
 
