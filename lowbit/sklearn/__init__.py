@@ -4,9 +4,10 @@
     q.predict(X); q.save("model.lowbit"); lowbit.sklearn.load("model.lowbit")
 
 Every float array (coefficients, log-probabilities, scaler statistics, support vectors, network
-weights) takes the smallest encoding on its ladder (int8 or int16 rows with a scale, float32)
-under which no prediction on `data` changes; text vocabularies are stored as their terms in
-column order. The file is a zip of JSON, safetensors and skops: no pickle.
+weights, tree thresholds and values) takes the smallest encoding on its ladder (int8 or int16
+rows with a scale, float32) under which no prediction on `data` changes; text vocabularies are
+stored as their terms, one per line. The file is a zip of JSON and safetensors: no pickle (see
+lowbit.sklearn.fileformat and lowbit.sklearn.skeleton).
 """
 
 from __future__ import annotations
