@@ -87,7 +87,8 @@ def main() -> None:
                        ("prediction_differences", "differences"), ("original_load_seconds", "joblib load s"),
                        ("quantized_load_seconds", "lowbit load s"),
                        ("original_predictions_per_second", "joblib pred/s"),
-                       ("quantized_predictions_per_second", "lowbit pred/s")])
+                       ("quantized_predictions_per_second", "lowbit pred/s"),
+                       ("quantize_seconds", "quantize s")])
     for row in rows:
         print(f"{row['model']}: {fallback_summary(row['fallbacks'])}")
     print(f"results: {write_json('sklearn', {'rows': rows})}")

@@ -13,6 +13,7 @@ lowbit.sklearn.fileformat and lowbit.sklearn.skeleton).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,9 +118,12 @@ def quantize_model_file(
         raise FormatError(f"{output_path} already exists; choose another path or pass overwrite=True")
     estimator = read_estimator(input_path, trust_pickle)
     inputs = reference_inputs(data, estimator)
+    start = time.perf_counter()
     quantized = quantize(estimator, bit_depth, weight_threshold, inputs, probability_tolerance)
+    quantize_seconds = time.perf_counter() - start
     quantized.save(output_path, overwrite=overwrite)
     return {"output_path": str(output_path), "bits": bit_depth, "verified": quantized.verified,
+            "quantize_seconds": quantize_seconds,
             **measure_files(input_path, output_path, estimator, inputs, trust_pickle),
             "fallbacks": quantized.fallbacks, "kept_float": quantized.kept_float,
             "pruned": quantized.report()["pruned"]}
