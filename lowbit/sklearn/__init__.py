@@ -57,8 +57,8 @@ class QuantizedEstimator:
                 "max_probability_difference": self.max_probability_difference,
                 "fallbacks": self.fallbacks, "kept_float": self.kept_float,
                 "encodings": {path: encoded.encoding for path, encoded in self.encodings.items()},
-                "pruned": {path: sparsity(encoded) for path, encoded in self.encodings.items()
-                           if sparsity(encoded) is not None}}
+                "pruned": {path: share for path, encoded in self.encodings.items()
+                           if (share := sparsity(encoded)) is not None}}
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """One zip file (see lowbit.sklearn.fileformat), written atomically."""

@@ -23,6 +23,7 @@ from lowbit.evaluate.comparison import Comparison
 from lowbit.evaluate.metrics import bootstrap_difference
 from lowbit.sklearn.fileformat import is_lowbit_file, read_file
 from lowbit.sklearn.files import best_load_seconds, is_sklearn_file, read_estimator
+from lowbit.sklearn.guard import same_predictions
 from lowbit.sklearn.slots import find_slots
 
 EstimatorLike = Any  # a fitted estimator, a QuantizedEstimator, or a path to a model file
@@ -58,8 +59,7 @@ def _quality(original: Any, quantized: Any, inputs: Any, labels: np.ndarray | No
     """agreement always; accuracy (classifiers) or r2 (regressors) against labels when given."""
     before, after = np.asarray(original.predict(inputs)), np.asarray(quantized.predict(inputs))
     regressor = np.issubdtype(before.dtype, np.floating) and not hasattr(original, "classes_")
-    same = (np.isclose(before, after, rtol=1e-6, atol=1e-12) if regressor else before == after)
-    same = same.reshape(len(before), -1).all(axis=1)
+    same = same_predictions(before, after)
     scores: dict[str, Callable[[np.ndarray], tuple[float, float]]] = {
         "agreement": lambda idx: (1.0, float(same[idx].mean()))}
     if labels is not None and regressor:

@@ -48,16 +48,21 @@ def predictions(estimator: Any, data: Any) -> dict[str, np.ndarray]:
     return outputs
 
 
-def differences(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> tuple[int, float]:
-    """(samples whose prediction differs, largest probability difference). Regressor outputs and
-    transforms count as different beyond float rounding (relative 1e-6)."""
-    key = "predict" if "predict" in reference else "transform"
-    before, after = reference[key], candidate[key]
+def same_predictions(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Per sample, whether two outputs agree: exactly for labels, within float rounding
+    (relative 1e-6) for regressor outputs and transforms."""
     if np.issubdtype(before.dtype, np.floating):
         same = np.isclose(before, after, rtol=1e-6, atol=1e-12)
     else:
         same = before == after
-    changed = int(np.sum(~same.reshape(len(before), -1).all(axis=1)))
+    return same.reshape(len(before), -1).all(axis=1)
+
+
+def differences(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> tuple[int, float]:
+    """(samples whose prediction differs, largest probability difference). Regressor outputs and
+    transforms count as different beyond float rounding (relative 1e-6)."""
+    key = "predict" if "predict" in reference else "transform"
+    changed = int(np.sum(~same_predictions(reference[key], candidate[key])))
     probability = 0.0
     if "predict_proba" in reference and "predict_proba" in candidate:
         gap = np.abs(reference["predict_proba"] - candidate["predict_proba"])

@@ -35,9 +35,9 @@ def is_coefficient(path: str) -> bool:
     return re.sub(r"(\[[^\]]*\])+$", "", path).rpartition(".")[2] in COEFFICIENTS
 
 
-def _is_float_array(value: Any, min_elements: int = MIN_ELEMENTS) -> bool:
+def _is_float_array(value: Any) -> bool:
     return (isinstance(value, np.ndarray) and value.dtype.fields is None
-            and value.dtype in (np.float64, np.float32) and value.size >= min_elements)
+            and value.dtype in (np.float64, np.float32) and value.size >= MIN_ELEMENTS)
 
 
 def _tree_slots(tree: Any, path: str) -> Iterator[Slot]:
@@ -88,8 +88,7 @@ def _attribute_slot(owner: Any, name: str, path: str) -> Slot:
     return Slot(path, lambda: getattr(owner, name), lambda value: setattr(owner, name, value))
 
 
-def find_slots(value: Any, path: str = "model", min_elements: int = MIN_ELEMENTS,
-               seen: set[int] | None = None) -> Iterator[Slot]:
+def find_slots(value: Any, path: str = "model", seen: set[int] | None = None) -> Iterator[Slot]:
     """Every float array reachable from `value`, depth first, each object visited once."""
     seen = set() if seen is None else seen
     if id(value) in seen:
@@ -99,12 +98,12 @@ def find_slots(value: Any, path: str = "model", min_elements: int = MIN_ELEMENTS
         yield from _tree_slots(value, path)
         return
     for owner, key, item, child_path, by_item in _children(value, path):
-        if _is_float_array(item, min_elements):
+        if _is_float_array(item):
             yield _item_slot(owner, key, child_path) if by_item else _attribute_slot(owner, key, child_path)
         elif isinstance(item, np.ndarray) and item.dtype.fields is not None and not by_item:
             yield from _structured_slots(owner, key, item, child_path)
         elif not isinstance(item, (np.ndarray, str, bytes, int, float, bool, type(None))):
-            yield from find_slots(item, child_path, min_elements, seen)
+            yield from find_slots(item, child_path, seen)
 
 
 def _children(value: Any, path: str) -> Iterator[tuple[Any, Any, Any, str, bool]]:
@@ -122,18 +121,3 @@ def _children(value: Any, path: str) -> Iterator[tuple[Any, Any, Any, str, bool]
     elif type(value).__module__.startswith("sklearn") and hasattr(value, "__dict__"):
         for name, item in vars(value).items():  # parameters too: a Pipeline's fitted steps live there
             yield value, name, item, f"{path}.{name}", False
-
-
-def find_vocabularies(
-    value: Any, path: str = "model", seen: set[int] | None = None,
-) -> Iterator[tuple[str, Any]]:
-    """(path, estimator) for every fitted text vectorizer: its `vocabulary_` dict (term -> column)
-    is stored as the terms in column order instead."""
-    seen = set() if seen is None else seen
-    if id(value) in seen or isinstance(value, (np.ndarray, str, bytes)):
-        return
-    seen.add(id(value))
-    if isinstance(getattr(value, "vocabulary_", None), dict) and "vocabulary_" in vars(value):
-        yield path, value
-    for _, _, item, child_path, _ in _children(value, path):
-        yield from find_vocabularies(item, child_path, seen)
