@@ -85,7 +85,10 @@ def test_fast_kernels_match_the_reference_on_real_activations(saved, minilm, wik
             expected = KERNELS["reference"](module, x)
             for kernel in set(module.spec.kernels.values()) - {"reference", "dequantized_fp32"}:
                 error = (KERNELS[kernel](module, x) - expected).norm() / expected.norm()
-                assert error < (1e-4 if kernel == "fbgemm_dynamic" else 1e-2), (name, kernel)
+                # fbgemm's vectorised rounding of near-tie activations differs from the reference's
+                # by one step on a few elements (1.4e-4 seen with AVX-512 VNNI); int16 saturation
+                # would show as 0.065 or more (../shared/KERNELS.md).
+                assert error < (1e-3 if kernel == "fbgemm_dynamic" else 1e-2), (name, kernel)
 
 
 def test_transformers_folder_loads_alone_in_a_new_process_with_identical_outputs(saved, minilm, tmp_path):

@@ -178,10 +178,22 @@ def fbgemm_static(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return qy.dequantize()
 
 
+def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """`tensor`, copied when its data does not start on an `alignment`-byte boundary.
+
+    A tensor read from a safetensors file can start anywhere in the file; the AVX-512 path of
+    `_weight_int8pack_mm` crashed the process (SIGSEGV) on such a weight.
+    """
+    if tensor.data_ptr() % alignment == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def int8pack_bf16(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`torch._weight_int8pack_mm` with bf16 activations: fast for a few rows, int8 weight-only."""
     scales = cached(module, "int8pack_scales", lambda: module.weight_scale.to(torch.bfloat16))
-    y = torch._weight_int8pack_mm(x.to(torch.bfloat16), module.weight, scales).float()
+    weight = cached(module, "int8pack_weight", lambda: aligned(module.weight.contiguous()))
+    y = torch._weight_int8pack_mm(x.to(torch.bfloat16), weight, scales).float()
     return y if module.bias is None else y + module.bias
 
 

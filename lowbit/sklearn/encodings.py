@@ -11,6 +11,7 @@ a bitmask of where they are.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,3 +114,41 @@ def sparsity(encoded: Encoded) -> float | None:
         return None
     size = int(np.prod(encoded.shape))
     return 1.0 - len(encoded.parts["data"]) / size if size else 0.0
+
+
+PARTS = {"exact": {"data"}, "float32": {"data"}, "int8-rows": {"data", "scale"},
+         "int16-rows": {"data", "scale"}}
+STORED_TYPES = {"exact": None, "float32": np.float32, "int8-rows": np.int8, "int16-rows": np.int16}
+
+
+def check_encoded(encoded: Encoded) -> None:
+    """Raise FormatError unless `encoded`'s parts fit its encoding and shape: a file's sizes are
+    checked before `decode` allocates anything from them."""
+    from lowbit.errors import FormatError
+
+    step = encoded.encoding.removeprefix(PRUNED)
+    pruned = encoded.encoding.startswith(PRUNED)
+    if step not in PARTS or (pruned and step == "exact"):
+        raise FormatError(f"unknown array encoding {encoded.encoding!r}")
+    parts, size = encoded.parts, math.prod(encoded.shape)
+    if set(parts) != PARTS[step] | ({"mask"} if pruned else set()):
+        raise FormatError(f"a {encoded.encoding} array needs the parts {sorted(PARTS[step])}")
+    if encoded.order not in ("C", "F") or np.dtype(encoded.dtype).kind not in "biuf":
+        raise FormatError("an encoded array needs order C or F and a numeric dtype")
+    stored = STORED_TYPES[step]
+    if stored is not None and parts["data"].dtype != stored:
+        raise FormatError(f"a {encoded.encoding} array stores {np.dtype(stored)} values")
+    rows = encoded.shape[0] if len(encoded.shape) > 1 else 1
+    if "scale" in parts and (parts["scale"].dtype != np.float64 or parts["scale"].shape != (rows, 1)):
+        raise FormatError("an array's scales must be one float64 per row")
+    if not pruned:
+        expected = encoded.shape if step == "exact" else (rows, size // rows if rows else 0)
+        if parts["data"].shape != tuple(expected):
+            raise FormatError("an array's stored values do not fill its shape")
+        return
+    mask = parts["mask"]
+    if mask.dtype != np.uint8 or mask.ndim != 1 or mask.size != (size + 7) // 8:
+        raise FormatError("a pruned array's mask must hold one bit per element")
+    kept = int(np.unpackbits(mask, count=size).sum())
+    if parts["data"].ndim != 1 or parts["data"].size != kept:
+        raise FormatError("a pruned array must store one value per set bit of its mask")

@@ -17,7 +17,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,10 @@ from lowbit.sklearn import skeleton
 from lowbit.sklearn.encodings import Encoded
 
 FORMAT, VERSION = "lowbit-sklearn", 2
+ENTRY_NAME = re.compile(r"skeleton\.json|arrays\.safetensors|vocabulary/(0|[1-9][0-9]{0,5})\.txt")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_INFLATION = 50  # entries may inflate to 50x the file: real files measured 2-6x
 
 
 def _sha256(data: bytes) -> str:
@@ -52,7 +58,8 @@ def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.Pat
                "arrays.safetensors": save_arrays(arrays) if arrays else b""}
     entries.update({f"vocabulary/{index}.txt": text.encode() for index, text in enumerate(texts)})
     manifest = {"format": FORMAT, "version": VERSION, "estimator": _class_path(estimator), "report": report,
-                "sha256": {name: _sha256(data) for name, data in entries.items()}}
+                "sha256": {name: _sha256(data) for name, data in entries.items()},
+                "sizes": {name: len(data) for name, data in entries.items()}}
     staging = path.with_name(f".{path.name}.partial")
     try:
         with zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
@@ -69,70 +76,177 @@ def is_lowbit_file(path: str | os.PathLike) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             return {"lowbit.json", "skeleton.json"} <= set(archive.namelist())
-    except (OSError, zipfile.BadZipFile):
+    except (OSError, zipfile.BadZipFile, ValueError):
         return False
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+def _open_archive(path: str | os.PathLike) -> zipfile.ZipFile:
+    if not Path(path).is_file():
+        raise FormatError(f"{path} is not a file")
     try:
-        with zipfile.ZipFile(path) as archive:
-            manifest = json.loads(archive.read("lowbit.json"))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+        return zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as error:
         raise FormatError(f"{path} is not a lowbit scikit-learn file: {error}") from None
+
+
+def _read_entry(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """One entry's bytes, refused before inflating when its declared size passes `limit`, and
+    read in chunks that stop at the declared size (a zip bomb cannot fill memory)."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise FormatError(f"the file has no entry {name}") from None
+    if info.file_size > limit:
+        raise FormatError(f"entry {name} declares {info.file_size:,} bytes, over its bound of {limit:,}")
+    chunks, total = [], 0
+    try:
+        with archive.open(info) as handle:
+            while chunk := handle.read(1 << 20):
+                total += len(chunk)
+                if total > info.file_size:
+                    raise FormatError(f"entry {name} inflates past its declared size")
+                chunks.append(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
+            zlib.error) as error:
+        raise FormatError(f"entry {name} cannot be read: {error}") from None
+    return b"".join(chunks)
+
+
+def _json(data: bytes, name: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise FormatError(f"{name} is not valid JSON: {type(error).__name__}") from None
+
+
+def _manifest_from(archive: zipfile.ZipFile, path: str | os.PathLike) -> dict[str, Any]:
+    manifest = _json(_read_entry(archive, "lowbit.json", MAX_MANIFEST_BYTES), "lowbit.json")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FormatError(f"{path} is not a lowbit scikit-learn file")
     if manifest.get("version") != VERSION:
-        raise FormatError(f"{path} has format version {manifest.get('version')}; this lowbit reads {VERSION}")
+        raise FormatError(f"{path} has format version {manifest.get('version')!r}; "
+                          f"this lowbit reads {VERSION}")
+    digests, sizes = manifest.get("sha256"), manifest.get("sizes", {})
+    if not isinstance(digests, dict) or not {"skeleton.json", "arrays.safetensors"} <= set(digests):
+        raise FormatError(f"{path}: lowbit.json lists no checksums for its entries")
+    for name, digest in digests.items():
+        if not ENTRY_NAME.fullmatch(name) or not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise FormatError(f"{path}: lowbit.json names an entry {name!r} that lowbit does not read")
+    if not isinstance(sizes, dict) or not all(type(size) is int and size >= 0 for size in sizes.values()):
+        raise FormatError(f"{path}: lowbit.json's entry sizes are malformed")
+    if not isinstance(manifest.get("estimator"), str) or not isinstance(manifest.get("report", {}), dict):
+        raise FormatError(f"{path}: lowbit.json lacks the estimator's class or its report")
     return manifest
 
 
-def read_file(path: str | os.PathLike) -> Any:
-    """Rebuild the estimator: checksums first, then the object graph with its arrays and terms."""
-    from safetensors.numpy import load as load_arrays
+def _entry_limits(archive: zipfile.ZipFile, manifest: dict[str, Any],
+                  path: str | os.PathLike) -> dict[str, int]:
+    """Each entry's size bound: the size lowbit.json records (when it does), and all together at
+    most MAX_INFLATION times the file's own size."""
+    limits = {}
+    for name in manifest["sha256"]:
+        try:
+            declared = archive.getinfo(name).file_size
+        except KeyError:
+            raise FormatError(f"{path}: entry {name} is missing") from None
+        recorded = manifest.get("sizes", {}).get(name, declared)
+        if recorded != declared:
+            raise FormatError(f"{path}: entry {name} declares {declared:,} bytes; "
+                              f"lowbit.json recorded {recorded:,}")
+        limits[name] = declared
+    budget = MAX_INFLATION * Path(path).stat().st_size + MAX_MANIFEST_BYTES
+    if sum(limits.values()) > budget:
+        raise FormatError(f"{path}: its entries would inflate to {sum(limits.values()):,} bytes, more than "
+                          f"{MAX_INFLATION}x the file; it is corrupt or a zip bomb")
+    return limits
 
-    manifest = read_manifest(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            entries = {name: archive.read(name) for name in manifest["sha256"]}
-    except (KeyError, zipfile.BadZipFile, OSError) as error:
-        raise FormatError(f"{path}: {error}") from None
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """lowbit.json, checked: format, version, and an entry list lowbit knows how to read."""
+    with _open_archive(path) as archive:
+        return _manifest_from(archive, path)
+
+
+def _verified_entries(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """lowbit.json and every entry it lists, each bounded in size and checked against its sha256."""
+    with _open_archive(path) as archive:
+        manifest = _manifest_from(archive, path)
+        limits = _entry_limits(archive, manifest, path)
+        entries = {name: _read_entry(archive, name, limit) for name, limit in limits.items()}
     for name, data in entries.items():
         if _sha256(data) != manifest["sha256"][name]:
             raise ChecksumError(f"{path}: {name} does not match its sha256; the file is corrupt")
-    arrays = load_arrays(entries["arrays.safetensors"]) if entries["arrays.safetensors"] else {}
+    return manifest, entries
+
+
+def _texts(entries: dict[str, bytes], path: str | os.PathLike) -> list[str]:
     count = sum(name.startswith("vocabulary/") for name in entries)
-    texts = [entries[f"vocabulary/{index}.txt"].decode() for index in range(count)]
     try:
-        return skeleton.load(json.loads(entries["skeleton.json"]), arrays, texts)
-    except FormatError:
-        raise
-    except (KeyError, ValueError, TypeError, AttributeError) as error:
-        raise FormatError(f"{path}: the model cannot be rebuilt: {type(error).__name__}: {error}") from None
+        return [entries[f"vocabulary/{index}.txt"].decode("utf-8") for index in range(count)]
+    except KeyError as error:
+        raise FormatError(f"{path}: vocabulary entry {error} is missing") from None
+    except UnicodeDecodeError as error:
+        raise FormatError(f"{path}: a vocabulary is not UTF-8 text: {error}") from None
+
+
+def _pools(data: bytes, path: str | os.PathLike) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_arrays
+
+    if not data:
+        return {}
+    try:
+        pools = load_arrays(data)
+    except (SafetensorError, ValueError, TypeError, OverflowError) as error:
+        raise FormatError(f"{path}: arrays.safetensors is not readable: {error}") from None
+    for name, pool in pools.items():
+        if pool.ndim != 1 or pool.dtype.name != name:
+            raise FormatError(f"{path}: array pool {name!r} is not a 1-d array of {name}")
+    return pools
+
+
+def read_file(path: str | os.PathLike) -> Any:
+    """Rebuild the estimator: sizes and checksums first, then the object graph with its arrays
+    and terms (lowbit.sklearn.skeleton). Every failure is a FormatError."""
+    manifest, entries = _verified_entries(path)
+    pools = _pools(entries["arrays.safetensors"], path)
+    document = _json(entries["skeleton.json"], "skeleton.json")
+    try:
+        return skeleton.load(document, pools, _texts(entries, path))
+    except FormatError as error:
+        raise FormatError(f"{path}: {error}") from None
 
 
 def describe_file(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
     """What `lowbit inspect` shows: the estimator, the fidelity report, and per quantized array
-    its encoding, shape and stored bytes. `verify` rebuilds the model (checksums first)."""
-    manifest = read_manifest(path)
+    its encoding, shape and stored bytes. Sizes and checksums are always checked; `verify` also
+    rebuilds the model."""
+    manifest, entries = _verified_entries(path)
     if verify:
         read_file(path)
-    with zipfile.ZipFile(path) as archive:
-        document = json.loads(archive.read("skeleton.json"))
-    arrays = [{"path": node.get("path", "?"), "encoding": node["encoding"], "shape": node["shape"],
-               "stored_bytes": sum(math.prod(shape) * np.dtype(pool).itemsize
-                                   for pool, _, shape in node["parts"].values())}
-              for node in _encoded_nodes(document["graph"])]
-    return {"estimator": manifest["estimator"], "report": manifest["report"], "arrays": arrays,
-            "file_bytes": Path(path).stat().st_size, "verified_checksums": verify}
+    document = _json(entries["skeleton.json"], "skeleton.json")
+    if not isinstance(document, dict) or skeleton.depth(document) > skeleton.MAX_DEPTH:
+        raise FormatError(f"{path}: skeleton.json is not a lowbit object graph")
+    try:
+        arrays = [{"path": str(node.get("path", "?")), "encoding": str(node["encoding"]),
+                   "shape": [int(size) for size in node["shape"]],
+                   "stored_bytes": sum(math.prod(shape) * np.dtype(pool).itemsize
+                                       for pool, _, shape in node["parts"].values())}
+                  for node in _encoded_nodes(document.get("graph"))]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise FormatError(f"{path}: skeleton.json has a malformed array entry: {error}") from None
+    return {"estimator": manifest["estimator"], "report": manifest.get("report", {}), "arrays": arrays,
+            "file_bytes": Path(path).stat().st_size, "verified_checksums": True, "rebuilt": verify}
 
 
 def _encoded_nodes(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        if node.get("$") == "encoded":
-            yield node
-            return
-        for value in node.values():
-            yield from _encoded_nodes(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _encoded_nodes(value)
+    stack = [node]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if value.get("$") == "encoded":
+                yield value
+                continue
+            stack.extend(reversed(list(value.values())))
+        elif isinstance(value, list):
+            stack.extend(reversed(value))

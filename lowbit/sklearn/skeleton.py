@@ -6,16 +6,16 @@ structured array one column per field, an integer array in the narrowest type th
 exactly, an array named in `encodings` as its quantized parts. A `str -> 0..n-1` dict (a text
 vectorizer's vocabulary) becomes one line of text per term.
 
-`load` rebuilds it and calls nothing a file could choose freely: names resolve only to classes
-and ufuncs inside scikit-learn, numpy and scipy (never to other functions); objects are made
+`load` rebuilds it and calls nothing a file could choose freely: names are looked up in
+lowbit.sklearn.trusted's exact lists (never resolved by walking attributes); objects are made
 with `cls.__new__` and their state; the few constructors that take arguments (sklearn's Cython
-trees and losses, numpy's random generators, `slice`) are named one by one.
+trees and losses, numpy's random generators, `slice`) are named one by one and their arguments
+checked. Before compiled code can index with a state, lowbit.sklearn.checks bounds it.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import math
 import types
@@ -26,38 +26,15 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import FormatError
-from lowbit.sklearn.encodings import Encoded, decode, memory_order
+from lowbit.sklearn import checks, trusted
+from lowbit.sklearn.encodings import Encoded, check_encoded, decode, memory_order
 
-TRUSTED_MODULES = ("sklearn.", "numpy.", "scipy.")
-BUILTIN_NAMES = frozenset({"float", "int", "str", "bool", "bytes", "complex", "slice", "list", "dict",
-                           "tuple", "set", "frozenset", "object"})
-CALLABLE_NAMES = frozenset({
-    "builtins.slice", "sklearn.tree._tree.Tree", "numpy.random._pickle.__randomstate_ctor",
-    "numpy.random._pickle.__generator_ctor", "numpy.random._pickle.__bit_generator_ctor",
-})
-CALLABLE_PREFIXES = ("sklearn._loss._loss.Cy", "sklearn.linear_model._sgd_fast.")
 MIN_VOCABULARY = 16  # smaller str -> index dicts stay JSON
+MAX_DEPTH = 200  # JSON nesting: a pipeline of pipelines is a few dozen levels deep
+MAX_DIMENSIONS = 32
+MAX_ELEMENTS = 1 << 40
+MAX_STRING_BYTES = 1 << 12
 PLAIN_TYPES = (str, bool, int, type(None))  # exact types: numpy's float64 and str_ subclass float and str
-
-
-def _qualified_name(value: Any) -> str:
-    if isinstance(value, np.ufunc):
-        return f"numpy.{value.__name__}"
-    module = getattr(value, "__module__", None) or "builtins"
-    return f"{module}.{getattr(value, '__qualname__', getattr(value, '__name__', '?'))}"
-
-
-def _is_trusted_name(name: str) -> bool:
-    module, _, attribute = name.rpartition(".")
-    return name.startswith(TRUSTED_MODULES) or (module == "builtins" and attribute in BUILTIN_NAMES)
-
-
-def _may_call(name: str) -> bool:
-    if name in CALLABLE_NAMES or name.startswith(CALLABLE_PREFIXES):
-        return True
-    if name.startswith("sklearn.") and name.endswith(".newObj"):  # `cls.__new__(cls)` for Cython classes
-        return True
-    return name.startswith(TRUSTED_MODULES) and name.rpartition(".")[2].startswith("__pyx_unpickle_")
 
 
 @dataclass
@@ -114,15 +91,15 @@ class _Writer:
         if isinstance(value, (type, np.ufunc)):
             return self.name(value, path)
         if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, functools.partial)):
-            raise FormatError(f"{path} is the function {_qualified_name(value)}; functions cannot be stored "
-                              "without pickle (only classes and numpy ufuncs)")
+            raise FormatError(f"{path} is the function {trusted.qualified_name(value)}; functions cannot "
+                              "be stored without pickle (only classes and numpy ufuncs)")
         return self.reduced(value, path)
 
     def name(self, value: Any, path: str) -> dict[str, Any]:
-        name = _qualified_name(value)
-        if not _is_trusted_name(name) or "<" in name:
-            raise FormatError(f"{path} is {name}; only scikit-learn, numpy and scipy functions and classes "
-                              "can be stored without pickle")
+        name = trusted.qualified_name(value)
+        if not trusted.is_trusted_type(value):
+            raise FormatError(f"{path} is {name}, which is not on lowbit's list of scikit-learn, numpy and "
+                              "scipy types it loads (lowbit.sklearn.trusted); it cannot be stored")
         return {"$": "name", "name": name}
 
     def scalar(self, value: np.generic) -> dict[str, Any]:
@@ -207,9 +184,11 @@ class _Writer:
             if len(args) > 1:
                 raise FormatError(f"{path}: {type(value).__name__} needs constructor arguments; "
                                   "not supported")
+            if cls["name"] not in trusted.CLASSES:
+                raise FormatError(f"{path}: lowbit does not make objects of {cls['name']}")
             return {"$": "object", "class": cls["name"]}
-        name = _qualified_name(function)
-        if not _may_call(name):
+        name = trusted.qualified_name(function)
+        if not trusted.may_call(name):
             raise FormatError(f"{path}: {type(value).__name__} is rebuilt by {name}, "
                               "which lowbit does not call")
         return {"$": "call", "function": name, "args": [self.value(arg, f"{path}.args[{i}]")
@@ -247,20 +226,34 @@ def _dtype_json(dtype: np.dtype) -> Any:
             "offsets": [dtype.fields[name][1] for name in dtype.names], "itemsize": dtype.itemsize}
 
 
-def _dtype_from_json(value: Any) -> np.dtype:
-    if isinstance(value, str):
-        return _plain_dtype(value)
-    formats = [_dtype_from_json(item) for item in value["formats"]]
-    return np.dtype({"names": value["names"], "formats": formats, "offsets": value["offsets"],
-                     "itemsize": value["itemsize"]})
+def _record_dtype_from_json(value: Any) -> np.dtype:
+    """A structured dtype, accepted only when it is exactly one scikit-learn defines (a tree's
+    nodes): field offsets chosen by a file would let compiled code read across records."""
+    if not isinstance(value, dict) or set(value) != {"names", "formats", "offsets", "itemsize"}:
+        raise FormatError("a record dtype must give names, formats, offsets and itemsize")
+    try:
+        formats = [_plain_dtype(item) for item in value["formats"]]
+        dtype = np.dtype({"names": value["names"], "formats": formats, "offsets": value["offsets"],
+                          "itemsize": value["itemsize"]})
+    except (TypeError, ValueError) as error:
+        raise FormatError(f"a record dtype is malformed: {error}") from None
+    if dtype not in checks.record_dtypes():
+        raise FormatError(f"the record dtype {dtype} is not one scikit-learn uses")
+    return dtype
 
 
 @functools.lru_cache(maxsize=256)
-def _plain_dtype(text: str) -> np.dtype:
-    dtype = np.dtype(text)
-    if dtype.kind == "O":
-        raise FormatError("object dtypes are not stored in lowbit files")
-    return dtype
+def _plain_dtype(text: Any) -> np.dtype:
+    """A numeric dtype (booleans, integers, floats) or a bounded text dtype, from its `.str`."""
+    if not isinstance(text, str) or len(text) > 8:
+        raise FormatError(f"{text!r} is not a dtype lowbit stores")
+    try:
+        dtype = np.dtype(text)
+    except TypeError:
+        raise FormatError(f"{text!r} is not a dtype") from None
+    if dtype.kind in "biuf" or (dtype.kind in "US" and dtype.itemsize <= MAX_STRING_BYTES):
+        return dtype
+    raise FormatError(f"arrays of dtype {dtype} are not stored in lowbit files")
 
 
 def dump(estimator: Any, encodings: dict[str, Encoded], path: str = "model"
@@ -269,9 +262,27 @@ def dump(estimator: Any, encodings: dict[str, Encoded], path: str = "model"
     `encodings` (by lowbit.sklearn.slots paths) are stored as those encodings."""
     writer = _Writer(encodings)
     graph = writer.value(estimator, path)
+    for dtype_text in writer.record_dtypes:
+        _record_dtype_from_json(json.loads(dtype_text))  # what the reader would refuse is not written
     pools = {name: np.concatenate(parts) for name, parts in writer.pools.items()}
     document = {"record_dtypes": [json.loads(text) for text in writer.record_dtypes], "graph": graph}
     return document, pools, writer.texts
+
+
+def _field(node: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """node[key], which must be of `kind` (a file's JSON is checked before it is used)."""
+    value = node.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise FormatError(f"a {node.get('$')!r} node needs {key!r} of type "
+                          f"{getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if (not isinstance(value, list) or len(value) > MAX_DIMENSIONS
+            or not all(type(size) is int and 0 <= size <= MAX_ELEMENTS for size in value)):
+        raise FormatError(f"{value!r} is not an array shape")
+    return tuple(value)
 
 
 @dataclass
@@ -280,126 +291,189 @@ class _Reader:
     texts: list[str]
     record_dtypes: list[np.dtype]
     memo: dict[int, Any] = field(default_factory=dict)
+    built: list[Any] = field(default_factory=list)  # every object made, for the checks after the walk
 
-    def take(self, ref: list[Any]) -> np.ndarray:
+    def take(self, ref: Any) -> np.ndarray:
         """The stored array at [pool, offset, shape] (a read-only view)."""
-        pool, start, shape = ref
+        if not isinstance(ref, list) or len(ref) != 3 or ref[0] not in self.pools or type(ref[1]) is not int:
+            raise FormatError(f"{ref!r} is not a reference into the stored arrays")
+        pool, start, shape = ref[0], ref[1], _shape(ref[2])
         size = math.prod(shape)
-        stored = self.pools[pool][start:start + size]
-        if stored.size != size:
+        if start < 0 or start + size > self.pools[pool].size:
             raise FormatError(f"an array reaches past the end of its pool {pool!r}")
-        return stored.reshape(shape)
+        return self.pools[pool][start:start + size].reshape(shape)
 
     def value(self, node: Any) -> Any:
         if not isinstance(node, dict):
+            if isinstance(node, list):
+                raise FormatError("a list in the graph must be a {'$': 'list'} node")
             return node
-        kind = node["$"]
+        kind = node.get("$")
         if kind == "ref":
-            return self.memo[node["id"]]
-        build: Callable[[dict[str, Any]], Any] | None = getattr(self, f"build_{kind}", None)
+            identifier = node.get("id")
+            if type(identifier) is not int or identifier not in self.memo:
+                raise FormatError(f"a reference to node {identifier!r}, which comes later or not at all")
+            return self.memo[identifier]
+        build = BUILDERS.get(kind) if isinstance(kind, str) else None
         if build is None:
             raise FormatError(f"unknown node kind {kind!r}")
-        value = build(node)
+        value = build(self, node)
         if "id" in node:
-            self.memo.setdefault(node["id"], value)
+            self.remember(node, value)
         return value
 
+    def remember(self, node: dict[str, Any], value: Any) -> None:
+        identifier = node["id"]
+        if type(identifier) is not int:
+            raise FormatError(f"node id {identifier!r} is not an integer")
+        self.memo.setdefault(identifier, value)
+
+    def items(self, node: dict[str, Any]) -> list[Any]:
+        return [self.value(item) for item in _field(node, "items", list)]
+
     def build_float(self, node: dict[str, Any]) -> float:
-        return float(node["value"])
-
-    def build_list(self, node: dict[str, Any]) -> list:
-        return [self.value(item) for item in node["items"]]
-
-    def build_tuple(self, node: dict[str, Any]) -> tuple:
-        return tuple(self.value(item) for item in node["items"])
-
-    def build_set(self, node: dict[str, Any]) -> set:
-        return {self.value(item) for item in node["items"]}
-
-    def build_frozenset(self, node: dict[str, Any]) -> frozenset:
-        return frozenset(self.value(item) for item in node["items"])
+        return float(_field(node, "value", str))
 
     def build_dict(self, node: dict[str, Any]) -> dict:
         result: dict = {}
         if "id" in node:
-            self.memo[node["id"]] = result
-        result.update((self.value(key), self.value(item)) for key, item in node["items"])
+            self.remember(node, result)
+        for pair in _field(node, "items", list):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise FormatError("a dict item must be a [key, value] pair")
+            result[self.value(pair[0])] = self.value(pair[1])
         return result
 
     def build_bytes(self, node: dict[str, Any]) -> bytes:
-        return bytes.fromhex(node["hex"])
+        return bytes.fromhex(_field(node, "hex", str))
 
     def build_vocabulary(self, node: dict[str, Any]) -> dict:
-        text = self.texts[node["text"]]
-        terms = text.split("\n") if text else []
-        index_type = int if node["index_type"] == "int" else np.dtype(node["index_type"]).type
-        if node["index"] == "position":
-            return {term: index_type(index) for index, term in enumerate(terms)}
-        rank = {term: index_type(index) for index, term in enumerate(sorted(terms))}
+        index = _field(node, "text", int)
+        if not 0 <= index < len(self.texts):
+            raise FormatError(f"vocabulary text {index} is not in the file")
+        terms = self.texts[index].split("\n") if self.texts[index] else []
+        kind = _field(node, "index_type", str)
+        index_type = int if kind == "int" else _plain_dtype(kind).type
+        if node.get("index") == "position":
+            return {term: index_type(position) for position, term in enumerate(terms)}
+        if node.get("index") != "rank":
+            raise FormatError("a vocabulary's index must be 'position' or 'rank'")
+        rank = {term: index_type(position) for position, term in enumerate(sorted(terms))}
         return {term: rank[term] for term in terms}
 
     def build_scalar(self, node: dict[str, Any]) -> np.generic:
-        dtype = _dtype_from_json(node["dtype"])
-        if dtype.kind not in "biuf":
+        dtype = _plain_dtype(node.get("dtype"))
+        value = node.get("value")
+        if dtype.kind not in "biuf" or type(value) not in (int, float, str, bool):
             raise FormatError(f"a numpy scalar of dtype {dtype} cannot be read")
-        return dtype.type(node["value"])
+        return dtype.type(value)
 
     def build_dtype(self, node: dict[str, Any]) -> np.dtype:
-        return _dtype_from_json(node["dtype"])
+        value = node.get("dtype")
+        return _plain_dtype(value) if isinstance(value, str) else _record_dtype_from_json(value)
 
     def build_array(self, node: dict[str, Any]) -> np.ndarray:
-        array = np.array(self.take(node["ref"]), dtype=_dtype_from_json(node["dtype"]))
+        array = np.array(self.take(node.get("ref")), dtype=_plain_dtype(node.get("dtype")))
         return np.asfortranarray(array) if node.get("order") == "F" else array
 
     def build_encoded(self, node: dict[str, Any]) -> np.ndarray:
-        parts = {name: self.take(ref) for name, ref in node["parts"].items()}
-        return decode(Encoded(node["encoding"], parts, node["dtype"], tuple(node["shape"]), node["order"]))
+        parts = {name: self.take(ref) for name, ref in _field(node, "parts", dict).items()}
+        encoded = Encoded(_field(node, "encoding", str), parts, _plain_dtype(node.get("dtype")).str,
+                          _shape(node.get("shape")), _field(node, "order", str))
+        check_encoded(encoded)
+        return decode(encoded)
 
     def build_record(self, node: dict[str, Any]) -> np.ndarray:
-        array = np.zeros(tuple(node["shape"]), dtype=self.record_dtypes[node["dtype"]])
-        for name, column in node["fields"].items():
-            array[name] = self.build_encoded(column) if column["$"] == "encoded" else self.take(column["ref"])
+        index = _field(node, "dtype", int)
+        if not 0 <= index < len(self.record_dtypes):
+            raise FormatError(f"record dtype {index} is not in the file")
+        dtype, shape = self.record_dtypes[index], _shape(node.get("shape"))
+        columns = _field(node, "fields", dict)
+        if list(columns) != list(dtype.names):
+            raise FormatError("a record array must store each field of its dtype once, in order")
+        values = {name: self.build_encoded(column) if column.get("$") == "encoded" else
+                  np.asarray(self.take(column.get("ref"))) for name, column in columns.items()}
+        if any(column.shape != shape for column in values.values()):
+            raise FormatError("a record field's length differs from the record array's")
+        array = np.zeros(shape, dtype=dtype)
+        for name, column in values.items():
+            array[name] = column
         return array
 
     def build_strings(self, node: dict[str, Any]) -> np.ndarray:
-        dtype = _dtype_from_json(node["dtype"])
-        values = node["values"] if dtype.kind == "U" else [bytes.fromhex(item) for item in node["values"]]
-        return np.array(values, dtype=dtype).reshape(node["shape"])
+        dtype, shape = _plain_dtype(node.get("dtype")), _shape(node.get("shape"))
+        values = _field(node, "values", list)
+        texts = all(isinstance(value, str) for value in values)
+        if dtype.kind not in "US" or len(values) != math.prod(shape) or not texts:
+            raise FormatError("a string array must hold one text per element")
+        items = values if dtype.kind == "U" else [bytes.fromhex(item) for item in values]
+        return np.array(items, dtype=dtype).reshape(shape)
 
     def build_objects(self, node: dict[str, Any]) -> np.ndarray:
-        array = np.empty(len(node["values"]), dtype=object)
-        array[:] = [self.value(item) for item in node["values"]]
-        return array.reshape(node["shape"])
+        shape, values = _shape(node.get("shape")), _field(node, "values", list)
+        if len(values) != math.prod(shape):
+            raise FormatError("an object array must hold one value per element")
+        array = np.empty(len(values), dtype=object)
+        array[:] = [self.value(item) for item in values]
+        return array.reshape(shape)
 
     def build_name(self, node: dict[str, Any]) -> Any:
-        value = _resolve(node["name"])
-        if not isinstance(value, (type, np.ufunc)):
-            raise FormatError(f"the file names {node['name']}, which is not a class or a numpy ufunc")
-        return value
+        return trusted.resolve_type(node.get("name"))
 
     def build_object(self, node: dict[str, Any]) -> Any:
-        cls = _resolve(node["class"])
-        if not isinstance(cls, type):
-            raise FormatError(f"{node['class']} is not a class")
+        name = node.get("class")
+        if name not in trusted.CLASSES:
+            raise FormatError(f"lowbit does not make objects of {name!r}")
+        cls = trusted.resolve_type(name)
         instance = cls.__new__(cls)
-        self.memo[node["id"]] = instance
+        self.remember(node, instance)
         return self.fill(instance, node)
 
     def build_call(self, node: dict[str, Any]) -> Any:
-        if not _may_call(node["function"]):
-            raise FormatError(f"lowbit does not call {node['function']} to rebuild a model")
-        instance = _resolve(node["function"])(*[self.value(arg) for arg in node["args"]])
-        self.memo[node["id"]] = instance
+        name = node.get("function")
+        if not trusted.may_call(name):
+            raise FormatError(f"lowbit does not call {name!r} to rebuild a model")
+        instance = trusted.call(name, tuple(self.items({"$": "call", "items": node.get("args")})))
+        self.remember(node, instance)
         return self.fill(instance, node)
 
     def fill(self, instance: Any, node: dict[str, Any]) -> Any:
-        """State, then list and dict items, as pickle applies them."""
-        _set_state(instance, self.value(node["state"]))
-        for item in node.get("list_items", []):
-            instance.append(self.value(item))
-        for key, item in self.value(node.get("dict_items", {"$": "dict", "items": []})).items():
+        """State, then list and dict items, as pickle applies them; the state is checked first
+        where compiled code will index with it (lowbit.sklearn.checks)."""
+        state = self.value(node.get("state"))
+        checks.check_state(instance, state)
+        _set_state(instance, state)
+        for item in self.items({"$": "list_items", "items": node.get("list_items", [])}):
+            instance.append(item)
+        dict_items = self.value(node.get("dict_items", {"$": "dict", "items": []}))
+        if not isinstance(dict_items, dict):
+            raise FormatError("an object's dict items must be a dict")
+        for key, item in dict_items.items():
             instance[key] = item
+        self.built.append(instance)
         return instance
+
+
+BUILDERS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
+    "float": _Reader.build_float,
+    "list": lambda reader, node: reader.items(node),
+    "tuple": lambda reader, node: tuple(reader.items(node)),
+    "set": lambda reader, node: set(reader.items(node)),
+    "frozenset": lambda reader, node: frozenset(reader.items(node)),
+    "dict": _Reader.build_dict,
+    "bytes": _Reader.build_bytes,
+    "vocabulary": _Reader.build_vocabulary,
+    "scalar": _Reader.build_scalar,
+    "dtype": _Reader.build_dtype,
+    "array": _Reader.build_array,
+    "encoded": _Reader.build_encoded,
+    "record": _Reader.build_record,
+    "strings": _Reader.build_strings,
+    "objects": _Reader.build_objects,
+    "name": _Reader.build_name,
+    "object": _Reader.build_object,
+    "call": _Reader.build_call,
+}
 
 
 def _set_state(instance: Any, state: Any) -> None:
@@ -419,26 +493,36 @@ def _set_state(instance: Any, state: Any) -> None:
         setattr(instance, key, item)
 
 
-@functools.lru_cache(maxsize=512)
-def _resolve(name: str) -> Any:
-    if not _is_trusted_name(name):
-        raise FormatError(f"the file names {name}; lowbit loads only scikit-learn, numpy and scipy types")
-    parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):  # the longest importable module, then attributes
-        try:
-            value: Any = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        try:
-            for attribute in parts[split:]:
-                value = getattr(value, attribute)
-        except AttributeError:
+def depth(node: Any) -> int:
+    """How deeply the JSON nests, walked without recursion."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
             break
-        return value
-    raise FormatError(f"{name} does not exist in this environment")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
-def load(document: dict[str, Any], pools: dict[str, np.ndarray], texts: list[str]) -> Any:
-    """The estimator `dump` described."""
-    record_dtypes = [_dtype_from_json(value) for value in document["record_dtypes"]]
-    return _Reader(pools, texts, record_dtypes).value(document["graph"])
+def load(document: Any, pools: dict[str, np.ndarray], texts: list[str]) -> Any:
+    """The estimator `dump` described, after its structure is checked (lowbit.sklearn.checks).
+
+    Every malformed document ends in a FormatError, never in another exception.
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("record_dtypes"), list):
+        raise FormatError("skeleton.json is not a lowbit object graph")
+    if depth(document) > MAX_DEPTH:
+        raise FormatError(f"skeleton.json nests deeper than {MAX_DEPTH} levels")
+    try:
+        record_dtypes = [_record_dtype_from_json(value) for value in document["record_dtypes"]]
+        reader = _Reader(pools, texts, record_dtypes)
+        estimator = reader.value(document.get("graph"))
+        checks.check_built(reader.built)
+    except FormatError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError, MemoryError,
+            RecursionError, UnicodeError, AssertionError, LookupError) as error:
+        raise FormatError(f"the model cannot be rebuilt: {type(error).__name__}: {error}") from None
+    return estimator

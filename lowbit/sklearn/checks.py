@@ -1,0 +1,250 @@
+"""Bounds on the state that scikit-learn's compiled code indexes with, checked as a file loads.
+
+scikit-learn trusts a pickle's trees: a child or feature index past its table, a cycle of
+children, or a record dtype with moved fields makes `predict` read out of bounds (a crash) or
+loop forever. A lowbit file is not trusted, so every such index is bounded here before any
+compiled code sees it:
+
+- `check_state(instance, state)` runs before an object takes its state (trees, histogram-boosting
+  predictors, k-d and ball trees, distance metrics);
+- `check_built(objects)` runs once the whole graph is built, for checks that need two objects
+  (an estimator's feature count against its trees), and for scipy sparse matrices.
+
+Children must come after their parent in a node table (scikit-learn builds them in that order),
+which rules out cycles and bounds every walk by the table's length.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from lowbit.errors import FormatError
+from lowbit.sklearn.trusted import HELPERS, qualified_name
+
+BITSET_WORDS = 8  # scikit-learn's categorical bitsets: 8 × 32 bits for categories 0..255
+
+
+@functools.lru_cache(maxsize=1)
+def record_dtypes() -> tuple[np.dtype, ...]:
+    """The structured dtypes scikit-learn's compiled code reads: tree nodes, histogram-boosting
+    predictor nodes, k-d and ball tree node data."""
+    from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+    from sklearn.neighbors._kd_tree import NodeData
+    from sklearn.tree._tree import NODE_DTYPE
+
+    return NODE_DTYPE, PREDICTOR_RECORD_DTYPE, np.dtype(NodeData)
+
+
+def _fail(what: str) -> None:
+    raise FormatError(f"the file's {what}")
+
+
+def _array(value: Any, what: str, dtype: Any = None, ndim: int | None = None) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or (dtype is not None and value.dtype != np.dtype(dtype)) \
+            or (ndim is not None and value.ndim != ndim):
+        _fail(f"{what} is not a {ndim}-d array of {np.dtype(dtype) if dtype is not None else 'numbers'}")
+    return value
+
+
+def _children_after_parents(left: np.ndarray, right: np.ndarray, internal: np.ndarray, what: str) -> None:
+    """Every internal node's children lie after it and inside the table: no cycles, no reads past
+    the end."""
+    count = left.size
+    index = np.arange(count)
+    for children in (left, right):
+        child = children[internal].astype(np.int64)
+        if np.any(child <= index[internal]) or np.any(child >= count):
+            _fail(f"{what} has a child index before its parent or past the end of its table")
+
+
+def _check_tree(tree: Any, state: Any) -> None:
+    """sklearn.tree._tree.Tree: node table, values, children, features."""
+    from sklearn.tree._tree import NODE_DTYPE
+
+    if not isinstance(state, dict) or not {"node_count", "nodes", "values"} <= set(state):
+        _fail("tree state lacks its nodes")
+    nodes = _array(state["nodes"], "tree nodes", NODE_DTYPE, 1)
+    count = state["node_count"]
+    if type(count) is not int or count != nodes.size or count < 1:
+        _fail("tree node count differs from its node table")
+    values = _array(state["values"], "tree values", np.float64, 3)
+    if values.shape != (count, tree.n_outputs, tree.max_n_classes):
+        _fail("tree values do not have one row per node")
+    if type(state.get("max_depth", 0)) is not int or not 0 <= state.get("max_depth", 0) <= count:
+        _fail("tree depth is out of range")
+    leaf = nodes["left_child"] == -1
+    if np.any(leaf != (nodes["right_child"] == -1)):
+        _fail("tree has a node with one child")
+    _children_after_parents(nodes["left_child"], nodes["right_child"], ~leaf, "tree")
+    features = nodes["feature"][~leaf]
+    if np.any(features < 0) or np.any(features >= tree.n_features):
+        _fail("tree splits on a feature past its feature count")
+
+
+def _check_predictor(_: Any, state: Any) -> None:
+    """A histogram-boosting TreePredictor: node table and categorical bitsets."""
+    from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+
+    needed = {"nodes", "raw_left_cat_bitsets", "binned_left_cat_bitsets"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        _fail("predictor state lacks its nodes or bitsets")
+    nodes = _array(state["nodes"], "predictor nodes", PREDICTOR_RECORD_DTYPE, 1)
+    if nodes.size < 1:
+        _fail("predictor has no nodes")
+    for name in ("raw_left_cat_bitsets", "binned_left_cat_bitsets"):
+        bitsets = _array(state[name], f"predictor {name}", np.uint32, 2)
+        if bitsets.shape[1] != BITSET_WORDS:
+            _fail(f"predictor {name} are not {BITSET_WORDS} words each")
+    leaf = nodes["is_leaf"] != 0
+    _children_after_parents(nodes["left"], nodes["right"], ~leaf, "predictor")
+    categorical = (nodes["is_categorical"] != 0) & ~leaf
+    if np.any(nodes["bitset_idx"][categorical] >= state["raw_left_cat_bitsets"].shape[0]):
+        _fail("predictor names a categorical bitset past the end of its table")
+    if np.any(nodes["feature_idx"][~leaf] < 0):
+        _fail("predictor splits on a negative feature")
+
+
+def _check_binary_tree(tree: Any, state: Any) -> None:
+    """sklearn.neighbors KDTree / BallTree: data, index permutation, node data and bounds."""
+    if not isinstance(state, tuple) or len(state) != 13:
+        _fail("neighbours tree state is not the 13 fields scikit-learn stores")
+    data = _array(state[0], "neighbours tree data", np.float64, 2)
+    samples, features = data.shape
+    index = _array(state[1], "neighbours tree index", np.intp, 1)
+    if index.size != samples or not np.array_equal(np.sort(index), np.arange(samples)):
+        _fail("neighbours tree index is not a permutation of its samples")
+    node_data = _array(state[2], "neighbours tree nodes", record_dtypes()[2], 1)
+    nodes = node_data.size
+    bounds = _array(state[3], "neighbours tree bounds", np.float64, 3)
+    if bounds.shape[1:] != (nodes, features) or bounds.shape[0] not in (1, 2):
+        _fail("neighbours tree bounds do not have one row per node and feature")
+    if not all(type(value) is int and 0 <= value < 1 << 40 for value in state[4:11]) or state[6] != nodes:
+        _fail("neighbours tree counters are out of range")
+    start, end = node_data["idx_start"], node_data["idx_end"]
+    if nodes < 1 or np.any(start < 0) or np.any(start > end) or np.any(end > samples):
+        _fail("neighbours tree node ranges reach past its samples")
+    internal = np.flatnonzero(node_data["is_leaf"] == 0)
+    if np.any(2 * internal + 2 >= nodes) or np.any((node_data["is_leaf"] != 0) & (node_data["is_leaf"] != 1)):
+        _fail("neighbours tree has an internal node without children")
+    if qualified_metric(state[11]) is None:
+        _fail("neighbours tree metric is not one lowbit loads")
+    if state[12] is not None and _array(state[12], "sample weights", np.float64, 1).size != samples:
+        _fail("neighbours tree sample weights do not match its samples")
+
+
+def qualified_metric(metric: Any) -> str | None:
+    name = qualified_name(type(metric))
+    return name if name.startswith("sklearn.metrics._dist_metrics.") and name in HELPERS else None
+
+
+def _check_metric(_: Any, state: Any) -> None:
+    """A distance metric: p, and weight vectors of matching lengths."""
+    if not isinstance(state, tuple) or len(state) != 3 or type(state[0]) is not float:
+        _fail("distance metric state is not (p, vector, matrix)")
+    _array(state[1], "distance metric vector", np.float64, 1)
+    _array(state[2], "distance metric matrix", np.float64, 2)
+    if not state[0] >= 1:
+        _fail("distance metric p is below 1")
+
+
+STATE_CHECKS: dict[str, Callable[[Any, Any], None]] = {
+    "sklearn.tree._tree.Tree": _check_tree,
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor": _check_predictor,
+    "sklearn.neighbors._kd_tree.KDTree": _check_binary_tree,
+    "sklearn.neighbors._ball_tree.BallTree": _check_binary_tree,
+    **{f"sklearn.metrics._dist_metrics.{name}{bits}": _check_metric for bits in (32, 64) for name in (
+        "EuclideanDistance", "ManhattanDistance", "ChebyshevDistance", "MinkowskiDistance")},
+}
+
+
+def check_state(instance: Any, state: Any) -> None:
+    """Raise FormatError when `state` would let compiled code index out of bounds."""
+    check = STATE_CHECKS.get(qualified_name(type(instance)))
+    if check is not None:
+        check(instance, state)
+
+
+# ---- checks that need the whole graph ----
+
+def _feature_count(estimator: Any) -> int | None:
+    count = getattr(estimator, "n_features_in_", None)
+    return count if type(count) is int else None
+
+
+def _check_tree_estimator(estimator: Any) -> None:
+    tree, count = getattr(estimator, "tree_", None), _feature_count(estimator)
+    if tree is None:  # a forest's unfitted template estimator
+        return
+    if count is not None and tree.n_features != count:
+        _fail("tree's feature count differs from its estimator's")
+    if getattr(estimator, "n_outputs_", tree.n_outputs) != tree.n_outputs:
+        _fail("tree's output count differs from its estimator's")
+
+
+def _check_histogram_boosting(estimator: Any) -> None:
+    count = _feature_count(estimator)
+    mapper = getattr(estimator, "_bin_mapper", None)
+    if count is None or mapper is None:
+        _fail("histogram boosting model lacks its feature count or bin mapper")
+    categorical = getattr(mapper, "is_categorical_", None)
+    categorical = np.zeros(count, bool) if categorical is None else categorical
+    if not isinstance(categorical, np.ndarray) or categorical.shape != (count,):
+        _fail("histogram boosting model's categorical flags do not match its features")
+    thresholds = getattr(mapper, "bin_thresholds_", [])
+    if not isinstance(thresholds, list) or len(thresholds) != count:
+        _fail("histogram boosting model's bin thresholds do not match its features")
+    for feature in np.flatnonzero(categorical):
+        known = _array(thresholds[feature], "known categories", None, 1)
+        if known.size and (known.min() < 0 or known.max() >= BITSET_WORDS * 32):
+            _fail("histogram boosting model has a category outside 0..255")
+    for predictors in getattr(estimator, "_predictors", []):
+        for predictor in predictors:
+            nodes = predictor.nodes
+            split = nodes["is_leaf"] == 0
+            features = nodes["feature_idx"][split]
+            if np.any(features >= count):
+                _fail("histogram boosting tree splits on a feature past its feature count")
+            on_category = (nodes["is_categorical"] != 0) & split
+            if np.any(categorical[nodes["feature_idx"][on_category]] == 0):
+                _fail("histogram boosting tree splits by category on a numeric feature")
+
+
+def _check_neighbours(estimator: Any) -> None:
+    tree = getattr(estimator, "_tree", None)
+    fitted = getattr(estimator, "_fit_X", None)
+    count = _feature_count(estimator)
+    if tree is not None and (count is None or tree.data.shape[1] != count):
+        _fail("neighbours tree's feature count differs from its estimator's")
+    wrong_width = count is not None and fitted is not None and fitted.shape[-1] != count
+    if isinstance(fitted, np.ndarray) and (fitted.ndim != 2 or wrong_width):
+        _fail("neighbours data's feature count differs from its estimator's")
+
+
+def _check_sparse(matrix: Any) -> None:
+    try:
+        matrix.check_format(full_check=True)
+    except (ValueError, TypeError, AttributeError, IndexError) as error:
+        _fail(f"sparse matrix is malformed: {error}")
+
+
+BUILT_CHECKS: dict[str, Callable[[Any], None]] = {
+    **{f"sklearn.tree._classes.{name}": _check_tree_estimator for name in (
+        "DecisionTreeClassifier", "DecisionTreeRegressor", "ExtraTreeClassifier", "ExtraTreeRegressor")},
+    **{f"sklearn.ensemble._hist_gradient_boosting.gradient_boosting.{name}": _check_histogram_boosting
+       for name in ("HistGradientBoostingClassifier", "HistGradientBoostingRegressor")},
+    "sklearn.neighbors._classification.KNeighborsClassifier": _check_neighbours,
+    **{f"scipy.sparse.{name}": _check_sparse for name in (
+        "_csr.csr_matrix", "_csc.csc_matrix", "_csr.csr_array", "_csc.csc_array")},
+}
+
+
+def check_built(objects: list[Any]) -> None:
+    """Checks across objects, once the whole graph is built."""
+    for instance in objects:
+        check = BUILT_CHECKS.get(qualified_name(type(instance)))
+        if check is not None:
+            check(instance)
