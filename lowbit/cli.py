@@ -348,6 +348,9 @@ def compare_command(
     memory: Annotated[bool, typer.Option(help="Measure load time and peak RSS in subprocesses.")] = True,
     trust_pickle: Annotated[bool, typer.Option(
         help="scikit-learn: allow loading a .joblib/.pkl original (unpickling runs its code).")] = False,
+    trust_code: Annotated[bool, typer.Option(
+        help="Let a lowbit folder's manifest name a package.module:factory to import (importing runs "
+        "its code; only for folders you trust).")] = False,
 ) -> None:
     """Measure a quantized model against its original on your data: quality, speed, size, memory.
 
@@ -364,7 +367,8 @@ def compare_command(
         comparison = run_compare(original, quantized, data, metric=metric,
                                  batch_sizes=tuple(batch_size or (1, 8)), max_drop=max_drop,
                                  relative=relative, samples=samples, seq_len=seq_len, runs=runs,
-                                 threads=threads, memory=memory, trust_pickle=trust_pickle)
+                                 threads=threads, memory=memory, trust_pickle=trust_pickle,
+                                 trust_code=trust_code)
         console.print(Markdown(comparison.to_markdown()))
         if json_out:
             _write_atomic(json_out, comparison.to_json())
@@ -386,6 +390,9 @@ def bench_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     trust_pickle: Annotated[bool, typer.Option(
         help="scikit-learn: allow loading a .joblib/.pkl file (unpickling runs its code).")] = False,
+    trust_code: Annotated[bool, typer.Option(
+        help="Let a lowbit folder's manifest name a package.module:factory to import (importing runs "
+        "its code; only for folders you trust).")] = False,
 ) -> None:
     """Latency (p50/p95/p99), throughput, size, peak memory and load time of one model.
 
@@ -396,7 +403,7 @@ def bench_command(
 
     with _user_errors():
         report = run_bench(model, tuple(batch_size or (1, 8)), seq_len, samples, threads, data,
-                           trust_pickle=trust_pickle)
+                           trust_pickle=trust_pickle, trust_code=trust_code)
         if as_json:
             print(json.dumps(report, indent=2, default=str))
             return

@@ -56,10 +56,17 @@ def infer_kind(model: nn.Module, metric: str | None) -> str:
     return kind
 
 
-def open_model(model: ModelLike) -> tuple[nn.Module, str | None]:
+def open_model(model: ModelLike, trust_code: bool = False,
+               architecture: str | None = None) -> tuple[nn.Module, str | None]:
     if isinstance(model, nn.Module):
         return model.eval(), None
-    return load_any(model), str(model)
+    return load_any(model, trust_code=trust_code, architecture=architecture), str(model)
+
+
+def _factory_spec(model: ModelLike) -> str | None:
+    """`model` when it is a `package.module:factory` the caller typed (not a path)."""
+    text = str(model) if isinstance(model, (str, os.PathLike)) else ""
+    return text if ":" in text and not Path(text).exists() else None
 
 
 def find_tokenizer(*paths: str | None) -> Any:
@@ -115,28 +122,33 @@ def _speed_inputs(dataset: Dataset, kind: str, tokenizer: Any, batch_sizes: Iter
                                   lambda texts, size: text_batches(tokenizer, texts, size, seq_len)[0])
 
 
-def _on_disk(model: nn.Module, path: str | None, scratch: Path, name: str) -> tuple[str | None, int | None]:
-    """A path the memory probe can load, and the model's bytes on disk (saving it if needed)."""
+def _on_disk(model: nn.Module, path: str | None, scratch: Path, name: str,
+             trust_code: bool) -> tuple[str | None, int | None, bool]:
+    """A path the memory probe can load, the model's bytes on disk (saving it if needed), and
+    whether the probe may import the factory it names: yes for a folder saved here from the
+    caller's own model, as the caller said for a folder the caller named."""
     if path is not None:
-        return path, weights_bytes(path)
+        return path, weights_bytes(path), trust_code
     folder = scratch / name
     try:
         save(model, folder)
     except LowbitError:
-        return None, None
+        return None, None, False
     manifest = json.loads((folder / "lowbit.json").read_text())
     loadable = manifest["model"]["kind"] == "transformers" or manifest["model"].get("factory")
-    return (str(folder) if loadable else None), weights_bytes(folder)
+    return (str(folder) if loadable else None), weights_bytes(folder), True
 
 
-def _probe_memory(path: str | None, sample: Any, scratch: Path, name: str) -> dict[str, Any]:
+def _probe_memory(path: str | None, sample: Any, scratch: Path, name: str,
+                  trust_code: bool) -> dict[str, Any]:
     """Load time and peak RSS of a fresh Python process that loads `path` and runs one batch."""
     if path is None:
         return {"load_seconds": None, "peak_rss_bytes": None}
     inputs = scratch / f"{name}-inputs.safetensors"
     tensors = dict(sample) if isinstance(sample, dict) else {"input": sample}
     save_file({k: v.contiguous() for k, v in tensors.items()}, inputs)
-    result = subprocess.run([sys.executable, "-m", "lowbit.memory_probe", path, str(inputs)],
+    command = [sys.executable, "-m", "lowbit.memory_probe", path, str(inputs)]
+    result = subprocess.run(command + (["--trust-code"] if trust_code else []),
                             capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         return {"load_seconds": None, "peak_rss_bytes": None,
@@ -160,6 +172,7 @@ def compare(
     memory: bool = True,
     progress: bool = True,
     trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> Comparison:
     """Measure `quantized` against `original` on `data` (a file, texts, or a tensor).
 
@@ -168,7 +181,8 @@ def compare(
     every metric of the kind is measured anyway. `max_drop` is the quality budget (absolute,
     or a fraction of the original's value with `relative=True`). scikit-learn estimators and
     model files are measured by lowbit.sklearn.compare (agreement, accuracy or R², predict speed);
-    `trust_pickle` allows reading a .joblib/.pkl original.
+    `trust_pickle` allows reading a .joblib/.pkl original; `trust_code` lets a lowbit folder's
+    manifest name a `module:factory` to import (see lowbit.load).
     """
     from lowbit.sklearn.compare import compare_estimators, is_sklearn_model
 
@@ -176,8 +190,8 @@ def compare(
         return compare_estimators(original, quantized, data, metric=metric, batch_sizes=batch_sizes,
                                   max_drop=max_drop, relative=relative, samples=samples, runs=runs,
                                   threads=threads, trust_pickle=trust_pickle)
-    original_model, original_path = open_model(original)
-    quantized_model, quantized_path = open_model(quantized)
+    original_model, original_path = open_model(original, trust_code)
+    quantized_model, quantized_path = open_model(quantized, trust_code, _factory_spec(original))
     kind = infer_kind(original_model, metric)
     dataset = as_dataset(data)
     if samples:
@@ -208,9 +222,9 @@ def compare(
         for name, model, path in (("original", original_model, original_path),
                                   ("quantized", quantized_model, quantized_path)):
             bar.update(step, advance=0.5, description=f"size and memory of the {name} model")
-            loadable, size = _on_disk(model, path, scratch, name)
+            loadable, size, trusted = _on_disk(model, path, scratch, name, trust_code)
             first_batch = next(iter(speed_inputs.values()))
-            probe = _probe_memory(loadable, first_batch, scratch, name) if memory else {}
+            probe = _probe_memory(loadable, first_batch, scratch, name, trusted) if memory else {}
             reports[name] = {
                 "source": path,
                 "size_bytes": size,
@@ -248,6 +262,7 @@ def bench(
     data: Any = None,
     memory: bool = True,
     trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Latency, throughput, size, memory and load time of one model.
 
@@ -259,7 +274,7 @@ def bench(
 
     if is_sklearn_model(model):
         return bench_estimator(model, data, batch_sizes, runs, threads, trust_pickle)
-    loaded, path = open_model(model)
+    loaded, path = open_model(model, trust_code)
     kind = infer_kind(loaded, None)
     tokenizer = find_tokenizer(path)
     if data is None:
@@ -273,9 +288,10 @@ def bench(
                               "latency_ms": latency, "seq_len": seq_len,
                               "threads": threads or torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch_dir:
-        loadable, report["size_bytes"] = _on_disk(loaded, path, Path(scratch_dir), "model")
+        scratch = Path(scratch_dir)
+        loadable, report["size_bytes"], trusted = _on_disk(loaded, path, scratch, "model", trust_code)
         if memory:
-            report.update(_probe_memory(loadable, next(iter(inputs.values())), Path(scratch_dir), "model"))
+            report.update(_probe_memory(loadable, next(iter(inputs.values())), scratch, "model", trusted))
     if kind == "causal_lm":
         report["generation"] = generation_speed(loaded, next(iter(inputs.values()))["input_ids"][:1],
                                                 threads=threads)

@@ -4,16 +4,21 @@ rebuild it at load time, and turn text into model inputs and sentence embeddings
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowbit.errors import ModelLoadError
+from lowbit.errors import FormatError, ModelLoadError
 from lowbit.evaluate.tasks import mean_pooled_embedding
+from lowbit.formats.lowbit_format import MANIFEST, verified_file, verify_files
+from lowbit.formats.manifest import parse_json
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -62,22 +67,44 @@ def load_pretrained(path: str | Path) -> nn.Module:
     folder = Path(path)
     if not is_transformers_folder(folder):
         raise ModelLoadError(f"{folder} is not a transformers model folder (no config.json)")
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:  # trust_remote_code=False: a config's auto_map never runs code shipped in the folder
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True,
+                                                         trust_remote_code=False)
         model_class = _model_class(config)
-        model = model_class.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        model = model_class.from_pretrained(folder, local_files_only=True, dtype=torch.float32,
+                                            trust_remote_code=False)
     except Exception as error:
         raise ModelLoadError(f"cannot load the transformers model in {folder}: {error}") from error
     return model.eval()
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer saved beside a model, or None when the folder has none."""
+    """The tokenizer saved beside a model, or None when the folder has none. From a lowbit
+    folder only the checksummed tokenizer files are read (see `_verified_tokenizer_files`)."""
     transformers = _transformers()
+    if (Path(path) / MANIFEST).is_file():
+        with _verified_tokenizer_files(Path(path)) as verified:
+            return load_tokenizer(verified) if verified is not None else None
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                          trust_remote_code=False)
     except Exception:
         return None
+
+
+@contextmanager
+def _verified_tokenizer_files(folder: Path) -> Iterator[Path | None]:
+    """A temporary folder holding the lowbit folder's tokenizer files, each checked against its
+    sha256 first: the tokenizer reads those bytes and nothing the manifest does not list."""
+    manifest = verify_files(folder)
+    names = [name for name in manifest["files"] if name in TOKENIZER_FILES]
+    if not names:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="lowbit-tokenizer-") as temporary:
+        for name in names:
+            shutil.copyfile(verified_file(folder, manifest, name), Path(temporary) / name)
+        yield Path(temporary)
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -102,19 +129,102 @@ def write_files(model: nn.Module, quantization_config: dict[str, Any]):
     return write
 
 
-def build_skeleton(folder: str | Path, class_name: str, device: str = "cpu") -> nn.Module:
-    """A model of the saved architecture from the folder's config.json alone, its tensors left
-    uninitialised on `device` ("meta": no memory at all, for loading saved tensors into)."""
-    transformers = _transformers()
+# Bounds on the config values that size a model: a file naming 4.6e18 layers must not hang the load.
+STRUCTURE_LIMITS = {
+    "num_hidden_layers": 1024, "n_layer": 1024, "num_layers": 1024, "num_attention_heads": 1024,
+    "num_key_value_heads": 1024, "n_head": 1024, "hidden_size": 1 << 16, "n_embd": 1 << 16,
+    "d_model": 1 << 16, "intermediate_size": 1 << 18, "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 22, "type_vocab_size": 1 << 16,
+}
+ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
+ATTENTION_KEYS = ("attn_implementation", "_attn_implementation")
+MAX_CONFIG_BYTES = 4 << 20
+
+
+def _config_problem(values: dict[str, Any], transformers) -> str | None:
+    """Why a saved config.json cannot be trusted to build the model it names, or None."""
+    if values.get("model_type") not in transformers.CONFIG_MAPPING:
+        return f"model_type {values.get('model_type')!r} is not one transformers knows"
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key} is not a finite number"
+        if type(value) is int and abs(value) > 1 << 40:
+            return f"{key} = {value} is out of range"
+    for key, limit in STRUCTURE_LIMITS.items():
+        value = values.get(key)
+        if value is not None and (type(value) is not int or not 1 <= value <= limit):
+            return f"{key} = {value!r} is not a count between 1 and {limit}"
+    if values.get("chunk_size_feed_forward", 0) != 0:
+        return "chunk_size_feed_forward must be 0"
+    from transformers.activations import ACT2FN
+
+    for key in ACTIVATION_KEYS:
+        if key in values and values[key] not in ACT2FN:
+            return f"{key} {values[key]!r} is not an activation transformers knows"
+    for key in ATTENTION_KEYS:
+        if values.get(key) not in (None, "eager", "sdpa"):
+            return f"{key} must be eager or sdpa"
+    defaults = transformers.CONFIG_MAPPING[values["model_type"]]().to_dict()
+    for key, value in values.items():
+        default = defaults.get(key)
+        numbers = (int, float) if type(default) is float else (type(default),)
+        if type(default) in (int, float, bool, str) and type(value) not in numbers:
+            return f"{key} is {type(value).__name__}, not {type(default).__name__}"
+    return None
+
+
+def _saved_config(folder: Path, manifest: dict[str, Any], transformers):
+    """The config of a lowbit folder, from the checksummed config.json's bytes alone (never
+    from code the folder ships: its auto_map is ignored), after `_config_problem`."""
+    path = verified_file(folder, manifest, "config.json")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise FormatError(f"{path} is larger than a config can be")
+    values = parse_json(path.read_bytes(), str(path))
+    if not isinstance(values, dict):
+        raise FormatError(f"{path} is not a JSON object")
+    problem = _config_problem(values, transformers)
+    if problem:
+        raise FormatError(f"{path}: {problem}")
+    values = {key: value for key, value in values.items() if key not in ("auto_map", "quantization_config")}
+    return transformers.AutoConfig.for_model(**values)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (no memory, no random init) and
+    their buffers on the CPU, computed as the model's code computes them (position ids, rotary
+    frequencies): parameters then come from the file, buffers never need to."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+        original(module, name, parameter)
+        if parameter is not None:
+            meta = module._parameters[name].to("meta")
+            module._parameters[name] = nn.Parameter(meta, requires_grad=parameter.requires_grad)
+
+    nn.Module.register_parameter = register
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model_class = _model_class(config, class_name)
-        with torch.device(device):
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_skeleton(folder: str | Path, manifest: dict[str, Any]) -> nn.Module:
+    """A model of the saved architecture from the folder's checksummed config.json alone, its
+    parameters on the meta device, for loading the saved tensors into."""
+    transformers = _transformers()
+    folder = Path(folder)
+    config = _saved_config(folder, manifest, transformers)
+    class_name = manifest["model"]["class"]
+    model_class = getattr(transformers, class_name, None)
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise FormatError(f"{folder}: {class_name!r} is not a transformers model class")
+    try:
+        with _parameters_on_meta():
             model = model_class(config)
-    except Exception as error:
-        raise ModelLoadError(f"cannot rebuild the transformers model in {folder}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - a config transformers refuses fails in many ways
+        raise FormatError(f"cannot rebuild the transformers model in {folder} from its config.json: "
+                          f"{type(error).__name__}: {error}") from None
     return model.eval()
 
 

@@ -1,7 +1,7 @@
 """Measure, in a fresh process, what loading and running one model costs: load time and peak RSS.
 
-Run as `python -m lowbit.memory_probe MODEL INPUTS.safetensors`; prints one JSON line. Each model
-is probed in its own process so two models never share one process's peak.
+Run as `python -m lowbit.memory_probe MODEL INPUTS.safetensors [--trust-code]`; prints one JSON
+line. Each model is probed in its own process so two models never share one process's peak.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def _peak_rss_bytes() -> int:
 
 def main(argv: list[str]) -> None:
     model_spec, inputs_path = argv[0], argv[1]
+    trust_code = "--trust-code" in argv[2:]  # the caller's own choice, passed on
     from safetensors.torch import load_file
 
     from lowbit.loading import load_any
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> None:
     inputs = load_file(inputs_path)
     baseline = _peak_rss_bytes()
     start = time.perf_counter()
-    model = load_any(model_spec)
+    model = load_any(model_spec, trust_code=trust_code)
     load_seconds = time.perf_counter() - start
     with torch.inference_mode():
         if set(inputs) == {"input"}:

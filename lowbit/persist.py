@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from lowbit import hf
-from lowbit.errors import FormatError, LowbitError
+from lowbit.errors import FormatError, LowbitError, LowbitWarning, QuantizationError
 from lowbit.formats import read_folder, write_folder
 from lowbit.nn import LayerSpec
+from lowbit.nn.kinds import module_kind
 from lowbit.quantize import RECIPE_ATTRIBUTE, quantized_modules, rebuild
 from lowbit.recipe import Recipe
 from lowbit.sources import build_from_factory
 from lowbit.version import __version__
 
 Skeleton = nn.Module | Callable[[], nn.Module] | str | None
+QUANTIZED_CLASS = {"linear": "QLinear", "conv": "QConv2d", "embedding": "QEmbedding"}
 
 
 def _model_description(model: nn.Module) -> dict[str, Any]:
@@ -56,66 +60,117 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
     if not isinstance(model, nn.Module):
         raise LowbitError(f"lowbit.save expects a torch.nn.Module, got {type(model).__name__}")
     manifest = build_manifest(model)
-    tensors = model.state_dict()
-    # Non-persistent buffers (position ids, rotary frequencies) are saved too, so a loader can
-    # build the skeleton on the meta device and take every tensor from the file.
-    extra = {name: buffer for name, buffer in model.named_buffers() if name not in tensors}
-    manifest["non_persistent_buffers"] = sorted(extra)
     write_extra = None
     if manifest["model"]["kind"] == "transformers":
         write_extra = hf.write_files(model, {"recipe": manifest["recipe"]})
-    return write_folder(path, {**tensors, **extra}, manifest, write_extra, overwrite)
+    return write_folder(path, model.state_dict(), manifest, write_extra, overwrite)
 
 
-def _skeleton(manifest: dict[str, Any], folder: Path, skeleton: Skeleton) -> nn.Module:
-    description = manifest.get("model", {})
+def _skeleton(manifest: dict[str, Any], folder: Path, skeleton: Skeleton, trust_code: bool) -> nn.Module:
+    """The module to load tensors into: the caller's, a transformers model rebuilt from the
+    folder's config.json, or (only with `trust_code`) the factory the manifest names."""
+    description = manifest["model"]
     if isinstance(skeleton, nn.Module):
         return skeleton
     if isinstance(skeleton, str):
         return build_from_factory(skeleton)
     if callable(skeleton):
         return skeleton()
-    if description.get("kind") == "transformers":
-        return hf.build_skeleton(folder, description.get("class"), device="meta")
-    if description.get("factory"):
-        return build_from_factory(description["factory"])
+    if description["kind"] == "transformers":
+        return hf.build_skeleton(folder, manifest)
+    factory = description.get("factory")
+    if factory and trust_code:
+        return build_from_factory(factory)
+    if factory:
+        raise FormatError(
+            f"{folder} names the factory {factory!r}: loading it would import and run the module "
+            f"{factory.partition(':')[0]!r}. Pass trust_code=True (CLI: --trust-code) only if you trust "
+            "where this folder came from, or pass the architecture yourself: "
+            "lowbit.load(path, skeleton=model_or_factory)"
+        )
     raise FormatError(
-        f"{folder} holds a plain PyTorch module ({description.get('class')}); pass its architecture: "
-        "lowbit.load(path, skeleton=model_or_factory) or --factory package.module:factory"
+        f"{folder} holds a plain PyTorch module ({description['class']}); pass its architecture: "
+        "lowbit.load(path, skeleton=model_or_factory)"
     )
 
 
-def _set_non_persistent_buffers(model: nn.Module, tensors: dict, names: list[str]) -> None:
-    """Put saved non-persistent buffers back on their modules (they are not in the state dict)."""
-    for name in names:
-        owner_name, _, buffer_name = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        owner.register_buffer(buffer_name, tensors.pop(name), persistent=False)
+def _rebuild(model: nn.Module, manifest: dict[str, Any], folder: Path) -> None:
+    """Swap the skeleton's float modules for empty quantized ones, after checking that each
+    recorded spec fits the module it replaces."""
+    modules = dict(model.named_modules())
+    specs = {}
+    for name, entry in manifest["modules"].items():
+        module = modules.get(name)
+        kind = module_kind(module) if module is not None else None
+        if kind is None or QUANTIZED_CLASS[kind] != entry["type"]:
+            raise FormatError(f"{folder}: module {name!r} is recorded as a {entry['type']}, but the model "
+                              "has no such layer there; is this the architecture that was quantized?")
+        spec = LayerSpec.from_dict(entry["spec"])
+        problem = spec.problem(kind, tuple(module.weight.shape))
+        if problem:
+            raise FormatError(f"{folder}: module {name!r}: {problem}")
+        specs[name] = spec
+    rebuild(model, specs)
 
 
-def load(path: str | os.PathLike, skeleton: Skeleton = None) -> nn.Module:
-    """Load a lowbit folder. Checksums and format version are checked before anything is built.
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Every tensor the model needs is in the file, with the skeleton's shape and dtype."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"{folder}: the tensors do not fit the model (missing: {missing[:3]}, "
+                          f"unexpected: {unexpected[:3]})")
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise FormatError(f"{folder}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}; the model "
+                              f"needs {want.dtype} {tuple(want.shape)}")
 
-    transformers models rebuild themselves; a plain nn.Module needs `skeleton` (a module of the
-    same architecture, a callable that makes one, or "package.module:factory") unless it was
-    quantized from a factory, which the manifest then names.
+
+def _check_modules(model: nn.Module, folder: Path) -> None:
+    """Each quantized module's values fit its kernels; kernels this machine lacks become the
+    reference (with a warning) instead of failing at the first call."""
+    for name, module in quantized_modules(model).items():
+        problem = module.loaded_problem()
+        if problem:
+            raise FormatError(f"{folder}: module {name!r}: {problem}")
+        swapped = module.use_available_kernels()
+        if swapped:
+            warnings.warn(f"{name}: this PyTorch build lacks {', '.join(swapped)}; running the (slow, exact) "
+                          "reference kernel instead", LowbitWarning, stacklevel=3)
+
+
+def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = False) -> nn.Module:
+    """Load a lowbit folder. The manifest's schema and every file's size and sha256 are checked
+    before anything is built, and every tensor against the model before it is used.
+
+    transformers models rebuild themselves from their checksummed config.json (no code from the
+    folder runs). A plain nn.Module needs `skeleton` (a module of the same architecture, a
+    callable that makes one, or "package.module:factory"); a factory the manifest names is
+    imported only with `trust_code=True`, since importing it runs its code.
     """
     folder = Path(path)
     manifest, tensors = read_folder(folder)
-    model = _skeleton(manifest, folder, skeleton)
-    specs = {name: LayerSpec.from_dict(entry["spec"]) for name, entry in manifest["modules"].items()}
+    recipe = None
+    if manifest["recipe"] is not None:
+        try:
+            recipe = Recipe.model_validate(manifest["recipe"])
+        except ValidationError as error:
+            problem = error.errors()[0]["msg"]
+            raise FormatError(f"{folder}: the recorded recipe is invalid: {problem}") from None
+    model = _skeleton(manifest, folder, skeleton, trust_code)
     try:
-        rebuild(model, specs)
-        _set_non_persistent_buffers(model, tensors, manifest.get("non_persistent_buffers", []))
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except LowbitError:
-        raise
-    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
-        raise FormatError(f"the tensors in {folder} do not fit the model: {error}") from None
+        _rebuild(model, manifest, folder)
+    except QuantizationError as error:
+        raise FormatError(f"{folder}: {error}") from None
+    _check_tensors(model, tensors, folder)
+    model.load_state_dict(tensors, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise FormatError(f"{folder} does not hold every tensor the model needs; re-save it")
-    if manifest.get("recipe"):
-        setattr(model, RECIPE_ATTRIBUTE, Recipe.model_validate(manifest["recipe"]))
-    model.lowbit_source = manifest.get("source")
+    _check_modules(model, folder)
+    if recipe is not None:
+        setattr(model, RECIPE_ATTRIBUTE, recipe)
+    model.lowbit_source = manifest["source"]
     model.lowbit_manifest = manifest
     return model.eval()

@@ -1,43 +1,39 @@
 """The lowbit folder format: tensors in safetensors, a JSON manifest with checksums, atomic writes.
 
     model-w8a8/
-      lowbit.json        format version, model kind, recipe, per-module specs, sha256 of every
-                         tensor and every tensor file, versions of lowbit and torch
+      lowbit.json        format version, model kind, recipe, per-module specs, the sha256 and
+                         size of every other file (and of every tensor), versions of lowbit
+                         and torch
       model.safetensors  quantized tensors and those left in float (sharded when large)
+      config.json, ...   files a family writes beside the tensors (a transformers config,
+                         tokenizer files), each checksummed like the tensors
 
-No pickle anywhere. `read_folder` checks the format version and every file's sha256 before any
-tensor reaches a model.
+No pickle anywhere. `read_folder` checks the manifest's schema, that every file it names is a
+regular file inside the folder, and every file's size and sha256, before any tensor reaches a
+model; a file the manifest does not name is never read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lowbit.core.digest import tensor_sha256
-from lowbit.errors import ChecksumError, FormatError
+from lowbit.errors import FormatError
+from lowbit.formats.atomic import atomic_folder
+from lowbit.formats.manifest import MAX_MANIFEST_BYTES, parse_json, validate_manifest
+from lowbit.formats.members import file_sha256, member, read_member, verify_member
 
 MANIFEST = "lowbit.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def deduplicate(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -71,6 +67,18 @@ def _shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def _other_files(staging: Path, listed: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every file a family wrote beside the tensors, by its path inside the folder."""
+    files = {path.relative_to(staging).as_posix(): path
+             for path in sorted(staging.rglob("*")) if path.is_file()}
+    return {name: _file_entry(path) for name, path in files.items()
+            if name != MANIFEST and name not in listed}
+
+
 def write_folder(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
@@ -79,90 +87,123 @@ def write_folder(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write tensors and manifest into a temporary folder beside `path`, then rename it into place.
-
-    A failure at any point leaves no partial folder; an existing folder is replaced only when
-    `overwrite` is set, and only after the new one is complete.
-    """
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise FormatError(f"{target} already exists; choose another path or pass overwrite=True")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    """Write tensors, the family's files and the manifest into a staging folder beside `path`,
+    then swap it into place (lowbit.formats.atomic): a failure at any point leaves `path` as it
+    was; an existing folder is replaced only when `overwrite` is set."""
+    with atomic_folder(path, overwrite) as staging:
         unique, aliases = deduplicate(tensors)
         files = {}
         shards = _shards(unique, max_shard_bytes)
         for name, shard in zip(_shard_names(len(shards)), shards, strict=True):
             save_file(shard, staging / name, metadata={"format": "pt", "writer": "lowbit"})
-            files[name] = {
-                "sha256": file_sha256(staging / name),
-                "tensors": {key: tensor_sha256(value) for key, value in shard.items()},
-            }
+            files[name] = {**_file_entry(staging / name),
+                           "tensors": {key: tensor_sha256(value) for key, value in shard.items()}}
         if write_extra is not None:
             write_extra(staging)
+        files.update(_other_files(staging, files))
         full_manifest = {"format": "lowbit", "format_version": FORMAT_VERSION, **manifest,
                          "files": files, "aliases": aliases}
         (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=False))
-        _move_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    backup = target.with_name(f".{target.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)
-    os.replace(target, backup)
-    os.replace(staging, target)
-    shutil.rmtree(backup, ignore_errors=True)
+    return Path(path)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse and check lowbit.json: present, valid JSON, a lowbit folder of a known version."""
+    """lowbit.json, parsed and checked field by field (lowbit.formats.manifest) for a known format
+    version; the files it names are not read."""
     folder = Path(path)
     if not folder.is_dir():
         raise FormatError(f"{folder} is not a folder; lowbit models are saved as folders")
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
+    if not (folder / MANIFEST).exists():
         raise FormatError(f"{folder} has no {MANIFEST}: it is not a lowbit model folder")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FormatError(f"{manifest_path} is corrupt: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "lowbit":
-        raise FormatError(f"{manifest_path} is not a lowbit manifest")
-    version = manifest.get("format_version")
+    value = parse_json(read_member(folder, MANIFEST, MAX_MANIFEST_BYTES), str(folder / MANIFEST))
+    if not isinstance(value, dict) or value.get("format") != "lowbit":
+        raise FormatError(f"{folder / MANIFEST} is not a lowbit manifest")
+    version = value.get("format_version")
     if version != FORMAT_VERSION:
         raise FormatError(
-            f"{folder} uses lowbit format version {version}; this lowbit reads version "
-            f"{FORMAT_VERSION}. Upgrade lowbit or re-quantize the model."
+            f"{folder} uses lowbit format version {version!r}; this lowbit reads version "
+            f"{FORMAT_VERSION}. Re-quantize the model with this lowbit (version 1 folders carry no "
+            "checksums for their config files)."
         )
+    manifest = validate_manifest(value, str(folder / MANIFEST))
+    _check_tensor_names(manifest)
+    return manifest
+
+
+def _check_tensor_names(manifest: dict[str, Any]) -> None:
+    """Aliases point at stored tensors, and no tensor is stored twice."""
+    stored: set[str] = set()
+    for entry in manifest["files"].values():
+        names = set(entry["tensors"] or ())
+        if stored & names:
+            raise FormatError(f"the manifest stores tensor {sorted(stored & names)[0]!r} twice")
+        stored |= names
+    for alias, canonical in manifest["aliases"].items():
+        if canonical not in stored or alias in stored:
+            raise FormatError(f"the manifest's alias {alias!r} -> {canonical!r} does not name one "
+                              "stored tensor")
+
+
+def tensor_files(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: entry for name, entry in manifest["files"].items() if entry["tensors"] is not None}
+
+
+def check_folder(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest, after a quick check of every file it names: a regular file inside the folder,
+    of the recorded size, and for tensor files a safetensors header listing exactly the recorded
+    tensors. No checksum is computed (see `read_folder`)."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    for name, entry in manifest["files"].items():
+        file = member(folder, name)
+        if file.stat().st_size != entry["bytes"]:
+            raise FormatError(f"{file} is {file.stat().st_size:,} bytes; {entry['bytes']:,} were recorded "
+                              "when it was saved: the file is truncated or was changed")
+        if entry["tensors"] is not None and _header_names(file) != set(entry["tensors"]):
+            raise FormatError(f"{file} does not hold the tensors the manifest lists")
+    return manifest
+
+
+def _header_names(file: Path) -> set[str]:
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return set(handle.keys())
+    except (SafetensorError, OSError, ValueError) as error:
+        raise FormatError(f"{file} is not a readable safetensors file: {error}") from None
+
+
+def verified_file(folder: Path, manifest: dict[str, Any], name: str) -> Path:
+    """The path of a file the manifest lists, after its size and sha256 are checked."""
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise FormatError(f"{folder} has no checksummed {name}; re-save the model")
+    return verify_member(folder, name, entry["sha256"], entry["bytes"])
+
+
+def verify_files(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest, after every file it names matches its recorded size and sha256."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    for name in manifest["files"]:
+        verified_file(folder, manifest, name)
     return manifest
 
 
 def read_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Manifest and tensors of a lowbit folder, after checking every file's sha256."""
+    """Manifest and tensors of a lowbit folder, after checking every file's size and sha256 and
+    that each tensor file holds exactly the tensors the manifest lists."""
     folder = Path(path)
-    manifest = read_manifest(folder)
+    manifest = verify_files(folder)
     tensors: dict[str, torch.Tensor] = {}
-    for name, entry in manifest.get("files", {}).items():
+    for name, entry in tensor_files(manifest).items():
         file = folder / name
-        if not file.is_file():
-            raise FormatError(f"{file} is missing; the folder is incomplete")
-        if file_sha256(file) != entry.get("sha256"):
-            raise ChecksumError(
-                f"{file} does not match the sha256 recorded when it was saved: the file is "
-                "corrupt or was changed. Re-save or re-download the model."
-            )
         try:
-            tensors.update(load_file(file))
-        except (SafetensorError, OSError, ValueError) as error:
+            loaded = load_file(file)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise FormatError(f"{file} is not a readable safetensors file: {error}") from None
-    for alias, canonical in manifest.get("aliases", {}).items():
+        if set(loaded) != set(entry["tensors"]):
+            raise FormatError(f"{file} does not hold the tensors the manifest lists")
+        tensors.update(loaded)
+    for alias, canonical in manifest["aliases"].items():
         tensors[alias] = tensors[canonical]
     return manifest, tensors

@@ -227,6 +227,10 @@ KERNELS: dict[str, KernelFn] = {
 }
 
 
+# Every kernel name a LayerSpec may record: the Linear kernels above, QEmbedding's and QConv2d's.
+KERNEL_NAMES = (*KERNELS, "row_gather", "fbgemm_conv2d")
+
+
 def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
@@ -240,12 +244,13 @@ def missing_kernel(spec: LayerSpec) -> str | None:
     return None
 
 
-def candidate_kernels(module: torch.nn.Module) -> list[str]:
+def candidate_kernels(module: torch.nn.Module, this_machine: bool = True) -> list[str]:
     """Kernels whose numerics fit this module's spec: the reference first, then the scheme's own
-    fast kernel (preferred when timings are close), then alternatives."""
+    fast kernel (preferred when timings are close), then alternatives. `this_machine=False` also
+    lists kernels this PyTorch build lacks (what a file made elsewhere may name)."""
     spec = module.spec
     candidates = ["reference"]
-    fbgemm_ready = fbgemm_available()
+    fbgemm_ready = fbgemm_available() or not this_machine
     if spec.scheme in ("dynamic", "static") and fbgemm_ready:
         candidates.append(f"fbgemm_{spec.scheme}")
     if spec.scheme == "dynamic":

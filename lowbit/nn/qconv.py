@@ -29,6 +29,8 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
     pads with a `static_padding` module first: that module is kept and applied the same way.
     """
 
+    kind = "conv"
+
     def __init__(self, conv: nn.Conv2d, spec: LayerSpec) -> None:
         super().__init__()
         padding_module = getattr(conv, "static_padding", None)
@@ -57,7 +59,8 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
             module.bias.copy_(conv.bias.detach().float())
         if spec.scheme == "static":
             module.set_activation_ranges(input_range, output_range)
-        fast = spec.scheme == "static" and "fbgemm" in torch.backends.quantized.supported_engines
+        fast = (spec.scheme == "static" and spec.granularity == "per_channel"
+                and "fbgemm" in torch.backends.quantized.supported_engines)
         kernel = "fbgemm_conv2d" if fast else "reference"
         if fast and input_shape is not None and os.environ.get("LOWBIT_KERNEL") is None:
             kernel = module._faster_kernel(torch.randn(input_shape))
@@ -78,6 +81,22 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
                 timings[name] = statistics.median(samples)
         self.kernel_cache.clear()
         return min(timings, key=timings.get)
+
+    def kernel_problem(self) -> str | None:
+        allowed = ["reference"]
+        if self.spec.scheme == "static" and self.spec.granularity == "per_channel":
+            allowed.append("fbgemm_conv2d")
+        if set(self.spec.kernels) != {"all"} or self.spec.kernels["all"] not in allowed:
+            return f"a {self.spec.scheme} convolution runs one of {allowed}, not {self.spec.kernels}"
+        return None
+
+    def use_available_kernels(self) -> list[str]:
+        """Swap fbgemm for the reference where this PyTorch build lacks it; returns those swapped."""
+        available = "fbgemm" in torch.backends.quantized.supported_engines
+        if self.spec.kernels.get("all") != "fbgemm_conv2d" or available:
+            return []
+        self.spec = self.spec.with_kernels({"all": "reference"})
+        return ["fbgemm_conv2d"]
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.static_padding is None else self.static_padding(x)

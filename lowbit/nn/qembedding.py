@@ -14,6 +14,8 @@ from lowbit.nn.spec import LayerSpec
 class QEmbedding(QuantizedWeightMixin, nn.Module):
     """Drop-in replacement for `nn.Embedding` with weight-only int8 (per row) or int4 (per group)."""
 
+    kind = "embedding"
+
     def __init__(self, num_embeddings: int, embedding_dim: int, spec: LayerSpec,
                  padding_idx: int | None = None) -> None:
         super().__init__()
@@ -28,6 +30,11 @@ class QEmbedding(QuantizedWeightMixin, nn.Module):
         module._store_weight(embedding.weight.detach().float())
         module.spec = spec.with_kernels({"all": "row_gather"})
         return module
+
+    def kernel_problem(self) -> str | None:
+        if self.spec.scheme != "weight_only" or self.spec.kernels not in ({}, {"all": "row_gather"}):
+            return f"an embedding is weight-only and gathers rows, not {self.spec.scheme} {self.spec.kernels}"
+        return None
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         rows = self.quantized_weight()

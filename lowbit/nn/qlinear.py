@@ -6,13 +6,15 @@ import torch
 from torch import nn
 
 from lowbit.core.quantize import check_finite
-from lowbit.nn.kernels import choose_kernels, run_kernel
+from lowbit.nn.kernels import ROW_BUCKETS, candidate_kernels, choose_kernels, fbgemm_available, run_kernel
 from lowbit.nn.qweight import QuantizedWeightMixin
 from lowbit.nn.spec import LayerSpec
 
 
 class QLinear(QuantizedWeightMixin, nn.Module):
     """Drop-in replacement for `nn.Linear` with weight-only, dynamic or static quantization."""
+
+    kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LayerSpec) -> None:
         super().__init__()
@@ -43,6 +45,25 @@ class QLinear(QuantizedWeightMixin, nn.Module):
         if choose_kernel:
             module.spec = spec.with_kernels(choose_kernels(module))
         return module
+
+    def kernel_problem(self) -> str | None:
+        buckets = {str(rows) for rows in ROW_BUCKETS}
+        fits = set(candidate_kernels(self, this_machine=False))
+        wrong = [f"{rows}: {name}" for rows, name in self.spec.kernels.items()
+                 if rows not in buckets or name not in fits]
+        if wrong:
+            return f"kernels that do not fit a {self.spec.weight} {self.spec.scheme} Linear: {wrong}"
+        return None
+
+    def use_available_kernels(self) -> list[str]:
+        """Swap kernels this PyTorch build lacks (fbgemm) for the reference; returns those swapped."""
+        if fbgemm_available():
+            return []
+        missing = sorted({name for name in self.spec.kernels.values() if name.startswith("fbgemm")})
+        if missing:
+            self.spec = self.spec.with_kernels({rows: "reference" if name.startswith("fbgemm") else name
+                                                for rows, name in self.spec.kernels.items()})
+        return missing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -28,6 +28,7 @@ class QuantizedWeightMixin:
 
     spec: LayerSpec
     weight_shape: tuple[int, ...]
+    kind: str  # "linear", "conv" or "embedding": what LayerSpec.problem checks against
 
     def _init_weight_buffers(self: nn.Module, spec: LayerSpec, shape: tuple[int, ...]) -> None:
         self.spec = spec
@@ -94,6 +95,37 @@ class QuantizedWeightMixin:
         if hasattr(self, "kernel_cache"):
             self.kernel_cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def loaded_problem(self: nn.Module) -> str | None:
+        """Why tensors and spec loaded from a file cannot run (a scale that is not a positive
+        finite number, a zero point off the grid, an unknown kernel), or None. Shapes and dtypes
+        are the loader's to check against the skeleton first."""
+        problem = self.spec.problem(self.kind, self.weight_shape)
+        if problem:
+            return problem
+        qtype = get_qtype(storage_qtype(self.spec))
+        scale = getattr(self, "weight_scale", None)
+        if scale is not None and not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            return "a weight scale is not a positive finite number"
+        zero_point = getattr(self, "weight_zero_point", None)
+        if zero_point is not None and zero_point.numel() and not (
+                qtype.qmin <= int(zero_point.min()) and int(zero_point.max()) <= qtype.qmax):
+            return f"a weight zero point lies outside {qtype.name}'s range"
+        if self.spec.scheme == "static":
+            for side, qmax in (("input", UINT7.qmax), ("output", UINT8.qmax)):
+                side_scale = float(getattr(self, f"{side}_scale"))
+                side_zero = int(getattr(self, f"{side}_zero_point"))
+                if not (side_scale > 0 and side_scale < float("inf")) or not 0 <= side_zero <= qmax:
+                    return f"the {side} scale or zero point is off its grid"
+        return self.kernel_problem()
+
+    def kernel_problem(self) -> str | None:
+        """Why the recorded kernels do not fit this module, or None (per module class)."""
+        return None
+
+    def use_available_kernels(self) -> list[str]:
+        """Swap recorded kernels this PyTorch build lacks for the reference; returns those swapped."""
+        return []
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.quantized_weight().dequantize(dtype)

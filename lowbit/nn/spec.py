@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 SCHEMES = ("weight_only", "dynamic", "static")
+WEIGHT_TYPES = ("int8", "int4", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -33,3 +34,25 @@ class LayerSpec:
 
     def with_kernels(self, kernels: dict[str, str]) -> LayerSpec:
         return replace(self, kernels=dict(kernels))
+
+    def problem(self, kind: str, weight_shape: tuple[int, ...]) -> str | None:
+        """Why a module of `kind` ("linear", "conv", "embedding") with this weight shape cannot
+        run this spec, or None: only the combinations a Recipe produces have kernels."""
+        granularity = self.granularity
+        if self.scheme not in SCHEMES or self.weight not in WEIGHT_TYPES:
+            return f"unknown scheme {self.scheme!r} or weight type {self.weight!r}"
+        if self.weight in ("fp16", "bf16"):
+            return None if (self.scheme, granularity) == ("weight_only", "per_tensor") else \
+                "16-bit float weights are stored weight-only and per tensor"
+        if self.weight == "int4":
+            group = int(granularity.split(":")[1]) if granularity.startswith("group:") else 0
+            if self.scheme != "weight_only" or kind == "conv" or not group or weight_shape[-1] % group:
+                return "int4 weights need weight-only groups that divide the input dimension"
+            return None
+        if granularity not in ("per_channel", "per_tensor"):
+            return "int8 weights are per channel (along the output dimension) or per tensor"
+        if self.scheme != "weight_only" and (not self.symmetric or kind == "embedding"):
+            return f"the {self.scheme} scheme needs symmetric int8 weights on a Linear or Conv2d"
+        if kind == "conv" and self.scheme == "dynamic":
+            return "convolutions are quantized weight-only or static, not dynamic"
+        return None

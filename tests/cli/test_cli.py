@@ -54,7 +54,9 @@ def test_quantize_inspect_and_load_a_factory_model(tmp_path, weights):
     assert table.returncode == 0 and kernel in table.stdout and "matches its recorded sha256" in table.stdout
     import lowbit as api
 
-    model = api.load(out)  # the manifest names the factory
+    with pytest.raises(api.FormatError, match="trust_code"):  # importing the factory needs trust
+        api.load(out)
+    model = api.load(out, trust_code=True)  # the manifest names the factory
     assert torch.equal(model[0].weight, api.quantize(tiny_mlp(), "w8a8-dynamic")[0].weight)
 
 

@@ -26,7 +26,7 @@ def test_folder_has_safetensors_and_a_manifest_without_pickle(saved_mlp):
     _, folder = saved_mlp
     assert sorted(p.name for p in folder.iterdir()) == ["lowbit.json", "model.safetensors"]
     manifest = json.loads((folder / "lowbit.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["recipe"]["scheme"] == "dynamic"
     assert manifest["modules"]["0"]["spec"]["weight"] == "int8"
     assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
@@ -53,7 +53,7 @@ def test_load_in_a_new_process_gives_identical_outputs(saved_mlp, tmp_path):
     save_file({"x": x}, tmp_path / "x.safetensors")
     script = (
         "import sys, torch, lowbit; from safetensors.torch import load_file, save_file;"
-        f"m = lowbit.load({str(folder)!r});"
+        f"m = lowbit.load({str(folder)!r}, trust_code=True);"
         f"x = load_file({str(tmp_path / 'x.safetensors')!r})['x'];"
         f"save_file({{'y': m(x).detach()}}, {str(tmp_path / 'y.safetensors')!r})"
     )
@@ -111,9 +111,10 @@ def test_truncated_file_with_matching_checksum_is_still_refused(saved_mlp):
     data = (folder / "model.safetensors").read_bytes()[:100]
     (folder / "model.safetensors").write_bytes(data)
     manifest = json.loads((folder / "lowbit.json").read_text())
-    from lowbit.formats.lowbit_format import file_sha256
+    from lowbit.formats.members import file_sha256
 
     manifest["files"]["model.safetensors"]["sha256"] = file_sha256(folder / "model.safetensors")
+    manifest["files"]["model.safetensors"]["bytes"] = 100
     (folder / "lowbit.json").write_text(json.dumps(manifest))
     with pytest.raises(FormatError, match="not a readable safetensors"):
         lowbit.load(folder)
@@ -123,7 +124,7 @@ def test_truncated_file_with_matching_checksum_is_still_refused(saved_mlp):
     "corrupt, message",
     [
         (lambda f: (f / "lowbit.json").unlink(), "no lowbit.json"),
-        (lambda f: (f / "lowbit.json").write_text("{oops"), "corrupt"),
+        (lambda f: (f / "lowbit.json").write_text("{oops"), "not valid JSON"),
         (lambda f: (f / "lowbit.json").write_text(json.dumps({"format": "lowbit", "format_version": 99})),
          "version 99"),
         (lambda f: (f / "model.safetensors").unlink(), "missing"),

@@ -1,0 +1,126 @@
+"""lowbit.json's schema: every field a loader reads, typed and bounded before it is used.
+
+A manifest is untrusted input. It is parsed with a size and depth bound, then validated field by
+field (pydantic); any failure is a FormatError that names the field, so no malformed manifest can
+reach a loader as a KeyError or a TypeError deep inside it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from lowbit.core import Granularity
+from lowbit.core.qtypes import QTYPES
+from lowbit.errors import FormatError, LowbitError
+from lowbit.nn.kernels import KERNEL_NAMES, ROW_BUCKETS
+from lowbit.nn.spec import SCHEMES
+
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_DEPTH = 64
+MAX_ENTRIES = 1 << 20
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+Count = Annotated[int, Field(ge=0, le=1 << 50)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class FileEntry(_Strict):
+    """A file of the folder: its sha256 and size; a tensor file also lists its tensors' digests."""
+
+    sha256: Sha256
+    bytes: Count
+    tensors: dict[Name, Sha256] | None = Field(None, max_length=MAX_ENTRIES)
+
+
+class SpecEntry(_Strict):
+    """A module's LayerSpec (lowbit.nn.spec) with every value checked against what lowbit knows."""
+
+    scheme: Literal[SCHEMES]
+    weight: Literal[tuple(QTYPES)]
+    granularity: str
+    symmetric: bool
+    activation: Literal["uint8"] | None = None
+    kernels: dict[Literal[(*map(str, ROW_BUCKETS), "all")], Literal[KERNEL_NAMES]] = Field(max_length=8)
+
+    @field_validator("granularity")
+    @classmethod
+    def _known_granularity(cls, value: str) -> str:
+        try:
+            return str(Granularity.parse(value))
+        except LowbitError as error:
+            raise ValueError(str(error)) from None
+
+
+class ModuleEntry(_Strict):
+    type: Literal["QLinear", "QConv2d", "QEmbedding"]
+    spec: SpecEntry
+    bytes: Count
+
+
+class ModelEntry(_Strict):
+    """What was quantized: a transformers class (rebuilt from config.json) or a plain module."""
+
+    kind: Literal["torch", "transformers"]
+    class_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] = Field(
+        alias="class")
+    factory: Name | None = None
+    source_path: str | None = None
+
+
+class SourceEntry(_Strict):
+    class_name: Name = Field(alias="class")
+    parameters: Count
+    bytes: Count
+    sha256: Sha256
+
+
+class Manifest(_Strict):
+    format: Literal["lowbit"]
+    format_version: int
+    versions: dict[Name, Name] = Field(max_length=16)
+    model: ModelEntry
+    source: SourceEntry | None = None
+    recipe: dict[str, Any] | None = None
+    modules: dict[Name, ModuleEntry] = Field(max_length=MAX_ENTRIES)
+    comparison: dict[str, Any] | None = None
+    files: dict[Name, FileEntry] = Field(min_length=1, max_length=4096)
+    aliases: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
+
+
+def depth(value: Any) -> int:
+    """How deeply JSON nests, walked without recursion (a 3,000-deep file must not overflow)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= MAX_DEPTH:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON from bytes: UTF-8, at most MAX_DEPTH deep; anything else is a FormatError."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise FormatError(f"{what} is not valid JSON: {type(error).__name__}: {error}") from None
+    if depth(value) > MAX_DEPTH:
+        raise FormatError(f"{what} nests deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def validate_manifest(value: Any, what: str) -> dict[str, Any]:
+    """The manifest as a plain dict, after every field is checked (see `Manifest`)."""
+    try:
+        return Manifest.model_validate(value).model_dump(by_alias=True, exclude_none=False)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        raise FormatError(f"{what}: field {field}: {problem['msg']}") from None
