@@ -186,7 +186,11 @@ def _saved_config(folder: Path, manifest: dict[str, Any], transformers):
     if problem:
         raise FormatError(f"{path}: {problem}")
     values = {key: value for key, value in values.items() if key not in ("auto_map", "quantization_config")}
-    return transformers.AutoConfig.for_model(**values)
+    try:
+        return transformers.AutoConfig.for_model(**values)
+    except Exception as error:  # noqa: BLE001 - transformers validates configs with its own error types
+        raise FormatError(f"{path}: transformers refuses this config: {type(error).__name__}: "
+                          f"{str(error)[:300]}") from None
 
 
 @contextmanager

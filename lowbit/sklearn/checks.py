@@ -224,6 +224,42 @@ def _check_neighbours(estimator: Any) -> None:
         _fail("neighbours data's feature count differs from its estimator's")
 
 
+def _check_svc(svc: Any) -> None:
+    """libsvm reads support vectors, coefficients and intercepts by counts it trusts: each must
+    match the others, or `predict` reads past an array."""
+    if getattr(svc, "kernel", None) not in ("linear", "poly", "rbf", "sigmoid"):
+        _fail("SVC kernel is not one lowbit loads (linear, poly, rbf, sigmoid)")
+    counts = _array(getattr(svc, "_n_support", None), "SVC support counts", np.int32, 1)
+    classes, vectors = counts.size, getattr(svc, "support_vectors_", None)
+    total = vectors.shape[0] if hasattr(vectors, "shape") and len(vectors.shape) == 2 else -1
+    if classes < 2 or np.any(counts < 0) or int(counts.sum()) != total:
+        _fail("SVC support counts do not add up to its support vectors")
+    if vectors.shape[1] != _feature_count(svc) or _array(svc.support_, "SVC support", np.int32, 1).size != total:
+        _fail("SVC support vectors do not match its feature count")
+    pairs = classes * (classes - 1) // 2
+    shapes = {"_dual_coef_": (classes - 1, total), "_intercept_": (pairs,), "classes_": (classes,)}
+    for name, shape in shapes.items():
+        value = getattr(svc, name, None)
+        if not hasattr(value, "shape") or tuple(value.shape) != shape:
+            _fail(f"SVC {name} does not have shape {shape}")
+    for name in ("_probA", "_probB"):
+        if _array(getattr(svc, name, None), f"SVC {name}", np.float64, 1).size not in (0, pairs):
+            _fail(f"SVC {name} does not have one value per class pair")
+
+
+def _check_vocabulary(vectorizer: Any) -> None:
+    """Term indices are the matrix's columns: exactly 0..n-1, and the idf weights one per term."""
+    vocabulary = getattr(vectorizer, "vocabulary_", None)
+    if vocabulary is None:
+        return
+    indices = sorted(vocabulary.values()) if isinstance(vocabulary, dict) else None
+    if indices != list(range(len(indices or ()))) or not all(type(i) in (int, np.int64) for i in indices):
+        _fail("vectorizer's vocabulary indices are not 0..n-1")
+    idf = getattr(getattr(vectorizer, "_tfidf", None), "idf_", None)
+    if idf is not None and np.shape(idf) != (len(indices),):
+        _fail("vectorizer's idf weights are not one per term")
+
+
 def _check_sparse(matrix: Any) -> None:
     try:
         matrix.check_format(full_check=True)
@@ -237,9 +273,23 @@ BUILT_CHECKS: dict[str, Callable[[Any], None]] = {
     **{f"sklearn.ensemble._hist_gradient_boosting.gradient_boosting.{name}": _check_histogram_boosting
        for name in ("HistGradientBoostingClassifier", "HistGradientBoostingRegressor")},
     "sklearn.neighbors._classification.KNeighborsClassifier": _check_neighbours,
+    "sklearn.svm._classes.SVC": _check_svc,
+    "sklearn.feature_extraction.text.CountVectorizer": _check_vocabulary,
+    "sklearn.feature_extraction.text.TfidfVectorizer": _check_vocabulary,
     **{f"scipy.sparse.{name}": _check_sparse for name in (
         "_csr.csr_matrix", "_csc.csc_matrix", "_csr.csr_array", "_csc.csc_array")},
 }
+
+
+def _check_parameters(estimator: Any) -> None:
+    """scikit-learn's own check of an estimator's hyper-parameters (types, ranges, choices)."""
+    validate = getattr(estimator, "_validate_params", None)
+    if validate is None or not hasattr(type(estimator), "_parameter_constraints"):
+        return
+    try:
+        validate()
+    except (ValueError, TypeError) as error:
+        _fail(f"{type(estimator).__name__} has an invalid parameter: {str(error)[:200]}")
 
 
 def check_built(objects: list[Any]) -> None:
@@ -248,3 +298,4 @@ def check_built(objects: list[Any]) -> None:
         check = BUILT_CHECKS.get(qualified_name(type(instance)))
         if check is not None:
             check(instance)
+        _check_parameters(instance)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import ChecksumError, FormatError
-from lowbit.sklearn import skeleton
+from lowbit.sklearn import probe, skeleton
 from lowbit.sklearn.encodings import Encoded
 
 FORMAT, VERSION = "lowbit-sklearn", 2
@@ -58,6 +58,7 @@ def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.Pat
                "arrays.safetensors": save_arrays(arrays) if arrays else b""}
     entries.update({f"vocabulary/{index}.txt": text.encode() for index, text in enumerate(texts)})
     manifest = {"format": FORMAT, "version": VERSION, "estimator": _class_path(estimator), "report": report,
+                "versions": _versions(), "probe": probe.record(estimator),
                 "sha256": {name: _sha256(data) for name, data in entries.items()},
                 "sizes": {name: len(data) for name, data in entries.items()}}
     staging = path.with_name(f".{path.name}.partial")
@@ -70,6 +71,14 @@ def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.Pat
     finally:
         staging.unlink(missing_ok=True)
     return path
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+
+    from lowbit.version import __version__
+
+    return {"lowbit": __version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__}
 
 
 def is_lowbit_file(path: str | os.PathLike) -> bool:
@@ -212,9 +221,11 @@ def read_file(path: str | os.PathLike) -> Any:
     pools = _pools(entries["arrays.safetensors"], path)
     document = _json(entries["skeleton.json"], "skeleton.json")
     try:
-        return skeleton.load(document, pools, _texts(entries, path))
+        estimator = skeleton.load(document, pools, _texts(entries, path))
+        probe.check(estimator, manifest.get("probe"))
     except FormatError as error:
         raise FormatError(f"{path}: {error}") from None
+    return estimator
 
 
 def describe_file(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
