@@ -22,7 +22,7 @@ from lowbit import hf
 from lowbit.dataset import calibration_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate import estimate, folder_bytes
-from lowbit.formats.lowbit_format import read_folder, read_manifest
+from lowbit.formats.lowbit_format import check_folder, verify_files
 from lowbit.persist import save
 from lowbit.quantize import quantize as quantize_model
 from lowbit.quantize import quantized_modules
@@ -53,7 +53,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except LowbitError as error:
-        errors.print(f"[bold red]error:[/] {error}", highlight=False)
+        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -62,7 +62,7 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
     except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback for users
         errors.print(f"[bold red]internal error:[/] {type(error).__name__}: {error}\n"
-                     "Please report this with the command you ran.", highlight=False)
+                     "Please report this with the command you ran.", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
@@ -200,7 +200,9 @@ def _kernel_summary(kernels: dict[str, str]) -> str:
 def inspect(
     folder: Annotated[Path, typer.Argument(help="A lowbit model folder, or a scikit-learn lowbit file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    verify: Annotated[bool, typer.Option(help="Also check every file against its sha256.")] = False,
+    verify: Annotated[bool, typer.Option(
+        help="Also check every file against its sha256 (without it: the manifest, each file's size "
+        "and each tensor file's header).")] = False,
 ) -> None:
     """Per-layer table of a saved model: scheme, bits, granularity, kernel, bytes, and totals.
 
@@ -211,7 +213,7 @@ def inspect(
         if folder.is_file():  # lowbit folders are folders; a file is a scikit-learn lowbit file
             _inspect_sklearn(folder, as_json, verify)
             return
-        manifest = read_folder(folder)[0] if verify else read_manifest(folder)
+        manifest = verify_files(folder) if verify else check_folder(folder)
         modules = manifest.get("modules", {})
         if as_json:
             print(json.dumps({"recipe": manifest.get("recipe"), "modules": modules,

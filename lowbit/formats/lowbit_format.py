@@ -127,7 +127,22 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         )
     manifest = validate_manifest(value, str(folder / MANIFEST))
     _check_tensor_names(manifest)
+    _check_recipe(manifest, folder)
     return manifest
+
+
+def _check_recipe(manifest: dict[str, Any], folder: Path) -> None:
+    from pydantic import ValidationError
+
+    from lowbit.recipe import Recipe
+
+    if manifest["recipe"] is None:
+        return
+    try:
+        Recipe.model_validate(manifest["recipe"])
+    except ValidationError as error:
+        problem = error.errors()[0]["msg"]
+        raise FormatError(f"{folder}: the recorded recipe is invalid: {problem}") from None
 
 
 def _check_tensor_names(manifest: dict[str, Any]) -> None:
@@ -154,22 +169,51 @@ def check_folder(path: str | os.PathLike) -> dict[str, Any]:
     tensors. No checksum is computed (see `read_folder`)."""
     folder = Path(path)
     manifest = read_manifest(folder)
+    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, entry in manifest["files"].items():
         file = member(folder, name)
         if file.stat().st_size != entry["bytes"]:
             raise FormatError(f"{file} is {file.stat().st_size:,} bytes; {entry['bytes']:,} were recorded "
                               "when it was saved: the file is truncated or was changed")
-        if entry["tensors"] is not None and _header_names(file) != set(entry["tensors"]):
-            raise FormatError(f"{file} does not hold the tensors the manifest lists")
+        if entry["tensors"] is not None:
+            header = _header(file)
+            if set(header) != set(entry["tensors"]):
+                raise FormatError(f"{file} does not hold the tensors the manifest lists")
+            headers.update(header)
+    for alias, canonical in manifest["aliases"].items():
+        headers[alias] = headers[canonical]
+    _check_module_weights(manifest, headers, folder)
     return manifest
 
 
-def _header_names(file: Path) -> set[str]:
+def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each tensor's dtype and shape, from a safetensors header alone."""
     try:
         with safe_open(file, framework="pt") as handle:
-            return set(handle.keys())
+            return {key: (handle.get_slice(key).get_dtype(), tuple(handle.get_slice(key).get_shape()))
+                    for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise FormatError(f"{file} is not a readable safetensors file: {error}") from None
+
+
+STORED_WEIGHT = {"int8": "I8", "int4": "U8", "fp16": "F16", "bf16": "BF16"}
+MODULE_KINDS = {"QLinear": "linear", "QConv2d": "conv", "QEmbedding": "embedding"}
+
+
+def _check_module_weights(manifest: dict[str, Any], headers: dict, folder: Path) -> None:
+    """Each module's spec fits its kind and the dtype and shape of the weight stored for it."""
+    from lowbit.nn import LayerSpec
+
+    for name, entry in manifest["modules"].items():
+        spec = LayerSpec.from_dict(entry["spec"])
+        dtype, shape = headers.get(f"{name}.weight", (None, ()))
+        if dtype != STORED_WEIGHT[spec.weight] or len(shape) != (4 if entry["type"] == "QConv2d" else 2):
+            raise FormatError(f"{folder}: module {name!r}: its stored weight ({dtype} {list(shape)}) is "
+                              f"not a {spec.weight} {entry['type']} weight")
+        unpacked = (*shape[:-1], shape[-1] * 2) if spec.weight == "int4" else shape
+        problem = spec.problem(MODULE_KINDS[entry["type"]], unpacked)
+        if problem:
+            raise FormatError(f"{folder}: module {name!r}: {problem}")
 
 
 def verified_file(folder: Path, manifest: dict[str, Any], name: str) -> Path:

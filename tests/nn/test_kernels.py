@@ -122,3 +122,18 @@ def test_qconv2d_fast_path_matches_the_reference(scheme):
     x = torch.randn(2, 8, 10, 10)
     assert relative_error(module(x), module.reference(x)) < 1e-2
     assert relative_error(module(x), conv(x).detach()) < 0.05
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[3]], ids=lambda s: f"{s.scheme}-{s.granularity}")
+def test_a_nan_input_gives_nan_outputs_like_a_float_layer_not_an_error(spec):
+    """fbgemm refuses a row holding NaN ("min should be less than or equal to max"); the layer
+    answers as nn.Linear would, with NaN where the NaN reaches. (The static scheme clamps every
+    input to its calibrated grid, NaN included, so it is not checked here.)"""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    module = QLinear.from_float(linear, spec, (-4.0, 4.0), (-8.0, 8.0))
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    with torch.inference_mode():
+        y = module(x)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
