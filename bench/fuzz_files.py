@@ -43,7 +43,8 @@ INTERESTING = [0, -1, 1, 2, 3, 7, 8, 255, 256, 65535, 2**31 - 1, 2**31, 2**32, 2
                "nan", "inf", "-inf", "os.system", "posix.system", "builtins.eval", "numpy.load",
                "sklearn.linear_model._sgd_fast.np.lib._npyio_impl.os.system", "numpy.memmap",
                "subprocess.Popen", "../../outside.bin", "/etc/passwd", "/proc/self/environ",
-               "evilfactory:build", "os:abort", "\udcff", "\x00", "ÿ" * 9, [], {}, [[]], {"$": "ref", "id": 0}]
+               "evilfactory:build", "os:abort", "\udcff", "\x00", "ÿ" * 9, [], {}, [[]],
+               {"$": "ref", "id": 0}]
 
 
 # ---- the seed models: real fitted estimators and small real torch/transformers models ----
@@ -122,23 +123,10 @@ def _write_sklearn_seeds(folder: Path) -> list[dict[str, Any]]:
         path = folder / f"{name}.lowbit"
         lowbit_sklearn.quantize(estimator, bits=8, data=inputs).save(path)
         inputs_path = folder / f"{name}.inputs.json"
-        inputs_path.write_text(json.dumps(inputs if isinstance(inputs, list) else np.asarray(inputs).tolist()))
+        listed = inputs if isinstance(inputs, list) else np.asarray(inputs).tolist()
+        inputs_path.write_text(json.dumps(listed))
         seeds.append({"format": "sklearn", "name": name, "path": str(path), "inputs": str(inputs_path)})
     return seeds
-
-
-def _tiny_transformers(kind: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    if kind == "bert":
-        config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
-        return transformers.BertModel(config).eval()
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def _write_torch_seeds(folder: Path) -> list[dict[str, Any]]:
@@ -159,8 +147,10 @@ def _write_torch_seeds(folder: Path) -> list[dict[str, Any]]:
         lowbit.save(quantized, folder / name)
         seeds.append({"format": "torch", "name": name, "path": str(folder / name), "skeleton": factory,
                       "shape": shape})
-    for name, kind, recipe in (("bert-w8a8", "bert", "w8a8-dynamic"), ("llama-w4", "llama", "w4-g32")):
-        lowbit.save(lowbit.quantize(_tiny_transformers(kind), recipe, progress=False), folder / name)
+    from tests.fixtures_models import tiny_bert, tiny_llama
+
+    for name, make, recipe in (("bert-w8a8", tiny_bert, "w8a8-dynamic"), ("llama-w4", tiny_llama, "w4-g32")):
+        lowbit.save(lowbit.quantize(make(), recipe, progress=False), folder / name)
         seeds.append({"format": "torch", "name": name, "path": str(folder / name), "skeleton": None,
                       "shape": None})
     return seeds
@@ -201,7 +191,8 @@ def _new_value(rng: random.Random, old: Any, document: Any) -> Any:
     if choice < 0.35:
         return rng.choice(INTERESTING)
     if choice < 0.6 and type(old) in (int, float) and not isinstance(old, bool):
-        return rng.choice([old + 1, old - 1, old * 2, -old, old * 10**9, old // 2 if type(old) is int else old / 3])
+        half = old // 2 if type(old) is int else old / 3
+        return rng.choice([old + 1, old - 1, old * 2, -old, old * 10**9, half])
     if choice < 0.8:
         pool = _scalars(document)
         return rng.choice(pool) if pool else None
@@ -410,7 +401,9 @@ def load_and_call(path: Path, seed: dict[str, Any], inputs: Any) -> None:
 
 def make_case(index: int, seed_value: int, seeds: list[dict[str, Any]], folder: Path) -> tuple[dict, Path]:
     rng = random.Random(seed_value * 1_000_003 + index)
-    seed = seeds[rng.randrange(len(seeds))]
+    formats = sorted({seed["format"] for seed in seeds})
+    of_format = [seed for seed in seeds if seed["format"] == formats[index % len(formats)]]
+    seed = of_format[rng.randrange(len(of_format))]  # the formats take turns
     target = folder / f"case-{index}"
     if seed["format"] == "sklearn":
         target = target.with_suffix(".lowbit")
@@ -555,7 +548,8 @@ def show(index: int, seed_value: int, formats: tuple[str, ...]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=(*FORMATS, "both"), default="both")
@@ -578,7 +572,8 @@ def main() -> None:
     print(json.dumps({key: value for key, value in result.items() if key != "failures"}, indent=2))
     for index, outcome in list(result["failures"].items())[:40]:
         print(f"case {index}: {outcome}")
-    print(f"{len(result['failures'])} failing cases of {result['cases']}; all in bench/results/fuzz_files.json")
+    print(f"{len(result['failures'])} failing cases of {result['cases']}; "
+          "all in bench/results/fuzz_files.json")
     sys.exit(1 if result["failures"] else 0)
 
 

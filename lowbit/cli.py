@@ -8,6 +8,7 @@ nothing written); 1 an unexpected internal error; 3 compare's verdict failed; 4 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from lowbit import hf
 from lowbit.dataset import calibration_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate import estimate, folder_bytes
+from lowbit.formats.atomic import write_text
 from lowbit.formats.lowbit_format import check_folder, verify_files
 from lowbit.persist import save
 from lowbit.quantize import quantize as quantize_model
@@ -66,6 +68,42 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _non_negative(value: float | None) -> float | None:
+    if _finite(value) is not None and value < 0:
+        raise typer.BadParameter(f"{value} is negative; give 0 or more")
+    return value
+
+
+def _positive(value: float | None) -> float | None:
+    if _finite(value) is not None and value <= 0:
+        raise typer.BadParameter(f"{value} is not above 0")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not 0 <= _finite(value) <= 1:
+        raise typer.BadParameter(f"{value} is not within [0, 1]")
+    return value
+
+
+def _bit_width(value: int) -> int:
+    if value not in (8, 16, 32):
+        raise typer.BadParameter(f"{value} is not one of 8, 16, 32")
+    return value
+
+
+def _preset_list(value: str | None) -> str | None:
+    if value is not None and not [name for name in value.split(",") if name.strip()]:
+        raise typer.BadParameter("name at least one preset, e.g. w8a8-dynamic,w8")
+    return value
+
+
 def _mib(size: int) -> str:
     return f"{size / 2**20:.2f} MiB"
 
@@ -88,11 +126,11 @@ def quantize(
     weights: Annotated[Path | None, typer.Option(
         help="safetensors weights for a package.module:factory source."
     )] = None,
-    group_size: Annotated[int | None, typer.Option(
+    group_size: Annotated[int | None, typer.Option(min=1,
         help="Group size for int4 recipes (32, 64, 128, 256)."
     )] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    max_drop: Annotated[float | None, typer.Option(
+    max_drop: Annotated[float | None, typer.Option(callback=_non_negative,
         help="Quality budget: measure on --data and fall back (layer by layer, then to safer recipes) "
         "until the drop is at most this; exit 4 and write nothing if nothing quantized meets it."
     )] = None,
@@ -103,11 +141,12 @@ def quantize(
     relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
     trust_pickle: Annotated[bool, typer.Option(
         help="scikit-learn: allow loading a .joblib/.pkl file (unpickling runs the code it holds).")] = False,
-    bits: Annotated[int, typer.Option(help="scikit-learn: starting width of every array (8, 16, 32).")] = 8,
-    weight_threshold: Annotated[float, typer.Option(
+    bits: Annotated[int, typer.Option(
+        callback=_bit_width, help="scikit-learn: starting width of every array (8, 16, 32).")] = 8,
+    weight_threshold: Annotated[float, typer.Option(callback=_non_negative,
         help="scikit-learn: set coefficients smaller than this in magnitude to zero and store them "
         "sparsely, wherever no prediction on --data changes.")] = 0.0,
-    probability_tolerance: Annotated[float, typer.Option(
+    probability_tolerance: Annotated[float, typer.Option(callback=_fraction,
         help="scikit-learn: largest allowed change of a predicted probability on --data.")] = 0.01,
 ) -> None:
     """Quantize a model and save it as a lowbit folder (a scikit-learn model: one lowbit file).
@@ -287,8 +326,8 @@ def estimate_command(
 
 @app.command()
 def demo(
-    sentences: Annotated[int, typer.Option(help="Wikipedia sentences for the cosine.")] = 256,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    sentences: Annotated[int, typer.Option(min=1, help="Wikipedia sentences for the cosine.")] = 256,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")] = None,
 ) -> None:
     """Quantize the bundled real all-MiniLM-L6-v2 (w8a8-dynamic, w4) and print measured results.
 
@@ -338,13 +377,15 @@ def compare_command(
     metric: Annotated[str | None, typer.Option(
         help="Headline metric: accuracy, f1, perplexity, cosine, agreement, sqnr (default: by model)."
     )] = None,
-    batch_size: Annotated[list[int] | None, typer.Option(help="Batch size to time (repeatable).")] = None,
-    max_drop: Annotated[float | None, typer.Option(help="Quality budget: largest allowed drop.")] = None,
+    batch_size: Annotated[list[int] | None, typer.Option(
+        min=1, help="Batch size to time (repeatable).")] = None,
+    max_drop: Annotated[float | None, typer.Option(
+        callback=_non_negative, help="Quality budget: largest allowed drop.")] = None,
     relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
-    samples: Annotated[int, typer.Option(help="Samples of the data to use.")] = 256,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sample (context for perplexity).")] = 128,
-    runs: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 20,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Samples of the data to use.")] = 256,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sample (context for perplexity).")] = 128,
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs per batch size.")] = 20,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")] = None,
     memory: Annotated[bool, typer.Option(help="Measure load time and peak RSS in subprocesses.")] = True,
@@ -373,9 +414,9 @@ def compare_command(
                                  trust_code=trust_code)
         console.print(Markdown(comparison.to_markdown()))
         if json_out:
-            _write_atomic(json_out, comparison.to_json())
+            write_text(json_out, comparison.to_json())
         if html_out:
-            _write_atomic(html_out, comparison.to_html())
+            write_text(html_out, comparison.to_html())
     if not comparison.verdict()["passed"]:
         raise typer.Exit(EXIT_VERDICT_FAILED)
 
@@ -384,10 +425,11 @@ def compare_command(
 def bench_command(
     model: Annotated[str, typer.Argument(
         help="A lowbit folder, transformers folder, factory, or scikit-learn model file.")],
-    batch_size: Annotated[list[int] | None, typer.Option(help="Batch size to time (repeatable).")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sample for text models.")] = 128,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
-    samples: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 20,
+    batch_size: Annotated[list[int] | None, typer.Option(
+        min=1, help="Batch size to time (repeatable).")] = None,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sample for text models.")] = 128,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Timed runs per batch size.")] = 20,
     data: Annotated[Path | None, typer.Option(help="Inputs (required for tensor models).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     trust_pickle: Annotated[bool, typer.Option(
@@ -444,9 +486,9 @@ def _tune_and_save(model, data, metric, max_drop, objective, candidates, calibra
                   batch_size=batch_size, samples=samples, tokenizer=tokenizer)
     console.print(Markdown(result.to_markdown()))
     if json_out:
-        _write_atomic(json_out, json.dumps(result.to_dict(), indent=2))
+        write_text(json_out, json.dumps(result.to_dict(), indent=2))
     if html_out:
-        _write_atomic(html_out, result.to_html())
+        write_text(html_out, result.to_html())
     if not result.met_budget:
         errors.print(f"[bold red]budget not met:[/] {result.message} Nothing was written to {out}.",
                      highlight=False)
@@ -459,7 +501,7 @@ def _tune_and_save(model, data, metric, max_drop, objective, candidates, calibra
 def tune_command(
     source: Annotated[str, typer.Argument(help="A transformers folder, or package.module:factory.")],
     data: Annotated[Path, typer.Option(help="Evaluation data: .jsonl, .txt, .csv, .npy, .pt, .safetensors.")],
-    max_drop: Annotated[float, typer.Option(
+    max_drop: Annotated[float, typer.Option(callback=_non_negative,
         help="Largest allowed quality drop: absolute (0.01 = one point of accuracy) or with --relative "
         "a fraction of the original's value.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (must not exist).")],
@@ -468,15 +510,15 @@ def tune_command(
     relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
     objective: Annotated[str, typer.Option(
         help="size: the smallest model within budget; latency: the fastest at --batch-size.")] = "size",
-    candidates: Annotated[str | None, typer.Option(
+    candidates: Annotated[str | None, typer.Option(callback=_preset_list,
         help="Comma-separated presets from aggressive to safe (default: w4,w8a8-static,w8a8-dynamic,w8,fp16)."
     )] = None,
     calibration: Annotated[Path | None, typer.Option(
         help="Calibration data for static candidates (default: the first 32 samples of --data).")] = None,
-    time_budget: Annotated[float | None, typer.Option(
+    time_budget: Annotated[float | None, typer.Option(callback=_positive,
         help="Seconds after which no new trial starts.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size for quality and latency.")] = 1,
-    samples: Annotated[int, typer.Option(help="Samples of the data to use.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size for quality and latency.")] = 1,
+    samples: Annotated[int, typer.Option(min=1, help="Samples of the data to use.")] = 256,
     weights: Annotated[Path | None, typer.Option(help="safetensors weights for a factory source.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")] = None,
@@ -501,12 +543,6 @@ def tune_command(
                        json_out=json_out, html_out=html_out)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a report through a temporary file and a rename, so no half-written file is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 @app.command()

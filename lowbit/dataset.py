@@ -9,6 +9,7 @@ weights_only=True, no code runs) or .safetensors (an "input" tensor and optional
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lowbit.errors import LowbitError
@@ -52,9 +52,18 @@ def _labels(values: list[Any]) -> np.ndarray | None:
     return np.asarray(values)
 
 
+def read_text(path: Path) -> str:
+    """A data file's text, which must be UTF-8: a stray byte is an error, never a silent U+FFFD."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded); "
+                        "convert it to UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> Dataset:
     texts, labels = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -67,8 +76,7 @@ def _read_jsonl(path: Path) -> Dataset:
 
 
 def _read_csv(path: Path) -> Dataset:
-    with open(path, newline="", errors="replace") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if not rows:
         return Dataset(texts=[])
     labels = _labels([row.get("label") for row in rows]) if "label" in rows[0] else None
@@ -91,12 +99,16 @@ def _read_tensors(path: Path) -> Dataset:
             tensors = loaded if isinstance(loaded, dict) else {"input": loaded}
         else:
             tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise DataError(f"{path} is not a readable tensor file: {error}") from None
+    except Exception as error:  # noqa: BLE001 - np.load and torch.load fail in many ways on bad files
+        raise DataError(f"{path} is not a readable tensor file: {type(error).__name__}: {error}") from None
     inputs = tensors.get("input", next(iter(tensors.values()), None))
     if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
         raise DataError(f"{path} holds no input tensor (name it \"input\")")
+    if inputs.dtype == torch.bool or inputs.is_complex():
+        raise DataError(f"{path}: the input tensor holds {inputs.dtype}; give numbers")
     label = tensors.get("label", tensors.get("labels"))
+    if label is not None and not isinstance(label, torch.Tensor):
+        raise DataError(f"{path}: the labels must be a tensor")
     return Dataset(inputs=inputs, labels=None if label is None else label.numpy())
 
 
@@ -108,7 +120,7 @@ def read_dataset(path: str | Path) -> Dataset:
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".npy": _read_tensors,
                ".pt": _read_tensors, ".safetensors": _read_tensors}
     if path.suffix == ".txt":
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        lines = [line for line in read_text(path).splitlines() if line.strip()]
         dataset = Dataset(texts=lines)
     elif path.suffix in readers:
         dataset = readers[path.suffix](path)

@@ -143,8 +143,9 @@ MAX_CONFIG_BYTES = 4 << 20
 
 def _config_problem(values: dict[str, Any], transformers) -> str | None:
     """Why a saved config.json cannot be trusted to build the model it names, or None."""
-    if values.get("model_type") not in transformers.CONFIG_MAPPING:
-        return f"model_type {values.get('model_type')!r} is not one transformers knows"
+    model_type = values.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        return f"model_type {repr(model_type)[:60]} is not one transformers knows"
     for key, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             return f"{key} is not a finite number"
@@ -153,16 +154,16 @@ def _config_problem(values: dict[str, Any], transformers) -> str | None:
     for key, limit in STRUCTURE_LIMITS.items():
         value = values.get(key)
         if value is not None and (type(value) is not int or not 1 <= value <= limit):
-            return f"{key} = {value!r} is not a count between 1 and {limit}"
+            return f"{key} = {repr(value)[:60]} is not a count between 1 and {limit}"
     if values.get("chunk_size_feed_forward", 0) != 0:
         return "chunk_size_feed_forward must be 0"
     from transformers.activations import ACT2FN
 
     for key in ACTIVATION_KEYS:
-        if key in values and values[key] not in ACT2FN:
-            return f"{key} {values[key]!r} is not an activation transformers knows"
+        if key in values and (not isinstance(values[key], str) or values[key] not in ACT2FN):
+            return f"{key} {repr(values[key])[:60]} is not an activation transformers knows"
     for key in ATTENTION_KEYS:
-        if values.get(key) not in (None, "eager", "sdpa"):
+        if not (values.get(key) is None or values.get(key) in ("eager", "sdpa")):
             return f"{key} must be eager or sdpa"
     defaults = transformers.CONFIG_MAPPING[values["model_type"]]().to_dict()
     for key, value in values.items():

@@ -67,3 +67,24 @@ def sensitive_mlp() -> nn.Module:
         model[0].bias[dead] = -1.0
         model[2].weight[:, dead] = 1000.0
     return model
+
+
+def tiny_bert():
+    """A two-layer BERT with a 64-token vocabulary: a real transformers model, in milliseconds."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    return transformers.BertModel(config).eval()
+
+
+def tiny_llama():
+    """A two-layer Llama causal LM with grouped-query attention and a 64-token vocabulary."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()

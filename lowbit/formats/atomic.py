@@ -136,7 +136,11 @@ def _move_into_place(staging: Path, target: Path) -> None:
         return
     backup = _backup(target)
     os.replace(target, backup)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(backup, target)  # put the old folder back; a hard crash here is undone by `recover`
+        raise
     shutil.rmtree(backup, ignore_errors=True)
 
 

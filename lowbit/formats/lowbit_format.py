@@ -191,7 +191,7 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     try:
         with safe_open(file, framework="pt") as handle:
             return {key: (handle.get_slice(key).get_dtype(), tuple(handle.get_slice(key).get_shape()))
-                    for key in handle.keys()}
+                    for key in handle.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
     except (SafetensorError, OSError, ValueError) as error:
         raise FormatError(f"{file} is not a readable safetensors file: {error}") from None
 

@@ -234,7 +234,8 @@ def _check_svc(svc: Any) -> None:
     total = vectors.shape[0] if hasattr(vectors, "shape") and len(vectors.shape) == 2 else -1
     if classes < 2 or np.any(counts < 0) or int(counts.sum()) != total:
         _fail("SVC support counts do not add up to its support vectors")
-    if vectors.shape[1] != _feature_count(svc) or _array(svc.support_, "SVC support", np.int32, 1).size != total:
+    support = _array(getattr(svc, "support_", None), "SVC support", np.int32, 1)
+    if vectors.shape[1] != _feature_count(svc) or support.size != total:
         _fail("SVC support vectors do not match its feature count")
     pairs = classes * (classes - 1) // 2
     shapes = {"_dual_coef_": (classes - 1, total), "_intercept_": (pairs,), "classes_": (classes,)}

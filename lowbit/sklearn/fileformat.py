@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import ChecksumError, FormatError
+from lowbit.formats.atomic import atomic_file
 from lowbit.sklearn import probe, skeleton
 from lowbit.sklearn.encodings import Encoded
 
@@ -61,15 +62,11 @@ def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.Pat
                 "versions": _versions(), "probe": probe.record(estimator),
                 "sha256": {name: _sha256(data) for name, data in entries.items()},
                 "sizes": {name: len(data) for name, data in entries.items()}}
-    staging = path.with_name(f".{path.name}.partial")
-    try:
-        with zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-            archive.writestr("lowbit.json", json.dumps(manifest, indent=1))
-            for name, data in entries.items():
-                archive.writestr(name, data)
-        staging.replace(path)
-    finally:
-        staging.unlink(missing_ok=True)
+    with atomic_file(path, overwrite) as staging, \
+            zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("lowbit.json", json.dumps(manifest, indent=1))
+        for name, data in entries.items():
+            archive.writestr(name, data)
     return path
 
 

@@ -4,6 +4,7 @@ the lowbit file, and measure both side by side."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -86,8 +87,9 @@ def reference_labels(data: str | os.PathLike) -> np.ndarray | None:
     """The "label" column or field of a data file, as read (a CSV's labels are text)."""
     path = Path(data)
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", errors="replace") as handle:
-            rows = list(csv.DictReader(handle))
+        from lowbit.dataset import read_text
+
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
         return np.asarray([row["label"] for row in rows]) if rows and "label" in rows[0] else None
     from lowbit.dataset import read_dataset
 

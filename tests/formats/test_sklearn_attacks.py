@@ -76,8 +76,8 @@ def test_numpy_load_with_allow_pickle_is_never_called(places):
     inside, outside, canary = places
     npy = outside / "payload.npy"
     np.save(npy, np.array([Canary(str(canary))], dtype=object), allow_pickle=True)
-    graph = {"$": "call", "function": "sklearn.linear_model._sgd_fast.np.load", "args": [str(npy), None, True],
-             "state": None}
+    graph = {"$": "call", "function": "sklearn.linear_model._sgd_fast.np.load",
+             "args": [str(npy), None, True], "state": None}
     assert_refused_safely(craft_sklearn_file(inside / "m.lowbit", graph), outside, canary)
 
 
@@ -200,7 +200,8 @@ def _set_column(path, document, column, value):
     ("feature", lambda size: np.full(size, 10**9, np.int64)),
     ("left_child", lambda size: np.zeros(size, np.int64)),  # every node its own child: a cycle
 ], ids=["child-index-1e9", "feature-index-1e9", "cyclic-children"])
-def test_tree_indices_out_of_bounds_or_cyclic_are_refused_before_predict(forest_file, tmp_path, column, value):
+def test_tree_indices_out_of_bounds_or_cyclic_are_refused_before_predict(forest_file, tmp_path, column,
+                                                                         value):
     source, rows = forest_file
     path = tmp_path / "m.lowbit"
     path.write_bytes(source.read_bytes())

@@ -14,19 +14,10 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.errors import ChecksumError, FormatError
-from tests.fixtures_models import tiny_mlp
+from tests.fixtures_models import tiny_bert, tiny_mlp
 from tests.formats.attacker import edit_manifest, forbidden, opened_under, resign_folder, watching
 
 ROOT = Path(__file__).parents[2]
-
-
-def tiny_bert():
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32)
-    return transformers.BertModel(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +89,8 @@ def test_transformers_remote_code_never_runs_even_when_stdin_says_yes(places):
     resign_folder(folder)
     with pytest.raises(FormatError, match="model_type"):
         lowbit.load(folder)
-    script = f"import lowbit\ntry:\n    lowbit.load({str(folder)!r})\nexcept lowbit.LowbitError as e:\n    print(e)"
+    script = (f"import lowbit\ntry:\n    lowbit.load({str(folder)!r})\n"
+              "except lowbit.LowbitError as e:\n    print(e)")
     subprocess.run([sys.executable, "-c", script], input="y\ny\n", text=True, cwd=folder, timeout=300,
                    capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     source = models / "source"  # a plain transformers folder (quantize's input) with the same trick

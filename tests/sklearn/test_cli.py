@@ -76,7 +76,7 @@ def test_bad_input_is_a_clear_error_with_exit_2_and_nothing_written(files, tmp_p
         "columns": "3 features",
         "truncated": "cannot read",
         "no such file": "does not exist",
-        "tolerance": "probability_tolerance must be within",
+        "tolerance": "--probability-tolerance",  # refused where the option is parsed
     }[case]
     if case == "no trust":
         flags = []
