@@ -436,7 +436,25 @@ def run_case(index: int, seed_value: int, seeds: list[dict[str, Any]], folder: P
         watch.active = False
     if watch.events:
         outcome = f"forbidden {watch.events[0]}"
+    elif not outcome.startswith("untyped"):
+        outcome = inspect_outcome(path) or outcome
     return f"{seed['format']} {seed['name']}: {outcome}"
+
+
+def inspect_outcome(path: Path) -> str | None:
+    """`lowbit inspect` on the case, as a user would run it: exit 0, or exit 2 with a one-line
+    message; None when it does, else what went wrong."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "100"})
+    if result.exit_code == 0:
+        return None
+    message = result.stderr.strip()
+    if result.exit_code == 2 and message.startswith("error:") and "\n" not in message:
+        return None
+    return f"untyped inspect exit {result.exit_code}: {message[:200]}"
 
 
 def worker(folder: Path, seed_value: int, start: int, stop: int) -> None:

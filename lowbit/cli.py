@@ -294,8 +294,8 @@ def _inspect_sklearn(path: Path, as_json: bool, verify: bool) -> None:
                 if report["verified"] else "fidelity NOT verified (quantized without reference data)")
     console.print(f"{len(described['arrays'])} quantized arrays, {len(report['fallbacks'])} fell back; "
                   f"{fidelity}; file {_mib(described['file_bytes'])}")
-    if verify:
-        console.print("every entry matches its recorded sha256, and the model rebuilds")
+    console.print("every entry matches its recorded size and sha256"
+                  + (", and the model rebuilds and reproduces its probe predictions" if verify else ""))
 
 
 @app.command("estimate")

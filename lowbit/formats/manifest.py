@@ -13,10 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from lowbit.core import Granularity
-from lowbit.core.qtypes import QTYPES
 from lowbit.errors import FormatError, LowbitError
 from lowbit.nn.kernels import KERNEL_NAMES, ROW_BUCKETS
-from lowbit.nn.spec import SCHEMES
+from lowbit.nn.spec import SCHEMES, WEIGHT_TYPES
 
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_DEPTH = 64
@@ -27,11 +26,11 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 Count = Annotated[int, Field(ge=0, le=1 << 50)]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class FileEntry(_Strict):
+class FileEntry(Strict):
     """A file of the folder: its sha256 and size; a tensor file also lists its tensors' digests."""
 
     sha256: Sha256
@@ -39,11 +38,11 @@ class FileEntry(_Strict):
     tensors: dict[Name, Sha256] | None = Field(None, max_length=MAX_ENTRIES)
 
 
-class SpecEntry(_Strict):
+class SpecEntry(Strict):
     """A module's LayerSpec (lowbit.nn.spec) with every value checked against what lowbit knows."""
 
     scheme: Literal[SCHEMES]
-    weight: Literal[tuple(QTYPES)]
+    weight: Literal[WEIGHT_TYPES]
     granularity: str
     symmetric: bool
     activation: Literal["uint8"] | None = None
@@ -58,13 +57,13 @@ class SpecEntry(_Strict):
             raise ValueError(str(error)) from None
 
 
-class ModuleEntry(_Strict):
+class ModuleEntry(Strict):
     type: Literal["QLinear", "QConv2d", "QEmbedding"]
     spec: SpecEntry
     bytes: Count
 
 
-class ModelEntry(_Strict):
+class ModelEntry(Strict):
     """What was quantized: a transformers class (rebuilt from config.json) or a plain module."""
 
     kind: Literal["torch", "transformers"]
@@ -74,14 +73,14 @@ class ModelEntry(_Strict):
     source_path: str | None = None
 
 
-class SourceEntry(_Strict):
+class SourceEntry(Strict):
     class_name: Name = Field(alias="class")
     parameters: Count
     bytes: Count
     sha256: Sha256
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     format: Literal["lowbit"]
     format_version: int
     versions: dict[Name, Name] = Field(max_length=16)
@@ -94,10 +93,11 @@ class Manifest(_Strict):
     aliases: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
 
 
-def depth(value: Any) -> int:
-    """How deeply JSON nests, walked without recursion (a 3,000-deep file must not overflow)."""
+def depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deeply JSON nests (counted up to just past `limit`), walked without recursion: a
+    3,000-deep file must not overflow the stack."""
     deepest, stack = 0, [(value, 1)]
-    while stack and deepest <= MAX_DEPTH:
+    while stack and deepest <= limit:
         node, level = stack.pop()
         deepest = max(deepest, level)
         children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
@@ -105,22 +105,28 @@ def depth(value: Any) -> int:
     return deepest
 
 
-def parse_json(data: bytes, what: str) -> Any:
-    """JSON from bytes: UTF-8, at most MAX_DEPTH deep; anything else is a FormatError."""
+def parse_json(data: bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
+    """JSON from bytes: UTF-8, at most `max_depth` deep; anything else is a FormatError."""
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise FormatError(f"{what} is not valid JSON: {type(error).__name__}: {error}") from None
-    if depth(value) > MAX_DEPTH:
-        raise FormatError(f"{what} nests deeper than {MAX_DEPTH} levels")
+    if depth(value, max_depth) > max_depth:
+        raise FormatError(f"{what} nests deeper than {max_depth} levels")
     return value
 
 
-def validate_manifest(value: Any, what: str) -> dict[str, Any]:
-    """The manifest as a plain dict, after every field is checked (see `Manifest`)."""
+def validate(schema: type[BaseModel], value: Any, what: str) -> dict[str, Any]:
+    """`value` as a plain dict after `schema` checked every field; a FormatError names the first
+    field that fails."""
     try:
-        return Manifest.model_validate(value).model_dump(by_alias=True, exclude_none=False)
+        return schema.model_validate(value).model_dump(by_alias=True, exclude_none=False)
     except ValidationError as error:
         problem = error.errors()[0]
         field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         raise FormatError(f"{what}: field {field}: {problem['msg']}") from None
+
+
+def validate_manifest(value: Any, what: str) -> dict[str, Any]:
+    """A torch folder's manifest as a plain dict, after every field is checked (see `Manifest`)."""
+    return validate(Manifest, value, what)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -28,12 +27,12 @@ import numpy as np
 
 from lowbit.errors import ChecksumError, FormatError
 from lowbit.formats.atomic import atomic_file
+from lowbit.formats.manifest import parse_json
 from lowbit.sklearn import probe, skeleton
 from lowbit.sklearn.encodings import Encoded
+from lowbit.sklearn.manifest import validate_manifest
 
 FORMAT, VERSION = "lowbit-sklearn", 2
-ENTRY_NAME = re.compile(r"skeleton\.json|arrays\.safetensors|vocabulary/(0|[1-9][0-9]{0,5})\.txt")
-SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_INFLATION = 50  # entries may inflate to 50x the file: real files measured 2-6x
 
@@ -118,31 +117,14 @@ def _read_entry(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _json(data: bytes, name: str) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise FormatError(f"{name} is not valid JSON: {type(error).__name__}") from None
-
-
 def _manifest_from(archive: zipfile.ZipFile, path: str | os.PathLike) -> dict[str, Any]:
-    manifest = _json(_read_entry(archive, "lowbit.json", MAX_MANIFEST_BYTES), "lowbit.json")
+    manifest = parse_json(_read_entry(archive, "lowbit.json", MAX_MANIFEST_BYTES), f"{path}: lowbit.json")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FormatError(f"{path} is not a lowbit scikit-learn file")
     if manifest.get("version") != VERSION:
         raise FormatError(f"{path} has format version {manifest.get('version')!r}; "
                           f"this lowbit reads {VERSION}")
-    digests, sizes = manifest.get("sha256"), manifest.get("sizes", {})
-    if not isinstance(digests, dict) or not {"skeleton.json", "arrays.safetensors"} <= set(digests):
-        raise FormatError(f"{path}: lowbit.json lists no checksums for its entries")
-    for name, digest in digests.items():
-        if not ENTRY_NAME.fullmatch(name) or not isinstance(digest, str) or not SHA256.fullmatch(digest):
-            raise FormatError(f"{path}: lowbit.json names an entry {name!r} that lowbit does not read")
-    if not isinstance(sizes, dict) or not all(type(size) is int and size >= 0 for size in sizes.values()):
-        raise FormatError(f"{path}: lowbit.json's entry sizes are malformed")
-    if not isinstance(manifest.get("estimator"), str) or not isinstance(manifest.get("report", {}), dict):
-        raise FormatError(f"{path}: lowbit.json lacks the estimator's class or its report")
-    return manifest
+    return validate_manifest(manifest, f"{path}: lowbit.json")
 
 
 def _entry_limits(archive: zipfile.ZipFile, manifest: dict[str, Any],
@@ -155,7 +137,7 @@ def _entry_limits(archive: zipfile.ZipFile, manifest: dict[str, Any],
             declared = archive.getinfo(name).file_size
         except KeyError:
             raise FormatError(f"{path}: entry {name} is missing") from None
-        recorded = manifest.get("sizes", {}).get(name, declared)
+        recorded = manifest["sizes"].get(name, declared)
         if recorded != declared:
             raise FormatError(f"{path}: entry {name} declares {declared:,} bytes; "
                               f"lowbit.json recorded {recorded:,}")
@@ -216,10 +198,10 @@ def read_file(path: str | os.PathLike) -> Any:
     and terms (lowbit.sklearn.skeleton). Every failure is a FormatError."""
     manifest, entries = _verified_entries(path)
     pools = _pools(entries["arrays.safetensors"], path)
-    document = _json(entries["skeleton.json"], "skeleton.json")
+    document = parse_json(entries["skeleton.json"], f"{path}: skeleton.json", skeleton.MAX_DEPTH)
     try:
         estimator = skeleton.load(document, pools, _texts(entries, path))
-        probe.check(estimator, manifest.get("probe"))
+        probe.check(estimator, manifest["probe"])
     except FormatError as error:
         raise FormatError(f"{path}: {error}") from None
     return estimator
@@ -232,7 +214,7 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict[str, An
     manifest, entries = _verified_entries(path)
     if verify:
         read_file(path)
-    document = _json(entries["skeleton.json"], "skeleton.json")
+    document = parse_json(entries["skeleton.json"], f"{path}: skeleton.json", skeleton.MAX_DEPTH)
     if not isinstance(document, dict) or skeleton.depth(document) > skeleton.MAX_DEPTH:
         raise FormatError(f"{path}: skeleton.json is not a lowbit object graph")
     try:
@@ -243,7 +225,7 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict[str, An
                   for node in _encoded_nodes(document.get("graph"))]
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise FormatError(f"{path}: skeleton.json has a malformed array entry: {error}") from None
-    return {"estimator": manifest["estimator"], "report": manifest.get("report", {}), "arrays": arrays,
+    return {"estimator": manifest["estimator"], "report": manifest["report"], "arrays": arrays,
             "file_bytes": Path(path).stat().st_size, "verified_checksums": True, "rebuilt": verify}
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import FormatError
+from lowbit.formats.manifest import depth
 from lowbit.sklearn import checks, trusted
 from lowbit.sklearn.encodings import Encoded, check_encoded, decode, memory_order
 
@@ -493,19 +494,6 @@ def _set_state(instance: Any, state: Any) -> None:
         setattr(instance, key, item)
 
 
-def depth(node: Any) -> int:
-    """How deeply the JSON nests, walked without recursion."""
-    deepest, stack = 0, [(node, 1)]
-    while stack:
-        value, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > MAX_DEPTH:
-            break
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
 def load(document: Any, pools: dict[str, np.ndarray], texts: list[str]) -> Any:
     """The estimator `dump` described, after its structure is checked (lowbit.sklearn.checks).
 
@@ -513,7 +501,7 @@ def load(document: Any, pools: dict[str, np.ndarray], texts: list[str]) -> Any:
     """
     if not isinstance(document, dict) or not isinstance(document.get("record_dtypes"), list):
         raise FormatError("skeleton.json is not a lowbit object graph")
-    if depth(document) > MAX_DEPTH:
+    if depth(document, MAX_DEPTH) > MAX_DEPTH:
         raise FormatError(f"skeleton.json nests deeper than {MAX_DEPTH} levels")
     try:
         record_dtypes = [_record_dtype_from_json(value) for value in document["record_dtypes"]]

@@ -14,6 +14,8 @@ from typing import Any
 
 from lowbit.core.digest import tensor_sha256
 
+REPORT = {"bits": 8, "verified": False, "prediction_differences": None, "max_probability_difference": None,
+          "fallbacks": {}, "kept_float": [], "encodings": {}, "pruned": {}}
 FORBIDDEN = ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
              "os.remove", "os.unlink", "os.rename", "pty.spawn")
 
@@ -68,7 +70,7 @@ def craft_sklearn_file(path: Path, graph: Any, arrays: bytes = b"", record_dtype
     entries = {"skeleton.json": json.dumps({"record_dtypes": record_dtypes or [], "graph": graph}).encode(),
                "arrays.safetensors": arrays, **(extra or {})}
     header = {"format": "lowbit-sklearn", "version": 2, "estimator": "sklearn.tree.DecisionTreeClassifier",
-              "report": {}, "sha256": {name: sha256(data) for name, data in entries.items()},
+              "report": REPORT, "sha256": {name: sha256(data) for name, data in entries.items()},
               "sizes": {name: len(data) for name, data in entries.items()}, **(manifest or {})}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("lowbit.json", json.dumps(header))

@@ -16,6 +16,7 @@ import lowbit
 import lowbit.sklearn as lowbit_sklearn
 from lowbit.errors import LowbitError
 from tests.formats.attacker import (
+    REPORT,
     craft_sklearn_file,
     forbidden,
     opened_under,
@@ -136,7 +137,7 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(places):
         skeleton = json.dumps({"record_dtypes": [], "graph": None}).encode()
         archive.writestr("skeleton.json", skeleton)
         archive.writestr("lowbit.json", json.dumps({
-            "format": "lowbit-sklearn", "version": 2, "estimator": "x", "report": {},
+            "format": "lowbit-sklearn", "version": 2, "estimator": "x", "report": REPORT,
             "sha256": {"arrays.safetensors": digest.hexdigest(), "skeleton.json": __import__("hashlib")
                        .sha256(skeleton).hexdigest()},
             "sizes": {"arrays.safetensors": size, "skeleton.json": len(skeleton)}}))

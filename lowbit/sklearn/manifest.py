@@ -1,0 +1,54 @@
+"""lowbit.json of a scikit-learn file: every field typed and bounded before anything reads it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from lowbit.formats.manifest import Count, Name, Sha256, Strict, validate
+
+ENTRY_PATTERN = r"^(skeleton\.json|arrays\.safetensors|vocabulary/(0|[1-9][0-9]{0,5})\.txt)$"
+EntryName = Annotated[str, StringConstraints(pattern=ENTRY_PATTERN)]
+Limited = Field(max_length=1 << 20)
+
+
+class Report(Strict):
+    """What quantizing did: the fidelity check's result and each array's encoding."""
+
+    bits: Literal[8, 16, 32]
+    verified: bool
+    prediction_differences: Count | None
+    max_probability_difference: float | None
+    fallbacks: dict[Name, list[Name]] = Limited
+    kept_float: list[Name] = Limited
+    encodings: dict[Name, Name] = Limited
+    pruned: dict[Name, float] = Limited
+
+
+class Probe(Strict):
+    """Predictions on synthetic rows, made again at load (lowbit.sklearn.probe)."""
+
+    method: Literal["predict", "transform"] | None
+    outputs: list[Any] | None = Field(None, max_length=1 << 16)
+
+
+class SklearnManifest(Strict):
+    format: Literal["lowbit-sklearn"]
+    version: Literal[2]
+    estimator: Name
+    report: Report
+    sha256: dict[EntryName, Sha256] = Field(max_length=1 << 16)
+    sizes: dict[EntryName, Count] = Field(default_factory=dict, max_length=1 << 16)
+    versions: dict[Name, Name] = Field(default_factory=dict, max_length=16)
+    probe: Probe | None = None
+
+    @model_validator(mode="after")
+    def _lists_both_main_entries(self) -> SklearnManifest:
+        if not {"skeleton.json", "arrays.safetensors"} <= set(self.sha256):
+            raise ValueError("sha256 must list skeleton.json and arrays.safetensors")
+        return self
+
+
+def validate_manifest(value: Any, what: str) -> dict[str, Any]:
+    return validate(SklearnManifest, value, what)
