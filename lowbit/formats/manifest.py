@@ -105,13 +105,14 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
-def parse_json(data: bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
-    """JSON from bytes: UTF-8, at most `max_depth` deep; anything else is a FormatError."""
+def parse_json(data: bytes, what: str, max_depth: int | None = MAX_DEPTH) -> Any:
+    """JSON from bytes: UTF-8, and at most `max_depth` deep unless that is None (for a reader
+    that bounds its own recursion); anything else is a FormatError."""
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise FormatError(f"{what} is not valid JSON: {type(error).__name__}: {error}") from None
-    if depth(value, max_depth) > max_depth:
+    if max_depth is not None and depth(value, max_depth) > max_depth:
         raise FormatError(f"{what} nests deeper than {max_depth} levels")
     return value
 

@@ -50,19 +50,22 @@ def _array(value: Any, what: str, dtype: Any = None, ndim: int | None = None) ->
     return value
 
 
-def _children_after_parents(left: np.ndarray, right: np.ndarray, internal: np.ndarray, what: str) -> None:
-    """Every internal node's children lie after it and inside the table: no cycles, no reads past
-    the end."""
-    count = left.size
-    index = np.arange(count)
+def _children_after_parents(left: np.ndarray, right: np.ndarray, internal: np.ndarray,
+                            counts: np.ndarray, what: str) -> None:
+    """Every internal node's children lie after it and inside its own table: no cycles, no reads
+    past the end. The tables of many trees are checked at once, laid end to end (`counts` are
+    their lengths)."""
+    sizes = np.repeat(counts, counts)
+    local = np.arange(sizes.size) - np.repeat(np.cumsum(counts) - counts, counts)
     for children in (left, right):
         child = children[internal].astype(np.int64)
-        if np.any(child <= index[internal]) or np.any(child >= count):
+        if np.any(child <= local[internal]) or np.any(child >= sizes[internal]):
             _fail(f"{what} has a child index before its parent or past the end of its table")
 
 
 def _check_tree(tree: Any, state: Any) -> None:
-    """sklearn.tree._tree.Tree: node table, values, children, features."""
+    """sklearn.tree._tree.Tree before it takes its state: node table and values, sized right
+    (the indices inside are checked for all trees at once by `_check_trees`)."""
     from sklearn.tree._tree import NODE_DTYPE
 
     if not isinstance(state, dict) or not {"node_count", "nodes", "values"} <= set(state):
@@ -76,33 +79,52 @@ def _check_tree(tree: Any, state: Any) -> None:
         _fail("tree values do not have one row per node")
     if type(state.get("max_depth", 0)) is not int or not 0 <= state.get("max_depth", 0) <= count:
         _fail("tree depth is out of range")
-    leaf = nodes["left_child"] == -1
-    if np.any(leaf != (nodes["right_child"] == -1)):
+
+
+def _check_trees(trees: list[Any]) -> None:
+    """Children and split features of every tree, bounded before any tree is walked."""
+    if not trees:
+        return
+    counts = np.array([tree.node_count for tree in trees])
+    left = np.concatenate([tree.children_left for tree in trees])
+    right = np.concatenate([tree.children_right for tree in trees])
+    leaf = left == -1
+    if np.any(leaf != (right == -1)):
         _fail("tree has a node with one child")
-    _children_after_parents(nodes["left_child"], nodes["right_child"], ~leaf, "tree")
-    features = nodes["feature"][~leaf]
-    if np.any(features < 0) or np.any(features >= tree.n_features):
+    _children_after_parents(left, right, ~leaf, counts, "tree")
+    features = np.concatenate([tree.feature for tree in trees])[~leaf]
+    limits = np.repeat([tree.n_features for tree in trees], counts)[~leaf]
+    if np.any(features < 0) or np.any(features >= limits):
         _fail("tree splits on a feature past its feature count")
 
 
 def _check_predictor(_: Any, state: Any) -> None:
-    """A histogram-boosting TreePredictor: node table and categorical bitsets."""
+    """A histogram-boosting TreePredictor before it takes its state: node table and categorical
+    bitsets of the right types (indices: `_check_predictors`)."""
     from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
 
     needed = {"nodes", "raw_left_cat_bitsets", "binned_left_cat_bitsets"}
     if not isinstance(state, dict) or not needed <= set(state):
         _fail("predictor state lacks its nodes or bitsets")
-    nodes = _array(state["nodes"], "predictor nodes", PREDICTOR_RECORD_DTYPE, 1)
-    if nodes.size < 1:
+    if _array(state["nodes"], "predictor nodes", PREDICTOR_RECORD_DTYPE, 1).size < 1:
         _fail("predictor has no nodes")
     for name in ("raw_left_cat_bitsets", "binned_left_cat_bitsets"):
         bitsets = _array(state[name], f"predictor {name}", np.uint32, 2)
         if bitsets.shape[1] != BITSET_WORDS:
             _fail(f"predictor {name} are not {BITSET_WORDS} words each")
+
+
+def _check_predictors(predictors: list[Any]) -> None:
+    """Children and categorical bitset indices of every predictor, bounded at once."""
+    if not predictors:
+        return
+    counts = np.array([predictor.nodes.size for predictor in predictors])
+    nodes = np.concatenate([predictor.nodes for predictor in predictors])
     leaf = nodes["is_leaf"] != 0
-    _children_after_parents(nodes["left"], nodes["right"], ~leaf, "predictor")
+    _children_after_parents(nodes["left"], nodes["right"], ~leaf, counts, "predictor")
+    bitsets = np.repeat([predictor.raw_left_cat_bitsets.shape[0] for predictor in predictors], counts)
     categorical = (nodes["is_categorical"] != 0) & ~leaf
-    if np.any(nodes["bitset_idx"][categorical] >= state["raw_left_cat_bitsets"].shape[0]):
+    if np.any(nodes["bitset_idx"][categorical] >= bitsets[categorical]):
         _fail("predictor names a categorical bitset past the end of its table")
     if np.any(nodes["feature_idx"][~leaf] < 0):
         _fail("predictor splits on a negative feature")
@@ -201,16 +223,16 @@ def _check_histogram_boosting(estimator: Any) -> None:
         known = _array(thresholds[feature], "known categories", None, 1)
         if known.size and (known.min() < 0 or known.max() >= BITSET_WORDS * 32):
             _fail("histogram boosting model has a category outside 0..255")
-    for predictors in getattr(estimator, "_predictors", []):
-        for predictor in predictors:
-            nodes = predictor.nodes
-            split = nodes["is_leaf"] == 0
-            features = nodes["feature_idx"][split]
-            if np.any(features >= count):
-                _fail("histogram boosting tree splits on a feature past its feature count")
-            on_category = (nodes["is_categorical"] != 0) & split
-            if np.any(categorical[nodes["feature_idx"][on_category]] == 0):
-                _fail("histogram boosting tree splits by category on a numeric feature")
+    predictors = [predictor for group in getattr(estimator, "_predictors", []) for predictor in group]
+    if not predictors:
+        return
+    nodes = np.concatenate([predictor.nodes for predictor in predictors])
+    split = nodes["is_leaf"] == 0
+    if np.any(nodes["feature_idx"][split] >= count):
+        _fail("histogram boosting tree splits on a feature past its feature count")
+    on_category = (nodes["is_categorical"] != 0) & split
+    if np.any(categorical[nodes["feature_idx"][on_category]] == 0):
+        _fail("histogram boosting tree splits by category on a numeric feature")
 
 
 def _check_neighbours(estimator: Any) -> None:
@@ -268,9 +290,11 @@ def _check_sparse(matrix: Any) -> None:
         _fail(f"sparse matrix is malformed: {error}")
 
 
+TREE_ESTIMATORS = frozenset(f"sklearn.tree._classes.{name}" for name in (
+    "DecisionTreeClassifier", "DecisionTreeRegressor", "ExtraTreeClassifier", "ExtraTreeRegressor"))
+
 BUILT_CHECKS: dict[str, Callable[[Any], None]] = {
-    **{f"sklearn.tree._classes.{name}": _check_tree_estimator for name in (
-        "DecisionTreeClassifier", "DecisionTreeRegressor", "ExtraTreeClassifier", "ExtraTreeRegressor")},
+    **dict.fromkeys(TREE_ESTIMATORS, _check_tree_estimator),
     **{f"sklearn.ensemble._hist_gradient_boosting.gradient_boosting.{name}": _check_histogram_boosting
        for name in ("HistGradientBoostingClassifier", "HistGradientBoostingRegressor")},
     "sklearn.neighbors._classification.KNeighborsClassifier": _check_neighbours,
@@ -283,9 +307,12 @@ BUILT_CHECKS: dict[str, Callable[[Any], None]] = {
 
 
 def _check_parameters(estimator: Any) -> None:
-    """scikit-learn's own check of an estimator's hyper-parameters (types, ranges, choices)."""
+    """scikit-learn's own check of an estimator's hyper-parameters (types, ranges, choices).
+    Single trees are skipped: their predict reads only `tree_` (checked above), and a forest
+    holds hundreds of them."""
     validate = getattr(estimator, "_validate_params", None)
-    if validate is None or not hasattr(type(estimator), "_parameter_constraints"):
+    if validate is None or not hasattr(type(estimator), "_parameter_constraints") \
+            or qualified_name(type(estimator)) in TREE_ESTIMATORS:
         return
     try:
         validate()
@@ -294,7 +321,12 @@ def _check_parameters(estimator: Any) -> None:
 
 
 def check_built(objects: list[Any]) -> None:
-    """Checks across objects, once the whole graph is built."""
+    """Checks across objects, once the whole graph is built and before anything is called."""
+    by_class: dict[str, list[Any]] = {}
+    for instance in objects:
+        by_class.setdefault(qualified_name(type(instance)), []).append(instance)
+    _check_trees(by_class.get("sklearn.tree._tree.Tree", []))
+    _check_predictors(by_class.get("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor", []))
     for instance in objects:
         check = BUILT_CHECKS.get(qualified_name(type(instance)))
         if check is not None:

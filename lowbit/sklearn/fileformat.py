@@ -103,18 +103,15 @@ def _read_entry(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
         raise FormatError(f"the file has no entry {name}") from None
     if info.file_size > limit:
         raise FormatError(f"entry {name} declares {info.file_size:,} bytes, over its bound of {limit:,}")
-    chunks, total = [], 0
     try:
         with archive.open(info) as handle:
-            while chunk := handle.read(1 << 20):
-                total += len(chunk)
-                if total > info.file_size:
-                    raise FormatError(f"entry {name} inflates past its declared size")
-                chunks.append(chunk)
+            data = handle.read(info.file_size + 1)  # bounded above; one byte more shows an overflow
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
             zlib.error) as error:
         raise FormatError(f"entry {name} cannot be read: {error}") from None
-    return b"".join(chunks)
+    if len(data) > info.file_size:
+        raise FormatError(f"entry {name} inflates past its declared size")
+    return data
 
 
 def _manifest_from(archive: zipfile.ZipFile, path: str | os.PathLike) -> dict[str, Any]:
@@ -198,7 +195,7 @@ def read_file(path: str | os.PathLike) -> Any:
     and terms (lowbit.sklearn.skeleton). Every failure is a FormatError."""
     manifest, entries = _verified_entries(path)
     pools = _pools(entries["arrays.safetensors"], path)
-    document = parse_json(entries["skeleton.json"], f"{path}: skeleton.json", skeleton.MAX_DEPTH)
+    document = parse_json(entries["skeleton.json"], f"{path}: skeleton.json", None)
     try:
         estimator = skeleton.load(document, pools, _texts(entries, path))
         probe.check(estimator, manifest["probe"])
@@ -214,8 +211,8 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict[str, An
     manifest, entries = _verified_entries(path)
     if verify:
         read_file(path)
-    document = parse_json(entries["skeleton.json"], f"{path}: skeleton.json", skeleton.MAX_DEPTH)
-    if not isinstance(document, dict) or skeleton.depth(document) > skeleton.MAX_DEPTH:
+    document = parse_json(entries["skeleton.json"], f"{path}: skeleton.json", None)
+    if not isinstance(document, dict):
         raise FormatError(f"{path}: skeleton.json is not a lowbit object graph")
     try:
         arrays = [{"path": str(node.get("path", "?")), "encoding": str(node["encoding"]),

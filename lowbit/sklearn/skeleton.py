@@ -26,12 +26,10 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import FormatError
-from lowbit.formats.manifest import depth
 from lowbit.sklearn import checks, trusted
 from lowbit.sklearn.encodings import Encoded, check_encoded, decode, memory_order
 
 MIN_VOCABULARY = 16  # smaller str -> index dicts stay JSON
-MAX_DEPTH = 200  # JSON nesting: a pipeline of pipelines is a few dozen levels deep
 MAX_DIMENSIONS = 32
 MAX_ELEMENTS = 1 << 40
 MAX_STRING_BYTES = 1 << 12
@@ -280,10 +278,12 @@ def _field(node: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any
 
 
 def _shape(value: Any) -> tuple[int, ...]:
-    if (not isinstance(value, list) or len(value) > MAX_DIMENSIONS
-            or not all(type(size) is int and 0 <= size <= MAX_ELEMENTS for size in value)):
-        raise FormatError(f"{value!r} is not an array shape")
-    return tuple(value)
+    if type(value) is list and len(value) <= MAX_DIMENSIONS:
+        shape = tuple(value)
+        if {type(size) for size in shape} <= {int} and (
+                not shape or (min(shape) >= 0 and max(shape) <= MAX_ELEMENTS)):
+            return shape
+    raise FormatError(f"{str(value)[:80]} is not an array shape")
 
 
 @dataclass
@@ -497,12 +497,11 @@ def _set_state(instance: Any, state: Any) -> None:
 def load(document: Any, pools: dict[str, np.ndarray], texts: list[str]) -> Any:
     """The estimator `dump` described, after its structure is checked (lowbit.sklearn.checks).
 
-    Every malformed document ends in a FormatError, never in another exception.
+    Every malformed document ends in a FormatError, never in another exception; a document
+    nested past Python's recursion limit ends in one too (a RecursionError, caught below).
     """
     if not isinstance(document, dict) or not isinstance(document.get("record_dtypes"), list):
         raise FormatError("skeleton.json is not a lowbit object graph")
-    if depth(document, MAX_DEPTH) > MAX_DEPTH:
-        raise FormatError(f"skeleton.json nests deeper than {MAX_DEPTH} levels")
     try:
         record_dtypes = [_record_dtype_from_json(value) for value in document["record_dtypes"]]
         reader = _Reader(pools, texts, record_dtypes)
