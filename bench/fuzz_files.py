@@ -281,16 +281,22 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _mutate_one(files: dict[str, bytes], rng: random.Random) -> Any:
+    """Mutate one of `files` in place; return lowbit.json as parsed afterwards (None if it no
+    longer parses), for the caller to re-sign."""
+    victim = rng.choice(sorted(files))
+    files[victim] = mutate_bytes(victim, files[victim], rng)
+    try:
+        return json.loads(files["lowbit.json"])
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
 def mutated_sklearn_file(seed: Path, target: Path, rng: random.Random) -> None:
     """The seed's zip with one entry mutated and lowbit.json's checksums and sizes recomputed."""
     with zipfile.ZipFile(seed) as archive:
         entries = {name: archive.read(name) for name in archive.namelist()}
-    victim = rng.choice(sorted(entries))
-    entries[victim] = mutate_bytes(victim, entries[victim], rng)
-    try:
-        manifest = json.loads(entries["lowbit.json"])
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        manifest = None
+    manifest = _mutate_one(entries, rng)
     if isinstance(manifest, dict):
         for key, measure in (("sha256", _sha256), ("sizes", len)):
             if isinstance(manifest.get(key), dict):
@@ -318,12 +324,7 @@ def mutated_torch_folder(seed: Path, target: Path, rng: random.Random) -> None:
     in lowbit.json recomputed."""
     target.mkdir()
     files = {path.name: path.read_bytes() for path in seed.iterdir() if path.is_file()}
-    victim = rng.choice(sorted(files))
-    files[victim] = mutate_bytes(victim, files[victim], rng)
-    try:
-        manifest = json.loads(files["lowbit.json"])
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        manifest = None
+    manifest = _mutate_one(files, rng)
     if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict):
         for name, entry in manifest["files"].items():
             if isinstance(entry, dict) and name in files:

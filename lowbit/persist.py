@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from lowbit import hf
@@ -151,14 +150,7 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
     imported only with `trust_code=True`, since importing it runs its code.
     """
     folder = Path(path)
-    manifest, tensors = read_folder(folder)
-    recipe = None
-    if manifest["recipe"] is not None:
-        try:
-            recipe = Recipe.model_validate(manifest["recipe"])
-        except ValidationError as error:
-            problem = error.errors()[0]["msg"]
-            raise FormatError(f"{folder}: the recorded recipe is invalid: {problem}") from None
+    manifest, tensors = read_folder(folder)  # the recipe in it is validated there
     model = _skeleton(manifest, folder, skeleton, trust_code)
     try:
         _rebuild(model, manifest, folder)
@@ -169,8 +161,8 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise FormatError(f"{folder} does not hold every tensor the model needs; re-save it")
     _check_modules(model, folder)
-    if recipe is not None:
-        setattr(model, RECIPE_ATTRIBUTE, recipe)
+    if manifest["recipe"] is not None:
+        setattr(model, RECIPE_ATTRIBUTE, Recipe.model_validate(manifest["recipe"]))
     model.lowbit_source = manifest["source"]
     model.lowbit_manifest = manifest
     return model.eval()
