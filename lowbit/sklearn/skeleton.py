@@ -509,7 +509,6 @@ def load(document: Any, pools: dict[str, np.ndarray], texts: list[str]) -> Any:
         checks.check_built(reader.built)
     except FormatError:
         raise
-    except (KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError, MemoryError,
-            RecursionError, UnicodeError, AssertionError, LookupError) as error:
+    except Exception as error:  # noqa: BLE001 - only vetted code runs here: whatever it raises, the file is at fault
         raise FormatError(f"the model cannot be rebuilt: {type(error).__name__}: {error}") from None
     return estimator

@@ -287,5 +287,5 @@ def call(name: str, args: tuple) -> Any:
     CALLABLES[name](args)
     try:
         return _callable(name)(*args)
-    except (ValueError, TypeError, OverflowError, MemoryError) as error:
-        raise FormatError(f"{name} refused its stored arguments: {error}") from None
+    except Exception as error:  # noqa: BLE001 - e.g. a Cython unpickler's PickleError: all are the file's fault
+        raise FormatError(f"{name} refused its stored arguments: {type(error).__name__}: {error}") from None

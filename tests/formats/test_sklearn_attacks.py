@@ -262,3 +262,12 @@ def test_a_crafted_file_cannot_recurse_the_loader_to_death(places):
     finally:
         sys.setrecursionlimit(sys.getrecursionlimit() - 20000)
     assert_refused_safely(path, outside, canary)
+
+
+def test_a_cython_unpickler_given_a_wrong_checksum_is_a_format_error(places):
+    """Found by the fuzzer (seed 7, case 2158): Cython's unpickle helpers raise PickleError."""
+    inside, outside, canary = places
+    graph = {"$": "call", "function": "sklearn._loss._loss.__pyx_unpickle_CyHalfMultinomialLoss",
+             "state": None, "args": [{"$": "name", "name": "sklearn._loss._loss.CyHalfMultinomialLoss"}, 0,
+                      {"$": "tuple", "items": []}]}
+    assert_refused_safely(craft_sklearn_file(inside / "m.lowbit", graph), outside, canary)
