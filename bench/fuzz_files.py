@@ -80,7 +80,7 @@ def _sklearn_seeds() -> dict[str, tuple[Any, Any]]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from lowbit import assets
+    from lowbit.data import assets
 
     documents = assets.wikipedia_documents()
     sample = [documents[i] for i in np.random.default_rng(0).permutation(len(documents))[:400]]

@@ -30,8 +30,9 @@ from bench.common import (
     print_table,
     write_json,
 )
-from lowbit import assets, hf
+from lowbit.data import assets
 from lowbit.evaluate import folder_bytes, mean_cosine
+from lowbit.families import transformers as hf
 
 Runner = Callable[[dict], np.ndarray]
 

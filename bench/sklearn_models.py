@@ -30,7 +30,7 @@ from sklearn.svm import LinearSVC
 
 import lowbit.sklearn
 from bench.common import print_table, write_json
-from lowbit import assets
+from lowbit.data import assets
 
 
 def text_split():

@@ -34,9 +34,10 @@ from bench.common import (
     print_table,
     write_json,
 )
-from lowbit import assets, hf
-from lowbit.dataset import language_model_windows
+from lowbit.data import assets
+from lowbit.data.datasets import language_model_windows
 from lowbit.evaluate import folder_bytes
+from lowbit.families import transformers as hf
 
 PROMPT_TOKENS, NEW_TOKENS = 64, 32
 # 576, the hidden size, is not a multiple of 128: 4-bit groups of 64 (and the weights came from

@@ -20,9 +20,10 @@ import torch
 import lowbit
 from bench.common import bench_arguments, print_table, write_json
 from bench.smollm2 import NEW_TOKENS, PROMPT_TOKENS, decode_speed, torch_contender
-from lowbit import assets, hf
-from lowbit.dataset import language_model_windows
+from lowbit.data import assets
+from lowbit.data.datasets import language_model_windows
 from lowbit.evaluate import folder_bytes
+from lowbit.families import transformers as hf
 
 
 def inductor_cache_state() -> str:

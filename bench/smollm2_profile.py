@@ -17,8 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 import lowbit
 from bench.common import bench_arguments, print_table, write_json
 from bench.smollm2 import PROMPT_TOKENS
-from lowbit import assets, hf
-from lowbit.dataset import language_model_windows
+from lowbit.data import assets
+from lowbit.data.datasets import language_model_windows
+from lowbit.families import transformers as hf
 
 
 def decode_steps(model: torch.nn.Module, output, tokens: int) -> float:

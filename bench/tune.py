@@ -26,8 +26,9 @@ from torch import nn
 
 import lowbit
 from bench.common import RESULTS
-from lowbit import assets, hf
-from lowbit.dataset import Dataset
+from lowbit.data import assets
+from lowbit.data.datasets import Dataset
+from lowbit.families import transformers as hf
 
 
 class TopicClassifier(nn.Module):

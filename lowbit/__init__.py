@@ -1,7 +1,5 @@
 """lowbit: quantize trained models to 16, 8 and 4 bits, and measure what it costs and buys."""
 
-from lowbit.calibrate import CalibrationResult, calibrate, load_calibration
-from lowbit.compare import bench, compare
 from lowbit.errors import (
     AccuracyBudgetError,
     CalibrationError,
@@ -15,13 +13,15 @@ from lowbit.errors import (
     QuantizationError,
 )
 from lowbit.evaluate import estimate
+from lowbit.evaluate.compare import bench, compare
 from lowbit.evaluate.comparison import Comparison
-from lowbit.loading import load
-from lowbit.persist import save
-from lowbit.quantize import quantize
-from lowbit.recipe import PRESETS, Recipe, make_recipe
-from lowbit.sources import load_source
-from lowbit.tune import TuneResult, tune
+from lowbit.families.loading import load
+from lowbit.families.sources import load_source
+from lowbit.formats.persist import save
+from lowbit.transform.calibrate import CalibrationResult, calibrate, load_calibration
+from lowbit.transform.quantize import quantize
+from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
+from lowbit.tune.search import TuneResult, tune
 from lowbit.version import __version__
 
 __all__ = [

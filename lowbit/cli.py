@@ -19,17 +19,17 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from lowbit import hf
-from lowbit.dataset import calibration_batches
+from lowbit.data.datasets import calibration_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate import estimate, folder_bytes
+from lowbit.families import transformers as hf
+from lowbit.families.sources import load_source
 from lowbit.formats.atomic import write_text
 from lowbit.formats.lowbit_format import check_folder, verify_files
-from lowbit.persist import save
-from lowbit.quantize import quantize as quantize_model
-from lowbit.quantize import quantized_modules
-from lowbit.recipe import PRESETS, make_recipe
-from lowbit.sources import load_source
+from lowbit.formats.persist import save
+from lowbit.transform.quantize import quantize as quantize_model
+from lowbit.transform.quantize import quantized_modules
+from lowbit.transform.recipe import PRESETS, make_recipe
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -159,7 +159,7 @@ def quantize(
     with _user_errors():
         if out.exists() and not overwrite:
             raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
-        from lowbit.sklearn.files import is_sklearn_file
+        from lowbit.families.sklearn.files import is_sklearn_file
 
         if is_sklearn_file(source):
             _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
@@ -173,7 +173,7 @@ def quantize(
         if max_drop is not None:
             if data is None:
                 raise LowbitError("--max-drop needs --data to measure the quality on")
-            from lowbit.tune import safer_candidates
+            from lowbit.tune.search import safer_candidates
 
             candidates = [chosen, *safer_candidates(recipe)]
             _tune_and_save(model, data, metric, max_drop, "size", candidates, batches, relative, out,
@@ -190,7 +190,7 @@ def quantize(
 
 def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
                       probability_tolerance) -> None:
-    from lowbit.sklearn import quantize_model_file
+    from lowbit.families.sklearn import quantize_model_file
 
     report = quantize_model_file(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
                                  probability_tolerance)
@@ -276,7 +276,7 @@ def inspect(
 
 
 def _inspect_sklearn(path: Path, as_json: bool, verify: bool) -> None:
-    from lowbit.sklearn.fileformat import describe_file
+    from lowbit.families.sklearn.fileformat import describe_file
 
     described = describe_file(path, verify)
     if as_json:
@@ -404,7 +404,7 @@ def compare_command(
     """
     from rich.markdown import Markdown
 
-    from lowbit.compare import compare as run_compare
+    from lowbit.evaluate.compare import compare as run_compare
 
     with _user_errors():
         comparison = run_compare(original, quantized, data, metric=metric,
@@ -443,7 +443,7 @@ def bench_command(
     Example: lowbit bench ./minilm-w8a8 --batch-size 1 --batch-size 8 --threads 2
     scikit-learn: lowbit bench model.lowbit --data test.jsonl (predict on the first samples)
     """
-    from lowbit.compare import bench as run_bench
+    from lowbit.evaluate.compare import bench as run_bench
 
     with _user_errors():
         report = run_bench(model, tuple(batch_size or (1, 8)), seq_len, samples, threads, data,
@@ -479,7 +479,7 @@ def _tune_and_save(model, data, metric, max_drop, objective, candidates, calibra
     """Run tune, print its report, write the reports; save the model only if the budget held."""
     from rich.markdown import Markdown
 
-    from lowbit.tune import tune
+    from lowbit.tune.search import tune
 
     result = tune(model, data, metric=metric, max_drop=max_drop, objective=objective, candidates=candidates,
                   calibration=calibration, time_budget=time_budget, relative=relative,

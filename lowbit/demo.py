@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit import assets, hf
+from lowbit.data import assets
 from lowbit.evaluate import LatencyStats, folder_bytes, mean_cosine, measure_latencies
-from lowbit.persist import load, save
-from lowbit.quantize import quantize, quantized_modules
+from lowbit.families import transformers as hf
+from lowbit.formats.persist import load, save
+from lowbit.transform.quantize import quantize, quantized_modules
 
 DEMO_RECIPES = ("w8a8-dynamic", "w4")
 

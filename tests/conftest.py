@@ -10,7 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def minilm():
     """The real all-MiniLM-L6-v2 (BERT) and its tokenizer, from the assets extra."""
-    from lowbit import assets, hf
+    from lowbit.data import assets
+    from lowbit.families import transformers as hf
 
     path = assets.minilm_path()
     return hf.load_pretrained(path), hf.load_tokenizer(path), path
@@ -18,7 +19,7 @@ def minilm():
 
 @pytest.fixture(scope="session")
 def wiki_sentences():
-    from lowbit import assets
+    from lowbit.data import assets
 
     return assets.wikipedia_sentences(256)
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.calibrate import SIDE_QTYPES, CalibrationResult, best_range, calibrate, load_calibration
 from lowbit.core import CALIBRATORS, Histogram, compute_range
 from lowbit.core.calibrators import expected_squared_error
 from lowbit.errors import CalibrationError, FormatError
+from lowbit.transform.calibrate import SIDE_QTYPES, CalibrationResult, best_range, calibrate, load_calibration
 
 
 def test_calibrate_records_every_linear_input_and_output(mlp, mlp_batches):
@@ -77,7 +77,7 @@ def test_a_missing_module_or_a_foreign_file_is_a_clear_error(mlp, mlp_batches, t
 
 
 def test_merging_histograms_of_zeros_keeps_them_in_the_middle_bin():
-    from lowbit.calibrate import merge_histograms
+    from lowbit.transform.calibrate import merge_histograms
 
     zeros, more_zeros = Histogram(), Histogram()
     zeros.update(torch.zeros(10))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import assets, hf
+from lowbit.data import assets
+from lowbit.families import transformers as hf
 from lowbit.formats.lowbit_format import read_manifest
 
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import lowbit
-from lowbit.dataset import DataError, read_dataset
+from lowbit.data.datasets import DataError, read_dataset
 from tests.cli.test_cli import FACTORY, assert_refused
 from tests.cli.test_cli import lowbit as run_cli
 from tests.fixtures_models import tiny_mlp
@@ -104,7 +104,7 @@ def test_cli_compare_with_missing_data_is_refused(tmp_path):
 
 
 def test_wikipedia_sample_file_is_labelled_jsonl(tmp_path):
-    from lowbit.assets import write_wikipedia_jsonl
+    from lowbit.data.assets import write_wikipedia_jsonl
 
     dataset = read_dataset(write_wikipedia_jsonl(tmp_path / "wiki.jsonl", 5, offset=100))
     assert len(dataset) == 5 and dataset.labels is not None and all(dataset.texts)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import hf
 from lowbit.evaluate import folder_bytes, mean_cosine
+from lowbit.families import transformers as hf
 from lowbit.nn import QLinear
 from lowbit.nn.kernels import KERNELS
 
@@ -96,7 +96,8 @@ def test_transformers_folder_loads_alone_in_a_new_process_with_identical_outputs
     quantized, folder = saved["w8a8-dynamic"]
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
     script = (
-        "import sys, lowbit, torch; from lowbit import hf; from safetensors.torch import save_file;"
+        "import sys, lowbit, torch; from lowbit.families import transformers as hf;"
+        "from safetensors.torch import save_file;"
         "m = lowbit.load(sys.argv[1]); t = hf.load_tokenizer(sys.argv[1]);"
         "save_file({'y': hf.embed(m, t, sys.argv[3:], 2)}, sys.argv[2])"
     )

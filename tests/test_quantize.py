@@ -5,7 +5,7 @@ from torch import nn
 import lowbit
 from lowbit import CalibrationError, QuantizationError
 from lowbit.nn import QConv2d, QEmbedding, QLinear
-from lowbit.quantize import quantized_modules
+from lowbit.transform.quantize import quantized_modules
 from tests.fixtures_models import tied_lm, tiny_cnn
 
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import lowbit
 from lowbit.cli import EXIT_BUDGET_MISSED, app
-from lowbit.tune import safer_candidates, sensitivity
+from lowbit.tune.search import safer_candidates, sensitivity
 from tests.fixtures_models import sensitive_mlp, tiny_mlp
 
 

@@ -134,7 +134,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 def _check_recipe(manifest: dict[str, Any], folder: Path) -> None:
     from pydantic import ValidationError
 
-    from lowbit.recipe import Recipe
+    from lowbit.transform.recipe import Recipe
 
     if manifest["recipe"] is None:
         return

@@ -154,13 +154,13 @@ def test_load_checksum_mismatch_from_the_cli(tmp_path, weights):
 
 @pytest.fixture(scope="module")
 def minilm_folder():
-    from lowbit import assets
+    from lowbit.data import assets
 
     return assets.minilm_path()
 
 
 def test_static_quantize_of_a_transformers_folder_with_text_calibration(tmp_path, minilm_folder):
-    from lowbit import assets
+    from lowbit.data import assets
 
     data = tmp_path / "calib.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in assets.wikipedia_sentences(16, 2000)))

@@ -237,7 +237,7 @@ def test_a_tree_claiming_2_to_the_40_outputs_is_refused_before_allocating(places
 def test_a_bit_flip_in_a_vocabulary_is_a_format_error(tmp_path):
     from sklearn.feature_extraction.text import CountVectorizer
 
-    from lowbit import assets
+    from lowbit.data import assets
 
     texts = [document["extract"] for document in assets.wikipedia_documents()[:50]]
     path = lowbit_sklearn.quantize(CountVectorizer().fit(texts)).save(tmp_path / "v.lowbit")

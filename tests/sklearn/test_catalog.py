@@ -17,9 +17,9 @@ from sklearn.preprocessing import FunctionTransformer, MinMaxScaler, StandardSca
 
 import lowbit
 import lowbit.sklearn as lowbit_sklearn
-from lowbit import assets
+from lowbit.data import assets
 from lowbit.errors import FormatError
-from lowbit.sklearn import skeleton
+from lowbit.families.sklearn import skeleton
 
 
 @pytest.fixture(scope="module")

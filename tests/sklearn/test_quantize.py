@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import lowbit.sklearn as lowbit_sklearn
-from lowbit import assets
+from lowbit.data import assets
 from lowbit.errors import ChecksumError, FormatError, LowbitError, QuantizationError
 
 

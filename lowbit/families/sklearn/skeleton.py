@@ -7,10 +7,10 @@ exactly, an array named in `encodings` as its quantized parts. A `str -> 0..n-1`
 vectorizer's vocabulary) becomes one line of text per term.
 
 `load` rebuilds it and calls nothing a file could choose freely: names are looked up in
-lowbit.sklearn.trusted's exact lists (never resolved by walking attributes); objects are made
+lowbit.families.sklearn.trusted's exact lists (never resolved by walking attributes); objects are made
 with `cls.__new__` and their state; the few constructors that take arguments (sklearn's Cython
 trees and losses, numpy's random generators, `slice`) are named one by one and their arguments
-checked. Before compiled code can index with a state, lowbit.sklearn.checks bounds it.
+checked. Before compiled code can index with a state, lowbit.families.sklearn.checks bounds it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import FormatError
-from lowbit.sklearn import checks, trusted
-from lowbit.sklearn.encodings import Encoded, check_encoded, decode, memory_order
+from lowbit.families.sklearn import checks, trusted
+from lowbit.families.sklearn.encodings import Encoded, check_encoded, decode, memory_order
 
 MIN_VOCABULARY = 16  # smaller str -> index dicts stay JSON
 MAX_DIMENSIONS = 32
@@ -61,7 +61,7 @@ class _Writer:
 
     def value(self, value: Any, path: str, attributes: bool = False) -> Any:
         """The JSON node of `value`, found at `path`; a dict of `attributes` names its items
-        `path.key` (an object's state), like lowbit.sklearn.slots does."""
+        `path.key` (an object's state), like lowbit.families.sklearn.slots does."""
         if type(value) in PLAIN_TYPES:
             return value
         if type(value) is float:
@@ -98,7 +98,7 @@ class _Writer:
         name = trusted.qualified_name(value)
         if not trusted.is_trusted_type(value):
             raise FormatError(f"{path} is {name}, which is not on lowbit's list of scikit-learn, numpy and "
-                              "scipy types it loads (lowbit.sklearn.trusted); it cannot be stored")
+                              "scipy types it loads (lowbit.families.sklearn.trusted); it cannot be stored")
         return {"$": "name", "name": name}
 
     def scalar(self, value: np.generic) -> dict[str, Any]:
@@ -258,7 +258,7 @@ def _plain_dtype(text: Any) -> np.dtype:
 def dump(estimator: Any, encodings: dict[str, Encoded], path: str = "model"
          ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
     """(JSON document, array pools by dtype, texts) for `estimator`; arrays named in
-    `encodings` (by lowbit.sklearn.slots paths) are stored as those encodings."""
+    `encodings` (by lowbit.families.sklearn.slots paths) are stored as those encodings."""
     writer = _Writer(encodings)
     graph = writer.value(estimator, path)
     for dtype_text in writer.record_dtypes:
@@ -440,7 +440,7 @@ class _Reader:
 
     def fill(self, instance: Any, node: dict[str, Any]) -> Any:
         """State, then list and dict items, as pickle applies them; the state is checked first
-        where compiled code will index with it (lowbit.sklearn.checks)."""
+        where compiled code will index with it (lowbit.families.sklearn.checks)."""
         state = self.value(node.get("state"))
         checks.check_state(instance, state)
         _set_state(instance, state)
@@ -495,7 +495,7 @@ def _set_state(instance: Any, state: Any) -> None:
 
 
 def load(document: Any, pools: dict[str, np.ndarray], texts: list[str]) -> Any:
-    """The estimator `dump` described, after its structure is checked (lowbit.sklearn.checks).
+    """The estimator `dump` described, after its structure is checked (lowbit.families.sklearn.checks).
 
     Every malformed document ends in a FormatError, never in another exception; a document
     nested past Python's recursion limit ends in one too (a RecursionError, caught below).

@@ -21,17 +21,17 @@ from rich.progress import Progress
 from safetensors.torch import save_file
 from torch import nn
 
-from lowbit import hf
-from lowbit.dataset import Dataset, language_model_windows, read_dataset, tensor_batches, text_batches
+from lowbit.data.datasets import Dataset, language_model_windows, read_dataset, tensor_batches, text_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate.benchmark import parameter_bytes
 from lowbit.evaluate.comparison import Comparison
 from lowbit.evaluate.layers import layer_errors
 from lowbit.evaluate.speed import compare_latency, generation_speed
 from lowbit.evaluate.tasks import METRICS_BY_KIND, Task, collect_outputs, score_quality
-from lowbit.loading import load_any, weights_bytes
-from lowbit.persist import save
-from lowbit.quantize import quantized_modules
+from lowbit.families import transformers as hf
+from lowbit.families.loading import load_any, weights_bytes
+from lowbit.formats.persist import save
+from lowbit.transform.quantize import quantized_modules
 
 ModelLike = nn.Module | str | os.PathLike
 
@@ -147,7 +147,7 @@ def _probe_memory(path: str | None, sample: Any, scratch: Path, name: str,
     inputs = scratch / f"{name}-inputs.safetensors"
     tensors = dict(sample) if isinstance(sample, dict) else {"input": sample}
     save_file({k: v.contiguous() for k, v in tensors.items()}, inputs)
-    command = [sys.executable, "-m", "lowbit.memory_probe", path, str(inputs)]
+    command = [sys.executable, "-m", "lowbit.evaluate.memory_probe", path, str(inputs)]
     result = subprocess.run(command + (["--trust-code"] if trust_code else []),
                             capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
@@ -180,11 +180,11 @@ def compare(
     cosine for encoders, accuracy or agreement for classifiers, perplexity for causal LMs);
     every metric of the kind is measured anyway. `max_drop` is the quality budget (absolute,
     or a fraction of the original's value with `relative=True`). scikit-learn estimators and
-    model files are measured by lowbit.sklearn.compare (agreement, accuracy or R², predict speed);
+    model files are measured by lowbit.families.sklearn.compare (agreement, accuracy or R², predict speed);
     `trust_pickle` allows reading a .joblib/.pkl original; `trust_code` lets a lowbit folder's
     manifest name a `module:factory` to import (see lowbit.load).
     """
-    from lowbit.sklearn.compare import compare_estimators, is_sklearn_model
+    from lowbit.families.sklearn.compare import compare_estimators, is_sklearn_model
 
     if is_sklearn_model(original) or is_sklearn_model(quantized):
         return compare_estimators(original, quantized, data, metric=metric, batch_sizes=batch_sizes,
@@ -268,9 +268,9 @@ def bench(
 
     Text models get `seq_len`-token inputs made from `data` (or a fixed English paragraph);
     tensor models need `data`. A scikit-learn estimator or file is timed on `data` by
-    lowbit.sklearn.compare.bench_estimator (`trust_pickle` allows a .joblib/.pkl file).
+    lowbit.families.sklearn.compare.bench_estimator (`trust_pickle` allows a .joblib/.pkl file).
     """
-    from lowbit.sklearn.compare import bench_estimator, is_sklearn_model
+    from lowbit.families.sklearn.compare import bench_estimator, is_sklearn_model
 
     if is_sklearn_model(model):
         return bench_estimator(model, data, batch_sizes, runs, threads, trust_pickle)

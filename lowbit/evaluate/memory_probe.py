@@ -1,6 +1,6 @@
 """Measure, in a fresh process, what loading and running one model costs: load time and peak RSS.
 
-Run as `python -m lowbit.memory_probe MODEL INPUTS.safetensors [--trust-code]`; prints one JSON
+Run as `python -m lowbit.evaluate.memory_probe MODEL INPUTS.safetensors [--trust-code]`; prints one JSON
 line. Each model is probed in its own process so two models never share one process's peak.
 """
 
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     trust_code = "--trust-code" in argv[2:]  # the caller's own choice, passed on
     from safetensors.torch import load_file
 
-    from lowbit.loading import load_any
+    from lowbit.families.loading import load_any
 
     with contextlib.suppress(ImportError):  # import before the clock: time the model, not Python
         import transformers  # noqa: F401

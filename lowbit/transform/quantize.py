@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.calibrate import CalibrationResult, calibrate
 from lowbit.core.digest import state_dict_sha256
 from lowbit.errors import HardwareCompatibilityError, LowbitWarning, QuantizationError
 from lowbit.nn import LayerSpec, QConv2d, QEmbedding, QLinear
 from lowbit.nn.kernels import missing_kernel
 from lowbit.nn.kinds import module_kind
-from lowbit.recipe import Recipe, make_recipe
+from lowbit.transform.calibrate import CalibrationResult, calibrate
+from lowbit.transform.recipe import Recipe, make_recipe
 
 RECIPE_ATTRIBUTE = "lowbit_recipe"
 

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit import hf
 from lowbit.errors import FormatError, LowbitError, LowbitWarning, QuantizationError
+from lowbit.families import transformers as hf
+from lowbit.families.sources import build_from_factory
 from lowbit.formats import read_folder, write_folder
 from lowbit.nn import LayerSpec
 from lowbit.nn.kinds import module_kind
-from lowbit.quantize import RECIPE_ATTRIBUTE, quantized_modules, rebuild
-from lowbit.recipe import Recipe
-from lowbit.sources import build_from_factory
+from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules, rebuild
+from lowbit.transform.recipe import Recipe
 from lowbit.version import __version__
 
 Skeleton = nn.Module | Callable[[], nn.Module] | str | None

@@ -16,9 +16,9 @@ import numpy as np
 
 from lowbit.errors import FormatError, LowbitError
 from lowbit.evaluate.benchmark import measure_latencies
-from lowbit.sklearn.fileformat import read_file
-from lowbit.sklearn.guard import differences as count_differences
-from lowbit.sklearn.guard import predictions
+from lowbit.families.sklearn.fileformat import read_file
+from lowbit.families.sklearn.guard import differences as count_differences
+from lowbit.families.sklearn.guard import predictions
 
 PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 SKOPS_SUFFIXES = (".skops",)
@@ -77,7 +77,7 @@ def reference_inputs(data: Any, estimator: Any = None) -> Any:
     names = getattr(estimator, "feature_names_in_", None)
     if names is not None and Path(data).suffix.lower() == ".csv":
         return _named_columns(Path(data), list(names))
-    from lowbit.dataset import read_dataset
+    from lowbit.data.datasets import read_dataset
 
     dataset = read_dataset(data)
     return dataset.texts if dataset.texts is not None else dataset.inputs.numpy()
@@ -87,11 +87,11 @@ def reference_labels(data: str | os.PathLike) -> np.ndarray | None:
     """The "label" column or field of a data file, as read (a CSV's labels are text)."""
     path = Path(data)
     if path.suffix.lower() == ".csv":
-        from lowbit.dataset import read_text
+        from lowbit.data.datasets import read_text
 
         rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
         return np.asarray([row["label"] for row in rows]) if rows and "label" in rows[0] else None
-    from lowbit.dataset import read_dataset
+    from lowbit.data.datasets import read_dataset
 
     return read_dataset(path).labels
 

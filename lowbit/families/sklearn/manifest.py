@@ -27,7 +27,7 @@ class Report(Strict):
 
 
 class Probe(Strict):
-    """Predictions on synthetic rows, made again at load (lowbit.sklearn.probe)."""
+    """Predictions on synthetic rows, made again at load (lowbit.families.sklearn.probe)."""
 
     method: Literal["predict", "transform"] | None
     outputs: list[Any] | None = Field(None, max_length=1 << 16)

@@ -2,7 +2,7 @@
 
     lowbit.json          format, version, estimator class, sha256 of every other entry, the
                          fidelity report (per-array encodings, fallbacks)
-    skeleton.json        the estimator's object graph (lowbit.sklearn.skeleton): plain JSON
+    skeleton.json        the estimator's object graph (lowbit.families.sklearn.skeleton): plain JSON
     arrays.safetensors   every array: quantized ones as their parts (int8/int16 rows and
                          scales), tree node tables one column each, integers narrowed exactly
     vocabulary/N.txt     a text vectorizer's terms in column order, one per line
@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import ChecksumError, FormatError
+from lowbit.families.sklearn import probe, skeleton
+from lowbit.families.sklearn.encodings import Encoded
+from lowbit.families.sklearn.manifest import validate_manifest
 from lowbit.formats.atomic import atomic_file
 from lowbit.formats.manifest import parse_json
-from lowbit.sklearn import probe, skeleton
-from lowbit.sklearn.encodings import Encoded
-from lowbit.sklearn.manifest import validate_manifest
 
 FORMAT, VERSION = "lowbit-sklearn", 2
 MAX_MANIFEST_BYTES = 16 << 20
@@ -192,7 +192,7 @@ def _pools(data: bytes, path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def read_file(path: str | os.PathLike) -> Any:
     """Rebuild the estimator: sizes and checksums first, then the object graph with its arrays
-    and terms (lowbit.sklearn.skeleton). Every failure is a FormatError."""
+    and terms (lowbit.families.sklearn.skeleton). Every failure is a FormatError."""
     manifest, entries = _verified_entries(path)
     pools = _pools(entries["arrays.safetensors"], path)
     document = parse_json(entries["skeleton.json"], f"{path}: skeleton.json", None)

@@ -8,18 +8,18 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.families.sources import load_source
 from lowbit.formats import MANIFEST
 from lowbit.formats.lowbit_format import read_manifest
-from lowbit.persist import Skeleton
-from lowbit.persist import load as load_folder
-from lowbit.sources import load_source
+from lowbit.formats.persist import Skeleton
+from lowbit.formats.persist import load as load_folder
 
 
 def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = False) -> Any:
-    """A saved lowbit model: a folder (a torch module, see lowbit.persist.load) or a single
+    """A saved lowbit model: a folder (a torch module, see lowbit.formats.persist.load) or a single
     scikit-learn file (the estimator, rebuilt without pickle). `trust_code` lets a folder's
     manifest name a `module:factory` to import; nothing else a file names is ever imported."""
-    from lowbit.sklearn.fileformat import read_file
+    from lowbit.families.sklearn.fileformat import read_file
 
     if Path(path).is_file():  # torch models are folders; a single file is a scikit-learn model
         return read_file(path)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.sklearn.encodings import Encoded, decode, encode, ladder
-from lowbit.sklearn.slots import Slot, is_coefficient
+from lowbit.families.sklearn.encodings import Encoded, decode, encode, ladder
+from lowbit.families.sklearn.slots import Slot, is_coefficient
 
 PROBABILITY_TOLERANCE = 0.01  # largest allowed change of a predicted probability
 

@@ -7,7 +7,7 @@ Every float array (coefficients, log-probabilities, scaler statistics, support v
 weights, tree thresholds and values) takes the smallest encoding on its ladder (int8 or int16
 rows with a scale, float32) under which no prediction on `data` changes; text vocabularies are
 stored as their terms, one per line. The file is a zip of JSON and safetensors: no pickle (see
-lowbit.sklearn.fileformat and lowbit.sklearn.skeleton).
+lowbit.families.sklearn.fileformat and lowbit.families.sklearn.skeleton).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import FormatError, LowbitError, QuantizationError
-from lowbit.sklearn.encodings import LADDERS, Encoded, sparsity
-from lowbit.sklearn.fileformat import read_file, write_file
-from lowbit.sklearn.files import measure_files, read_estimator, reference_inputs
-from lowbit.sklearn.guard import PROBABILITY_TOLERANCE, guard
-from lowbit.sklearn.slots import find_slots
-from lowbit.sklearn.support import check_estimator
+from lowbit.families.sklearn.encodings import LADDERS, Encoded, sparsity
+from lowbit.families.sklearn.fileformat import read_file, write_file
+from lowbit.families.sklearn.files import measure_files, read_estimator, reference_inputs
+from lowbit.families.sklearn.guard import PROBABILITY_TOLERANCE, guard
+from lowbit.families.sklearn.slots import find_slots
+from lowbit.families.sklearn.support import check_estimator
 
 
 @dataclass
@@ -61,7 +61,7 @@ class QuantizedEstimator:
                            if (share := sparsity(encoded)) is not None}}
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """One zip file (see lowbit.sklearn.fileformat), written atomically."""
+        """One zip file (see lowbit.families.sklearn.fileformat), written atomically."""
         return write_file(self.estimator, self.encodings, path, self.report(), overwrite)
 
 

@@ -30,8 +30,9 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from lowbit.calibrate import CalibrationResult, calibrate
-from lowbit.compare import (
+from lowbit.errors import AccuracyBudgetError, LowbitError, LowbitWarning
+from lowbit.evaluate.benchmark import measure_latencies, parameter_bytes
+from lowbit.evaluate.compare import (
     ModelLike,
     as_dataset,
     compare,
@@ -40,13 +41,12 @@ from lowbit.compare import (
     open_model,
     task_batches,
 )
-from lowbit.errors import AccuracyBudgetError, LowbitError, LowbitWarning
-from lowbit.evaluate.benchmark import measure_latencies, parameter_bytes
 from lowbit.evaluate.comparison import Comparison, finite_json, quality_drop
 from lowbit.evaluate.metrics import speedup_interval, sqnr_db
 from lowbit.evaluate.tasks import Task, call_model, collect_outputs, primary_tensor, score_quality
-from lowbit.quantize import build_module, plan, quantize, set_module
-from lowbit.recipe import Recipe, make_recipe
+from lowbit.transform.calibrate import CalibrationResult, calibrate
+from lowbit.transform.quantize import build_module, plan, quantize, set_module
+from lowbit.transform.recipe import Recipe, make_recipe
 
 Objective = Literal["size", "latency"]
 DEFAULT_CANDIDATES = ("w4", "w8a8-static", "w8a8-dynamic", "w8", "fp16")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import FormatError
-from lowbit.sklearn.trusted import HELPERS, qualified_name
+from lowbit.families.sklearn.trusted import HELPERS, qualified_name
 
 BITSET_WORDS = 8  # scikit-learn's categorical bitsets: 8 × 32 bits for categories 0..255
 

@@ -10,9 +10,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from lowbit import hf
 from lowbit.core.quantize import check_finite
 from lowbit.errors import ModelLoadError, QuantizationError
+from lowbit.families import transformers as hf
 
 
 def resolve_factory(spec: str) -> Callable[[], nn.Module]:

@@ -23,7 +23,7 @@ import numpy as np
 from lowbit.errors import FormatError
 
 ESTIMATORS = frozenset({
-    # quantized by lowbit (lowbit.sklearn.support.SUPPORTED) and the composites around them
+    # quantized by lowbit (lowbit.families.sklearn.support.SUPPORTED) and the composites around them
     "sklearn.feature_extraction.text.CountVectorizer",
     "sklearn.feature_extraction.text.TfidfVectorizer",
     "sklearn.feature_extraction.text.TfidfTransformer",

@@ -21,7 +21,7 @@ COMPOSITES = {"Pipeline": "steps", "ColumnTransformer": "transformers_", "Featur
 
 def _components(estimator: Any, path: str) -> Iterator[tuple[str, Any]]:
     """(path, estimator) of every leaf of a Pipeline / ColumnTransformer / FeatureUnion tree, with
-    paths as lowbit.sklearn.slots names them."""
+    paths as lowbit.families.sklearn.slots names them."""
     name = type(estimator).__name__
     if name not in COMPOSITES:
         yield path, estimator

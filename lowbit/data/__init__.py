@@ -1,0 +1,2 @@
+"""Data: files into datasets and batches, text into tokenized batches, and the bundled real
+models and text (assets)."""

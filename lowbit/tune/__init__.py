@@ -1,0 +1,1 @@
+"""Decide: the accuracy-budget search over recipes and layer fallbacks."""
