@@ -512,6 +512,9 @@ def run(cases: int, seed_value: int = 0, formats: tuple[str, ...] = FORMATS, tim
                     break
                 if not line:  # the worker ended: done, or crashed inside the current case
                     code = process.wait()
+                    if current is None and code != 0:  # died before any case: a broken harness
+                        tail = (folder / "worker-errors.txt").read_text().strip().splitlines()[-3:]
+                        raise RuntimeError(f"the fuzz worker failed to start (exit {code}): {tail}")
                     if current is not None:
                         tail = (folder / "worker-errors.txt").read_text().strip().splitlines()[-1:]
                         outcomes[current] = f"crash (exit {code}) {' '.join(tail)[:200]}"

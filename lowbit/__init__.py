@@ -1,5 +1,6 @@
 """lowbit: quantize trained models to 16, 8 and 4 bits, and measure what it costs and buys."""
 
+import lowbit.report  # noqa: E402,F401 - registers the Markdown and HTML renderers
 from lowbit.errors import (
     AccuracyBudgetError,
     CalibrationError,
@@ -13,15 +14,13 @@ from lowbit.errors import (
     QuantizationError,
 )
 from lowbit.evaluate import estimate
-from lowbit.evaluate.compare import bench, compare
 from lowbit.evaluate.comparison import Comparison
-from lowbit.families.loading import load
+from lowbit.families.api import bench, compare, load, save, tune
 from lowbit.families.sources import load_source
-from lowbit.formats.persist import save
 from lowbit.transform.calibrate import CalibrationResult, calibrate, load_calibration
 from lowbit.transform.quantize import quantize
 from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
-from lowbit.tune.search import TuneResult, tune
+from lowbit.tune.search import TuneResult
 from lowbit.version import __version__
 
 __all__ = [

@@ -23,10 +23,10 @@ from lowbit.data.datasets import calibration_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate import estimate, folder_bytes
 from lowbit.families import transformers as hf
+from lowbit.families.api import save
 from lowbit.families.sources import load_source
 from lowbit.formats.atomic import write_text
 from lowbit.formats.lowbit_format import check_folder, verify_files
-from lowbit.formats.persist import save
 from lowbit.transform.quantize import quantize as quantize_model
 from lowbit.transform.quantize import quantized_modules
 from lowbit.transform.recipe import PRESETS, make_recipe
@@ -404,7 +404,7 @@ def compare_command(
     """
     from rich.markdown import Markdown
 
-    from lowbit.evaluate.compare import compare as run_compare
+    from lowbit.families.api import compare as run_compare
 
     with _user_errors():
         comparison = run_compare(original, quantized, data, metric=metric,
@@ -443,7 +443,7 @@ def bench_command(
     Example: lowbit bench ./minilm-w8a8 --batch-size 1 --batch-size 8 --threads 2
     scikit-learn: lowbit bench model.lowbit --data test.jsonl (predict on the first samples)
     """
-    from lowbit.evaluate.compare import bench as run_bench
+    from lowbit.families.api import bench as run_bench
 
     with _user_errors():
         report = run_bench(model, tuple(batch_size or (1, 8)), seq_len, samples, threads, data,

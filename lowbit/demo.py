@@ -21,7 +21,7 @@ from torch import nn
 from lowbit.data import assets
 from lowbit.evaluate import LatencyStats, folder_bytes, mean_cosine, measure_latencies
 from lowbit.families import transformers as hf
-from lowbit.formats.persist import load, save
+from lowbit.families.api import load, save
 from lowbit.transform.quantize import quantize, quantized_modules
 
 DEMO_RECIPES = ("w8a8-dynamic", "w4")

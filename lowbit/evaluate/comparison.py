@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lowbit.evaluate.metrics import speedup_interval
+from lowbit.registry import Registry
 
 SCHEMA_VERSION = 1
+
+# (result kind, format) -> renderer; lowbit.report fills it (a face renders, the measure layer does not)
+RENDERERS: Registry[Callable[[Any], str]] = Registry("report renderer")
 
 
 def finite_json(value: Any) -> Any:
@@ -128,11 +133,7 @@ class Comparison:
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_markdown(self) -> str:
-        from lowbit.report.markdown import render_markdown  # the report face renders it
-
-        return render_markdown(self)
+        return RENDERERS.get(("comparison", "markdown"))(self)  # the report face renders it
 
     def to_html(self) -> str:
-        from lowbit.report.html import render_html
-
-        return render_html(self)
+        return RENDERERS.get(("comparison", "html"))(self)

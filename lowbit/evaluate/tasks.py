@@ -60,6 +60,11 @@ class Task:
         return names
 
 
+
+def is_transformers_model(model: object) -> bool:
+    """A Hugging Face transformers model (it has a config and can save itself)."""
+    return hasattr(model, "config") and hasattr(model, "save_pretrained")
+
 def call_model(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, dict):
         return model(**batch)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import FormatError, ModelLoadError
-from lowbit.evaluate.tasks import mean_pooled_embedding
+from lowbit.evaluate.tasks import is_transformers_model, mean_pooled_embedding
+from lowbit.families.registry import TORCH_KINDS, TorchKind
 from lowbit.formats.lowbit_format import MANIFEST, verified_file, verify_files
 from lowbit.formats.manifest import parse_json
 
@@ -42,10 +43,6 @@ def _transformers():
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     return transformers
-
-
-def is_transformers_model(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model, "save_pretrained")
 
 
 def is_transformers_folder(path: str | Path) -> bool:
@@ -246,3 +243,7 @@ def embed(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 1
             batch = tokenize(tokenizer, texts[start : start + batch_size])
             chunks.append(mean_pooled_embedding(model, batch))
     return torch.cat(chunks)
+
+
+TORCH_KINDS.add("transformers", TorchKind("transformers", owns=is_transformers_model, describe=describe,
+                                          write_files=write_files, skeleton=build_skeleton))

@@ -30,18 +30,11 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from lowbit.data.batches import as_dataset, task_batches
 from lowbit.errors import AccuracyBudgetError, LowbitError, LowbitWarning
 from lowbit.evaluate.benchmark import measure_latencies, parameter_bytes
-from lowbit.evaluate.compare import (
-    ModelLike,
-    as_dataset,
-    compare,
-    find_tokenizer,
-    infer_kind,
-    open_model,
-    task_batches,
-)
-from lowbit.evaluate.comparison import Comparison, finite_json, quality_drop
+from lowbit.evaluate.compare import compare_models, infer_kind
+from lowbit.evaluate.comparison import RENDERERS, Comparison, finite_json, quality_drop
 from lowbit.evaluate.metrics import speedup_interval, sqnr_db
 from lowbit.evaluate.tasks import Task, call_model, collect_outputs, primary_tensor, score_quality
 from lowbit.transform.calibrate import CalibrationResult, calibrate
@@ -112,14 +105,10 @@ class TuneResult:
         })
 
     def to_markdown(self) -> str:
-        from lowbit.report.tune import render_markdown
-
-        return render_markdown(self)
+        return RENDERERS.get(("tune", "markdown"))(self)
 
     def to_html(self) -> str:
-        from lowbit.report.tune import render_html
-
-        return render_html(self)
+        return RENDERERS.get(("tune", "html"))(self)
 
 
 @dataclass
@@ -370,7 +359,7 @@ def _calibration(model: nn.Module, candidates: list[tuple[str, Recipe]], calibra
 
 
 def tune(
-    model: ModelLike,
+    model: nn.Module,
     data: Any,
     metric: str | None = None,
     max_drop: float = 0.01,
@@ -391,7 +380,8 @@ def tune(
     progress: bool = True,
 ) -> TuneResult:
     """Search `candidates` (default: w4 → w8a8-static → w8a8-dynamic → w8 → fp16) with layer
-    fallback for the best model whose `metric` drops at most `max_drop` on `data`.
+    fallback for the best model whose `metric` drops at most `max_drop` on `data`. Text data
+    needs `tokenizer` (`lowbit.tune` opens a model from a path and finds its tokenizer).
 
     `max_drop` is absolute (0.01 = one point of accuracy) or, with `relative=True`, a fraction of
     the original's value (perplexity: an increase counts as a drop). `calibration` (batches or a
@@ -403,12 +393,10 @@ def tune(
         raise LowbitError(f"objective must be 'size' or 'latency', not {objective!r}")
     if max_drop < 0:
         raise LowbitError("max_drop must be zero or positive")
-    original, path = open_model(model)
+    original = model.eval()
     kind = infer_kind(original, metric)
     dataset = as_dataset(data)
     dataset = dataset.head(samples) if samples else dataset
-    source_folder = getattr(getattr(original, "config", None), "_name_or_path", None)
-    tokenizer = tokenizer or find_tokenizer(path, source_folder)
     task = Task(kind, labels=dataset.labels if kind == "logits" else None)
     metric = metric or task.metrics()[0]
     batches = task_batches(dataset, kind, tokenizer, batch_size, seq_len)
@@ -452,10 +440,10 @@ def _result(search: _Search, work: _Workload, named, original: nn.Module, datase
     trial, model = search.best
     comparison = None
     if final_comparison:
-        comparison = compare(original, model, dataset, metric=work.metric,
-                             batch_sizes=(settings["batch_size"],), max_drop=work.max_drop,
-                             relative=work.relative, samples=None, seq_len=settings["seq_len"],
-                             tokenizer=tokenizer, memory=False, progress=False)
+        comparison = compare_models(original, model, dataset, metric=work.metric,
+                                    batch_sizes=(settings["batch_size"],), max_drop=work.max_drop,
+                                    relative=work.relative, samples=None, seq_len=settings["seq_len"],
+                                    tokenizer=tokenizer, progress=False)
     message = (f"Chose {trial.label}: {work.metric} {trial.quality:.4g} (drop {trial.drop:.4g}, budget "
                f"{work.max_drop:g}), {trial.size_bytes / 2**20:.2f} MiB in memory")
     speedup = trial.speedup

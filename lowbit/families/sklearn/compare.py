@@ -34,7 +34,7 @@ def is_sklearn_model(model: Any) -> bool:
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         return path.is_file() and (is_sklearn_file(path) or path.suffix == ".lowbit" or is_lowbit_file(path))
-    return type(model).__module__.startswith(("sklearn", "lowbit.sklearn"))
+    return type(model).__module__.startswith(("sklearn", "lowbit.families.sklearn"))
 
 
 def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, float | None]:

@@ -1,4 +1,9 @@
-"""`lowbit.save` and `lowbit.load`: any quantized model to and from the lowbit folder format."""
+"""`lowbit.save` and `lowbit.load` for torch models: a quantized module to and from a lowbit folder.
+
+What a folder records to rebuild its model comes from its torch kind (lowbit.families.registry):
+a transformers model writes its config and tokenizer and rebuilds from them; a plain module is
+rebuilt on a skeleton the caller passes (or, with `trust_code`, the factory the folder names).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ import torch
 from torch import nn
 
 from lowbit.errors import FormatError, LowbitError, LowbitWarning, QuantizationError
-from lowbit.families import transformers as hf
-from lowbit.families.sources import build_from_factory
-from lowbit.formats import read_folder, write_folder
+from lowbit.families.registry import TORCH_KINDS, TorchKind, torch_kind_of
+from lowbit.families.sources import build_from_factory, load_source
+from lowbit.formats import MANIFEST, read_folder, write_folder
+from lowbit.formats.lowbit_format import read_manifest
 from lowbit.nn import LayerSpec
 from lowbit.nn.kinds import module_kind
 from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules, rebuild
@@ -25,11 +31,12 @@ Skeleton = nn.Module | Callable[[], nn.Module] | str | None
 QUANTIZED_CLASS = {"linear": "QLinear", "conv": "QConv2d", "embedding": "QEmbedding"}
 
 
-def _model_description(model: nn.Module) -> dict[str, Any]:
-    if hf.is_transformers_model(model):
-        return hf.describe(model)
+def _describe_plain(model: nn.Module) -> dict[str, Any]:
     return {"kind": "torch", "class": type(model).__name__,
             "factory": getattr(model, "lowbit_factory", None)}
+
+
+TORCH_KINDS.add("torch", TorchKind("torch", owns=lambda model: True, describe=_describe_plain, fallback=True))
 
 
 def build_manifest(model: nn.Module) -> dict[str, Any]:
@@ -42,7 +49,7 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
     }
     return {
         "versions": {"lowbit": __version__, "torch": torch.__version__},
-        "model": _model_description(model),
+        "model": torch_kind_of(model).describe(model),
         "source": getattr(model, "lowbit_source", None),
         "recipe": None if recipe is None else recipe.model_dump(mode="json"),
         "modules": modules,
@@ -59,9 +66,8 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
     if not isinstance(model, nn.Module):
         raise LowbitError(f"lowbit.save expects a torch.nn.Module, got {type(model).__name__}")
     manifest = build_manifest(model)
-    write_extra = None
-    if manifest["model"]["kind"] == "transformers":
-        write_extra = hf.write_files(model, {"recipe": manifest["recipe"]})
+    kind = torch_kind_of(model)
+    write_extra = kind.write_files(model, {"recipe": manifest["recipe"]}) if kind.write_files else None
     return write_folder(path, model.state_dict(), manifest, write_extra, overwrite)
 
 
@@ -75,8 +81,9 @@ def _skeleton(manifest: dict[str, Any], folder: Path, skeleton: Skeleton, trust_
         return build_from_factory(skeleton)
     if callable(skeleton):
         return skeleton()
-    if description["kind"] == "transformers":
-        return hf.build_skeleton(folder, manifest)
+    kind = TORCH_KINDS.get(description["kind"])
+    if kind.skeleton is not None:
+        return kind.skeleton(folder, manifest)
     factory = description.get("factory")
     if factory and trust_code:
         return build_from_factory(factory)
@@ -166,3 +173,28 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
     model.lowbit_source = manifest["source"]
     model.lowbit_manifest = manifest
     return model.eval()
+
+
+def load_any(spec: str | Path, weights: str | Path | None = None, trust_code: bool = False,
+             architecture: str | None = None) -> nn.Module:
+    """A lowbit folder (has lowbit.json), a transformers folder, or package.module:factory.
+
+    `architecture` is a `package.module:factory` the caller named itself (compare's original):
+    a lowbit folder of a plain module is rebuilt on it, with no need to trust the folder's own.
+    """
+    path = Path(str(spec))
+    if path.is_dir() and (path / MANIFEST).exists():
+        plain = architecture and TORCH_KINDS.get(read_manifest(path)["model"]["kind"]).skeleton is None
+        return load(path, architecture if plain else None, trust_code)
+    return load_source(spec, weights)
+
+
+def weights_bytes(spec: str | Path) -> int | None:
+    """Bytes on disk of a model folder's weight files (safetensors/bin), or of a lowbit folder."""
+    path = Path(str(spec))
+    if not path.is_dir():
+        return None
+    if (path / MANIFEST).is_file():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")]
+    return sum(f.stat().st_size for f in files) or None

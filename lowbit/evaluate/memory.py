@@ -1,0 +1,43 @@
+"""What loading and running one model costs in a process: load time and peak RSS.
+
+`measure_load` is run in a fresh process per model (lowbit.families.memory_probe), so two models
+never share one process's peak.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def peak_rss_bytes() -> int:
+    """The process's RSS high-water mark. VmHWM belongs to this program image; getrusage's
+    ru_maxrss survives exec and would report the parent's peak when that was higher."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_load(load: Callable[[], nn.Module], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Seconds `load` takes, then the peak RSS after one call on `inputs` ({"input": x} or the
+    keyword inputs of a transformers model)."""
+    baseline = peak_rss_bytes()
+    start = time.perf_counter()
+    model = load()
+    load_seconds = time.perf_counter() - start
+    with torch.inference_mode():
+        if set(inputs) == {"input"}:
+            model(inputs["input"])
+        else:
+            model(**inputs)
+    return {"load_seconds": load_seconds, "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline}

@@ -1,0 +1,95 @@
+"""The public entry points that take a model from any family — `lowbit.load`, `save`, `compare`,
+`bench` and `tune` — each handed to the family that claims it (lowbit.families.registry)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lowbit.evaluate.comparison import Comparison
+from lowbit.families.registry import family_of
+from lowbit.families.torch_family import ModelLike, model_tokenizer, open_model
+from lowbit.families.torch_folders import Skeleton
+from lowbit.families.torch_folders import save as save_torch
+from lowbit.tune.search import TuneResult
+from lowbit.tune.search import tune as tune_module
+
+
+def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = False) -> Any:
+    """A saved lowbit model: a folder (a torch module, see lowbit.families.torch_folders.load) or
+    a scikit-learn .lowbit file (the estimator, rebuilt without pickle). `trust_code` lets a
+    folder's manifest name a `module:factory` to import; nothing else a file names is imported."""
+    return family_of(path).load(path, skeleton=skeleton, trust_code=trust_code)
+
+
+def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save a quantized torch model as a lowbit folder: atomic, checksummed, no pickle. (A
+    quantized scikit-learn model saves itself: `QuantizedEstimator.save(path)`.)"""
+    return save_torch(model, path, overwrite)
+
+
+def compare(
+    original: Any,
+    quantized: Any,
+    data: Any,
+    metric: str | None = None,
+    batch_sizes: Sequence[int] = (1, 8),
+    max_drop: float | None = None,
+    relative: bool = False,
+    samples: int | None = 256,
+    seq_len: int = 128,
+    runs: int = 20,
+    threads: int | None = None,
+    tokenizer: Any = None,
+    memory: bool = True,
+    progress: bool = True,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+) -> Comparison:
+    """Measure `quantized` against `original` on `data` (a file, texts, or a tensor).
+
+    `metric` picks the headline quality metric (default: the first for the model kind: cosine
+    for encoders, accuracy or agreement for classifiers, perplexity for causal LMs, agreement or
+    R² for scikit-learn); every metric of the kind is measured anyway. `max_drop` is the quality
+    budget (absolute, or a fraction of the original's value with `relative=True`). `trust_pickle`
+    allows reading a scikit-learn .joblib/.pkl original; `trust_code` lets a lowbit folder's
+    manifest name a `module:factory` to import (see `load`).
+    """
+    family = family_of(original, quantized)
+    return family.compare(original, quantized, data, metric=metric, batch_sizes=batch_sizes,
+                          max_drop=max_drop, relative=relative, samples=samples, seq_len=seq_len,
+                          runs=runs, threads=threads, tokenizer=tokenizer, memory=memory, progress=progress,
+                          trust_pickle=trust_pickle, trust_code=trust_code)
+
+
+def bench(
+    model: Any,
+    batch_sizes: Sequence[int] = (1, 8),
+    seq_len: int = 128,
+    runs: int = 20,
+    threads: int | None = None,
+    data: Any = None,
+    memory: bool = True,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+) -> dict[str, Any]:
+    """Latency, throughput, size, memory and load time of one model. Text models get
+    `seq_len`-token inputs made from `data` (or a fixed English paragraph); tensor and
+    scikit-learn models need `data`."""
+    return family_of(model).bench(model, batch_sizes=batch_sizes, seq_len=seq_len, runs=runs,
+                                      threads=threads, data=data, memory=memory, trust_pickle=trust_pickle,
+                                      trust_code=trust_code)
+
+
+@functools.wraps(tune_module)
+def tune(model: ModelLike, data: Any, *args: Any, tokenizer: Any = None, trust_code: bool = False,
+         **options: Any) -> TuneResult:
+    """lowbit.tune.search.tune on a torch model or a path to one (its tokenizer is found beside it)."""
+    module, path = open_model(model, trust_code)
+    tokenizer = tokenizer or model_tokenizer(module, path)
+    return tune_module(module, data, *args, tokenizer=tokenizer, **options)
