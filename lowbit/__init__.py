@@ -1,6 +1,7 @@
 """lowbit: quantize trained models to 16, 8 and 4 bits, and measure what it costs and buys."""
 
-import lowbit.report  # noqa: E402,F401 - registers the Markdown and HTML renderers
+import lowbit.report  # noqa: F401 - registers the Markdown and HTML renderers
+import lowbit.sklearn  # noqa: F401 - the public scikit-learn face, as lowbit.sklearn
 from lowbit.errors import (
     AccuracyBudgetError,
     CalibrationError,

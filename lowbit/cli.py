@@ -104,6 +104,19 @@ def _preset_list(value: str | None) -> str | None:
     return value
 
 
+BatchSizes = Annotated[list[int] | None, typer.Option(
+    "--batch-size", min=1, help="Batch size to time (repeatable).")]
+Threads = Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")]
+TrustCode = Annotated[bool, typer.Option(
+    help="Let a lowbit folder's manifest name a package.module:factory to import (importing runs "
+    "its code; only for folders you trust).")]
+
+
+def _trust_pickle(what: str):
+    return Annotated[bool, typer.Option(
+        help=f"scikit-learn: allow loading a .joblib/.pkl {what} (unpickling runs its code).")]
+
+
 def _mib(size: int) -> str:
     return f"{size / 2**20:.2f} MiB"
 
@@ -139,8 +152,7 @@ def quantize(
         "checks (.jsonl/.txt/.csv/.npy).")] = None,
     metric: Annotated[str | None, typer.Option(help="Metric for --max-drop (default: by model).")] = None,
     relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
-    trust_pickle: Annotated[bool, typer.Option(
-        help="scikit-learn: allow loading a .joblib/.pkl file (unpickling runs the code it holds).")] = False,
+    trust_pickle: _trust_pickle("file") = False,
     bits: Annotated[int, typer.Option(
         callback=_bit_width, help="scikit-learn: starting width of every array (8, 16, 32).")] = 8,
     weight_threshold: Annotated[float, typer.Option(callback=_non_negative,
@@ -327,7 +339,7 @@ def estimate_command(
 @app.command()
 def demo(
     sentences: Annotated[int, typer.Option(min=1, help="Wikipedia sentences for the cosine.")] = 256,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")] = None,
+    threads: Threads = None,
 ) -> None:
     """Quantize the bundled real all-MiniLM-L6-v2 (w8a8-dynamic, w4) and print measured results.
 
@@ -377,23 +389,19 @@ def compare_command(
     metric: Annotated[str | None, typer.Option(
         help="Headline metric: accuracy, f1, perplexity, cosine, agreement, sqnr (default: by model)."
     )] = None,
-    batch_size: Annotated[list[int] | None, typer.Option(
-        min=1, help="Batch size to time (repeatable).")] = None,
+    batch_size: BatchSizes = None,
     max_drop: Annotated[float | None, typer.Option(
         callback=_non_negative, help="Quality budget: largest allowed drop.")] = None,
     relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
     samples: Annotated[int, typer.Option(min=1, help="Samples of the data to use.")] = 256,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sample (context for perplexity).")] = 128,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per batch size.")] = 20,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")] = None,
+    threads: Threads = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")] = None,
     memory: Annotated[bool, typer.Option(help="Measure load time and peak RSS in subprocesses.")] = True,
-    trust_pickle: Annotated[bool, typer.Option(
-        help="scikit-learn: allow loading a .joblib/.pkl original (unpickling runs its code).")] = False,
-    trust_code: Annotated[bool, typer.Option(
-        help="Let a lowbit folder's manifest name a package.module:factory to import (importing runs "
-        "its code; only for folders you trust).")] = False,
+    trust_pickle: _trust_pickle("original") = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Measure a quantized model against its original on your data: quality, speed, size, memory.
 
@@ -425,18 +433,14 @@ def compare_command(
 def bench_command(
     model: Annotated[str, typer.Argument(
         help="A lowbit folder, transformers folder, factory, or scikit-learn model file.")],
-    batch_size: Annotated[list[int] | None, typer.Option(
-        min=1, help="Batch size to time (repeatable).")] = None,
+    batch_size: BatchSizes = None,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sample for text models.")] = 128,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")] = None,
+    threads: Threads = None,
     samples: Annotated[int, typer.Option(min=1, help="Timed runs per batch size.")] = 20,
     data: Annotated[Path | None, typer.Option(help="Inputs (required for tensor models).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    trust_pickle: Annotated[bool, typer.Option(
-        help="scikit-learn: allow loading a .joblib/.pkl file (unpickling runs its code).")] = False,
-    trust_code: Annotated[bool, typer.Option(
-        help="Let a lowbit folder's manifest name a package.module:factory to import (importing runs "
-        "its code; only for folders you trust).")] = False,
+    trust_pickle: _trust_pickle("file") = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Latency (p50/p95/p99), throughput, size, peak memory and load time of one model.
 

@@ -9,6 +9,7 @@ Opening models from paths is the families' work (lowbit.families.api).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,36 +49,37 @@ def infer_kind(model: nn.Module, metric: str | None) -> str:
     return kind
 
 
-def compare_models(
-    original: nn.Module,
-    quantized: nn.Module,
-    data: Any,
-    metric: str | None = None,
-    batch_sizes: Sequence[int] = (1, 8),
-    max_drop: float | None = None,
-    relative: bool = False,
-    samples: int | None = 256,
-    seq_len: int = 128,
-    runs: int = 20,
-    threads: int | None = None,
-    tokenizer: Any = None,
-    files: FileMeasure | None = None,
-    progress: bool = True,
-    sources: tuple[str | None, str | None] = (None, None),
-) -> Comparison:
-    """Measure `quantized` against `original` on `data` (a file, texts, or a tensor).
+@dataclass(frozen=True)
+class Settings:
+    """What `compare_models` measures: the headline `metric` (default: the first for the model
+    kind: cosine for encoders, accuracy or agreement for classifiers, perplexity for causal LMs;
+    every metric of the kind is measured anyway), the batch sizes timed, the quality budget
+    (`max_drop`, absolute or with `relative` a fraction of the original's value), how many
+    samples and tokens per sample, timed runs and threads."""
 
-    `metric` picks the headline quality metric (default: the first for the model kind:
-    cosine for encoders, accuracy or agreement for classifiers, perplexity for causal LMs);
-    every metric of the kind is measured anyway. `max_drop` is the quality budget (absolute,
-    or a fraction of the original's value with `relative=True`). Text data needs `tokenizer`.
-    `files` measures each model on disk; `sources` are the paths the models came from.
-    """
+    metric: str | None = None
+    batch_sizes: Sequence[int] = (1, 8)
+    max_drop: float | None = None
+    relative: bool = False
+    samples: int | None = 256
+    seq_len: int = 128
+    runs: int = 20
+    threads: int | None = None
+
+
+def compare_models(original: nn.Module, quantized: nn.Module, data: Any, settings: Settings = Settings(),
+                   tokenizer: Any = None, files: FileMeasure | None = None, progress: bool = True,
+                   sources: tuple[str | None, str | None] = (None, None)) -> Comparison:
+    """Measure `quantized` against `original` on `data` (a file, texts, or a tensor), as
+    `settings` says. Text data needs `tokenizer`; `files` measures each model on disk;
+    `sources` are the paths the models came from."""
     original_model, quantized_model = original.eval(), quantized.eval()
+    metric, batch_sizes, seq_len = settings.metric, settings.batch_sizes, settings.seq_len
+    runs, threads = settings.runs, settings.threads
     kind = infer_kind(original_model, metric)
     dataset = as_dataset(data)
-    if samples:
-        dataset = dataset.head(samples)
+    if settings.samples:
+        dataset = dataset.head(settings.samples)
     task = Task(kind, labels=dataset.labels if kind == "logits" else None)
     metric = metric or task.metrics()[0]
     # Quality at the smallest batch size: kernels are chosen per row count, and small batches run
@@ -117,34 +119,24 @@ def compare_models(
             prompt = timed[str(batch_sizes[0])]["input_ids"][:1]
             for name, model in (("original", original_model), ("quantized", quantized_model)):
                 reports[name]["generation"] = generation_speed(model, prompt, threads=threads)
-    settings = {"kind": kind, "samples": len(dataset), "batch_sizes": list(batch_sizes),
+    recorded = {"kind": kind, "samples": len(dataset), "batch_sizes": list(batch_sizes),
                 "quality_batch_size": quality_batch_size,
                 "seq_len": seq_len, "runs": runs,
                 "threads": threads or torch.get_num_threads(), "torch": torch.__version__}
-    return Comparison(reports["original"], reports["quantized"], quality, metric, layers, settings,
-                      max_drop, relative)
+    return Comparison(reports["original"], reports["quantized"], quality, metric, layers, recorded,
+                      settings.max_drop, settings.relative)
 
 
 DEFAULT_TEXT = ("Quantization stores the weights of a trained network in fewer bits, so the model "
                 "takes less memory and, with the right kernels, runs faster on the same hardware. ")
 
 
-def bench_model(
-    model: nn.Module,
-    batch_sizes: Sequence[int] = (1, 8),
-    seq_len: int = 128,
-    runs: int = 20,
-    threads: int | None = None,
-    data: Any = None,
-    tokenizer: Any = None,
-    files: FileMeasure | None = None,
-    source: str | None = None,
-) -> dict[str, Any]:
-    """Latency, throughput, size, memory and load time of one module.
-
-    Text models get `seq_len`-token inputs made from `data` (or a fixed English paragraph);
-    tensor models need `data`. `files` measures the model on disk (see `compare_models`).
-    """
+def bench_model(model: nn.Module, settings: Settings, data: Any = None, tokenizer: Any = None,
+                files: FileMeasure | None = None, source: str | None = None) -> dict[str, Any]:
+    """Latency, throughput, size, memory and load time of one module, at `settings`' batch sizes,
+    runs and threads. Text models get `settings.seq_len`-token inputs made from `data` (or a fixed
+    English paragraph); tensor models need `data`. `files` measures the model on disk."""
+    batch_sizes, seq_len = settings.batch_sizes, settings.seq_len
     loaded = model.eval()
     kind = infer_kind(loaded, None)
     if data is None:
@@ -153,12 +145,13 @@ def bench_model(
         data = [DEFAULT_TEXT * (seq_len // 20 + 1)] * max(batch_sizes)
     inputs = inputs_per_batch_size(as_dataset(data), batch_sizes, lambda texts, size: dict(
         tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")))
-    latency = compare_latency({"model": loaded}, inputs, runs=runs, threads=threads)["model"]
+    latency = compare_latency({"model": loaded}, inputs, runs=settings.runs,
+                              threads=settings.threads)["model"]
     report: dict[str, Any] = {"source": source, "kind": kind, "param_bytes": parameter_bytes(loaded),
                               "latency_ms": latency, "seq_len": seq_len,
-                              "threads": threads or torch.get_num_threads()}
+                              "threads": settings.threads or torch.get_num_threads()}
     report.update(files("model", loaded, next(iter(inputs.values()))) if files else {"size_bytes": None})
     if kind == "causal_lm":
         report["generation"] = generation_speed(loaded, next(iter(inputs.values()))["input_ids"][:1],
-                                                threads=threads)
+                                                threads=settings.threads)
     return report

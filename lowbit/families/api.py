@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.evaluate.compare import Settings
 from lowbit.evaluate.comparison import Comparison
 from lowbit.families.registry import family_of
 from lowbit.families.torch_family import ModelLike, model_tokenizer, open_model
@@ -60,11 +61,10 @@ def compare(
     allows reading a scikit-learn .joblib/.pkl original; `trust_code` lets a lowbit folder's
     manifest name a `module:factory` to import (see `load`).
     """
-    family = family_of(original, quantized)
-    return family.compare(original, quantized, data, metric=metric, batch_sizes=batch_sizes,
-                          max_drop=max_drop, relative=relative, samples=samples, seq_len=seq_len,
-                          runs=runs, threads=threads, tokenizer=tokenizer, memory=memory, progress=progress,
-                          trust_pickle=trust_pickle, trust_code=trust_code)
+    settings = Settings(metric, batch_sizes, max_drop, relative, samples, seq_len, runs, threads)
+    return family_of(original, quantized).compare(original, quantized, data, settings, tokenizer=tokenizer,
+                                                  memory=memory, progress=progress, trust_pickle=trust_pickle,
+                                                  trust_code=trust_code)
 
 
 def bench(

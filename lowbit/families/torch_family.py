@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.evaluate.compare import FileMeasure, bench_model, compare_models
+from lowbit.evaluate.compare import FileMeasure, Settings, bench_model, compare_models
 from lowbit.families import transformers as hf
 from lowbit.families.registry import FAMILIES, Family
 from lowbit.families.torch_folders import load, load_any, save, weights_bytes
@@ -98,19 +98,19 @@ def _file_measure(paths: dict[str, str | None], scratch: Path, trust_code: bool,
     return measure
 
 
-def compare(original: ModelLike, quantized: ModelLike, data: Any, *, tokenizer: Any = None,
-            memory: bool = True, trust_code: bool = False, **options: Any):
-    """lowbit.compare for torch models: open both, find the tokenizer, measure (see
-    lowbit.evaluate.compare.compare_models for the options)."""
+def compare(original: ModelLike, quantized: ModelLike, data: Any, settings: Settings, *,
+            tokenizer: Any = None, memory: bool = True, progress: bool = True, trust_code: bool = False,
+            **_: Any):
+    """lowbit.compare for torch models: open both, find the tokenizer, measure them as `settings`
+    says (lowbit.evaluate.compare.compare_models)."""
     original_model, original_path = open_model(original, trust_code)
     quantized_model, quantized_path = open_model(quantized, trust_code, factory_spec(original))
     tokenizer = tokenizer or model_tokenizer(original_model, quantized_path, original_path)
-    options.pop("trust_pickle", None)
     with tempfile.TemporaryDirectory(prefix="lowbit-compare-") as scratch:
         files = _file_measure({"original": original_path, "quantized": quantized_path}, Path(scratch),
                               trust_code, memory)
-        return compare_models(original_model, quantized_model, data, tokenizer=tokenizer, files=files,
-                              sources=(original_path, quantized_path), **options)
+        return compare_models(original_model, quantized_model, data, settings, tokenizer, files, progress,
+                              (original_path, quantized_path))
 
 
 def bench(model: ModelLike, batch_sizes: Sequence[int] = (1, 8), seq_len: int = 128, runs: int = 20,
@@ -120,8 +120,8 @@ def bench(model: ModelLike, batch_sizes: Sequence[int] = (1, 8), seq_len: int = 
     loaded, path = open_model(model, trust_code)
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
         files = _file_measure({"model": path}, Path(scratch), trust_code, memory)
-        return bench_model(loaded, batch_sizes, seq_len, runs, threads, data, find_tokenizer(path), files,
-                           path)
+        settings = Settings(batch_sizes=batch_sizes, seq_len=seq_len, runs=runs, threads=threads)
+        return bench_model(loaded, settings, data, find_tokenizer(path), files, path)
 
 
 FAMILIES.add("torch", Family("torch", claims=lambda source: True, load=load, compare=compare, bench=bench,

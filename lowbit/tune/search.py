@@ -33,7 +33,7 @@ from torch import nn
 from lowbit.data.batches import as_dataset, task_batches
 from lowbit.errors import AccuracyBudgetError, LowbitError, LowbitWarning
 from lowbit.evaluate.benchmark import measure_latencies, parameter_bytes
-from lowbit.evaluate.compare import compare_models, infer_kind
+from lowbit.evaluate.compare import Settings, compare_models, infer_kind
 from lowbit.evaluate.comparison import RENDERERS, Comparison, finite_json, quality_drop
 from lowbit.evaluate.metrics import speedup_interval, sqnr_db
 from lowbit.evaluate.tasks import Task, call_model, collect_outputs, primary_tensor, score_quality
@@ -440,10 +440,9 @@ def _result(search: _Search, work: _Workload, named, original: nn.Module, datase
     trial, model = search.best
     comparison = None
     if final_comparison:
-        comparison = compare_models(original, model, dataset, metric=work.metric,
-                                    batch_sizes=(settings["batch_size"],), max_drop=work.max_drop,
-                                    relative=work.relative, samples=None, seq_len=settings["seq_len"],
-                                    tokenizer=tokenizer, progress=False)
+        measured = Settings(work.metric, (settings["batch_size"],), work.max_drop, work.relative,
+                            samples=None, seq_len=settings["seq_len"])
+        comparison = compare_models(original, model, dataset, measured, tokenizer=tokenizer, progress=False)
     message = (f"Chose {trial.label}: {work.metric} {trial.quality:.4g} (drop {trial.drop:.4g}, budget "
                f"{work.max_drop:g}), {trial.size_bytes / 2**20:.2f} MiB in memory")
     speedup = trial.speedup

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lowbit.evaluate.compare import Settings
 from lowbit.families.registry import FAMILIES, Family
 from lowbit.families.sklearn.compare import bench_estimator, compare_estimators, is_sklearn_model
 from lowbit.families.sklearn.fileformat import read_file
@@ -17,13 +18,12 @@ def _load(path: str | Path, **_: Any) -> Any:
     return read_file(path)
 
 
-def _compare(original: Any, quantized: Any, data: Any, *, metric: str | None = None,
-             batch_sizes: Sequence[int] = (1, 8), max_drop: float | None = None, relative: bool = False,
-             samples: int | None = None, runs: int = 20, threads: int | None = None,
-             trust_pickle: bool = False, **_: Any):
-    return compare_estimators(original, quantized, data, metric=metric, batch_sizes=batch_sizes,
-                              max_drop=max_drop, relative=relative, samples=samples, runs=runs,
-                              threads=threads, trust_pickle=trust_pickle)
+def _compare(original: Any, quantized: Any, data: Any, settings: Settings, *, trust_pickle: bool = False,
+             **_: Any):
+    return compare_estimators(original, quantized, data, metric=settings.metric,
+                              batch_sizes=settings.batch_sizes, max_drop=settings.max_drop,
+                              relative=settings.relative, samples=settings.samples, runs=settings.runs,
+                              threads=settings.threads, trust_pickle=trust_pickle)
 
 
 def _bench(model: Any, batch_sizes: Sequence[int] = (1, 8), runs: int = 20, threads: int | None = None,
