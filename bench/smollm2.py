@@ -35,7 +35,7 @@ from bench.common import (
     write_json,
 )
 from lowbit.data import assets
-from lowbit.data.datasets import language_model_windows
+from lowbit.data.batches import language_model_windows
 from lowbit.evaluate import folder_bytes
 from lowbit.families import transformers as hf
 

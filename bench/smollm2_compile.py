@@ -21,7 +21,7 @@ import lowbit
 from bench.common import bench_arguments, print_table, write_json
 from bench.smollm2 import NEW_TOKENS, PROMPT_TOKENS, decode_speed, torch_contender
 from lowbit.data import assets
-from lowbit.data.datasets import language_model_windows
+from lowbit.data.batches import language_model_windows
 from lowbit.evaluate import folder_bytes
 from lowbit.families import transformers as hf
 

@@ -18,7 +18,7 @@ import lowbit
 from bench.common import bench_arguments, print_table, write_json
 from bench.smollm2 import PROMPT_TOKENS
 from lowbit.data import assets
-from lowbit.data.datasets import language_model_windows
+from lowbit.data.batches import language_model_windows
 from lowbit.families import transformers as hf
 
 

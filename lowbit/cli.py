@@ -19,7 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from lowbit.data.datasets import calibration_batches
+from lowbit.data.batches import calibration_batches
 from lowbit.errors import LowbitError
 from lowbit.evaluate import estimate, folder_bytes
 from lowbit.families import transformers as hf

@@ -51,8 +51,7 @@ def kernels_at_batch1(model: nn.Module) -> dict[str, int]:
 
 def _measure_speed(models: dict[str, nn.Module], tokenizer, texts, rows, threads) -> None:
     short = hf.tokenize(tokenizer, texts[:1])
-    long_batch = dict(tokenizer(texts[:8], padding="max_length", truncation=True,
-                                max_length=128, return_tensors="pt"))
+    long_batch = hf.tokenize(tokenizer, texts[:8], 128, pad_to_max=True)
     for inputs, runs, attribute in ((short, 30, "latency_batch1"), (long_batch, 5, "latency_batch8")):
         calls = {name: (lambda m=model, x=inputs: m(**x)) for name, model in models.items()}
         for name, stats in measure_latencies(calls, runs=runs, threads=threads).items():

@@ -5,12 +5,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lowbit.data.datasets import Dataset, language_model_windows, read_dataset, tensor_batches, text_batches
+from lowbit.data.datasets import DataError, Dataset, read_dataset
 from lowbit.errors import LowbitError
+
+
+def call_model(model: torch.nn.Module, batch: Any) -> Any:
+    """Call a model on one batch: keyword inputs (a dict), positional ones (a tuple or list), or
+    one tensor."""
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = 128, pad_to_max: bool = False) -> dict:
+    """One batch of token ids for `texts`: padded to the longest (or to `max_length`, for a
+    fixed shape to time), truncated at `max_length`."""
+    return dict(tokenizer(list(texts), padding="max_length" if pad_to_max else True, truncation=True,
+                          max_length=max_length, return_tensors="pt"))
 
 
 def as_dataset(data: Any) -> Dataset:
@@ -56,3 +74,51 @@ def speed_inputs(dataset: Dataset, kind: str, tokenizer: Any, batch_sizes: Itera
             k: v.repeat(size, 1) for k, v in window.items() if k != "labels"})
     return inputs_per_batch_size(dataset, batch_sizes,
                                  lambda texts, size: text_batches(tokenizer, texts, size, seq_len)[0])
+
+
+def text_batches(tokenizer: Any, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
+    """Tokenized batches of `batch_size` texts, padded to the longest, truncated at max_length."""
+    return [tokenize(tokenizer, texts[i : i + batch_size], max_length)
+            for i in range(0, len(texts), batch_size)]
+
+
+def language_model_windows(
+    tokenizer: Any, texts: list[str], context: int, max_tokens: int | None = None,
+) -> list[dict]:
+    """Sliding windows over the running text for perplexity: `context` tokens, stride context/2.
+
+    Each window scores only the tokens the previous window did not (labels -100 elsewhere), so
+    every token is predicted once, with at least half a window of context after the first.
+    """
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise DataError("the text holds fewer than 2 tokens; perplexity needs more")
+    stride, windows, scored_until = max(1, context // 2), [], 0
+    for start in range(0, max(1, ids.numel() - 1), stride):
+        window = ids[start : start + context]
+        labels = window.clone()
+        labels[: max(0, scored_until - start)] = -100
+        windows.append({"input_ids": window[None], "attention_mask": torch.ones_like(window)[None],
+                        "labels": labels[None]})
+        scored_until = start + window.numel()
+        if scored_until >= ids.numel():
+            break
+    return windows
+
+
+def tensor_batches(inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(torch.split(inputs, batch_size))
+
+
+def calibration_batches(
+    path: str | Path, tokenizer: Any = None, batch_size: int = 8, max_length: int = 128
+) -> list[Any]:
+    """Calibration batches from a data file: tokenized text for a transformers model, else tensors."""
+    dataset = read_dataset(path)
+    if dataset.texts is not None:
+        if tokenizer is None:
+            raise DataError("text calibration data needs a model with a tokenizer")
+        return text_batches(tokenizer, dataset.texts, batch_size, max_length)
+    return tensor_batches(dataset.inputs, batch_size)

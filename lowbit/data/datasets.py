@@ -1,4 +1,4 @@
-"""Evaluation data from a file, turned into batches for a task.
+"""Evaluation data files, read into a Dataset of texts or tensors with optional labels.
 
 Formats: .jsonl (a "text" field, plus "label" for classification), .txt (one sample per line;
 for a causal LM the lines are joined into running text), .csv (a "text" column, or numeric
@@ -131,52 +131,3 @@ def read_dataset(path: str | Path) -> Dataset:
     if dataset.labels is not None and len(dataset.labels) != len(dataset):
         raise DataError(f"{path} has {len(dataset.labels)} labels for {len(dataset)} samples")
     return dataset
-
-
-def text_batches(tokenizer: Any, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
-    """Tokenized batches of `batch_size` texts, padded to the longest, truncated at max_length."""
-    return [dict(tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
-                           max_length=max_length, return_tensors="pt"))
-            for i in range(0, len(texts), batch_size)]
-
-
-def language_model_windows(
-    tokenizer: Any, texts: list[str], context: int, max_tokens: int | None = None,
-) -> list[dict]:
-    """Sliding windows over the running text for perplexity: `context` tokens, stride context/2.
-
-    Each window scores only the tokens the previous window did not (labels -100 elsewhere), so
-    every token is predicted once, with at least half a window of context after the first.
-    """
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
-    if max_tokens:
-        ids = ids[:max_tokens]
-    if ids.numel() < 2:
-        raise DataError("the text holds fewer than 2 tokens; perplexity needs more")
-    stride, windows, scored_until = max(1, context // 2), [], 0
-    for start in range(0, max(1, ids.numel() - 1), stride):
-        window = ids[start : start + context]
-        labels = window.clone()
-        labels[: max(0, scored_until - start)] = -100
-        windows.append({"input_ids": window[None], "attention_mask": torch.ones_like(window)[None],
-                        "labels": labels[None]})
-        scored_until = start + window.numel()
-        if scored_until >= ids.numel():
-            break
-    return windows
-
-
-def tensor_batches(inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return list(torch.split(inputs, batch_size))
-
-
-def calibration_batches(
-    path: str | Path, tokenizer: Any = None, batch_size: int = 8, max_length: int = 128
-) -> list[Any]:
-    """Calibration batches from a data file: tokenized text for a transformers model, else tensors."""
-    dataset = read_dataset(path)
-    if dataset.texts is not None:
-        if tokenizer is None:
-            raise DataError("text calibration data needs a model with a tokenizer")
-        return text_batches(tokenizer, dataset.texts, batch_size, max_length)
-    return tensor_batches(dataset.inputs, batch_size)

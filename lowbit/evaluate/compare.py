@@ -16,7 +16,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from lowbit.data.batches import as_dataset, inputs_per_batch_size, speed_inputs, task_batches
+from lowbit.data.batches import as_dataset, inputs_per_batch_size, speed_inputs, task_batches, tokenize
 from lowbit.errors import LowbitError
 from lowbit.evaluate.benchmark import parameter_bytes
 from lowbit.evaluate.comparison import Comparison
@@ -143,8 +143,8 @@ def bench_model(model: nn.Module, settings: Settings, data: Any = None, tokenize
         if tokenizer is None:
             raise LowbitError("this model takes tensors: pass data (e.g. --data inputs.safetensors)")
         data = [DEFAULT_TEXT * (seq_len // 20 + 1)] * max(batch_sizes)
-    inputs = inputs_per_batch_size(as_dataset(data), batch_sizes, lambda texts, size: dict(
-        tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")))
+    inputs = inputs_per_batch_size(as_dataset(data), batch_sizes,
+                                   lambda texts, size: tokenize(tokenizer, texts, seq_len, pad_to_max=True))
     latency = compare_latency({"model": loaded}, inputs, runs=settings.runs,
                               threads=settings.threads)["model"]
     report: dict[str, Any] = {"source": source, "kind": kind, "param_bytes": parameter_bytes(loaded),

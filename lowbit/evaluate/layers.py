@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.data.batches import call_model
 from lowbit.evaluate.metrics import sqnr_db
-from lowbit.evaluate.tasks import call_model
 
 
 def _capture(model: nn.Module, names: set[str], batches: list[Any]):

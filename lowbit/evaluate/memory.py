@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.data.batches import call_model
+
 
 def peak_rss_bytes() -> int:
     """The process's RSS high-water mark. VmHWM belongs to this program image; getrusage's
@@ -36,8 +38,5 @@ def measure_load(load: Callable[[], nn.Module], inputs: dict[str, torch.Tensor])
     model = load()
     load_seconds = time.perf_counter() - start
     with torch.inference_mode():
-        if set(inputs) == {"input"}:
-            model(inputs["input"])
-        else:
-            model(**inputs)
+        call_model(model, inputs["input"] if set(inputs) == {"input"} else inputs)
     return {"load_seconds": load_seconds, "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline}

@@ -23,10 +23,11 @@ def cosine_per_sample(reference: torch.Tensor, candidate: torch.Tensor) -> torch
     return F.cosine_similarity(reference.float().flatten(1), candidate.float().flatten(1), dim=-1)
 
 
-def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB; +inf when the outputs are identical."""
-    noise = float((reference.double() - candidate.double()).pow(2).sum())
-    signal = float(reference.double().pow(2).sum())
+def sqnr_db(reference: torch.Tensor | np.ndarray, candidate: torch.Tensor | np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (tensors or numpy arrays); +inf when identical."""
+    reference, candidate = torch.as_tensor(reference).double(), torch.as_tensor(candidate).double()
+    noise = float((reference - candidate).pow(2).sum())
+    signal = float(reference.pow(2).sum())
     if noise == 0.0:
         return math.inf
     if signal == 0.0:

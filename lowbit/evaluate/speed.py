@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.data.batches import call_model
 from lowbit.evaluate.benchmark import measure_latencies
-from lowbit.evaluate.tasks import call_model
 
 
 def compare_latency(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.data.batches import call_model
 from lowbit.errors import LowbitError
 from lowbit.evaluate.metrics import (
     accuracy,
@@ -64,14 +65,6 @@ class Task:
 def is_transformers_model(model: object) -> bool:
     """A Hugging Face transformers model (it has a config and can save itself)."""
     return hasattr(model, "config") and hasattr(model, "save_pretrained")
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
 
 def primary_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.data.batches import tokenize
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.evaluate.tasks import is_transformers_model, mean_pooled_embedding
 from lowbit.families.registry import TORCH_KINDS, TorchKind
@@ -228,11 +229,6 @@ def build_skeleton(folder: str | Path, manifest: dict[str, Any]) -> nn.Module:
         raise FormatError(f"cannot rebuild the transformers model in {folder} from its config.json: "
                           f"{type(error).__name__}: {error}") from None
     return model.eval()
-
-
-def tokenize(tokenizer, texts: Sequence[str], max_length: int = 128) -> dict[str, torch.Tensor]:
-    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt"))
 
 
 def embed(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 1) -> torch.Tensor:

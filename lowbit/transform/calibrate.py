@@ -24,21 +24,13 @@ from torch import nn
 from lowbit.core import CALIBRATORS, Histogram, compute_range
 from lowbit.core.calibrators import expected_squared_error
 from lowbit.core.qtypes import UINT7, UINT8
+from lowbit.data.batches import call_model
 from lowbit.errors import CalibrationError, FormatError, LowbitError
 from lowbit.nn.kinds import module_kind
 
 AUTO = "auto"
 # The static scheme quantizes a module's input on a 7-bit grid and its output on an 8-bit one.
 SIDE_QTYPES = {"input": UINT7, "output": UINT8}
-
-
-def run_batch(model: nn.Module, batch: Any) -> Any:
-    """Call the model on one batch: a tensor, a tuple of positional inputs, or a dict of keywords."""
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 @contextmanager
@@ -93,7 +85,7 @@ def collect_histograms(
             task = bar.add_task("calibrating", total=len(batches))
             for index, batch in enumerate(batches):
                 try:
-                    run_batch(model, batch)
+                    call_model(model, batch)
                 except LowbitError:
                     raise
                 except Exception as error:

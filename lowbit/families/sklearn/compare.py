@@ -20,7 +20,7 @@ import numpy as np
 from lowbit.errors import LowbitError
 from lowbit.evaluate.benchmark import measure_latencies
 from lowbit.evaluate.comparison import Comparison
-from lowbit.evaluate.metrics import bootstrap_difference
+from lowbit.evaluate.metrics import bootstrap_difference, sqnr_db
 from lowbit.families.sklearn.fileformat import is_lowbit_file, read_file
 from lowbit.families.sklearn.files import best_load_seconds, is_sklearn_file, read_estimator
 from lowbit.families.sklearn.guard import same_predictions
@@ -91,14 +91,6 @@ def _as_predictions(labels: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return labels.astype(str)
 
 
-def _sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
-    noise = float(np.sum((reference.astype(float) - candidate.astype(float)) ** 2))
-    signal = float(np.sum(reference.astype(float) ** 2))
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal else -math.inf
-
-
 def array_errors(original: Any, quantized: Any, encodings: dict[str, str] | None = None) -> list[dict]:
     """Per float array: SQNR of the quantized values against the original's, worst first."""
     reference = {slot.path: slot.get() for slot in find_slots(original)}
@@ -107,7 +99,7 @@ def array_errors(original: Any, quantized: Any, encodings: dict[str, str] | None
         if slot.path not in reference or reference[slot.path].shape != slot.get().shape:
             continue
         encoding = (encodings or {}).get(slot.path, "unknown")
-        rows.append({"name": slot.path, "sqnr_db": _sqnr_db(reference[slot.path], slot.get()),
+        rows.append({"name": slot.path, "sqnr_db": sqnr_db(reference[slot.path], slot.get()),
                      "scheme": encoding, "weight": str(slot.get().dtype),
                      "granularity": "per row" if encoding.endswith("-rows") else "whole array",
                      "kernel": "scikit-learn"})
