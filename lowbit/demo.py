@@ -44,8 +44,7 @@ def kernels_at_batch1(model: nn.Module) -> dict[str, int]:
     """How many modules run each kernel for a short sentence (the row bucket of ≤32 rows)."""
     counts: Counter[str] = Counter()
     for module in quantized_modules(model).values():
-        kernels = module.spec.kernels
-        counts[kernels.get("32", kernels.get("all", "reference"))] += 1
+        counts[module.spec.kernel_for(32)] += 1
     return dict(counts)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from lowbit.data.batches import call_model
 from lowbit.evaluate.metrics import sqnr_db
+from lowbit.nn.hooks import forward_hooks
 
 
 def _capture(model: nn.Module, names: set[str], batches: list[Any]):
@@ -31,26 +32,10 @@ def _capture(model: nn.Module, names: set[str], batches: list[Any]):
 
         return hook
 
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(hook_for(name)) for name in names if name in modules]
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                call_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(model, names, hook_for), torch.inference_mode():
+        for batch in batches:
+            call_model(model, batch)
     return outputs, input_rows
-
-
-def kernel_for_rows(spec: Any, rows: int) -> str:
-    """The kernel a module's spec runs for an input of `rows` rows."""
-    kernels = spec.kernels
-    if "all" in kernels:
-        return kernels["all"]
-    buckets = sorted(int(b) for b in kernels)
-    bucket = next((b for b in buckets if rows <= b), buckets[-1]) if buckets else None
-    return kernels.get(str(bucket), "reference")
 
 
 def layer_errors(
@@ -72,5 +57,5 @@ def layer_errors(
         spec = modules[name].spec
         rows.append({"name": name, "sqnr_db": sqnr_db(ref, cand), "scheme": spec.scheme,
                      "weight": spec.weight, "granularity": spec.granularity,
-                     "kernel": kernel_for_rows(spec, input_rows.get(name, 1))})
+                     "kernel": spec.kernel_for(input_rows.get(name, 1))})
     return sorted(rows, key=lambda row: row["sqnr_db"])

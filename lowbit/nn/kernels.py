@@ -337,12 +337,9 @@ def _dispatch_table(module: torch.nn.Module) -> list[Callable[[torch.Tensor], to
     built = module.kernel_cache.get("dispatch")
     if built is not None and built[0] is module.spec:
         return built[1]
-    kernels = module.spec.kernels
-    bound = {name: _bind(module, name) for name in set(kernels.values()) | {"reference"}}
-    table = []
-    for rows in range(ROW_BUCKETS[-1] + 1):
-        bucket = next(b for b in ROW_BUCKETS if rows <= b)
-        table.append(bound[kernels.get(str(bucket), "reference")])
+    spec = module.spec
+    bound = {name: _bind(module, name) for name in set(spec.kernels.values()) | {"reference"}}
+    table = [bound[spec.kernel_for(rows)] for rows in range(ROW_BUCKETS[-1] + 1)]
     module.kernel_cache["dispatch"] = (module.spec, table)
     return table
 

@@ -32,6 +32,17 @@ class LayerSpec:
     def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
         return cls(**data)
 
+    def kernel_for(self, rows: int) -> str:
+        """The kernel this spec runs for an input of `rows` rows: the one recorded for "all", or
+        for the smallest bucket that holds `rows` (the largest bucket serves every larger input);
+        the reference when nothing is recorded."""
+        if "all" in self.kernels:
+            return self.kernels["all"]
+        buckets = sorted(int(bucket) for bucket in self.kernels)
+        if not buckets:
+            return "reference"
+        return self.kernels[str(next((bucket for bucket in buckets if rows <= bucket), buckets[-1]))]
+
     def with_kernels(self, kernels: dict[str, str]) -> LayerSpec:
         return replace(self, kernels=dict(kernels))
 

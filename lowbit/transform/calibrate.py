@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from lowbit.core.calibrators import expected_squared_error
 from lowbit.core.qtypes import UINT7, UINT8
 from lowbit.data.batches import call_model
 from lowbit.errors import CalibrationError, FormatError, LowbitError
+from lowbit.nn.hooks import forward_hooks
 from lowbit.nn.kinds import module_kind
 
 AUTO = "auto"
@@ -33,9 +33,9 @@ AUTO = "auto"
 SIDE_QTYPES = {"input": UINT7, "output": UINT8}
 
 
-@contextmanager
 def _recording(model: nn.Module, names: set[str], histograms: dict[str, dict[str, Histogram]],
                input_shapes: dict[str, tuple[int, ...]]):
+    """Forward hooks that add each named module's input and output to its histograms."""
     def make_hook(name: str):
         def hook(module, inputs, output):
             histograms[name]["input"].update(inputs[0])
@@ -44,16 +44,7 @@ def _recording(model: nn.Module, names: set[str], histograms: dict[str, dict[str
 
         return hook
 
-    handles = [
-        module.register_forward_hook(make_hook(name))
-        for name, module in model.named_modules()
-        if name in names
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return forward_hooks(model, names, make_hook)
 
 
 def collect_histograms(
