@@ -1,14 +1,9 @@
 """Measure: quality metrics, latency and size, and size estimates (labelled as estimates)."""
 
-from lowbit.evaluate.benchmark import (
-    LatencyStats,
-    folder_bytes,
-    measure_latencies,
-    measure_latency,
-    parameter_bytes,
-)
 from lowbit.evaluate.estimate import Estimate, estimate
+from lowbit.evaluate.latency import LatencyStats, measure_latencies, measure_latency
 from lowbit.evaluate.metrics import mean_cosine, sqnr_db
+from lowbit.evaluate.size import folder_bytes, parameter_bytes
 
 __all__ = [
     "Estimate",

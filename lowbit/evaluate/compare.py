@@ -18,10 +18,10 @@ from torch import nn
 
 from lowbit.data.batches import as_dataset, inputs_per_batch_size, speed_inputs, task_batches, tokenize
 from lowbit.errors import LowbitError
-from lowbit.evaluate.benchmark import parameter_bytes
 from lowbit.evaluate.comparison import Comparison
+from lowbit.evaluate.latency import compare_latency, generation_speed
 from lowbit.evaluate.layers import layer_errors
-from lowbit.evaluate.speed import compare_latency, generation_speed
+from lowbit.evaluate.size import parameter_bytes
 from lowbit.evaluate.tasks import METRICS_BY_KIND, Task, collect_outputs, is_transformers_model, score_quality
 from lowbit.transform.quantize import quantized_modules
 

@@ -7,13 +7,13 @@ never share one process's peak.
 from __future__ import annotations
 
 import resource
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowbit.core.timing import timed
 from lowbit.data.batches import call_model
 
 
@@ -34,9 +34,7 @@ def measure_load(load: Callable[[], nn.Module], inputs: dict[str, torch.Tensor])
     """Seconds `load` takes, then the peak RSS after one call on `inputs` ({"input": x} or the
     keyword inputs of a transformers model)."""
     baseline = peak_rss_bytes()
-    start = time.perf_counter()
-    model = load()
-    load_seconds = time.perf_counter() - start
+    model, load_seconds = timed(load)
     with torch.inference_mode():
         call_model(model, inputs["input"] if set(inputs) == {"input"} else inputs)
     return {"load_seconds": load_seconds, "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from lowbit.core.timing import repeat_seconds, timed
 from lowbit.nn.spec import LayerSpec
 
 ROW_BUCKETS = (1, 8, 32, 128, 1024)  # inputs are timed at these row counts; larger ones use the last
@@ -277,15 +277,9 @@ def _time_kernel(kernel: KernelFn, module: torch.nn.Module, x: torch.Tensor) -> 
     """Median seconds per call over about 20 ms of calls (at least 7; 3 when one call alone takes
     over 5 ms, e.g. a 49k-row LM head at 1,024 rows), after a warm-up call."""
     kernel(module, x)  # warm-up: builds packed weights
-    start = time.perf_counter()
-    kernel(module, x)
-    once = time.perf_counter() - start
-    timings = []
-    for _ in range(max(3 if once > 0.005 else 7, min(200, int(0.02 / max(once, 1e-6))))):
-        start = time.perf_counter()
-        kernel(module, x)
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+    _, once = timed(lambda: kernel(module, x))
+    repeats = max(3 if once > 0.005 else 7, min(200, int(0.02 / max(once, 1e-6))))
+    return statistics.median(repeat_seconds(lambda: kernel(module, x), repeats))
 
 
 _CHOICES: dict[tuple, dict[str, str]] = {}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core.quantize import check_finite
+from lowbit.core.timing import repeat_seconds
 from lowbit.nn.kernels import (
     _quantized_tensor_api,
     cached,
@@ -72,13 +72,7 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
         timings = {}
         with torch.inference_mode():
             for name, run in (("fbgemm_conv2d", self.fbgemm_conv2d), ("reference", self.reference)):
-                run(self._padded(x))
-                samples = []
-                for _ in range(5):
-                    start = time.perf_counter()
-                    run(self._padded(x))
-                    samples.append(time.perf_counter() - start)
-                timings[name] = statistics.median(samples)
+                timings[name] = statistics.median(repeat_seconds(lambda run=run: run(self._padded(x)), 5, 1))
         self.kernel_cache.clear()
         return min(timings, key=timings.get)
 

@@ -32,10 +32,11 @@ from torch import nn
 
 from lowbit.data.batches import as_dataset, call_model, task_batches
 from lowbit.errors import AccuracyBudgetError, LowbitError, LowbitWarning
-from lowbit.evaluate.benchmark import measure_latencies, parameter_bytes
 from lowbit.evaluate.compare import Settings, compare_models, infer_kind
 from lowbit.evaluate.comparison import RENDERERS, Comparison, finite_json, quality_drop
+from lowbit.evaluate.latency import measure_latencies
 from lowbit.evaluate.metrics import speedup_interval, sqnr_db
+from lowbit.evaluate.size import parameter_bytes
 from lowbit.evaluate.tasks import Task, collect_outputs, primary_tensor, score_quality
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.quantize import build_module, plan, quantize, set_module

@@ -13,11 +13,11 @@ lowbit.families.sklearn.fileformat and lowbit.families.sklearn.skeleton).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowbit.core.timing import timed
 from lowbit.errors import FormatError, LowbitError, QuantizationError
 from lowbit.families.sklearn.encodings import LADDERS, Encoded, sparsity
 from lowbit.families.sklearn.fileformat import read_file, write_file
@@ -118,9 +118,8 @@ def quantize_model_file(
         raise FormatError(f"{output_path} already exists; choose another path or pass overwrite=True")
     estimator = read_estimator(input_path, trust_pickle)
     inputs = reference_inputs(data, estimator)
-    start = time.perf_counter()
-    quantized = quantize(estimator, bit_depth, weight_threshold, inputs, probability_tolerance)
-    quantize_seconds = time.perf_counter() - start
+    quantized, quantize_seconds = timed(lambda: quantize(estimator, bit_depth, weight_threshold, inputs,
+                                                         probability_tolerance))
     quantized.save(output_path, overwrite=overwrite)
     return {"output_path": str(output_path), "bits": bit_depth, "verified": quantized.verified,
             "quantize_seconds": quantize_seconds,

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.evaluate.benchmark import measure_latencies
 from lowbit.evaluate.comparison import Comparison
+from lowbit.evaluate.latency import measure_latencies
 from lowbit.evaluate.metrics import bootstrap_difference, sqnr_db
 from lowbit.families.sklearn.fileformat import is_lowbit_file, read_file
 from lowbit.families.sklearn.files import best_load_seconds, is_sklearn_file, read_estimator

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lowbit.core.timing import timed
 from lowbit.errors import FormatError, LowbitError
-from lowbit.evaluate.benchmark import measure_latencies
+from lowbit.evaluate.latency import measure_latencies
 from lowbit.families.sklearn.fileformat import read_file
 from lowbit.families.sklearn.guard import differences as count_differences
 from lowbit.families.sklearn.guard import predictions
@@ -115,12 +114,8 @@ def _named_columns(path: Path, names: list[str]) -> Any:
 def best_load_seconds(load: Callable[[], Any], repeats: int = 3) -> tuple[Any, float]:
     """(the model, the fastest of `repeats` loads): one load alone is at the mercy of the disk
     cache and the machine's other work."""
-    best, model = math.inf, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model = load()
-        best = min(best, time.perf_counter() - start)
-    return model, best
+    loads = [timed(load) for _ in range(repeats)]
+    return loads[-1][0], min(seconds for _, seconds in loads)
 
 
 def predictions_per_second(models: dict[str, Any], inputs: Any, runs: int = 10) -> dict[str, float | None]:

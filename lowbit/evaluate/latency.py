@@ -1,0 +1,141 @@
+"""Latency: repeated timed calls after warm-up, interleaved across models so outside load hits
+each alike; latency per batch size and throughput of two models; prefill and decode speed of a
+causal language model."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.core.timing import timed
+from lowbit.data.batches import call_model
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Milliseconds per call over `runs` timed calls (after warm-up), and the threads used."""
+
+    p50: float
+    p95: float
+    p99: float
+    mean: float
+    runs: int
+    threads: int
+    timings_ms: tuple[float, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, float | list[float]]:
+        data = asdict(self)
+        data["timings_ms"] = list(self.timings_ms)
+        return data
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def _stats(timings: list[float], threads: int) -> LatencyStats:
+    in_order = tuple(timings)
+    timings = sorted(timings)
+    return LatencyStats(
+        p50=_percentile(timings, 0.50),
+        p95=_percentile(timings, 0.95),
+        p99=_percentile(timings, 0.99),
+        mean=statistics.fmean(timings),
+        runs=len(timings),
+        threads=threads,
+        timings_ms=in_order,
+    )
+
+
+def measure_latencies(
+    calls: dict[str, Callable[[], object]],
+    runs: int = 30,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> dict[str, LatencyStats]:
+    """Time several calls interleaved (a, b, c, a, b, c, ...), `runs` times each after warm-up.
+
+    Interleaving spreads any outside load over every model alike, so ratios between them stay
+    fair on a busy machine. Runs under torch.inference_mode with `threads` torch threads.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        timings: dict[str, list[float]] = {name: [] for name in calls}
+        with torch.inference_mode():
+            for call in calls.values():
+                for _ in range(warmup):
+                    call()
+            for _ in range(runs):
+                for name, call in calls.items():
+                    timings[name].append(timed(call)[1] * 1000.0)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {name: _stats(values, used_threads) for name, values in timings.items()}
+
+
+def measure_latency(
+    call: Callable[[], object], runs: int = 30, warmup: int = 3, threads: int | None = None
+) -> LatencyStats:
+    """Time one call `runs` times after `warmup` untimed calls."""
+    return measure_latencies({"call": call}, runs, warmup, threads)["call"]
+
+
+def compare_latency(
+    models: dict[str, nn.Module], inputs: dict[str, Any], runs: int = 20, threads: int | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {batch label: {p50, p95, p99, mean, runs, threads, throughput}}}.
+
+    Models are timed interleaved at each batch size; throughput is samples per second at p50.
+    """
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
+    for label, batch in inputs.items():
+        calls = {name: (lambda m=model, b=batch: call_model(m, b)) for name, model in models.items()}
+        for name, stats in measure_latencies(calls, runs=runs, threads=threads).items():
+            entry = stats.to_dict()
+            entry["throughput"] = _batch_size(batch) / (stats.p50 / 1000.0)
+            results[name][label] = entry
+    return results
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    return int(batch.shape[0])
+
+
+def generation_speed(
+    model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32, threads: int | None = None,
+) -> dict[str, float]:
+    """Prefill tokens/s on the prompt, then greedy decode tokens/s with the KV cache (batch 1)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids[:, :8], use_cache=True)  # warm-up
+            output, prefill = timed(lambda: model(input_ids=input_ids, use_cache=True))
+            _, decode = timed(lambda: _greedy_decode(model, output, new_tokens))
+    finally:
+        torch.set_num_threads(previous)
+    return {"prefill_tokens_per_second": input_ids.shape[1] / prefill,
+            "decode_tokens_per_second": new_tokens / decode, "prompt_tokens": input_ids.shape[1],
+            "new_tokens": new_tokens}
+
+
+def _greedy_decode(model: nn.Module, output: Any, new_tokens: int) -> None:
+    """`new_tokens` greedy steps after a prefill `output`, one token at a time with the KV cache."""
+    past, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    for _ in range(new_tokens):
+        output = model(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
