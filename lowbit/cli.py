@@ -171,7 +171,7 @@ def quantize(
     with _user_errors():
         if out.exists() and not overwrite:
             raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
-        from lowbit.families.sklearn.files import is_sklearn_file
+        from lowbit.families.sklearn.estimator_files import is_sklearn_file
 
         if is_sklearn_file(source):
             _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
@@ -288,7 +288,7 @@ def inspect(
 
 
 def _inspect_sklearn(path: Path, as_json: bool, verify: bool) -> None:
-    from lowbit.families.sklearn.fileformat import describe_file
+    from lowbit.families.sklearn.lowbit_file import describe_file
 
     described = describe_file(path, verify)
     if as_json:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.evaluate.compare import Settings
+from lowbit.evaluate.compare_models import Settings
 from lowbit.evaluate.comparison import Comparison
 from lowbit.families.registry import family_of
 from lowbit.families.torch_family import ModelLike, model_tokenizer, open_model

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.evaluate.compare import FileMeasure, Settings, bench_model, compare_models
+from lowbit.evaluate.compare_models import FileMeasure, Settings, bench_model, compare_models
 from lowbit.families import transformers as hf
 from lowbit.families.registry import FAMILIES, Family
 from lowbit.families.torch_folders import load, load_any, save, weights_bytes
@@ -102,7 +102,7 @@ def compare(original: ModelLike, quantized: ModelLike, data: Any, settings: Sett
             tokenizer: Any = None, memory: bool = True, progress: bool = True, trust_code: bool = False,
             **_: Any):
     """lowbit.compare for torch models: open both, find the tokenizer, measure them as `settings`
-    says (lowbit.evaluate.compare.compare_models)."""
+    says (lowbit.evaluate.compare_models.compare_models)."""
     original_model, original_path = open_model(original, trust_code)
     quantized_model, quantized_path = open_model(quantized, trust_code, factory_spec(original))
     tokenizer = tokenizer or model_tokenizer(original_model, quantized_path, original_path)

@@ -32,7 +32,7 @@ from torch import nn
 
 from lowbit.data.batches import as_dataset, call_model, task_batches
 from lowbit.errors import AccuracyBudgetError, LowbitError, LowbitWarning
-from lowbit.evaluate.compare import Settings, compare_models, infer_kind
+from lowbit.evaluate.compare_models import Settings, compare_models, infer_kind
 from lowbit.evaluate.comparison import RENDERERS, Comparison, finite_json, quality_drop
 from lowbit.evaluate.latency import measure_latencies
 from lowbit.evaluate.metrics import speedup_interval, sqnr_db
@@ -225,7 +225,7 @@ def _bits(recipe: Recipe) -> int:
     return WEIGHT_BITS[recipe.weights]
 
 
-class _Search:
+class _BudgetSearch:
     """The trial loop: candidates in order, layer fallback on a miss, early stop, time budget."""
 
     def __init__(self, work: _Workload, candidates: list[tuple[str, Recipe]], objective: Objective,
@@ -411,7 +411,7 @@ def tune(
         proxy = _proxy(batches[:proxy_batches], kind)
         work = _Workload(original, task, metric, batches, reference, proxy, _primary_outputs(original, proxy),
                          _model_inputs(batches[0]), max_drop, relative)
-        search = _Search(work, named, objective, shared, time_budget, runs, exact_top, bar)
+        search = _BudgetSearch(work, named, objective, shared, time_budget, runs, exact_top, bar)
         search.run()
     return _result(search, work, named, original, dataset, tokenizer, strict, final_comparison, {
         "kind": kind, "samples": len(dataset), "batch_size": batch_size, "seq_len": seq_len,
@@ -419,8 +419,8 @@ def tune(
         "threads": torch.get_num_threads(), "search_seconds": time.monotonic() - started})
 
 
-def _result(search: _Search, work: _Workload, named, original: nn.Module, dataset, tokenizer, strict: bool,
-            final_comparison: bool, settings: dict[str, Any]) -> TuneResult:
+def _result(search: _BudgetSearch, work: _Workload, named, original: nn.Module, dataset, tokenizer,
+            strict: bool, final_comparison: bool, settings: dict[str, Any]) -> TuneResult:
     original_quality = _original_quality(work)
     base = {"trials": search.trials, "sensitivity": search.sensitivity, "objective": search.objective,
             "metric": work.metric, "max_drop": work.max_drop, "relative": work.relative,

@@ -7,7 +7,7 @@ Every float array (coefficients, log-probabilities, scaler statistics, support v
 weights, tree thresholds and values) takes the smallest encoding on its ladder (int8 or int16
 rows with a scale, float32) under which no prediction on `data` changes; text vocabularies are
 stored as their terms, one per line. The file is a zip of JSON and safetensors: no pickle (see
-lowbit.families.sklearn.fileformat and lowbit.families.sklearn.skeleton).
+lowbit.families.sklearn.lowbit_file and lowbit.families.sklearn.skeleton).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 from lowbit.core.timing import timed
 from lowbit.errors import FormatError, LowbitError, QuantizationError
 from lowbit.families.sklearn.encodings import LADDERS, Encoded, sparsity
-from lowbit.families.sklearn.fileformat import read_file, write_file
-from lowbit.families.sklearn.files import measure_files, read_estimator, reference_inputs
+from lowbit.families.sklearn.estimator_files import measure_files, read_estimator, reference_inputs
 from lowbit.families.sklearn.guard import PROBABILITY_TOLERANCE, guard
+from lowbit.families.sklearn.lowbit_file import read_file, write_file
 from lowbit.families.sklearn.slots import find_slots
 from lowbit.families.sklearn.support import check_estimator
 
@@ -61,7 +61,7 @@ class QuantizedEstimator:
                            if (share := sparsity(encoded)) is not None}}
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """One zip file (see lowbit.families.sklearn.fileformat), written atomically."""
+        """One zip file (see lowbit.families.sklearn.lowbit_file), written atomically."""
         return write_file(self.estimator, self.encodings, path, self.report(), overwrite)
 
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lowbit.evaluate.compare import Settings
+from lowbit.evaluate.compare_models import Settings
 from lowbit.families.registry import FAMILIES, Family
-from lowbit.families.sklearn.compare import bench_estimator, compare_estimators, is_sklearn_model
-from lowbit.families.sklearn.fileformat import read_file
+from lowbit.families.sklearn.compare_estimators import bench_estimator, compare_estimators, is_sklearn_model
+from lowbit.families.sklearn.lowbit_file import read_file
 
 
 def _load(path: str | Path, **_: Any) -> Any:

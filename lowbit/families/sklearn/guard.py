@@ -84,7 +84,7 @@ class _Applied:
                 self.current[path] = encoded
 
 
-class _Search:
+class _LadderClimb:
     """The guard's state: each array's ladder and current rung, and the encodings tried so far."""
 
     def __init__(self, slots: list[Slot], bits: int, estimator: Any, data: Any, tolerance: float,
@@ -172,7 +172,7 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
           tolerance: float = PROBABILITY_TOLERANCE, weight_threshold: float = 0.0) -> GuardResult:
     """Choose an encoding per slot (see the module docstring); leaves `estimator` computing with
     the chosen, decoded arrays. A `weight_threshold` first tries coefficient arrays pruned."""
-    search = _Search(slots, bits, estimator, data, tolerance, weight_threshold)
+    search = _LadderClimb(slots, bits, estimator, data, tolerance, weight_threshold)
     if data is None:
         search.applied.apply(search.current())
         return GuardResult(search.current())

@@ -21,9 +21,9 @@ from lowbit.errors import LowbitError
 from lowbit.evaluate.comparison import Comparison
 from lowbit.evaluate.latency import measure_latencies
 from lowbit.evaluate.metrics import bootstrap_difference, sqnr_db
-from lowbit.families.sklearn.fileformat import is_lowbit_file, read_file
-from lowbit.families.sklearn.files import best_load_seconds, is_sklearn_file, read_estimator
+from lowbit.families.sklearn.estimator_files import best_load_seconds, is_sklearn_file, read_estimator
 from lowbit.families.sklearn.guard import same_predictions
+from lowbit.families.sklearn.lowbit_file import is_lowbit_file, read_file
 from lowbit.families.sklearn.slots import find_slots
 
 EstimatorLike = Any  # a fitted estimator, a QuantizedEstimator, or a path to a model file
@@ -130,7 +130,7 @@ def compare_estimators(
 ) -> Comparison:
     """Measure a quantized scikit-learn model against its original on `data` (a data file,
     texts, or an array; a file's labels are used when `labels` is not given)."""
-    from lowbit.families.sklearn.files import reference_inputs, reference_labels
+    from lowbit.families.sklearn.estimator_files import reference_inputs, reference_labels
 
     original_model, original_path, original_seconds = _open(original, trust_pickle)
     quantized_model, quantized_path, quantized_seconds = _open(quantized, trust_pickle)
@@ -171,7 +171,7 @@ def compare_estimators(
 def _encodings(quantized: Any, path: str | None) -> dict[str, str] | None:
     """How each array of the quantized model is stored, from its file or its report."""
     if path:
-        from lowbit.families.sklearn.fileformat import read_manifest
+        from lowbit.families.sklearn.lowbit_file import read_manifest
 
         return read_manifest(path).get("report", {}).get("encodings")
     return quantized.report().get("encodings") if hasattr(quantized, "report") else None
@@ -181,7 +181,7 @@ def bench_estimator(model: EstimatorLike, data: Any, batch_sizes: Sequence[int] 
                     threads: int | None = None, trust_pickle: bool = False) -> dict[str, Any]:
     """`lowbit bench` for one scikit-learn model: predict latency and throughput per batch size
     on `data`, size on disk and load time (best of three)."""
-    from lowbit.families.sklearn.files import reference_inputs
+    from lowbit.families.sklearn.estimator_files import reference_inputs
 
     if data is None:
         raise LowbitError("a scikit-learn model needs --data: inputs to time predict on")

@@ -15,9 +15,9 @@ import numpy as np
 from lowbit.core.timing import timed
 from lowbit.errors import FormatError, LowbitError
 from lowbit.evaluate.latency import measure_latencies
-from lowbit.families.sklearn.fileformat import read_file
 from lowbit.families.sklearn.guard import differences as count_differences
 from lowbit.families.sklearn.guard import predictions
+from lowbit.families.sklearn.lowbit_file import read_file
 
 PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 SKOPS_SUFFIXES = (".skops",)
