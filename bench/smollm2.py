@@ -135,7 +135,7 @@ def export_cached_step(model: torch.nn.Module, path: Path) -> Path:
 def build_contenders(threads: int, scratch: Path) -> dict[str, Contender]:
     from transformers import AutoModelForCausalLM
 
-    path = assets.smollm2_path()
+    path = hf.smollm2_path()
     fp32 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     contenders = {"fp32": torch_contender(fp32, folder_bytes(path / "model.safetensors"))}
     for name, recipe in LOWBIT_RECIPES.items():
@@ -178,7 +178,7 @@ def decode_speed(contenders: dict[str, Contender], prompt: torch.Tensor, rounds:
 
 def main() -> None:
     args = bench_arguments(__doc__, runs=5, extra={"--tokens": 4096})
-    tokenizer = hf.load_tokenizer(assets.smollm2_path())
+    tokenizer = hf.load_tokenizer(hf.smollm2_path())
     texts = [document["extract"] for document in assets.wikipedia_documents()]
     windows = language_model_windows(tokenizer, texts, 512, args.tokens)
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch, torch.inference_mode():

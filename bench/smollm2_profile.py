@@ -35,7 +35,7 @@ def main() -> None:
     args = bench_arguments(__doc__, runs=1, extra={"--tokens": 16})
     from transformers import AutoModelForCausalLM
 
-    path = assets.smollm2_path()
+    path = hf.smollm2_path()
     texts = [document["extract"] for document in assets.wikipedia_documents()[:50]]
     prompt = language_model_windows(hf.load_tokenizer(path), texts, 512)[0]["input_ids"][:, :PROMPT_TOKENS]
     fp32 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

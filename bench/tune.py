@@ -83,7 +83,7 @@ def efficientnet_task(args) -> dict:
 def smollm2_task(args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    path = assets.smollm2_path()
+    path = hf.smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tokenizer = hf.load_tokenizer(path)
     text = []

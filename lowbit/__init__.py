@@ -18,7 +18,8 @@ from lowbit.evaluate import estimate
 from lowbit.evaluate.comparison import Comparison
 from lowbit.families.api import bench, compare, load, save, tune
 from lowbit.families.sources import load_source
-from lowbit.transform.calibrate import CalibrationResult, calibrate, load_calibration
+from lowbit.formats.calibration import load_calibration
+from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.quantize import quantize
 from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
 from lowbit.tune.search import TuneResult

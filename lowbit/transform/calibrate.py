@@ -9,26 +9,27 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.progress import Progress
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.core import CALIBRATORS, Histogram, compute_range
 from lowbit.core.calibrators import expected_squared_error
 from lowbit.core.qtypes import UINT7, UINT8
 from lowbit.data.batches import call_model
-from lowbit.errors import CalibrationError, FormatError, LowbitError
+from lowbit.errors import CalibrationError, LowbitError
 from lowbit.nn.hooks import forward_hooks
 from lowbit.nn.kinds import module_kind
+from lowbit.registry import Registry
 
 AUTO = "auto"
+# "save" -> how a CalibrationResult is written to a file; lowbit.formats.calibration fills it
+FILES: Registry[Callable[..., Path]] = Registry("calibration file writer")
 # The static scheme quantizes a module's input on a 7-bit grid and its output on an 8-bit one.
 SIDE_QTYPES = {"input": UINT7, "output": UINT8}
 
@@ -162,18 +163,32 @@ class CalibrationResult:
         return self
 
     def save(self, path: str | os.PathLike) -> Path:
-        """One safetensors file: every histogram, with the input shapes in its metadata."""
-        path = Path(path)
+        """One safetensors file: every histogram, with the input shapes in its metadata (written
+        atomically by lowbit.formats.calibration, which registers itself in FILES)."""
+        return FILES.get("save")(self, Path(path))
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors named module::side::part, metadata): what a calibration file holds."""
         tensors = {f"{name}::{side}::{key}": value
                    for name, pair in self.histograms.items()
                    for side, histogram in pair.items()
                    for key, value in histogram.state_dict().items()}
         metadata = {"format": "lowbit-calibration", "version": "1",
                     "input_shapes": json.dumps({k: list(v) for k, v in self.input_shapes.items()})}
-        staging = path.with_name(f".{path.name}.partial")
-        save_file(tensors, staging, metadata=metadata)
-        staging.replace(path)
-        return path
+        return tensors, metadata
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     model: nn.Module | None = None) -> CalibrationResult:
+        """The result `to_tensors` described (the caller checks the file first)."""
+        states: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        for key, value in tensors.items():
+            name, side, part = key.split("::")
+            states.setdefault(name, {}).setdefault(side, {})[part] = value
+        histograms = {name: {side: Histogram.from_state_dict(state) for side, state in pair.items()}
+                      for name, pair in states.items()}
+        shapes = {k: tuple(v) for k, v in json.loads(metadata.get("input_shapes", "{}")).items()}
+        return cls(histograms, shapes, model)
 
 
 def merge_histograms(first: Histogram, second: Histogram) -> Histogram:
@@ -210,24 +225,4 @@ def calibrate(
         raise CalibrationError("the model has no Linear or Conv2d module to calibrate")
     shapes: dict[str, tuple[int, ...]] = {}
     histograms = collect_histograms(model, batches, names, progress, shapes)
-    return CalibrationResult(histograms, shapes, model)
-
-
-def load_calibration(path: str | os.PathLike, model: nn.Module | None = None) -> CalibrationResult:
-    """A CalibrationResult saved with `.save`; give `model` to `update` it with more data."""
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-    except (OSError, SafetensorError, ValueError) as error:
-        raise FormatError(f"cannot read calibration file {path}: {error}") from None
-    if metadata.get("format") != "lowbit-calibration":
-        raise FormatError(f"{path} is not a lowbit calibration file")
-    states: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for key, value in tensors.items():
-        name, side, part = key.split("::")
-        states.setdefault(name, {}).setdefault(side, {})[part] = value
-    histograms = {name: {side: Histogram.from_state_dict(state) for side, state in pair.items()}
-                  for name, pair in states.items()}
-    shapes = {k: tuple(v) for k, v in json.loads(metadata.get("input_shapes", "{}")).items()}
     return CalibrationResult(histograms, shapes, model)
