@@ -22,13 +22,12 @@ from lowbit.families.sources import build_from_factory, load_source
 from lowbit.formats import MANIFEST, read_folder, write_folder
 from lowbit.formats.lowbit_format import read_manifest
 from lowbit.nn import LayerSpec
-from lowbit.nn.kinds import module_kind
+from lowbit.nn.registry import qmodule_for
 from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules, rebuild
 from lowbit.transform.recipe import Recipe
 from lowbit.version import __version__
 
 Skeleton = nn.Module | Callable[[], nn.Module] | str | None
-QUANTIZED_CLASS = {"linear": "QLinear", "conv": "QConv2d", "embedding": "QEmbedding"}
 
 
 def _describe_plain(model: nn.Module) -> dict[str, Any]:
@@ -107,12 +106,12 @@ def _rebuild(model: nn.Module, manifest: dict[str, Any], folder: Path) -> None:
     specs = {}
     for name, entry in manifest["modules"].items():
         module = modules.get(name)
-        kind = module_kind(module) if module is not None else None
-        if kind is None or QUANTIZED_CLASS[kind] != entry["type"]:
+        kind = qmodule_for(module) if module is not None else None
+        if kind is None or kind.quantized.__name__ != entry["type"]:
             raise FormatError(f"{folder}: module {name!r} is recorded as a {entry['type']}, but the model "
                               "has no such layer there; is this the architecture that was quantized?")
         spec = LayerSpec.from_dict(entry["spec"])
-        problem = spec.problem(kind, tuple(module.weight.shape))
+        problem = spec.problem(kind.name, tuple(module.weight.shape))
         if problem:
             raise FormatError(f"{folder}: module {name!r}: {problem}")
         specs[name] = spec

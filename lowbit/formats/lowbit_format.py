@@ -197,12 +197,12 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 STORED_WEIGHT = {"int8": "I8", "int4": "U8", "fp16": "F16", "bf16": "BF16"}
-MODULE_KINDS = {"QLinear": "linear", "QConv2d": "conv", "QEmbedding": "embedding"}
 
 
 def _check_module_weights(manifest: dict[str, Any], headers: dict, folder: Path) -> None:
     """Each module's spec fits its kind and the dtype and shape of the weight stored for it."""
     from lowbit.nn import LayerSpec
+    from lowbit.nn.registry import QMODULES
 
     for name, entry in manifest["modules"].items():
         spec = LayerSpec.from_dict(entry["spec"])
@@ -211,7 +211,8 @@ def _check_module_weights(manifest: dict[str, Any], headers: dict, folder: Path)
             raise FormatError(f"{folder}: module {name!r}: its stored weight ({dtype} {list(shape)}) is "
                               f"not a {spec.weight} {entry['type']} weight")
         unpacked = (*shape[:-1], shape[-1] * 2) if spec.weight == "int4" else shape
-        problem = spec.problem(MODULE_KINDS[entry["type"]], unpacked)
+        kind = next(kind.name for kind in QMODULES.values() if kind.quantized.__name__ == entry["type"])
+        problem = spec.problem(kind, unpacked)
         if problem:
             raise FormatError(f"{folder}: module {name!r}: {problem}")
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from lowbit.core import Granularity
 from lowbit.errors import FormatError, LowbitError
 from lowbit.nn.kernels import KERNEL_NAMES, ROW_BUCKETS
+from lowbit.nn.registry import QMODULES
 from lowbit.nn.spec import SCHEMES, WEIGHT_TYPES
 
 MAX_MANIFEST_BYTES = 64 << 20
@@ -58,9 +59,17 @@ class SpecEntry(Strict):
 
 
 class ModuleEntry(Strict):
-    type: Literal["QLinear", "QConv2d", "QEmbedding"]
+    type: str
     spec: SpecEntry
     bytes: Count
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        known = [kind.quantized.__name__ for kind in QMODULES.values()]
+        if value not in known:
+            raise ValueError(f"{value!r} is not a quantized module lowbit knows ({', '.join(known)})")
+        return value
 
 
 class ModelEntry(Strict):

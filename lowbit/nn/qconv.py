@@ -19,6 +19,7 @@ from lowbit.nn.kernels import (
     static_fake_quantize,
 )
 from lowbit.nn.qweight import QuantizedWeightMixin
+from lowbit.nn.registry import QModuleKind, register_qmodule
 from lowbit.nn.spec import LayerSpec
 
 
@@ -129,3 +130,19 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
         if x.device.type == "cpu" and self.spec.kernels.get("all") == "fbgemm_conv2d":
             return self.fbgemm_conv2d(x.float()).to(x.dtype)
         return self.reference(x)
+
+
+def _replaces(module: nn.Module) -> bool:
+    """nn.Conv2d with zero padding, and the static-same-padding Conv2d subclass of EfficientNet/timm
+    (its forward pads with a `static_padding` module, which QConv2d keeps); other subclasses
+    may compute differently and stay in float."""
+    padding_module = getattr(module, "static_padding", None)
+    same_padding = isinstance(module, nn.Conv2d) and isinstance(padding_module, nn.Module)
+    return (type(module) is nn.Conv2d or same_padding) and module.padding_mode == "zeros"
+
+
+register_qmodule(QModuleKind(
+    "conv", QConv2d, replaces=_replaces,
+    build=lambda module, spec, ranges: QConv2d.from_float(
+        module, spec, ranges.get("input"), ranges.get("output"), ranges.get("input_shape")),
+    empty=lambda module, spec: QConv2d(module, spec)))

@@ -8,6 +8,7 @@ from torch import nn
 
 from lowbit.core.quantize import check_finite
 from lowbit.nn.qweight import QuantizedWeightMixin
+from lowbit.nn.registry import QModuleKind, register_qmodule
 from lowbit.nn.spec import LayerSpec
 
 
@@ -55,3 +56,10 @@ class QEmbedding(QuantizedWeightMixin, nn.Module):
             f"{self.num_embeddings}, {self.embedding_dim}, weight={self.spec.weight}, "
             f"granularity={self.spec.granularity}"
         )
+
+
+register_qmodule(QModuleKind(
+    "embedding", QEmbedding, replaces=lambda module: type(module) is nn.Embedding,
+    build=lambda module, spec, ranges: QEmbedding.from_float(module, spec),
+    empty=lambda module, spec: QEmbedding(module.num_embeddings, module.embedding_dim, spec,
+                                          module.padding_idx)))

@@ -8,6 +8,7 @@ from torch import nn
 from lowbit.core.quantize import check_finite
 from lowbit.nn.kernels import ROW_BUCKETS, candidate_kernels, choose_kernels, fbgemm_available, run_kernel
 from lowbit.nn.qweight import QuantizedWeightMixin
+from lowbit.nn.registry import QModuleKind, register_qmodule
 from lowbit.nn.spec import LayerSpec
 
 
@@ -79,3 +80,11 @@ class QLinear(QuantizedWeightMixin, nn.Module):
             f"scheme={self.spec.scheme}, weight={self.spec.weight}, "
             f"granularity={self.spec.granularity}, kernels=[{kernels}]"
         )
+
+
+register_qmodule(QModuleKind(
+    "linear", QLinear, replaces=lambda module: type(module) is nn.Linear,
+    build=lambda module, spec, ranges: QLinear.from_float(
+        module, spec, ranges.get("input"), ranges.get("output")),
+    empty=lambda module, spec: QLinear(
+        module.in_features, module.out_features, module.bias is not None, spec)))

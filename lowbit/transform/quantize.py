@@ -13,9 +13,10 @@ from torch import nn
 
 from lowbit.core.digest import state_dict_sha256
 from lowbit.errors import HardwareCompatibilityError, LowbitWarning, QuantizationError
-from lowbit.nn import LayerSpec, QConv2d, QEmbedding, QLinear
+from lowbit.nn import QUANTIZED_MODULES, LayerSpec
 from lowbit.nn.kernels import missing_kernel
 from lowbit.nn.kinds import module_kind
+from lowbit.nn.registry import qmodule_for
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.recipe import Recipe, make_recipe
 
@@ -92,14 +93,11 @@ def _supported_spec(name: str, module: nn.Module, kind: str, spec: LayerSpec,
 
 
 def build_module(module: nn.Module, spec: LayerSpec, ranges: dict | None = None) -> nn.Module:
-    """The quantized replacement of one float module."""
-    ranges = ranges or {}
-    if isinstance(module, nn.Linear):
-        return QLinear.from_float(module, spec, ranges.get("input"), ranges.get("output"))
-    if isinstance(module, nn.Conv2d):
-        return QConv2d.from_float(module, spec, ranges.get("input"), ranges.get("output"),
-                                  ranges.get("input_shape"))
-    return QEmbedding.from_float(module, spec)
+    """The quantized replacement of one float module (lowbit.nn.registry says which)."""
+    kind = qmodule_for(module)
+    if kind is None:
+        raise QuantizationError(f"lowbit does not quantize a {type(module).__name__}")
+    return kind.build(module, spec, ranges or {})
 
 
 def set_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
@@ -212,13 +210,10 @@ def describe_source(model: nn.Module) -> dict[str, Any]:
 
 def empty_module(module: nn.Module, spec: LayerSpec) -> nn.Module:
     """A quantized module shaped like `module`, with zeroed buffers to load saved tensors into."""
-    if isinstance(module, nn.Linear):
-        return QLinear(module.in_features, module.out_features, module.bias is not None, spec)
-    if isinstance(module, nn.Conv2d):
-        return QConv2d(module, spec)
-    if isinstance(module, nn.Embedding):
-        return QEmbedding(module.num_embeddings, module.embedding_dim, spec, module.padding_idx)
-    raise QuantizationError(f"cannot rebuild a quantized {type(module).__name__}")
+    kind = qmodule_for(module)
+    if kind is None:
+        raise QuantizationError(f"cannot rebuild a quantized {type(module).__name__}")
+    return kind.empty(module, spec)
 
 
 def rebuild(model: nn.Module, specs: dict[str, LayerSpec]) -> nn.Module:
@@ -239,5 +234,5 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, (QLinear, QConv2d, QEmbedding))
+        if isinstance(module, QUANTIZED_MODULES)
     }
