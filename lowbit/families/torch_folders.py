@@ -8,7 +8,6 @@ rebuilt on a skeleton the caller passes (or, with `trust_code`, the factory the 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.errors import FormatError, LowbitError, LowbitWarning, QuantizationError
+from lowbit.errors import FormatError, LowbitError
 from lowbit.families.registry import TORCH_KINDS, TorchKind, torch_kind_of
 from lowbit.families.sources import build_from_factory, load_source
 from lowbit.formats import MANIFEST, read_folder, write_folder
 from lowbit.formats.lowbit_format import read_manifest
-from lowbit.nn import LayerSpec
-from lowbit.nn.registry import qmodule_for
-from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules, rebuild
+from lowbit.runtimes import RUNTIMES
+from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules
 from lowbit.transform.recipe import Recipe
 from lowbit.version import __version__
 
@@ -53,6 +51,7 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
         "recipe": None if recipe is None else recipe.model_dump(mode="json"),
         "modules": modules,
         "comparison": getattr(model, "lowbit_comparison", None),
+        "runtime": "eager",
     }
 
 
@@ -99,53 +98,6 @@ def _skeleton(manifest: dict[str, Any], folder: Path, skeleton: Skeleton, trust_
     )
 
 
-def _rebuild(model: nn.Module, manifest: dict[str, Any], folder: Path) -> None:
-    """Swap the skeleton's float modules for empty quantized ones, after checking that each
-    recorded spec fits the module it replaces."""
-    modules = dict(model.named_modules())
-    specs = {}
-    for name, entry in manifest["modules"].items():
-        module = modules.get(name)
-        kind = qmodule_for(module) if module is not None else None
-        if kind is None or kind.quantized.__name__ != entry["type"]:
-            raise FormatError(f"{folder}: module {name!r} is recorded as a {entry['type']}, but the model "
-                              "has no such layer there; is this the architecture that was quantized?")
-        spec = LayerSpec.from_dict(entry["spec"])
-        problem = spec.problem(kind.name, tuple(module.weight.shape))
-        if problem:
-            raise FormatError(f"{folder}: module {name!r}: {problem}")
-        specs[name] = spec
-    rebuild(model, specs)
-
-
-def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """Every tensor the model needs is in the file, with the skeleton's shape and dtype."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise FormatError(f"{folder}: the tensors do not fit the model (missing: {missing[:3]}, "
-                          f"unexpected: {unexpected[:3]})")
-    for name, tensor in tensors.items():
-        want = expected[name]
-        if tensor.shape != want.shape or tensor.dtype != want.dtype:
-            raise FormatError(f"{folder}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}; the model "
-                              f"needs {want.dtype} {tuple(want.shape)}")
-
-
-def _check_modules(model: nn.Module, folder: Path) -> None:
-    """Each quantized module's values fit its kernels; kernels this machine lacks become the
-    reference (with a warning) instead of failing at the first call."""
-    for name, module in quantized_modules(model).items():
-        problem = module.loaded_problem()
-        if problem:
-            raise FormatError(f"{folder}: module {name!r}: {problem}")
-        swapped = module.use_available_kernels()
-        if swapped:
-            warnings.warn(f"{name}: this PyTorch build lacks {', '.join(swapped)}; running the (slow, exact) "
-                          "reference kernel instead", LowbitWarning, stacklevel=3)
-
-
 def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = False) -> nn.Module:
     """Load a lowbit folder. The manifest's schema and every file's size and sha256 are checked
     before anything is built, and every tensor against the model before it is used.
@@ -157,16 +109,9 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
     """
     folder = Path(path)
     manifest, tensors = read_folder(folder)  # the recipe in it is validated there
-    model = _skeleton(manifest, folder, skeleton, trust_code)
-    try:
-        _rebuild(model, manifest, folder)
-    except QuantizationError as error:
-        raise FormatError(f"{folder}: {error}") from None
-    _check_tensors(model, tensors, folder)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise FormatError(f"{folder} does not hold every tensor the model needs; re-save it")
-    _check_modules(model, folder)
+    runtime = RUNTIMES.get(manifest["runtime"])  # what runs it: eager PyTorch (lowbit.runtimes)
+    model = runtime(_skeleton(manifest, folder, skeleton, trust_code), manifest["modules"], tensors,
+                    str(folder))
     if manifest["recipe"] is not None:
         setattr(model, RECIPE_ATTRIBUTE, Recipe.model_validate(manifest["recipe"]))
     model.lowbit_source = manifest["source"]

@@ -17,6 +17,7 @@ from lowbit.errors import FormatError, LowbitError
 from lowbit.nn.kernels import KERNEL_NAMES, ROW_BUCKETS
 from lowbit.nn.registry import QMODULES
 from lowbit.nn.spec import SCHEMES, WEIGHT_TYPES
+from lowbit.runtimes import RUNTIMES
 
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_DEPTH = 64
@@ -98,8 +99,16 @@ class Manifest(Strict):
     recipe: dict[str, Any] | None = None
     modules: dict[Name, ModuleEntry] = Field(max_length=MAX_ENTRIES)
     comparison: dict[str, Any] | None = None
+    runtime: str = "eager"
     files: dict[Name, FileEntry] = Field(min_length=1, max_length=4096)
     aliases: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
+
+    @field_validator("runtime")
+    @classmethod
+    def _registered_runtime(cls, value: str) -> str:
+        if value not in RUNTIMES:
+            raise ValueError(f"runtime {value!r} is not one this lowbit has ({', '.join(RUNTIMES)})")
+        return value
 
 
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:

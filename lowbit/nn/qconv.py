@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.core import QuantizedTensor
 from lowbit.core.quantize import check_finite
 from lowbit.core.timing import repeat_seconds
 from lowbit.nn.kernels import (
@@ -49,13 +50,14 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
     def from_float(cls, conv: nn.Conv2d, spec: LayerSpec,
                    input_range: tuple[float, float] | None = None,
                    output_range: tuple[float, float] | None = None,
-                   input_shape: tuple[int, ...] | None = None) -> QConv2d:
+                   input_shape: tuple[int, ...] | None = None,
+                   rounded: QuantizedTensor | None = None) -> QConv2d:
         """Quantize a float Conv2d. For the static scheme, fbgemm's int8 convolution is timed
         against the reference on `input_shape` (seen in calibration) and kept only if faster:
         some grouped and strided shapes take slow paths in fbgemm."""
         check_finite(conv.weight, "conv weight")
         module = cls(conv, spec)
-        module._store_weight(conv.weight.detach().float())
+        module._store_weight(conv.weight.detach().float(), rounded)
         if conv.bias is not None:
             module.bias.copy_(conv.bias.detach().float())
         if spec.scheme == "static":
@@ -144,5 +146,6 @@ def _replaces(module: nn.Module) -> bool:
 register_qmodule(QModuleKind(
     "conv", QConv2d, replaces=_replaces,
     build=lambda module, spec, ranges: QConv2d.from_float(
-        module, spec, ranges.get("input"), ranges.get("output"), ranges.get("input_shape")),
+        module, spec, ranges.get("input"), ranges.get("output"), ranges.get("input_shape"),
+        ranges.get("weight")),
     empty=lambda module, spec: QConv2d(module, spec)))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.core import QuantizedTensor
 from lowbit.core.quantize import check_finite
 from lowbit.nn.qweight import QuantizedWeightMixin
 from lowbit.nn.registry import QModuleKind, register_qmodule
@@ -25,10 +26,12 @@ class QEmbedding(QuantizedWeightMixin, nn.Module):
         self._init_weight_buffers(spec, (num_embeddings, embedding_dim))
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding, spec: LayerSpec) -> QEmbedding:
+    def from_float(cls, embedding: nn.Embedding, spec: LayerSpec,
+                   rounded: QuantizedTensor | None = None) -> QEmbedding:
+        """Quantize a float Embedding (its table as `rounded` by an algorithm, else round-to-nearest)."""
         check_finite(embedding.weight, "embedding weight")
         module = cls(embedding.num_embeddings, embedding.embedding_dim, spec, embedding.padding_idx)
-        module._store_weight(embedding.weight.detach().float())
+        module._store_weight(embedding.weight.detach().float(), rounded)
         module.spec = spec.with_kernels({"all": "row_gather"})
         return module
 
@@ -60,6 +63,6 @@ class QEmbedding(QuantizedWeightMixin, nn.Module):
 
 register_qmodule(QModuleKind(
     "embedding", QEmbedding, replaces=lambda module: type(module) is nn.Embedding,
-    build=lambda module, spec, ranges: QEmbedding.from_float(module, spec),
+    build=lambda module, spec, ranges: QEmbedding.from_float(module, spec, ranges.get("weight")),
     empty=lambda module, spec: QEmbedding(module.num_embeddings, module.embedding_dim, spec,
                                           module.padding_idx)))

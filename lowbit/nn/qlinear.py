@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.core import QuantizedTensor
 from lowbit.core.quantize import check_finite
 from lowbit.nn.kernels import ROW_BUCKETS, candidate_kernels, choose_kernels, fbgemm_available, run_kernel
 from lowbit.nn.qweight import QuantizedWeightMixin
@@ -34,11 +35,13 @@ class QLinear(QuantizedWeightMixin, nn.Module):
         input_range: tuple[float, float] | None = None,
         output_range: tuple[float, float] | None = None,
         choose_kernel: bool = True,
+        rounded: QuantizedTensor | None = None,
     ) -> QLinear:
-        """Quantize a float Linear by round-to-nearest; static needs calibrated input/output ranges."""
+        """Quantize a float Linear (its weight as `rounded` by an algorithm, else round-to-nearest);
+        static needs calibrated input/output ranges."""
         check_finite(linear.weight, "weight")
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec)
-        module._store_weight(linear.weight.detach().float())
+        module._store_weight(linear.weight.detach().float(), rounded)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach().float())
         if spec.scheme == "static":
@@ -85,6 +88,6 @@ class QLinear(QuantizedWeightMixin, nn.Module):
 register_qmodule(QModuleKind(
     "linear", QLinear, replaces=lambda module: type(module) is nn.Linear,
     build=lambda module, spec, ranges: QLinear.from_float(
-        module, spec, ranges.get("input"), ranges.get("output")),
+        module, spec, ranges.get("input"), ranges.get("output"), rounded=ranges.get("weight")),
     empty=lambda module, spec: QLinear(
         module.in_features, module.out_features, module.bias is not None, spec)))

@@ -23,6 +23,12 @@ def storage_qtype(spec: LayerSpec) -> str:
     return "uint4" if spec.weight == "int4" else spec.weight
 
 
+def round_to_nearest(weight: torch.Tensor, spec: LayerSpec) -> QuantizedTensor:
+    """`weight` on `spec`'s grid, each value rounded to the nearest level with scales (and zero
+    points) from its own range: what a module stores when no algorithm rounded it."""
+    return quantize_tensor(weight, storage_qtype(spec), spec.granularity, spec.symmetric)
+
+
 class QuantizedWeightMixin:
     """Registers `weight` (packed two per byte for 4-bit), `weight_scale` and `weight_zero_point`."""
 
@@ -45,12 +51,10 @@ class QuantizedWeightMixin:
         if has_zero_point:
             self.register_buffer("weight_zero_point", torch.zeros(scales, dtype=torch.int32))
 
-    def _store_weight(self: nn.Module, weight: torch.Tensor) -> None:
-        """Quantize a float weight by round-to-nearest into the registered buffers."""
-        quantized = quantize_tensor(
-            weight, storage_qtype(self.spec), self.spec.granularity, self.spec.symmetric
-        )
-        self.store_quantized(quantized)
+    def _store_weight(self: nn.Module, weight: torch.Tensor, rounded: QuantizedTensor | None = None) -> None:
+        """Store a weight an algorithm already rounded (lowbit.algorithms), or else round this
+        float weight to nearest."""
+        self.store_quantized(rounded if rounded is not None else round_to_nearest(weight, self.spec))
 
     def store_quantized(self: nn.Module, quantized: QuantizedTensor) -> None:
         """Take values already rounded by an algorithm (RTN, GPTQ, ...) into the buffers."""

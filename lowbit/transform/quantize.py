@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.algorithms import ALGORITHMS
 from lowbit.core.digest import state_dict_sha256
 from lowbit.errors import HardwareCompatibilityError, LowbitWarning, QuantizationError
 from lowbit.nn import QUANTIZED_MODULES, LayerSpec
@@ -92,12 +93,15 @@ def _supported_spec(name: str, module: nn.Module, kind: str, spec: LayerSpec,
     raise problem
 
 
-def build_module(module: nn.Module, spec: LayerSpec, ranges: dict | None = None) -> nn.Module:
-    """The quantized replacement of one float module (lowbit.nn.registry says which)."""
+def build_module(module: nn.Module, spec: LayerSpec, ranges: dict | None = None,
+                 algorithm: str = "rtn") -> nn.Module:
+    """The quantized replacement of one float module (lowbit.nn.registry says which), its weight
+    rounded by `algorithm` (lowbit.algorithms)."""
     kind = qmodule_for(module)
     if kind is None:
         raise QuantizationError(f"lowbit does not quantize a {type(module).__name__}")
-    return kind.build(module, spec, ranges or {})
+    rounded = ALGORITHMS.get(algorithm)(module.weight.detach().float(), spec)
+    return kind.build(module, spec, {**(ranges or {}), "weight": rounded})
 
 
 def set_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
@@ -190,7 +194,8 @@ def quantize(
     modules = dict(target.named_modules())
     storages = {name: weight_storage(modules[name]) for name in specs}
     for name, spec in specs.items():
-        set_module(target, name, build_module(modules[name], spec, ranges.get(name)))
+        algorithm = recipe_for(name, recipe).algorithm
+        set_module(target, name, build_module(modules[name], spec, ranges.get(name), algorithm))
     share_tied_weights(target, storages)
     setattr(target, RECIPE_ATTRIBUTE, recipe)
     target.lowbit_source = source

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lowbit.algorithms import ALGORITHMS
 from lowbit.core import CALIBRATORS, Granularity
 from lowbit.errors import InvalidRecipeError
 from lowbit.nn.spec import LayerSpec
@@ -31,7 +32,7 @@ class Recipe(BaseModel):
     symmetric: bool = True
     calibrator: str = "percentile"
     percentile: float = Field(99.99, gt=50.0, le=100.0)
-    algorithm: Literal["rtn"] = "rtn"
+    algorithm: str = "rtn"  # a name in lowbit.algorithms.ALGORITHMS
     embeddings: bool = True
     skip: tuple[str, ...] = ()
     overrides: dict[str, Recipe] = Field(default_factory=dict)
@@ -40,6 +41,13 @@ class Recipe(BaseModel):
     @classmethod
     def _known_granularity(cls, value: str) -> str:
         return str(Granularity.parse(value))
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        if value not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {value!r}; choose one of {', '.join(ALGORITHMS)}")
+        return value
 
     @field_validator("calibrator")
     @classmethod

@@ -184,7 +184,7 @@ def _one_module_at_a_time(model: nn.Module, recipe: Recipe, calibration: Calibra
     ranges = calibration.ranges(recipe.calibrator, static) if static and calibration else {}
     for name in specs if names is None else names:
         original = work.get_submodule(name)
-        set_module(work, name, build_module(original, specs[name], ranges.get(name)))
+        set_module(work, name, build_module(original, specs[name], ranges.get(name), recipe.algorithm))
         try:
             yield name, specs[name], work
         finally:

@@ -1,0 +1,82 @@
+"""The PyTorch eager runtime: quantized modules swapped into the skeleton, saved tensors loaded
+into them, every value a kernel indexes with checked first. Each quantized module runs the
+kernel recorded for it (lowbit.nn.kernels)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import FormatError, LowbitWarning, QuantizationError
+from lowbit.nn import LayerSpec
+from lowbit.nn.registry import qmodule_for
+from lowbit.runtimes import RUNTIMES
+from lowbit.transform.quantize import quantized_modules, rebuild
+
+
+def _rebuild(model: nn.Module, modules: dict[str, Any], where: str) -> None:
+    """Swap the skeleton's float modules for empty quantized ones, after checking that each
+    recorded spec fits the module it replaces."""
+    found = dict(model.named_modules())
+    specs = {}
+    for name, entry in modules.items():
+        module = found.get(name)
+        kind = qmodule_for(module) if module is not None else None
+        if kind is None or kind.quantized.__name__ != entry["type"]:
+            raise FormatError(f"{where}: module {name!r} is recorded as a {entry['type']}, but the model "
+                              "has no such layer there; is this the architecture that was quantized?")
+        spec = LayerSpec.from_dict(entry["spec"])
+        problem = spec.problem(kind.name, tuple(module.weight.shape))
+        if problem:
+            raise FormatError(f"{where}: module {name!r}: {problem}")
+        specs[name] = spec
+    try:
+        rebuild(model, specs)
+    except QuantizationError as error:
+        raise FormatError(f"{where}: {error}") from None
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor the model needs is given, with the skeleton's shape and dtype."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"{where}: the tensors do not fit the model (missing: {missing[:3]}, "
+                          f"unexpected: {unexpected[:3]})")
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise FormatError(f"{where}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}; the model "
+                              f"needs {want.dtype} {tuple(want.shape)}")
+
+
+def _check_modules(model: nn.Module, where: str) -> None:
+    """Each quantized module's values fit its kernels; kernels this machine lacks become the
+    reference (with a warning) instead of failing at the first call."""
+    for name, module in quantized_modules(model).items():
+        problem = module.loaded_problem()
+        if problem:
+            raise FormatError(f"{where}: module {name!r}: {problem}")
+        swapped = module.use_available_kernels()
+        if swapped:
+            warnings.warn(f"{name}: this PyTorch build lacks {', '.join(swapped)}; running the (slow, exact) "
+                          "reference kernel instead", LowbitWarning, stacklevel=3)
+
+
+def materialize(skeleton: nn.Module, modules: dict[str, Any], tensors: dict[str, torch.Tensor],
+                where: str) -> nn.Module:
+    """The skeleton with its quantized modules in place and every tensor loaded and checked."""
+    _rebuild(skeleton, modules, where)
+    _check_tensors(skeleton, tensors, where)
+    skeleton.load_state_dict(tensors, strict=True, assign=True)
+    if any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
+        raise FormatError(f"{where} does not hold every tensor the model needs; re-save it")
+    _check_modules(skeleton, where)
+    return skeleton.eval()
+
+
+RUNTIMES.add("eager", materialize)
