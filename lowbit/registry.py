@@ -39,6 +39,13 @@ class Registry(Generic[Value]):
             known = ", ".join(map(str, self._entries)) or "none registered"
             raise LowbitError(f"no {self.what} {key!r}; known: {known}") from None
 
+    def known(self, key: Any) -> Any:
+        """`key`, if registered; else a ValueError naming the known ones (for pydantic validators)."""
+        if key not in self._entries:
+            known = ", ".join(map(str, self._entries))
+            raise ValueError(f"unknown {self.what} {key!r}; choose one of {known}")
+        return key
+
     def __contains__(self, key: Any) -> bool:
         return key in self._entries
 

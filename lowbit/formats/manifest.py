@@ -106,9 +106,7 @@ class Manifest(Strict):
     @field_validator("runtime")
     @classmethod
     def _registered_runtime(cls, value: str) -> str:
-        if value not in RUNTIMES:
-            raise ValueError(f"runtime {value!r} is not one this lowbit has ({', '.join(RUNTIMES)})")
-        return value
+        return RUNTIMES.known(value)
 
 
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:

@@ -45,9 +45,7 @@ class Recipe(BaseModel):
     @field_validator("algorithm")
     @classmethod
     def _known_algorithm(cls, value: str) -> str:
-        if value not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {value!r}; choose one of {', '.join(ALGORITHMS)}")
-        return value
+        return ALGORITHMS.known(value)
 
     @field_validator("calibrator")
     @classmethod
