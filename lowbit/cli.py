@@ -24,6 +24,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluate import estimate, folder_bytes
 from lowbit.families import transformers as hf
 from lowbit.families.api import save
+from lowbit.families.registry import family_of
 from lowbit.families.sources import load_source
 from lowbit.formats.atomic import write_text
 from lowbit.formats.lowbit_format import check_folder, verify_files
@@ -171,37 +172,37 @@ def quantize(
     with _user_errors():
         if out.exists() and not overwrite:
             raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
-        from lowbit.families.sklearn.estimator_files import is_sklearn_file
+        options = {key: value for key, value in locals().items() if key not in ("source", "out")}
+        QUANTIZE_BY_FAMILY[family_of(source).name](source, out, **options)
 
-        if is_sklearn_file(source):
-            _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
-                              probability_tolerance)
-            return
-        granularity = f"group:{group_size}" if group_size else None
-        chosen = make_recipe(recipe, granularity=granularity)
-        model = load_source(source, weights)
-        tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
-        batches = calibration_batches(calibration, tokenizer) if calibration else None
-        if max_drop is not None:
-            if data is None:
-                raise LowbitError("--max-drop needs --data to measure the quality on")
-            from lowbit.tune.search import safer_candidates
 
-            candidates = [chosen, *safer_candidates(recipe)]
-            _tune_and_save(model, data, metric, max_drop, "size", candidates, batches, relative, out,
-                           overwrite, tokenizer=tokenizer)
-            return
-        quantized = quantize_model(model, chosen, calibration=batches, skip=skip)
-        folder = save(quantized, out, overwrite=overwrite)
-        modules = quantized_modules(quantized)
-        console.print(
-            f"quantized {len(modules)} modules with {recipe}; wrote {folder} "
-            f"({_mib(folder_bytes(folder))}, source weights {_mib(quantized.lowbit_source['bytes'])})"
-        )
+def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size, overwrite, max_drop, data,
+                    metric, relative, **_) -> None:
+    granularity = f"group:{group_size}" if group_size else None
+    chosen = make_recipe(recipe, granularity=granularity)
+    model = load_source(source, weights)
+    tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
+    batches = calibration_batches(calibration, tokenizer) if calibration else None
+    if max_drop is not None:
+        if data is None:
+            raise LowbitError("--max-drop needs --data to measure the quality on")
+        from lowbit.tune.search import safer_candidates
+
+        candidates = [chosen, *safer_candidates(recipe)]
+        _tune_and_save(model, data, metric, max_drop, "size", candidates, batches, relative, out,
+                       overwrite, tokenizer=tokenizer)
+        return
+    quantized = quantize_model(model, chosen, calibration=batches, skip=skip)
+    folder = save(quantized, out, overwrite=overwrite)
+    modules = quantized_modules(quantized)
+    console.print(
+        f"quantized {len(modules)} modules with {recipe}; wrote {folder} "
+        f"({_mib(folder_bytes(folder))}, source weights {_mib(quantized.lowbit_source['bytes'])})"
+    )
 
 
 def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
-                      probability_tolerance) -> None:
+                      probability_tolerance, **_) -> None:
     from lowbit.families.sklearn import quantize_model_file
 
     report = quantize_model_file(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
@@ -261,30 +262,31 @@ def inspect(
     fidelity report. Example: lowbit inspect ./minilm-w8a8 --verify
     """
     with _user_errors():
-        if folder.is_file():  # lowbit folders are folders; a file is a scikit-learn lowbit file
-            _inspect_sklearn(folder, as_json, verify)
-            return
-        manifest = verify_files(folder) if verify else check_folder(folder)
-        modules = manifest.get("modules", {})
-        if as_json:
-            print(json.dumps({"recipe": manifest.get("recipe"), "modules": modules,
-                              "folder_bytes": folder_bytes(folder)}, indent=2))
-            return
-        table = Table(title=f"{folder} ({manifest['model'].get('class')})")
-        for column in ("module", "layer", "scheme", "weight", "kernel", "bytes"):
-            table.add_column(column, justify="right" if column == "bytes" else "left",
-                             overflow="fold", no_wrap=column not in ("weight", "kernel"))
-        for name, entry in modules.items():
-            spec = entry["spec"]
-            table.add_row(name, entry["type"].removeprefix("Q"), spec["scheme"],
-                          f"{spec['weight']} {spec['granularity']}",
-                          _kernel_summary(spec["kernels"]), f"{entry['bytes']:,}")
-        console.print(table)
-        quantized = sum(entry["bytes"] for entry in modules.values())
-        console.print(f"{len(modules)} quantized modules, {_mib(quantized)} of quantized tensors; "
-                      f"folder {_mib(folder_bytes(folder))}")
-        if verify:
-            console.print("every file matches its recorded sha256")
+        INSPECT_BY_FAMILY[family_of(folder).name](folder, as_json, verify)
+
+
+def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
+    manifest = verify_files(folder) if verify else check_folder(folder)
+    modules = manifest.get("modules", {})
+    if as_json:
+        print(json.dumps({"recipe": manifest.get("recipe"), "modules": modules,
+                          "folder_bytes": folder_bytes(folder)}, indent=2))
+        return
+    table = Table(title=f"{folder} ({manifest['model'].get('class')})")
+    for column in ("module", "layer", "scheme", "weight", "kernel", "bytes"):
+        table.add_column(column, justify="right" if column == "bytes" else "left",
+                         overflow="fold", no_wrap=column not in ("weight", "kernel"))
+    for name, entry in modules.items():
+        spec = entry["spec"]
+        table.add_row(name, entry["type"].removeprefix("Q"), spec["scheme"],
+                      f"{spec['weight']} {spec['granularity']}",
+                      _kernel_summary(spec["kernels"]), f"{entry['bytes']:,}")
+    console.print(table)
+    quantized = sum(entry["bytes"] for entry in modules.values())
+    console.print(f"{len(modules)} quantized modules, {_mib(quantized)} of quantized tensors; "
+                  f"folder {_mib(folder_bytes(folder))}")
+    if verify:
+        console.print("every file matches its recorded sha256")
 
 
 def _inspect_sklearn(path: Path, as_json: bool, verify: bool) -> None:
@@ -558,6 +560,11 @@ def recipes() -> None:
     for name in PRESETS:
         table.add_row(name, make_recipe(name).model_dump_json(exclude={"skip", "overrides"}))
     console.print(table)
+
+
+# What `quantize` and `inspect` do with a source, by the family that claims it (lowbit.families).
+QUANTIZE_BY_FAMILY = {"scikit-learn": _quantize_sklearn, "torch": _quantize_torch}
+INSPECT_BY_FAMILY = {"scikit-learn": _inspect_sklearn, "torch": _inspect_torch}
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ def is_sklearn_model(model: Any) -> bool:
     """Whether `model` is a scikit-learn estimator or a file that holds one."""
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        return path.is_file() and (is_sklearn_file(path) or path.suffix == ".lowbit" or is_lowbit_file(path))
+        return is_sklearn_file(path) or path.suffix == ".lowbit" or (path.is_file() and is_lowbit_file(path))
     return type(model).__module__.startswith(("sklearn", "lowbit.families.sklearn"))
 
 
