@@ -135,3 +135,26 @@ def test_cli_quantizes_a_pickle_only_when_trusted(topics, tmp_path):
     broken = CliRunner().invoke(app, ["quantize", str(tmp_path / "truncated.joblib"), "--trust-pickle",
                                       "--out", str(tmp_path / "t.lowbit")])
     assert broken.exit_code == 2 and not (tmp_path / "t.lowbit").exists()
+
+
+def test_a_quantized_estimator_clones_refits_and_runs_inside_a_grid_search(tmp_path):
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+
+    features, labels = load_breast_cancer(return_X_y=True)
+    train, test, train_labels, test_labels = features[:400], features[400:], labels[:400], labels[400:]
+    fitted = make_pipeline(StandardScaler(), LogisticRegression()).fit(train, train_labels)
+    quantized = lowbit_sklearn.quantize(fitted, bits=8, data=test)
+    cloned = clone(quantized)
+    assert cloned.get_params(deep=False)["bits"] == 8
+    assert not hasattr(cloned, "estimator_")  # a clone is unfitted, as scikit-learn's contract says
+    assert np.array_equal(cloned.fit(train, train_labels).predict(test), quantized.predict(test))
+    search = GridSearchCV(
+        lowbit_sklearn.QuantizedEstimator(make_pipeline(StandardScaler(), LogisticRegression())),
+        {"estimator__logisticregression__C": [0.1, 1.0]}, cv=3)
+    search.fit(train, train_labels)
+    best = search.best_estimator_
+    assert best.verified and best.prediction_differences == 0  # guarded on its training data
+    assert search.score(test, test_labels) > 0.9
+    reloaded = lowbit_sklearn.load(best.save(tmp_path / "best.lowbit"))
+    assert np.array_equal(reloaded.predict(test), best.predict(test))

@@ -13,13 +13,14 @@ lowbit.families.sklearn.lowbit_file and lowbit.families.sklearn.skeleton).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sklearn.base import BaseEstimator, MetaEstimatorMixin
+
 from lowbit.core.timing import timed
 from lowbit.errors import FormatError, LowbitError, QuantizationError
-from lowbit.families.sklearn.encodings import LADDERS, Encoded, sparsity
+from lowbit.families.sklearn.encodings import LADDERS, sparsity
 from lowbit.families.sklearn.estimator_files import measure_files, read_estimator, reference_inputs
 from lowbit.families.sklearn.guard import PROBABILITY_TOLERANCE, guard
 from lowbit.families.sklearn.lowbit_file import read_file, write_file
@@ -27,29 +28,48 @@ from lowbit.families.sklearn.slots import find_slots
 from lowbit.families.sklearn.support import check_estimator
 
 
-@dataclass
-class QuantizedEstimator:
-    """The quantized estimator (it predicts with the stored values) and what was done to it.
+class QuantizedEstimator(MetaEstimatorMixin, BaseEstimator):
+    """A scikit-learn estimator whose float arrays are stored quantized, with the report of what was
+    done to it. It behaves as the estimator it wraps: `predict`, `predict_proba`,
+    `decision_function`, `transform` and `score` reach it, as do its fitted attributes.
 
-    `predict`, `predict_proba`, `decision_function`, `transform` and `score` reach the estimator.
+    `lowbit.sklearn.quantize` returns one already fitted (`estimator` is the quantized copy).
+    As a scikit-learn estimator it also clones and refits: `fit(X, y)` fits a clone of
+    `estimator` and quantizes it, guarded on `data` (or on `X` when `data` is None), so it works
+    in a `Pipeline` or a `GridSearchCV`.
     """
 
-    estimator: Any
-    encodings: dict[str, Encoded]
-    bits: int
-    verified: bool
-    prediction_differences: int | None
-    max_probability_difference: float | None
-    fallbacks: dict[str, list[str]] = field(default_factory=dict)
-    kept_float: list[str] = field(default_factory=list)
+    def __init__(self, estimator: Any = None, bits: int = 8, weight_threshold: float = 0.0,
+                 probability_tolerance: float = PROBABILITY_TOLERANCE, data: Any = None) -> None:
+        self.estimator = estimator
+        self.bits = bits
+        self.weight_threshold = weight_threshold
+        self.probability_tolerance = probability_tolerance
+        self.data = data
+
+    def fit(self, X: Any, y: Any = None, **fit_params: Any) -> QuantizedEstimator:  # noqa: N803 - scikit-learn's name
+        """Fit a clone of `estimator` on (X, y), then quantize it with no prediction on the
+        reference data (`data`, else X) changed."""
+        from sklearn.base import clone
+
+        fitted = clone(self.estimator).fit(X, y, **fit_params)
+        reference = self.data if self.data is not None else X
+        _quantize_into(self, fitted, reference)
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return "estimator_" in self.__dict__
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__") or name in ("estimator_", "estimator"):
             raise AttributeError(name)
-        return getattr(self.__dict__["estimator"], name)
+        fitted = self.__dict__.get("estimator_", self.__dict__.get("estimator"))
+        if fitted is None:
+            raise AttributeError(name)
+        return getattr(fitted, name)
 
     def __getitem__(self, key: Any) -> Any:  # a Pipeline's steps: q[-1].coef_
-        return self.estimator[key]
+        return self.estimator_[key]
 
     def report(self) -> dict[str, Any]:
         return {"bits": self.bits, "verified": self.verified,
@@ -62,7 +82,34 @@ class QuantizedEstimator:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """One zip file (see lowbit.families.sklearn.lowbit_file), written atomically."""
-        return write_file(self.estimator, self.encodings, path, self.report(), overwrite)
+        return write_file(self.estimator_, self.encodings, path, self.report(), overwrite)
+
+
+def _quantize_into(target: QuantizedEstimator, estimator: Any, data: Any) -> None:
+    """Quantize a fitted `estimator` as `target`'s parameters say, guarded on `data`; the result
+    and its report become `target`'s fitted state (`estimator_`, `encodings`, `verified`, ...)."""
+    bits, threshold, tolerance = target.bits, target.weight_threshold, target.probability_tolerance
+    if bits not in LADDERS:
+        raise QuantizationError(f"bits must be one of {', '.join(map(str, LADDERS))}, not {bits}")
+    if not threshold >= 0:
+        raise QuantizationError(f"weight_threshold must be 0 or more, not {threshold}")
+    if not 0 <= tolerance <= 1:
+        raise QuantizationError(f"probability_tolerance must be within [0, 1], not {tolerance}")
+    kept_float = check_estimator(estimator)
+    data = reference_inputs(data, estimator)
+    quantized = copy.deepcopy(estimator)
+    slots = [slot for slot in find_slots(quantized) if not any(slot.path.startswith(k) for k in kept_float)]
+    try:
+        result = guard(slots, bits, quantized, data, tolerance, threshold)
+    except LowbitError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise QuantizationError(f"the estimator failed on the reference data: {error}") from None
+    target.estimator_ = quantized
+    target.encodings, target.verified = result.encodings, result.verified
+    target.prediction_differences = result.prediction_differences
+    target.max_probability_difference = result.max_probability_difference
+    target.fallbacks, target.kept_float = result.fallbacks, kept_float
 
 
 def quantize(
@@ -80,24 +127,10 @@ def quantize(
     components_) with entries below it in magnitude set to zero and stored sparsely; the guard
     undoes the pruning of any array where it changes a prediction.
     """
-    if bits not in LADDERS:
-        raise QuantizationError(f"bits must be one of {', '.join(map(str, LADDERS))}, not {bits}")
-    if not weight_threshold >= 0:
-        raise QuantizationError(f"weight_threshold must be 0 or more, not {weight_threshold}")
-    if not 0 <= probability_tolerance <= 1:
-        raise QuantizationError(f"probability_tolerance must be within [0, 1], not {probability_tolerance}")
-    kept_float = check_estimator(estimator)
-    data = reference_inputs(data, estimator)
-    target = copy.deepcopy(estimator)
-    slots = [slot for slot in find_slots(target) if not any(slot.path.startswith(k) for k in kept_float)]
-    try:
-        result = guard(slots, bits, target, data, probability_tolerance, weight_threshold)
-    except LowbitError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise QuantizationError(f"the estimator failed on the reference data: {error}") from None
-    return QuantizedEstimator(target, result.encodings, bits, result.verified, result.prediction_differences,
-                              result.max_probability_difference, result.fallbacks, kept_float)
+    quantized = QuantizedEstimator(None, bits, weight_threshold, probability_tolerance)
+    _quantize_into(quantized, estimator, data)
+    quantized.estimator = quantized.estimator_  # the quantized copy: what clone refits and re-quantizes
+    return quantized
 
 
 def quantize_model_file(

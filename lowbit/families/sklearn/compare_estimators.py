@@ -40,7 +40,7 @@ def is_sklearn_model(model: Any) -> bool:
 def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, float | None]:
     """(estimator, its path, its load seconds: the best of three loads) for an estimator or a file."""
     if not isinstance(model, (str, os.PathLike)):
-        return getattr(model, "estimator", model), None, None
+        return getattr(model, "estimator_", model), None, None
     path = Path(model)
     if path.suffix == ".lowbit" or is_lowbit_file(path):
         estimator, seconds = best_load_seconds(lambda: read_file(path))
