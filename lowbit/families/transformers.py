@@ -22,6 +22,7 @@ from lowbit.data.batches import tokenize
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.evaluate.tasks import is_transformers_model, mean_pooled_embedding
 from lowbit.families.registry import TORCH_KINDS, TorchKind
+from lowbit.families.hf_quantizer import config_entries
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.lowbit_format import MANIFEST, verified_file, verify_files
 from lowbit.formats.manifest import parse_json
@@ -109,24 +110,58 @@ def _verified_tokenizer_files(folder: Path) -> Iterator[Path | None]:
         yield Path(temporary)
 
 
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json",
+                               "config_sentence_transformers.json")
+MAX_MODULE_FILE_BYTES = 64 << 20
+
+
 def describe(model: nn.Module) -> dict[str, Any]:
-    """What the manifest records to rebuild this model: its class and source folder."""
-    return {"kind": "transformers", "class": type(model).__name__,
-            "source_path": str(getattr(model.config, "_name_or_path", "") or "")}
+    """What the manifest records to rebuild this model: its class (never the build machine's
+    paths)."""
+    return {"kind": "transformers", "class": type(model).__name__}
+
+
+def _sentence_transformers_folders(source: Path) -> list[str]:
+    """The module folders a sentence-transformers model's modules.json names (1_Pooling, ...):
+    plain names of folders inside the model folder, nothing else."""
+    try:
+        modules = json.loads((source / "modules.json").read_text())
+        paths = [entry.get("path", "") for entry in modules]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    return [path for path in paths if isinstance(path, str) and path and "/" not in path
+            and "\\" not in path and path not in (".", "..") and (source / path).is_dir()
+            and not (source / path).is_symlink()]
+
+
+def _copy_files(source: Path, target: Path, names: Sequence[str]) -> None:
+    """Copy the regular files among `names` (no links, nothing huge) from source to target."""
+    for name in names:
+        path = source / name
+        if path.is_file() and not path.is_symlink() and path.stat().st_size <= MAX_MODULE_FILE_BYTES:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / name)
 
 
 def write_files(model: nn.Module, quantization_config: dict[str, Any]):
-    """A writer that puts config.json (with a quantization_config entry) and tokenizer files in
-    the folder being saved."""
+    """A writer that puts config.json (with lowbit's quantization_config, see
+    lowbit.families.hf_quantizer), tokenizer files and a sentence-transformers model's module
+    files in the folder being saved, so the folder loads as the original did."""
 
     def write(folder: Path) -> None:
         config = model.config.to_dict()
-        config["quantization_config"] = {"quant_method": "lowbit", **quantization_config}
+        config.pop("_name_or_path", None)  # the build machine's path
+        tensor_files = sorted(path.name for path in folder.glob("model.lowbit*.safetensors"))
+        weights = tensor_files[0] if len(tensor_files) == 1 else None
+        config.update(config_entries(quantization_config.get("recipe"), weights))
         (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        source = Path(describe(model)["source_path"])
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, folder / name)
+        source = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+        if not source.is_dir():
+            return
+        _copy_files(source, folder, [*TOKENIZER_FILES, *SENTENCE_TRANSFORMERS_FILES])
+        for module in _sentence_transformers_folders(source):
+            _copy_files(source / module, folder / module,
+                        sorted(path.name for path in (source / module).iterdir()))
 
     return write
 
@@ -188,7 +223,8 @@ def _saved_config(folder: Path, manifest: dict[str, Any], transformers):
     problem = _config_problem(values, transformers)
     if problem:
         raise FormatError(f"{path}: {problem}")
-    values = {key: value for key, value in values.items() if key not in ("auto_map", "quantization_config")}
+    ignored = ("auto_map", "quantization_config", "transformers_weights")  # lowbit reads these itself
+    values = {key: value for key, value in values.items() if key not in ignored}
     try:
         return transformers.AutoConfig.for_model(**values)
     except Exception as error:  # noqa: BLE001 - transformers validates configs with its own error types

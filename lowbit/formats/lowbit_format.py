@@ -4,7 +4,8 @@
       lowbit.json        format version, model kind, recipe, per-module specs, the sha256 and
                          size of every other file (and of every tensor), versions of lowbit
                          and torch
-      model.safetensors  quantized tensors and those left in float (sharded when large)
+      model.lowbit.safetensors  quantized tensors and those left in float (sharded
+                         when large); a name transformers never loads on its own
       config.json, ...   files a family writes beside the tensors (a transformers config,
                          tokenizer files), each checksummed like the tensors
 
@@ -61,10 +62,13 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return [*shards, current]
 
 
+TENSOR_FILE = "model.lowbit.safetensors"  # not model.safetensors: see lowbit.families.hf_quantizer
+
+
 def _shard_names(count: int) -> list[str]:
     if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        return [TENSOR_FILE]
+    return [f"model.lowbit-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 def _file_entry(path: Path) -> dict[str, Any]:

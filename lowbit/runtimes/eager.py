@@ -17,7 +17,7 @@ from lowbit.runtimes import RUNTIMES
 from lowbit.transform.quantize import quantized_modules, rebuild
 
 
-def _rebuild(model: nn.Module, modules: dict[str, Any], where: str) -> None:
+def swap_in(model: nn.Module, modules: dict[str, Any], where: str) -> None:
     """Swap the skeleton's float modules for empty quantized ones, after checking that each
     recorded spec fits the module it replaces."""
     found = dict(model.named_modules())
@@ -54,9 +54,11 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: st
                               f"needs {want.dtype} {tuple(want.shape)}")
 
 
-def _check_modules(model: nn.Module, where: str) -> None:
-    """Each quantized module's values fit its kernels; kernels this machine lacks become the
-    reference (with a warning) instead of failing at the first call."""
+def check_loaded(model: nn.Module, where: str) -> None:
+    """Every tensor is loaded, each quantized module's values fit its kernels, and kernels this
+    machine lacks become the reference (with a warning) instead of failing at the first call."""
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise FormatError(f"{where} does not hold every tensor the model needs; re-save it")
     for name, module in quantized_modules(model).items():
         problem = module.loaded_problem()
         if problem:
@@ -70,12 +72,10 @@ def _check_modules(model: nn.Module, where: str) -> None:
 def materialize(skeleton: nn.Module, modules: dict[str, Any], tensors: dict[str, torch.Tensor],
                 where: str) -> nn.Module:
     """The skeleton with its quantized modules in place and every tensor loaded and checked."""
-    _rebuild(skeleton, modules, where)
+    swap_in(skeleton, modules, where)
     _check_tensors(skeleton, tensors, where)
     skeleton.load_state_dict(tensors, strict=True, assign=True)
-    if any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
-        raise FormatError(f"{where} does not hold every tensor the model needs; re-save it")
-    _check_modules(skeleton, where)
+    check_loaded(skeleton, where)
     return skeleton.eval()
 
 

@@ -146,9 +146,9 @@ def test_inspect_corrupt_folder(tmp_path):
 def test_load_checksum_mismatch_from_the_cli(tmp_path, weights):
     out = tmp_path / "q"
     assert lowbit("quantize", FACTORY, "--weights", weights, "--out", out).returncode == 0
-    blob = bytearray((out / "model.safetensors").read_bytes())
+    blob = bytearray((out / "model.lowbit.safetensors").read_bytes())
     blob[-3] ^= 0x01
-    (out / "model.safetensors").write_bytes(bytes(blob))
+    (out / "model.lowbit.safetensors").write_bytes(bytes(blob))
     assert_refused(lowbit("inspect", out, "--verify"), "sha256")
 
 

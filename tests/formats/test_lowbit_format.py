@@ -24,13 +24,13 @@ def saved_mlp(tmp_path, mlp):
 
 def test_folder_has_safetensors_and_a_manifest_without_pickle(saved_mlp):
     _, folder = saved_mlp
-    assert sorted(p.name for p in folder.iterdir()) == ["lowbit.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["lowbit.json", "model.lowbit.safetensors"]
     manifest = json.loads((folder / "lowbit.json").read_text())
     assert manifest["format_version"] == 2
     assert manifest["recipe"]["scheme"] == "dynamic"
     assert manifest["modules"]["0"]["spec"]["weight"] == "int8"
-    assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
-    assert set(manifest["files"]["model.safetensors"]["tensors"]) >= {"0.weight", "0.weight_scale"}
+    assert len(manifest["files"]["model.lowbit.safetensors"]["sha256"]) == 64
+    assert set(manifest["files"]["model.lowbit.safetensors"]["tensors"]) >= {"0.weight", "0.weight_scale"}
     assert manifest["versions"]["torch"] == torch.__version__
 
 
@@ -91,30 +91,30 @@ def test_failed_write_leaves_no_partial_folder(tmp_path):
 
 def test_checksum_mismatch_is_refused(saved_mlp):
     _, folder = saved_mlp
-    data = bytearray((folder / "model.safetensors").read_bytes())
+    data = bytearray((folder / "model.lowbit.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (folder / "model.safetensors").write_bytes(bytes(data))
+    (folder / "model.lowbit.safetensors").write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match="sha256"):
         lowbit.load(folder)
 
 
 def test_truncated_safetensors_is_refused(saved_mlp):
     _, folder = saved_mlp
-    data = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    data = (folder / "model.lowbit.safetensors").read_bytes()
+    (folder / "model.lowbit.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ChecksumError):
         lowbit.load(folder)
 
 
 def test_truncated_file_with_matching_checksum_is_still_refused(saved_mlp):
     _, folder = saved_mlp
-    data = (folder / "model.safetensors").read_bytes()[:100]
-    (folder / "model.safetensors").write_bytes(data)
+    data = (folder / "model.lowbit.safetensors").read_bytes()[:100]
+    (folder / "model.lowbit.safetensors").write_bytes(data)
     manifest = json.loads((folder / "lowbit.json").read_text())
     from lowbit.formats.members import file_sha256
 
-    manifest["files"]["model.safetensors"]["sha256"] = file_sha256(folder / "model.safetensors")
-    manifest["files"]["model.safetensors"]["bytes"] = 100
+    manifest["files"]["model.lowbit.safetensors"]["sha256"] = file_sha256(folder / "model.lowbit.safetensors")
+    manifest["files"]["model.lowbit.safetensors"]["bytes"] = 100
     (folder / "lowbit.json").write_text(json.dumps(manifest))
     with pytest.raises(FormatError, match="not a readable safetensors"):
         lowbit.load(folder)
@@ -127,7 +127,7 @@ def test_truncated_file_with_matching_checksum_is_still_refused(saved_mlp):
         (lambda f: (f / "lowbit.json").write_text("{oops"), "not valid JSON"),
         (lambda f: (f / "lowbit.json").write_text(json.dumps({"format": "lowbit", "format_version": 99})),
          "version 99"),
-        (lambda f: (f / "model.safetensors").unlink(), "missing"),
+        (lambda f: (f / "model.lowbit.safetensors").unlink(), "missing"),
     ],
 )
 def test_broken_folders_give_a_clear_error(saved_mlp, corrupt, message):

@@ -106,14 +106,14 @@ def test_files_outside_the_folder_are_never_read(places, where):
     models, outside, canary = places
     folder = models / "mlp"
     secret = outside / "secret.safetensors"
-    tensors = load_file(folder / "model.safetensors")
+    tensors = load_file(folder / "model.lowbit.safetensors")
     save_file(tensors, secret)  # the attacker's file holds the right tensors, with its sha256 recorded
     name = {"parent": "../../outside/secret.safetensors", "absolute": str(secret),
-            "symlink": "model.safetensors"}[where]
+            "symlink": "model.lowbit.safetensors"}[where]
     if where == "symlink":
-        (folder / "model.safetensors").unlink()
-        (folder / "model.safetensors").symlink_to(secret)
-    edit_manifest(folder, lambda m: m["files"].update({name: m["files"].pop("model.safetensors")}))
+        (folder / "model.lowbit.safetensors").unlink()
+        (folder / "model.lowbit.safetensors").symlink_to(secret)
+    edit_manifest(folder, lambda m: m["files"].update({name: m["files"].pop("model.lowbit.safetensors")}))
     resign_folder(folder) if where == "symlink" else None
     with watching() as events, pytest.raises(FormatError):
         lowbit.load(folder, skeleton=tiny_mlp)
@@ -161,7 +161,7 @@ def _deep(depth: int):
     lambda m: m["modules"]["0"].update(type="QEmbedding"),
     lambda m: m.update(recipe={"scheme": "sideways"}),
     lambda m: m.update(comparison=_deep(3000)),
-    lambda m: m["files"]["model.safetensors"].update(sha256=12),
+    lambda m: m["files"]["model.lowbit.safetensors"].update(sha256=12),
 ], ids=["spec-missing", "spec-extra-key", "kernel-list", "kernel-unknown", "weight-int4-on-int8-tensors",
         "wrong-module-type", "recipe-invalid", "json-3000-deep", "sha256-not-text"])
 def test_a_malformed_manifest_is_a_format_error_naming_the_problem(places, change):
@@ -185,9 +185,9 @@ def test_a_malformed_manifest_is_a_format_error_naming_the_problem(places, chang
 ], ids=["weight-dtype", "scale-nan", "scale-negative", "weight-shape"])
 def test_tensors_that_do_not_fit_the_module_are_refused_at_load_not_at_the_first_call(places, tensor, value):
     folder = places[0] / "mlp"
-    tensors = load_file(folder / "model.safetensors")
+    tensors = load_file(folder / "model.lowbit.safetensors")
     tensors[tensor] = value(tensors[tensor]).contiguous()
-    save_file(tensors, folder / "model.safetensors")
+    save_file(tensors, folder / "model.lowbit.safetensors")
     resign_folder(folder)
     with pytest.raises(FormatError, match=tensor.split(".")[0]):
         lowbit.load(folder, skeleton=tiny_mlp)
@@ -195,8 +195,8 @@ def test_tensors_that_do_not_fit_the_module_are_refused_at_load_not_at_the_first
 
 def test_inspect_without_verify_refuses_a_truncated_tensor_file(places):
     folder = places[0] / "mlp"
-    data = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    data = (folder / "model.lowbit.safetensors").read_bytes()
+    (folder / "model.lowbit.safetensors").write_bytes(data[: len(data) // 2])
     result = lowbit_cli("inspect", folder)
     assert_one_line_refusal(result)
     assert "truncated" in result.stderr
