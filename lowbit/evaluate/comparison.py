@@ -18,6 +18,7 @@ from lowbit.evaluate.metrics import speedup_interval
 from lowbit.registry import Registry
 
 SCHEMA_VERSION = 1
+DEFAULT_RELATIVE_DROP = 0.01  # the quality budget of a verdict when the caller sets none: 1% worse
 
 # (result kind, format) -> renderer; lowbit.report fills it (a face renders, the measure layer does not)
 RENDERERS: Registry[Callable[[Any], str]] = Registry("report renderer")
@@ -89,21 +90,32 @@ class Comparison:
                                "slower": high < 1.0}
         return verdicts
 
-    def verdict(self) -> dict[str, Any]:
-        """Faster, slower or a tie at each batch size; quality within budget when one is given.
+    def quality_verdict(self) -> tuple[bool | None, str | None]:
+        """Within the quality budget or not, and the line that says so. Without `max_drop` the
+        default budget holds: at most DEFAULT_RELATIVE_DROP worse than the original, relative."""
+        if self.metric not in self.quality:
+            return None, None
+        given = self.max_drop is not None
+        budget, relative = (self.max_drop, self.relative) if given else (DEFAULT_RELATIVE_DROP, True)
+        drop = quality_drop(self.quality[self.metric], relative)
+        within = drop <= budget
+        unit = "relative " if relative else ""
+        source = "" if given else " (the default budget; set your own with max_drop / --max-drop)"
+        return within, (f"{self.metric}: {unit}drop {drop:.4g} {'within' if within else 'OVER'} "
+                        f"the budget {budget:g}{source}")
 
-        It fails when the quantized model is measurably slower at some batch size, or over budget.
+    def verdict(self) -> dict[str, Any]:
+        """Faster, slower or a tie at each batch size, and quality within its budget.
+
+        It fails when the quantized model is measurably slower at some batch size, or its quality
+        drops more than the budget (the caller's `max_drop`, else DEFAULT_RELATIVE_DROP).
         """
         speed = self.speed_verdicts()
         lines = [f"batch {batch}: {_speed_word(entry)} ({entry['speedup']:.2f}×, 95% interval "
                  f"{entry['ci95'][0]:.2f}–{entry['ci95'][1]:.2f})" for batch, entry in speed.items()]
-        within = None
-        if self.max_drop is not None and self.metric in self.quality:
-            drop = quality_drop(self.quality[self.metric], self.relative)
-            within = drop <= self.max_drop
-            unit = "relative " if self.relative else ""
-            lines.append(f"{self.metric}: {unit}drop {drop:.4g} {'within' if within else 'OVER'} "
-                         f"the budget {self.max_drop:g}")
+        within, line = self.quality_verdict()
+        if line:
+            lines.append(line)
         passed = not any(entry["slower"] for entry in speed.values()) and within is not False
         return {"speed": speed, "within_budget": within, "max_drop": self.max_drop,
                 "relative": self.relative, "passed": passed, "lines": lines}

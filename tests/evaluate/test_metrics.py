@@ -139,3 +139,17 @@ def test_speedup_interval_is_paired_over_interleaved_runs():
     drift = np.linspace(10, 30, 50)  # outside load that slows both models alike
     low, high = speedup_interval(list(drift * 1.5), list(drift))
     assert 1.45 < low <= high < 1.55
+
+
+def test_quality_counts_in_the_verdict_without_a_budget():
+    """An agreement of 0.26 fails the verdict even when no --max-drop was given: the default
+    budget (1% relative) applies, and the line says it was the default."""
+    poor = {"agreement": {"original": 1.0, "quantized": 0.26, "delta": -0.74, "ci95": [-0.8, -0.7],
+                          "higher_is_better": True}}
+    close = {"agreement": {"original": 1.0, "quantized": 0.995, "delta": -0.005,
+                           "ci95": [-0.01, 0.0], "higher_is_better": True}}
+    same = {"latency_ms": {}}
+    verdict = Comparison(same, same, poor, "agreement").verdict()
+    assert verdict["within_budget"] is False and not verdict["passed"]
+    assert "default budget" in verdict["lines"][-1]
+    assert Comparison(same, same, close, "agreement").verdict()["passed"]
