@@ -61,6 +61,9 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (typer.Exit, typer.Abort):
         raise
+    except BrokenPipeError:  # `lowbit inspect --json | head`: the reader left, which is no error
+        _quiet_closed_stdout()
+        raise typer.Exit(0) from None
     except KeyboardInterrupt:
         errors.print("interrupted; nothing was written")
         raise typer.Exit(130) from None
@@ -144,6 +147,9 @@ def quantize(
     group_size: Annotated[int | None, typer.Option(min=1,
         help="Group size for int4 recipes (32, 64, 128, 256)."
     )] = None,
+    fallback: Annotated[str | None, typer.Option(
+        help="Preset for modules the recipe cannot quantize here (a group size that does not divide "
+        "their width, a kernel this machine lacks), e.g. --fallback w8.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     max_drop: Annotated[float | None, typer.Option(callback=_non_negative,
         help="Quality budget: measure on --data and fall back (layer by layer, then to safer recipes) "
@@ -177,8 +183,8 @@ def quantize(
         QUANTIZE_BY_FAMILY[family_of(source).name](source, out, **options)
 
 
-def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size, overwrite, max_drop, data,
-                    metric, relative, **_) -> None:
+def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size, fallback, overwrite,
+                    max_drop, data, metric, relative, **_) -> None:
     granularity = f"group:{group_size}" if group_size else None
     chosen = make_recipe(recipe, granularity=granularity)
     model = load_source(source, weights)
@@ -193,7 +199,7 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
         _tune_and_save(model, data, metric, max_drop, "size", candidates, batches, relative, out,
                        overwrite, tokenizer=tokenizer)
         return
-    quantized = quantize_model(model, chosen, calibration=batches, skip=skip)
+    quantized = quantize_model(model, chosen, calibration=batches, skip=skip, fallback=fallback)
     folder = save(quantized, out, overwrite=overwrite)
     modules = quantized_modules(quantized)
     console.print(
@@ -569,7 +575,20 @@ INSPECT_BY_FAMILY = {"scikit-learn": _inspect_sklearn, "torch": _inspect_torch}
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # the reader left while lowbit printed outside a command's handler
+        _quiet_closed_stdout()
+        raise SystemExit(0) from None
+
+
+def _quiet_closed_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

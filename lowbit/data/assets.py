@@ -45,18 +45,32 @@ def wikipedia_documents() -> tuple[dict, ...]:
     return tuple(json.loads(data.read_text()).values())
 
 
+def across_topics(documents: tuple[dict, ...]) -> list[dict]:
+    """The documents in round-robin order over their topics (the corpus is sorted by topic, so
+    its first 256 documents are all "Arts"): any slice of it samples every topic alike."""
+    by_topic: dict[str, list[dict]] = {}
+    for document in documents:
+        by_topic.setdefault(document.get("topic", ""), []).append(document)
+    queues = list(by_topic.values())
+    return [queue[index] for index in range(max(map(len, queues), default=0))
+            for queue in queues if index < len(queue)]
+
+
+def _first_sentence(document: dict) -> str:
+    return document["extract"].split(". ")[0].strip()
+
+
 def wikipedia_sentences(count: int = 256, offset: int = 0) -> list[str]:
-    """The first sentence of each of `count` summaries, starting at document `offset`."""
-    documents = wikipedia_documents()[offset : offset + count]
-    return [doc["extract"].split(". ")[0].strip() for doc in documents]
+    """The first sentence of `count` summaries from position `offset` of the topic-interleaved
+    corpus (`across_topics`)."""
+    return [_first_sentence(doc) for doc in across_topics(wikipedia_documents())[offset : offset + count]]
 
 
 def write_wikipedia_jsonl(path: str | Path, count: int = 256, offset: int = 0) -> Path:
-    """Write `count` real sentences with their topic as {"text", "label"} lines: data to try
-    `lowbit compare` and calibration on."""
-    documents = wikipedia_documents()[offset : offset + count]
-    lines = [json.dumps({"text": doc["extract"].split(". ")[0].strip(), "label": doc["topic"]})
-             for doc in documents]
+    """Write `count` real sentences with their topic as {"text", "label"} lines, every topic
+    alike (`across_topics`): data to try `lowbit compare` and calibration on."""
+    documents = across_topics(wikipedia_documents())[offset : offset + count]
+    lines = [json.dumps({"text": _first_sentence(doc), "label": doc["topic"]}) for doc in documents]
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -19,7 +19,7 @@ from torch import nn
 from lowbit.data.batches import as_dataset, inputs_per_batch_size, speed_inputs, task_batches, tokenize
 from lowbit.errors import LowbitError
 from lowbit.evaluate.comparison import Comparison
-from lowbit.evaluate.latency import compare_latency, generation_speed
+from lowbit.evaluate.latency import busiest, compare_latency, generation_speed, machine_load
 from lowbit.evaluate.layers import layer_errors
 from lowbit.evaluate.size import parameter_bytes
 from lowbit.evaluate.tasks import METRICS_BY_KIND, Task, collect_outputs, is_transformers_model, score_quality
@@ -78,6 +78,7 @@ def compare_models(original: nn.Module, quantized: nn.Module, data: Any, setting
     runs, threads = settings.runs, settings.threads
     kind = infer_kind(original_model, metric)
     dataset = as_dataset(data)
+    available = len(dataset)
     if settings.samples:
         dataset = dataset.head(settings.samples)
     task = Task(kind, labels=dataset.labels if kind == "logits" else None)
@@ -96,8 +97,10 @@ def compare_models(original: nn.Module, quantized: nn.Module, data: Any, setting
                               quantized_modules(quantized_model))
         bar.update(step, advance=1, description="latency")
         timed = speed_inputs(dataset, kind, tokenizer, batch_sizes, seq_len)
+        load = machine_load()
         latency = compare_latency({"original": original_model, "quantized": quantized_model},
                                   timed, runs=runs, threads=threads)
+        load = busiest(load, machine_load())
         reports = {}
         for (name, model), path in zip((("original", original_model), ("quantized", quantized_model)),
                                        sources, strict=True):
@@ -119,7 +122,8 @@ def compare_models(original: nn.Module, quantized: nn.Module, data: Any, setting
             prompt = timed[str(batch_sizes[0])]["input_ids"][:1]
             for name, model in (("original", original_model), ("quantized", quantized_model)):
                 reports[name]["generation"] = generation_speed(model, prompt, threads=threads)
-    recorded = {"kind": kind, "samples": len(dataset), "batch_sizes": list(batch_sizes),
+    recorded = {"kind": kind, "samples": len(dataset), "available_samples": available, **load,
+                "batch_sizes": list(batch_sizes),
                 "quality_batch_size": quality_batch_size,
                 "seq_len": seq_len, "runs": runs,
                 "threads": threads or torch.get_num_threads(), "torch": torch.__version__}

@@ -18,6 +18,7 @@ from lowbit.evaluate.metrics import speedup_interval
 from lowbit.registry import Registry
 
 SCHEMA_VERSION = 1
+SPREAD_LIMIT = 2.0  # p95 / p50 above this: the timings were too unsteady to trust
 DEFAULT_RELATIVE_DROP = 0.01  # the quality budget of a verdict when the caller sets none: 1% worse
 
 # (result kind, format) -> renderer; lowbit.report fills it (a face renders, the measure layer does not)
@@ -90,6 +91,21 @@ class Comparison:
                                "slower": high < 1.0}
         return verdicts
 
+    def timing_warnings(self) -> list[str]:
+        """Why the timings may not be trusted: a machine busier than its cores, or a large spread
+        between a model's median and its 95th percentile."""
+        warnings = []
+        load, cores = self.settings.get("load_average"), self.settings.get("cores")
+        if load is not None and cores and load > cores:
+            warnings.append(f"the machine was busy while timing (load average {load:.1f} on {cores} "
+                            "cores): speed figures may be off; re-run on a quiet machine")
+        for name, report in (("original", self.original), ("quantized", self.quantized)):
+            for batch, entry in report.get("latency_ms", {}).items():
+                if entry.get("p50") and entry.get("p95", 0) > SPREAD_LIMIT * entry["p50"]:
+                    warnings.append(f"{name} at batch {batch}: p95 is {entry['p95'] / entry['p50']:.1f}× "
+                                    "the median; timings were unsteady (more --runs, a quieter machine)")
+        return warnings
+
     def quality_verdict(self) -> tuple[bool | None, str | None]:
         """Within the quality budget or not, and the line that says so. Without `max_drop` the
         default budget holds: at most DEFAULT_RELATIVE_DROP worse than the original, relative."""
@@ -118,7 +134,8 @@ class Comparison:
             lines.append(line)
         passed = not any(entry["slower"] for entry in speed.values()) and within is not False
         return {"speed": speed, "within_budget": within, "max_drop": self.max_drop,
-                "relative": self.relative, "passed": passed, "lines": lines}
+                "relative": self.relative, "passed": passed, "lines": lines,
+                "timing_warnings": self.timing_warnings()}
 
     def delta(self) -> dict[str, Any]:
         size = self.original.get("size_bytes"), self.quantized.get("size_bytes")

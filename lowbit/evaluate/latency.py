@@ -4,6 +4,7 @@ causal language model."""
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,22 @@ def measure_latencies(
     finally:
         torch.set_num_threads(previous_threads)
     return {name: _stats(values, used_threads) for name, values in timings.items()}
+
+
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average and the core count, recorded beside timings: a load above the
+    cores means other work shared the CPU while lowbit timed."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        load = None
+    return {"load_average": load, "cores": os.cpu_count()}
+
+
+def busiest(*loads: dict[str, Any]) -> dict[str, Any]:
+    """The highest load average of several `machine_load` readings."""
+    averages = [entry["load_average"] for entry in loads if entry["load_average"] is not None]
+    return {"load_average": max(averages) if averages else None, "cores": loads[0]["cores"]}
 
 
 def measure_latency(

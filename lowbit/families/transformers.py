@@ -21,8 +21,8 @@ from lowbit.data.assets import cache_folder
 from lowbit.data.batches import tokenize
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.evaluate.tasks import is_transformers_model, mean_pooled_embedding
-from lowbit.families.registry import TORCH_KINDS, TorchKind
 from lowbit.families.hf_quantizer import config_entries
+from lowbit.families.registry import TORCH_KINDS, TorchKind
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.lowbit_format import MANIFEST, verified_file, verify_files
 from lowbit.formats.manifest import parse_json

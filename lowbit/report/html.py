@@ -76,6 +76,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _verdict_lines(verdict: dict) -> list[str]:
+    return [*verdict["lines"], *(f"warning: {warning}" for warning in verdict["timing_warnings"])]
+
+
 def render_html(comparison) -> str:
     verdict = comparison.verdict()
     quality_rows = [[name, _number(e["original"]), _number(e["quantized"]), _number(e["delta"]),
@@ -95,7 +99,7 @@ def render_html(comparison) -> str:
         ".FAIL{color:#b00}.PASS{color:#070}</style></head><body>",
         f"<h1>lowbit compare: {html.escape(comparison.metric)} "
         f"<span class='{status}'>{status}</span></h1>",
-        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in verdict["lines"]) + "</ul>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in _verdict_lines(verdict)) + "</ul>",
         _table(["measure", "original", "quantized", "change"], [list(r) for r in summary_rows(comparison)]),
         "<h2>Quality</h2>",
         _table(["metric", "original", "quantized", "change", "95% interval"], quality_rows),

@@ -47,11 +47,23 @@ def summary_rows(comparison) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _samples(settings: dict[str, Any]) -> str:
+    used, available = settings.get("samples"), settings.get("available_samples")
+    if available and used and available > used:
+        return f"{used:,} of {available:,} samples (the first {used:,}; --samples / samples= uses more)"
+    return f"{used:,} samples" if isinstance(used, int) else "all samples"
+
+
+def _threads(settings: dict[str, Any]) -> str:
+    threads = settings.get("threads")
+    return f"{threads} threads" if threads else "the libraries' default threads"
+
+
 def render_markdown(comparison, worst_layers: int = 10) -> str:
     lines = [f"# lowbit compare: {comparison.metric}", ""]
     settings = comparison.settings
-    lines.append(f"{settings.get('samples')} samples, {settings.get('kind')} model, "
-                 f"{settings.get('threads')} threads, batch sizes {settings.get('batch_sizes')} "
+    lines.append(f"{_samples(settings)}, {settings.get('kind')} model, "
+                 f"{_threads(settings)}, batch sizes {settings.get('batch_sizes')} "
                  f"(quality measured at batch {settings.get('quality_batch_size')}); "
                  "every figure measured in this run.")
     lines += ["", "| measure | original | quantized | change |", "| --- | ---: | ---: | ---: |"]
@@ -72,4 +84,5 @@ def render_markdown(comparison, worst_layers: int = 10) -> str:
     lines += ["", "## Verdict", ""]
     lines += [f"- {line}" for line in verdict["lines"]]
     lines.append(f"- overall: {'PASS' if verdict['passed'] else 'FAIL'}")
+    lines += [f"- warning: {warning}" for warning in verdict["timing_warnings"]]
     return "\n".join(lines) + "\n"

@@ -71,7 +71,8 @@ def _problem(name: str, module: nn.Module, spec: LayerSpec) -> QuantizationError
         if module.weight.shape[-1] % group:
             return QuantizationError(
                 f"group size {group} does not divide the input dimension {module.weight.shape[-1]} of "
-                f"{name!r}; choose another group size, skip it, or pass fallback='w8'")
+                f"{name!r}; choose another group size, skip it, or fall back to another recipe for "
+                "such modules (fallback='w8'; CLI: --fallback w8)")
     reason = missing_kernel(spec)
     return HardwareCompatibilityError(f"{name!r}: {reason}") if reason else None
 

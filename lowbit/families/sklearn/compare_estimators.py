@@ -19,7 +19,7 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.evaluate.comparison import Comparison
-from lowbit.evaluate.latency import measure_latencies
+from lowbit.evaluate.latency import busiest, machine_load, measure_latencies
 from lowbit.evaluate.metrics import bootstrap_difference, sqnr_db
 from lowbit.families.sklearn.estimator_files import best_load_seconds, is_sklearn_file, read_estimator
 from lowbit.families.sklearn.guard import same_predictions
@@ -137,6 +137,7 @@ def compare_estimators(
     if isinstance(data, (str, os.PathLike)) and labels is None:
         labels = reference_labels(data)
     inputs = reference_inputs(data, original_model)
+    available = len(inputs)
     if samples:
         inputs, labels = _take(inputs, np.arange(min(samples, len(inputs)))), (
             None if labels is None else labels[:samples])
@@ -148,8 +149,10 @@ def compare_estimators(
     if metric not in quality:
         raise LowbitError(f"metric {metric!r} is not measured for this model and data; "
                           f"choose one of {', '.join(quality)}")
+    load = machine_load()
     latency = _latency({"original": original_model, "quantized": quantized_model}, inputs, batch_sizes, runs,
                        threads)
+    load = busiest(load, machine_load())
     encodings = _encodings(quantized, quantized_path)
     reports = {}
     for name, path, seconds in (("original", original_path, original_seconds),
@@ -162,6 +165,7 @@ def compare_estimators(
             "throughput": {size: entry["throughput"] for size, entry in latency[name].items()},
             "quality": {m: entry[name] for m, entry in quality.items()}}
     settings = {"kind": f"scikit-learn {type(original_model).__name__}", "samples": len(inputs),
+                "available_samples": available, **load,
                 "batch_sizes": list(batch_sizes), "quality_batch_size": len(inputs), "runs": runs,
                 "threads": threads}
     return Comparison(reports["original"], reports["quantized"], quality, metric,
