@@ -240,7 +240,7 @@ def test_a_bit_flip_in_a_vocabulary_is_a_format_error(tmp_path):
     from lowbit.data import assets
 
     texts = [document["extract"] for document in assets.wikipedia_documents()[:50]]
-    path = lowbit_sklearn.quantize(CountVectorizer().fit(texts)).save(tmp_path / "v.lowbit")
+    path = lowbit_sklearn.quantize(CountVectorizer().fit(texts), data=texts).save(tmp_path / "v.lowbit")
 
     def flip(entries):
         data = bytearray(entries["vocabulary/0.txt"])

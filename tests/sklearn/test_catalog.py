@@ -173,7 +173,7 @@ def test_weight_threshold_prunes_coefficients_sparsely_only_where_predictions_ho
 
 def test_the_file_holds_no_pickle_and_loads_only_sklearn_numpy_and_scipy_names(cancer, tmp_path):
     train, labels, _ = cancer
-    path = lowbit_sklearn.quantize(tree.DecisionTreeClassifier().fit(train, labels)).save(
+    path = lowbit_sklearn.quantize(tree.DecisionTreeClassifier().fit(train, labels), data=train).save(
         tmp_path / "t.lowbit"
     )
     with zipfile.ZipFile(path) as archive:
@@ -196,7 +196,7 @@ def test_an_unstorable_component_is_a_clear_error_and_nothing_is_written(cancer,
     model = make_pipeline(
         FunctionTransformer(lambda x: x * 2), linear_model.LogisticRegression(max_iter=3000)
     )
-    quantized = lowbit_sklearn.quantize(model.fit(train, labels), bits=8)
+    quantized = lowbit_sklearn.quantize(model.fit(train, labels), bits=8, data=train)
     assert quantized.kept_float == ["model.steps[0][1]"]  # unsupported: kept as it is, and reported
     with pytest.raises(FormatError, match="function"):
         quantized.save(tmp_path / "m.lowbit")

@@ -85,6 +85,12 @@ class QuantizedEstimator(MetaEstimatorMixin, BaseEstimator):
         return write_file(self.estimator_, self.encodings, path, self.report(), overwrite)
 
 
+NO_DATA = ("no reference data: pass data= (CLI: --data FILE), a sample of the inputs the model will "
+           "see (its validation or training data will do). Without it lowbit cannot check that the "
+           "smaller arrays leave every prediction unchanged (a GaussianNB whose variances round to "
+           "zero predicts NaN), so it writes nothing")
+
+
 def _quantize_into(target: QuantizedEstimator, estimator: Any, data: Any) -> None:
     """Quantize a fitted `estimator` as `target`'s parameters say, guarded on `data`; the result
     and its report become `target`'s fitted state (`estimator_`, `encodings`, `verified`, ...)."""
@@ -96,6 +102,8 @@ def _quantize_into(target: QuantizedEstimator, estimator: Any, data: Any) -> Non
     if not 0 <= tolerance <= 1:
         raise QuantizationError(f"probability_tolerance must be within [0, 1], not {tolerance}")
     kept_float = check_estimator(estimator)
+    if data is None:
+        raise QuantizationError(NO_DATA)
     data = reference_inputs(data, estimator)
     quantized = copy.deepcopy(estimator)
     slots = [slot for slot in find_slots(quantized) if not any(slot.path.startswith(k) for k in kept_float)]
@@ -122,7 +130,9 @@ def quantize(
     array, or a .jsonl/.txt/.csv/.npy file) the fidelity guard moves any array that changes a
     prediction to the next wider type (8 → 16 → 32 bits → original), so the result predicts
     `data` exactly as the original does and its probabilities stay within
-    `probability_tolerance`. Without `data`, fidelity is not verified.
+    `probability_tolerance`. Without `data` it refuses (QuantizationError): nothing could be
+    checked. Arrays whose entries are all positive (variances, scales) never take a rung that
+    rounds an entry to zero.
     `weight_threshold` > 0 first tries coefficient arrays (coef_, coefs_, dual_coef_,
     components_) with entries below it in magnitude set to zero and stored sparsely; the guard
     undoes the pruning of any array where it changes a prediction.

@@ -50,9 +50,25 @@ def ladder(bits: int, array: np.ndarray, pruned: bool = False) -> tuple[str, ...
     if not np.isfinite(array).all():
         steps = tuple(step for step in steps if step not in INTEGER_TYPES)
         pruned = False
+    if array.size and array.dtype.kind == "f" and np.all(array > 0):
+        steps = tuple(step for step in steps if _keeps_relative_precision(array, step))
+        pruned = False
     if pruned:
         steps = tuple(PRUNED + step for step in steps if step != "exact") + steps
     return steps or ("exact",)
+
+
+POSITIVE_RELATIVE_ERROR = 1e-3  # largest relative change of an entry of an all-positive array
+
+
+def _keeps_relative_precision(array: np.ndarray, step: str) -> bool:
+    """Whether `step` keeps every entry of an all-positive array within POSITIVE_RELATIVE_ERROR
+    of itself. Variances, scales and counts are divided by or logged: a small one rounded on a
+    grid sized for the largest (or to zero, which makes NaN) moves predictions on inputs no check
+    set holds, so such a rung is never offered for them, whatever the data."""
+    with np.errstate(all="ignore"):
+        decoded = decode(encode(array, step))
+        return step == "exact" or bool(np.all(np.abs(decoded - array) <= POSITIVE_RELATIVE_ERROR * array))
 
 
 def _rows(array: np.ndarray) -> np.ndarray:

@@ -3,8 +3,7 @@
 Start with every array at the smallest rung of its ladder. If predictions on the reference data
 differ from the original's, find the arrays that change predictions on their own and move each
 up one rung (when none does alone, the one whose next rung helps most); repeat until the whole
-model predicts exactly as the original did. Without
-reference data nothing can be checked, and the result says so.
+model predicts exactly as the original did.
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ class _LadderClimb:
         self.cache: dict[tuple[str, str], Encoded] = {}
         self.estimator, self.data = estimator, data
         self.tolerance, self.threshold = tolerance, weight_threshold
-        self.reference = predictions(estimator, data) if data is not None else None
+        self.reference = predictions(estimator, data)
 
     def encoded(self, path: str, rung: str) -> Encoded:
         if (path, rung) not in self.cache:
@@ -168,12 +167,8 @@ class _LadderClimb:
         return GuardResult(self.current(), self.fallbacks, changed, probability, verified=True)
 
 
-def guard(slots: list[Slot], bits: int, estimator: Any, data: Any | None,
+def guard(slots: list[Slot], bits: int, estimator: Any, data: Any,
           tolerance: float = PROBABILITY_TOLERANCE, weight_threshold: float = 0.0) -> GuardResult:
     """Choose an encoding per slot (see the module docstring); leaves `estimator` computing with
     the chosen, decoded arrays. A `weight_threshold` first tries coefficient arrays pruned."""
-    search = _LadderClimb(slots, bits, estimator, data, tolerance, weight_threshold)
-    if data is None:
-        search.applied.apply(search.current())
-        return GuardResult(search.current())
-    return search.run()
+    return _LadderClimb(slots, bits, estimator, data, tolerance, weight_threshold).run()
