@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 2 bad input or a refused operation (a lowbit error, message on stderr,
 nothing written); 1 an unexpected internal error; 3 compare's verdict failed; 4 tune (or quantize
---max-drop) found no quantized model within the budget, so nothing was written.
+--max-drop) found no quantized model within the budget, or a scikit-learn file would not be
+smaller than its original, so nothing was written.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit.data.batches import calibration_batches
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, NotSmallerError
 from lowbit.evaluate import estimate, folder_bytes
 from lowbit.families import transformers as hf
 from lowbit.families.api import save
@@ -41,7 +42,8 @@ app = typer.Typer(
     help="Quantize trained models to 16, 8 and 4 bits and measure what it costs and buys.\n\n"
     "Exit codes: 0 ok; 1 internal error; 2 bad input or refused (nothing written); "
     "3 compare: the quantized model is slower than the original or over the quality budget; "
-    "4 tune / quantize --max-drop: nothing quantized met the budget (nothing written).",
+    "4 tune / quantize --max-drop: nothing quantized met the budget, or a scikit-learn file would "
+    "not be smaller (nothing written).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -56,6 +58,9 @@ def _user_errors() -> Iterator[None]:
     """Turn lowbit errors into a one-line message and exit code 2, anything else into exit 1."""
     try:
         yield
+    except NotSmallerError as error:
+        errors.print(f"[bold red]not smaller:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BUDGET_MISSED) from None
     except LowbitError as error:
         errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -224,9 +229,6 @@ def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, o
         table.add_row("predictions/s", f"{report['original_predictions_per_second']:.0f}",
                       f"{report['quantized_predictions_per_second']:.0f}")
     console.print(table)
-    if report["file_size_reduction_percent"] <= 0:
-        console.print("[yellow]note:[/] the lowbit file is not smaller: this model is too small for its "
-                      "arrays to outweigh the file's structure")
     console.print(f"{report['file_size_reduction_percent']:.1f}% smaller; "
                   + (f"{report['prediction_differences']} prediction differences on --data"
                      if report["verified"] else "fidelity NOT verified: pass --data to check predictions"))

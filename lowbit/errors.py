@@ -28,6 +28,11 @@ class AccuracyBudgetError(LowbitError):
         self.result = result
 
 
+class NotSmallerError(LowbitError):
+    """The quantized file would be no smaller than the original, so it was not written (the CLI
+    exits 4, as when tune finds nothing within budget)."""
+
+
 class LowbitWarning(UserWarning):
     """Something lowbit worked around (a fallback, an unverified result) that you should know."""
 

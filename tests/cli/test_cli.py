@@ -189,3 +189,15 @@ def test_calibration_text_file_that_is_not_jsonl(tmp_path, minilm_folder):
     out = tmp_path / "out"
     assert_refused(lowbit("quantize", minilm_folder, "-r", "w8a8-static", "--calibration", data,
                           "--out", out), "calib.jsonl:1", out)
+
+
+def test_a_closed_pipe_is_a_quiet_exit(tmp_path, weights):
+    """`lowbit inspect --json | head -1`: the reader leaves early; lowbit exits 0, says nothing."""
+    out = tmp_path / "q"
+    assert lowbit("quantize", FACTORY, "--weights", weights, "--out", out).returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before lowbit prints anything: every write fails
+    writer = subprocess.run([sys.executable, "-m", "lowbit.cli", "inspect", str(out), "--json"],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert writer.returncode == 0 and writer.stderr == ""

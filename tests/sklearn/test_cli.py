@@ -149,13 +149,8 @@ def test_a_model_fitted_on_a_dataframe_reads_its_csv_by_column_name(tmp_path):
 
 
 def test_inspect_and_bench_read_a_scikit_learn_file(files, tmp_path):
-    out = tmp_path / "model.lowbit"
-    assert (
-        _run(
-            "quantize", files / "model.joblib", "--trust-pickle", "--data", files / "test.csv", "--out", out
-        ).exit_code
-        == 0
-    )
+    out = tmp_path / "model.lowbit"  # a 30-coefficient model: the CLI would refuse it as not smaller
+    lowbit.sklearn.quantize(joblib.load(files / "model.joblib"), data=str(files / "test.csv")).save(out)
     shown = _run("inspect", out, "--verify")
     assert shown.exit_code == 0, shown.output
     assert "model.coef_" in shown.output and "0 prediction differences" in shown.output
@@ -195,3 +190,25 @@ def test_weight_threshold_on_the_command_line_reports_what_was_pruned(files, tmp
     assert result.exit_code == 0, result.output
     assert "0 prediction differences" in result.output
     assert "pruned: model.steps[1][1].coef_: 20.0% of its entries are zero" in " ".join(result.output.split())
+
+
+def test_without_data_nothing_is_written_and_the_exit_code_is_2(files, tmp_path):
+    out = tmp_path / "model.lowbit"
+    result = _run("quantize", files / "model.joblib", "--trust-pickle", "--out", out)
+    assert result.exit_code == 2 and "--data" in result.output
+    assert not out.exists()
+
+
+def test_a_file_that_would_not_be_smaller_is_refused_with_exit_4(tmp_path):
+    """A 13-feature GaussianNB pickles to about 1.4 kB; the lowbit file cannot beat that."""
+    from sklearn.datasets import load_wine
+    from sklearn.naive_bayes import GaussianNB
+
+    features, labels = load_wine(return_X_y=True)
+    joblib.dump(GaussianNB().fit(features, labels), tmp_path / "wine.joblib")
+    np.save(tmp_path / "wine.npy", features)
+    out = tmp_path / "wine.lowbit"
+    result = _run("quantize", tmp_path / "wine.joblib", "--trust-pickle", "--data", tmp_path / "wine.npy",
+                  "--out", out)
+    assert result.exit_code == 4 and "no smaller" in result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["wine.joblib", "wine.npy"]

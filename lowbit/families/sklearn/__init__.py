@@ -80,9 +80,10 @@ class QuantizedEstimator(MetaEstimatorMixin, BaseEstimator):
                 "pruned": {path: share for path, encoded in self.encodings.items()
                            if (share := sparsity(encoded)) is not None}}
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """One zip file (see lowbit.families.sklearn.lowbit_file), written atomically."""
-        return write_file(self.estimator_, self.encodings, path, self.report(), overwrite)
+    def save(self, path: str | Path, overwrite: bool = False, smaller_than: int | None = None) -> Path:
+        """One zip file (see lowbit.families.sklearn.lowbit_file), written atomically; with
+        `smaller_than` (bytes) only if it is smaller, else NotSmallerError and nothing written."""
+        return write_file(self.estimator_, self.encodings, path, self.report(), overwrite, smaller_than)
 
 
 NO_DATA = ("no reference data: pass data= (CLI: --data FILE), a sample of the inputs the model will "
@@ -153,7 +154,8 @@ def quantize_model_file(
     `data` (a .jsonl/.txt/.csv/.npy file, texts or an array) is the fidelity guard's reference and
     the throughput workload. Returns sizes, reduction, prediction differences (the reloaded lowbit
     file against the original), load times, predictions per second and the arrays that fell back.
-    A pickle or joblib file needs `trust_pickle=True`; a skops file loads safely without it.
+    A pickle or joblib file needs `trust_pickle=True`; a skops file loads safely without it. A
+    lowbit file that would be no smaller than the input is not written (NotSmallerError).
     """
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path else input_path.with_suffix(".lowbit")
@@ -163,7 +165,7 @@ def quantize_model_file(
     inputs = reference_inputs(data, estimator)
     quantized, quantize_seconds = timed(lambda: quantize(estimator, bit_depth, weight_threshold, inputs,
                                                          probability_tolerance))
-    quantized.save(output_path, overwrite=overwrite)
+    quantized.save(output_path, overwrite=overwrite, smaller_than=input_path.stat().st_size)
     return {"output_path": str(output_path), "bits": bit_depth, "verified": quantized.verified,
             "quantize_seconds": quantize_seconds,
             **measure_files(input_path, output_path, estimator, inputs, trust_pickle),

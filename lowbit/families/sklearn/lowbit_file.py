@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.errors import ChecksumError, FormatError
+from lowbit.errors import ChecksumError, FormatError, NotSmallerError
 from lowbit.families.sklearn import probe, skeleton
 from lowbit.families.sklearn.encodings import Encoded
 from lowbit.families.sklearn.manifest import validate_manifest
@@ -46,8 +46,9 @@ def _class_path(estimator: Any) -> str:
 
 
 def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.PathLike,
-               report: dict[str, Any], overwrite: bool = False) -> Path:
-    """Save atomically; `encodings` maps slot paths to how each quantized array is stored."""
+               report: dict[str, Any], overwrite: bool = False, smaller_than: int | None = None) -> Path:
+    """Save atomically; `encodings` maps slot paths to how each quantized array is stored. With
+    `smaller_than` (bytes), a file that would not be smaller is not written (NotSmallerError)."""
     from safetensors.numpy import save as save_arrays
 
     path = Path(path)
@@ -61,11 +62,16 @@ def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.Pat
                 "versions": _versions(), "probe": probe.record(estimator),
                 "sha256": {name: _sha256(data) for name, data in entries.items()},
                 "sizes": {name: len(data) for name, data in entries.items()}}
-    with atomic_file(path, overwrite) as staging, \
-            zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        archive.writestr("lowbit.json", json.dumps(manifest, indent=1))
-        for name, data in entries.items():
-            archive.writestr(name, data)
+    with atomic_file(path, overwrite) as staging:
+        with zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+            archive.writestr("lowbit.json", json.dumps(manifest, separators=(",", ":")))
+            for name, data in entries.items():
+                archive.writestr(name, data)
+        size = Path(staging).stat().st_size
+        if smaller_than is not None and size >= smaller_than:
+            raise NotSmallerError(f"the lowbit file would be {size:,} bytes, no smaller than the original's "
+                                  f"{smaller_than:,}: this model is too small for quantized arrays to "
+                                  "outweigh the file's structure, so nothing was written")
     return path
 
 
