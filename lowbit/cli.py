@@ -240,6 +240,21 @@ def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, o
         console.print(f"  pruned: {path}: {share:.1%} of its entries are zero, stored sparsely")
 
 
+def _table(title: str, headers: list[str], rows: list[tuple[str, ...]], whole: set[str]) -> Table:
+    """A table that fits any width without losing a character: the columns in `whole` (numbers,
+    short words) keep each value on one line at its full width; the others wrap, folding long
+    names onto the next line instead of cutting them."""
+    table = Table(title=title)
+    for index, header in enumerate(headers):
+        widest = max([len(header), *(len(row[index]) for row in rows)])
+        numeric = header in ("bytes", "stored bytes")
+        table.add_column(header, justify="right" if numeric else "left", overflow="fold",
+                         no_wrap=header in whole, min_width=widest if header in whole else None)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _kernel_summary(kernels: dict[str, str]) -> str:
     """'fbgemm_dynamic', or 'fbgemm_dynamic ≤32 rows, dequantized_fp32 >32' when it varies by rows.
 
@@ -281,15 +296,13 @@ def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
         print(json.dumps({"recipe": manifest.get("recipe"), "modules": modules,
                           "folder_bytes": folder_bytes(folder)}, indent=2))
         return
-    table = Table(title=f"{folder} ({manifest['model'].get('class')})")
-    for column in ("module", "layer", "scheme", "weight", "kernel", "bytes"):
-        table.add_column(column, justify="right" if column == "bytes" else "left",
-                         overflow="fold", no_wrap=column not in ("weight", "kernel"))
-    for name, entry in modules.items():
-        spec = entry["spec"]
-        table.add_row(name, entry["type"].removeprefix("Q"), spec["scheme"],
-                      f"{spec['weight']} {spec['granularity']}",
-                      _kernel_summary(spec["kernels"]), f"{entry['bytes']:,}")
+    rows = [(name, entry["type"].removeprefix("Q"), entry["spec"]["scheme"],
+             f"{entry['spec']['weight']} {entry['spec']['granularity']}",
+             _kernel_summary(entry["spec"]["kernels"]), f"{entry['bytes']:,}")
+            for name, entry in modules.items()]
+    table = _table(f"{folder} ({manifest['model'].get('class')})",
+                   ["module", "layer", "scheme", "weight", "kernel", "bytes"], rows,
+                   whole={"layer", "scheme", "bytes"})
     console.print(table)
     quantized = sum(entry["bytes"] for entry in modules.values())
     console.print(f"{len(modules)} quantized modules, {_mib(quantized)} of quantized tensors; "
@@ -305,12 +318,10 @@ def _inspect_sklearn(path: Path, as_json: bool, verify: bool) -> None:
     if as_json:
         print(json.dumps(described, indent=2))
         return
-    table = Table(title=f"{path} ({described['estimator']})")
-    for column in ("array", "encoding", "shape", "stored bytes"):
-        table.add_column(column, justify="right" if column == "stored bytes" else "left", overflow="fold")
-    for entry in described["arrays"]:
-        table.add_row(entry["path"], entry["encoding"], "×".join(map(str, entry["shape"])),
-                      f"{entry['stored_bytes']:,}")
+    rows = [(entry["path"], entry["encoding"], "×".join(map(str, entry["shape"])),
+             f"{entry['stored_bytes']:,}") for entry in described["arrays"]]
+    table = _table(f"{path} ({described['estimator']})", ["array", "encoding", "shape", "stored bytes"],
+                   rows, whole={"encoding", "shape", "stored bytes"})
     console.print(table)
     report = described["report"]
     fidelity = (f"{report['prediction_differences']} prediction differences on the reference data"
@@ -563,11 +574,8 @@ def tune_command(
 @app.command()
 def recipes() -> None:
     """List the named recipe presets."""
-    table = Table(title="presets")
-    table.add_column("name")
-    table.add_column("recipe")
-    for name in PRESETS:
-        table.add_row(name, make_recipe(name).model_dump_json(exclude={"skip", "overrides"}))
+    rows = [(name, make_recipe(name).model_dump_json(exclude={"skip", "overrides"})) for name in PRESETS]
+    table = _table("presets", ["name", "recipe"], rows, whole={"name"})
     console.print(table)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "lowbit"
 
 LAYERS = [  # (layer, the folders and files that hold it), in DESIGN.md's order
-    ("base", ["errors.py", "version.py", "registry.py"]),
+    ("base", ["errors.py", "version.py", "registry.py", "progress.py"]),
     ("numerics", ["core"]),
     ("modules", ["nn"]),
     ("algorithms", ["algorithms"]),

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from rich.progress import Progress
 from torch import nn
 
 from lowbit.data.batches import as_dataset, inputs_per_batch_size, speed_inputs, task_batches, tokenize
@@ -23,6 +22,7 @@ from lowbit.evaluate.latency import busiest, compare_latency, generation_speed, 
 from lowbit.evaluate.layers import layer_errors
 from lowbit.evaluate.size import parameter_bytes
 from lowbit.evaluate.tasks import METRICS_BY_KIND, Task, collect_outputs, is_transformers_model, score_quality
+from lowbit.progress import progress_bar
 from lowbit.transform.quantize import quantized_modules
 
 # (name, model, a first input) -> size_bytes, load_seconds, peak_rss_bytes (what a family measures on disk)
@@ -87,7 +87,7 @@ def compare_models(original: nn.Module, quantized: nn.Module, data: Any, setting
     # the integer kernels (larger ones may run dequantized float GEMMs, which are more accurate).
     quality_batch_size = min(batch_sizes)
     batches = task_batches(dataset, kind, tokenizer, quality_batch_size, seq_len)
-    with Progress(transient=True, disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         step = bar.add_task("quality", total=5)
         outputs = {name: collect_outputs(model, batches, task)
                    for name, model in (("original", original_model), ("quantized", quantized_model))}

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import Progress
 from torch import nn
 
 from lowbit.core import CALIBRATORS, Histogram, compute_range
@@ -25,6 +24,7 @@ from lowbit.data.batches import call_model
 from lowbit.errors import CalibrationError, LowbitError
 from lowbit.nn.hooks import forward_hooks
 from lowbit.nn.kinds import module_kind
+from lowbit.progress import progress_bar
 from lowbit.registry import Registry
 
 AUTO = "auto"
@@ -71,9 +71,8 @@ def collect_histograms(
     was_training = model.training
     model.eval()
     try:
-        with _recording(model, names, histograms, input_shapes), torch.inference_mode(), Progress(
-            transient=True, disable=not progress
-        ) as bar:
+        with _recording(model, names, histograms, input_shapes), torch.inference_mode(), \
+                progress_bar(progress) as bar:
             task = bar.add_task("calibrating", total=len(batches))
             for index, batch in enumerate(batches):
                 try:

@@ -18,6 +18,7 @@ from lowbit.nn import QUANTIZED_MODULES, LayerSpec
 from lowbit.nn.kernels import missing_kernel
 from lowbit.nn.kinds import module_kind
 from lowbit.nn.registry import qmodule_for
+from lowbit.progress import progress_bar
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.recipe import Recipe, make_recipe
 
@@ -194,9 +195,12 @@ def quantize(
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     storages = {name: weight_storage(modules[name]) for name in specs}
-    for name, spec in specs.items():
-        algorithm = recipe_for(name, recipe).algorithm
-        set_module(target, name, build_module(modules[name], spec, ranges.get(name), algorithm))
+    with progress_bar(progress) as bar:
+        step = bar.add_task(f"quantizing {len(specs)} modules", total=len(specs))
+        for name, spec in specs.items():
+            algorithm = recipe_for(name, recipe).algorithm
+            set_module(target, name, build_module(modules[name], spec, ranges.get(name), algorithm))
+            bar.advance(step)
     share_tied_weights(target, storages)
     setattr(target, RECIPE_ATTRIBUTE, recipe)
     target.lowbit_source = source

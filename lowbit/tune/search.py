@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-from rich.progress import Progress
 from torch import nn
 
 from lowbit.data.batches import as_dataset, call_model, task_batches
@@ -38,6 +37,7 @@ from lowbit.evaluate.latency import measure_latencies
 from lowbit.evaluate.metrics import speedup_interval, sqnr_db
 from lowbit.evaluate.size import parameter_bytes
 from lowbit.evaluate.tasks import Task, collect_outputs, primary_tensor, score_quality
+from lowbit.progress import progress_bar
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.quantize import build_module, plan, quantize, set_module
 from lowbit.transform.recipe import Recipe, make_recipe
@@ -230,7 +230,7 @@ class _BudgetSearch:
 
     def __init__(self, work: _Workload, candidates: list[tuple[str, Recipe]], objective: Objective,
                  calibration: CalibrationResult | None, time_budget: float | None, runs: int,
-                 exact_top: int, bar: Progress) -> None:
+                 exact_top: int, bar: Any) -> None:
         self.work, self.candidates, self.objective = work, candidates, objective
         self.calibration, self.runs, self.exact_top, self.bar = calibration, runs, exact_top, bar
         self.deadline = time.monotonic() + time_budget if time_budget else math.inf
@@ -405,7 +405,7 @@ def tune(
     started = time.monotonic()
     calibration_batches = task_batches(dataset.head(32), kind, tokenizer, 8, seq_len)
     shared = _calibration(original, named, calibration, calibration_batches, progress)
-    with Progress(transient=True, disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         bar.add_task("measuring the original", total=None)
         reference = collect_outputs(original, batches, task)
         proxy = _proxy(batches[:proxy_batches], kind)
