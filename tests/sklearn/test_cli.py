@@ -212,3 +212,22 @@ def test_a_file_that_would_not_be_smaller_is_refused_with_exit_4(tmp_path):
                   "--out", out)
     assert result.exit_code == 4 and "no smaller" in result.output
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["wine.joblib", "wine.npy"]
+
+
+def test_data_of_the_wrong_kind_is_a_short_clear_error(files, tmp_path):
+    """Text for a numeric model, numbers for a text pipeline: exit 2, a one-line message that
+    names the file and does not paste the data, nothing written."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+
+    texts = ["the cat sat on the mat", "stocks fell sharply today", "a cat and a dog", "markets rallied"] * 5
+    joblib.dump(make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(texts, [0, 1, 0, 1] * 5),
+                tmp_path / "text.joblib")
+    (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    cases = [(tmp_path / "text.joblib", files / "three_columns.npy", "reads text"),
+             (files / "model.joblib", tmp_path / "texts.jsonl", "holds text")]
+    for model, data, message in cases:
+        out = tmp_path / "out.lowbit"
+        result = _run("quantize", model, "--trust-pickle", "--data", data, "--out", out)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "stocks fell" not in result.output and not out.exists()

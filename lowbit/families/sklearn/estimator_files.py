@@ -79,7 +79,28 @@ def reference_inputs(data: Any, estimator: Any = None) -> Any:
     from lowbit.data.datasets import read_dataset
 
     dataset = read_dataset(data)
-    return dataset.texts if dataset.texts is not None else dataset.inputs.numpy()
+    inputs = dataset.texts if dataset.texts is not None else dataset.inputs.numpy()
+    _check_kind(inputs, estimator, Path(data))
+    return inputs
+
+
+def _check_kind(inputs: Any, estimator: Any, path: Path) -> None:
+    """Text for a model whose first step reads text, numbers for the others: a clear error (never
+    the data itself pasted into the message) when the file holds the other kind."""
+    from lowbit.families.sklearn.probe import TEXT_VECTORIZERS, first_step
+
+    if estimator is None:
+        return
+    step = type(first_step(estimator)).__name__
+    texts = isinstance(inputs, list)
+    if step in TEXT_VECTORIZERS and not texts:
+        raise LowbitError(f"the model reads text (its first step is a {step}), but {path.name} holds "
+                          "numbers; give texts as .jsonl ({\"text\": ...} per line) or .txt (one per line)")
+    if step not in TEXT_VECTORIZERS and texts:
+        width = getattr(estimator, "n_features_in_", None)
+        columns = f"{width} numeric columns" if width else "numbers"
+        raise LowbitError(f"the model takes {columns} ({step}), but {path.name} holds text; give "
+                          ".npy or .csv numbers")
 
 
 def reference_labels(data: str | os.PathLike) -> np.ndarray | None:

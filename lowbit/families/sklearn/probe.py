@@ -22,7 +22,7 @@ PROBE_TEXTS = ["", "the of and in a", "quantization of 8 bits", "ZÃ¼rich 1999 â‚
 MAX_WIDTH = 1 << 20
 
 
-def _first_step(estimator: Any) -> Any:
+def first_step(estimator: Any) -> Any:
     while hasattr(estimator, "steps") and estimator.steps:
         estimator = estimator.steps[0][1]
     return estimator
@@ -31,7 +31,7 @@ def _first_step(estimator: Any) -> Any:
 def probe_inputs(estimator: Any) -> Any | None:
     """A few synthetic rows the estimator accepts, or None when it takes named columns (a
     DataFrame) whose types cannot be made up."""
-    first = _first_step(estimator)
+    first = first_step(estimator)
     if type(first).__name__ in TEXT_VECTORIZERS:
         return list(PROBE_TEXTS)
     if getattr(estimator, "feature_names_in_", None) is not None:
