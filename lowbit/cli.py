@@ -232,6 +232,12 @@ def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, o
     console.print(f"{report['file_size_reduction_percent']:.1f}% smaller; "
                   + (f"{report['prediction_differences']} prediction differences on --data"
                      if report["verified"] else "fidelity NOT verified: pass --data to check predictions"))
+    held_out = report.get("held_out")
+    if held_out:
+        low, high = held_out["ci95"]
+        console.print(f"checked on {held_out['rows']:,} rows of --data the guard did not climb on: "
+                      f"{held_out['changed']} changed (95% interval {low:.1%}–{high:.1%}); estimated "
+                      f"share of new rows that would change: {held_out['estimated_flip_rate']:.1e}")
     for path, steps in report["fallbacks"].items():
         console.print(f"  fell back: {path}: {' → '.join(steps)}")
     for path in report["kept_float"]:

@@ -166,30 +166,23 @@ def test_inspect_and_bench_read_a_scikit_learn_file(files, tmp_path):
     assert _run("inspect", broken, "--verify").exit_code == 2
 
 
-def test_weight_threshold_on_the_command_line_reports_what_was_pruned(files, tmp_path):
+def test_weight_threshold_on_the_command_line_reports_what_was_pruned(tmp_path):
+    from sklearn.datasets import load_digits
     from sklearn.linear_model import RidgeClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    features, labels = load_breast_cancer(return_X_y=True)
-    model = make_pipeline(StandardScaler(), RidgeClassifier(alpha=10)).fit(features[:400], labels[:400])
+    features, labels = load_digits(return_X_y=True)
+    model = make_pipeline(StandardScaler(), RidgeClassifier(alpha=10)).fit(features[:1200], labels[:1200])
     joblib.dump(model, tmp_path / "ridge.joblib")
-    threshold = float(np.quantile(np.abs(model[-1].coef_), 0.2))  # 6 of its 30 weights
+    np.save(tmp_path / "held_out.npy", features[1200:])
+    threshold = float(np.quantile(np.abs(model[-1].coef_), 0.05)) + 1e-12  # 32 of its 640 weights
     out = tmp_path / "pruned.lowbit"
-    result = _run(
-        "quantize",
-        tmp_path / "ridge.joblib",
-        "--trust-pickle",
-        "--weight-threshold",
-        threshold,
-        "--data",
-        files / "test.csv",
-        "--out",
-        out,
-    )
+    result = _run("quantize", tmp_path / "ridge.joblib", "--trust-pickle", "--weight-threshold", threshold,
+                  "--data", tmp_path / "held_out.npy", "--out", out)
     assert result.exit_code == 0, result.output
     assert "0 prediction differences" in result.output
-    assert "pruned: model.steps[1][1].coef_: 20.0% of its entries are zero" in " ".join(result.output.split())
+    assert "pruned: model.steps[1][1].coef_: 5.0% of its entries are zero" in " ".join(result.output.split())
 
 
 def test_without_data_nothing_is_written_and_the_exit_code_is_2(files, tmp_path):

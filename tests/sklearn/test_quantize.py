@@ -174,3 +174,46 @@ def test_a_quantized_estimator_clones_refits_and_runs_inside_a_grid_search(tmp_p
     assert search.score(test, test_labels) > 0.9
     reloaded = lowbit_sklearn.load(best.save(tmp_path / "best.lowbit"))
     assert np.array_equal(reloaded.predict(test), best.predict(test))
+
+
+def test_the_guard_generalises_to_rows_it_never_saw():
+    """The case that changed 6 of 2,000 unseen predictions: a character n-gram TF-IDF + SGD
+    pipeline guarded on 500 training texts. The guard keeps a fifth of its data aside, bounds the
+    margin shift by the density of rows near the boundary, and reports what it measured."""
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import make_pipeline
+
+    from lowbit.data import assets
+
+    documents = assets.across_topics(assets.wikipedia_documents())
+    texts, topics = [d["extract"] for d in documents], [d["topic"] for d in documents]
+    characters = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=2, sublinear_tf=True)
+    model = make_pipeline(characters, SGDClassifier(random_state=0)).fit(texts[:4000], topics[:4000])
+    quantized = lowbit_sklearn.quantize(model, bits=8, data=texts[:500])
+    unseen = texts[6000:8000]
+    assert np.array_equal(quantized.predict(unseen), model.predict(unseen))
+    check = quantized.report()["held_out"]
+    assert check["rows"] == 100 and check["changed"] == 0
+    assert check["estimated_flip_rate"] <= 1e-4 and check["ci95"][0] == 0.0
+    assert quantized.encodings["model.steps[1][1].coef_"].encoding != "exact"  # still quantized
+
+
+def test_probabilities_stay_within_the_tolerance_off_the_check_set():
+    from sklearn.datasets import load_digits
+    from sklearn.naive_bayes import GaussianNB
+
+    features, labels = load_digits(return_X_y=True)
+    model = GaussianNB().fit(features[:900], labels[:900])
+    quantized = lowbit_sklearn.quantize(model, bits=8, data=features[:450], probability_tolerance=0.01)
+    unseen = features[900:]
+    assert np.abs(quantized.predict_proba(unseen) - model.predict_proba(unseen)).max() <= 0.01
+
+
+def test_flip_rate_interval_is_the_exact_binomial_one():
+    from lowbit.families.sklearn.guard import flip_rate
+
+    none = flip_rate(0, 200)
+    assert none["rate"] == 0 and none["ci95"][0] == 0 and none["ci95"][1] == pytest.approx(0.0183, abs=1e-4)
+    some = flip_rate(3, 100)
+    assert some["ci95"][0] == pytest.approx(0.0062, abs=1e-4)
+    assert some["ci95"][1] == pytest.approx(0.0852, abs=1e-4)

@@ -75,7 +75,7 @@ class QuantizedEstimator(MetaEstimatorMixin, BaseEstimator):
         return {"bits": self.bits, "verified": self.verified,
                 "prediction_differences": self.prediction_differences,
                 "max_probability_difference": self.max_probability_difference,
-                "fallbacks": self.fallbacks, "kept_float": self.kept_float,
+                "held_out": self.held_out, "fallbacks": self.fallbacks, "kept_float": self.kept_float,
                 "encodings": {path: encoded.encoding for path, encoded in self.encodings.items()},
                 "pruned": {path: share for path, encoded in self.encodings.items()
                            if (share := sparsity(encoded)) is not None}}
@@ -118,6 +118,7 @@ def _quantize_into(target: QuantizedEstimator, estimator: Any, data: Any) -> Non
     target.encodings, target.verified = result.encodings, result.verified
     target.prediction_differences = result.prediction_differences
     target.max_probability_difference = result.max_probability_difference
+    target.held_out = result.held_out
     target.fallbacks, target.kept_float = result.fallbacks, kept_float
 
 
@@ -169,7 +170,8 @@ def quantize_model_file(
     return {"output_path": str(output_path), "bits": bit_depth, "verified": quantized.verified,
             "quantize_seconds": quantize_seconds,
             **measure_files(input_path, output_path, estimator, inputs, trust_pickle),
-            "fallbacks": quantized.fallbacks, "kept_float": quantized.kept_float,
+            "held_out": quantized.held_out, "fallbacks": quantized.fallbacks,
+            "kept_float": quantized.kept_float,
             "pruned": quantized.report()["pruned"]}
 
 

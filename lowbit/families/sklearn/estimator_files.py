@@ -157,7 +157,7 @@ def measure_files(original_path: Path, quantized_path: Path, original: Any, inpu
     original_size, quantized_size = original_path.stat().st_size, quantized_path.stat().st_size
     differences = None
     if inputs is not None:
-        differences = count_differences(predictions(original, inputs), predictions(loaded, inputs))[0]
+        differences = count_differences(predictions(original, inputs), predictions(loaded, inputs)).changed
     speed = predictions_per_second({"original": loaded_original, "quantized": loaded}, inputs)
     return {
         "original_size_bytes": original_size, "quantized_size_bytes": quantized_size,

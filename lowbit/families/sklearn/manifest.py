@@ -13,6 +13,17 @@ EntryName = Annotated[str, StringConstraints(pattern=ENTRY_PATTERN)]
 Limited = Field(max_length=1 << 20)
 
 
+class HeldOut(Strict):
+    """The guard's check on reference rows its climb did not see (lowbit.families.sklearn.guard)."""
+
+    rows: Count
+    changed: Count
+    rate: float = Field(ge=0, le=1)
+    ci95: list[float] = Field(min_length=2, max_length=2)
+    estimated_flip_rate: float = Field(ge=0, le=1)
+    max_probability_difference: float
+
+
 class Report(Strict):
     """What quantizing did: the fidelity check's result and each array's encoding."""
 
@@ -20,6 +31,7 @@ class Report(Strict):
     verified: bool
     prediction_differences: Count | None
     max_probability_difference: float | None
+    held_out: HeldOut | None = None
     fallbacks: dict[Name, list[Name]] = Limited
     kept_float: list[Name] = Limited
     encodings: dict[Name, Name] = Limited
