@@ -128,3 +128,41 @@ def test_cli_quantize_max_drop_needs_data(tmp_path):
     result = CliRunner().invoke(app, ["quantize", "tests.fixtures_models:sensitive_mlp", "--max-drop", "0.1",
                                       "--out", str(tmp_path / "q")])
     assert result.exit_code == 2 and "--data" in result.output
+
+
+def test_a_time_budget_runs_a_safe_candidate_first_and_names_what_it_did_not_try():
+    """A budget too short for more than one trial: w8 still runs (an answer exists), every other
+    candidate is named as not tried with its reason and how to ask for it, and the final
+    comparison is skipped and said so rather than overrun."""
+    result = lowbit.tune(tiny_mlp().eval(), torch.randn(128, 64), metric="agreement", max_drop=0.1,
+                         time_budget=1e-6, progress=False)
+    assert [trial.label for trial in result.trials] == ["w8"]
+    assert result.met_budget and result.chosen.label == "w8"
+    assert "w4 (the time budget would run out first)" in result.message
+    for name in ("w8a8-static", "w8a8-dynamic", "fp16"):  # no use: w8's weights are as small
+        assert f"{name} (cannot be smaller than the chosen model" in result.message
+    assert "--time-budget" in result.message and "--candidates w4,w8a8-static" in result.message
+    assert "final comparison was skipped" in result.message and result.comparison is None
+
+
+def test_without_a_time_budget_the_order_is_aggressive_first():
+    result = lowbit.tune(tiny_mlp().eval(), torch.randn(128, 64), metric="agreement", max_drop=1.0,
+                         candidates=["w4", "w8"], final_comparison=False, progress=False)
+    assert [trial.label for trial in result.trials] == ["w4"]
+    assert "w8 (cannot be smaller than the chosen model" in result.message
+
+
+def test_a_nested_fail_is_explained_in_the_tune_report(inputs):
+    """A size tune that met its budget, whose chosen model the final comparison finds slower:
+    the report says which part failed and why that does not contradict the choice."""
+    from lowbit.report.tune import nested_fail_explained
+
+    result = lowbit.tune(tiny_mlp().eval(), torch.randn(128, 64), metric="agreement", max_drop=0.1,
+                         candidates=["w8"], progress=False)
+    assert result.met_budget and result.comparison is not None
+    for entry in result.comparison.quantized["latency_ms"].values():
+        entry["timings_ms"] = [value * 10 for value in entry.get("timings_ms", [entry["p50"]])]
+        entry["p50"] *= 10
+    lines = nested_fail_explained(result)
+    assert lines and "slower than the original" in lines[0] and "objective was size" in lines[0]
+    assert lines[0] in result.to_markdown()

@@ -42,7 +42,30 @@ def render_markdown(result, top: int = 10) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in _sensitivity_rows(block, top)]
     if result.comparison is not None:
         lines += ["", result.comparison.to_markdown().replace("# lowbit compare", "## Chosen model: compare")]
+        lines += [f"- {line}" for line in nested_fail_explained(result)]
     return "\n".join(lines) + "\n"
+
+
+def nested_fail_explained(result) -> list[str]:
+    """Why the chosen model's comparison says FAIL although tune met its budget: which part
+    failed, and why that does not contradict the choice."""
+    verdict = result.comparison.verdict()
+    if verdict["passed"]:
+        return []
+    lines = []
+    slower = [f"{batch} ({entry['speedup']:.2f}×)" for batch, entry in verdict["speed"].items()
+              if entry["slower"]]
+    if slower:
+        why = ("tune's objective was size, which asks for the smallest model within the quality "
+               "budget, not for speed" if result.objective == "size" else
+               "tune chose the fastest model at its own batch size; other batch sizes may differ")
+        lines.append(f"why the comparison says FAIL: the chosen model is slower than the original at "
+                     f"batch {', '.join(slower)}; {why}.")
+    if verdict["within_budget"] is False:
+        lines.append("why the comparison says FAIL: its quality check on every sample missed the "
+                     "budget that tune's trials met on their samples; the drop is within noise of "
+                     "the budget, see the Quality table and consider a larger --samples.")
+    return lines
 
 
 def _sensitivity_plot(block: dict, top: int = 25) -> str:

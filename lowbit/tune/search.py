@@ -226,38 +226,84 @@ def _bits(recipe: Recipe) -> int:
 
 
 class _BudgetSearch:
-    """The trial loop: candidates in order, layer fallback on a miss, early stop, time budget."""
+    """The trial loop: candidates in order, layer fallback on a miss, early stop, time budget.
+
+    With a time budget the search keeps its word on wall time: a cheap safe candidate (w8 when
+    it is among the candidates) runs first, whatever the budget, so an answer exists early and
+    running out of time never leaves nothing; each later trial starts
+    only when the slowest trial so far, plus as much again for the final comparison, still fits
+    in what is left; and every candidate not tried is named with the reason.
+    """
 
     def __init__(self, work: _Workload, candidates: list[tuple[str, Recipe]], objective: Objective,
-                 calibration: CalibrationResult | None, time_budget: float | None, runs: int,
+                 calibration: CalibrationResult | None, deadline: float, runs: int,
                  exact_top: int, bar: Any) -> None:
         self.work, self.candidates, self.objective = work, candidates, objective
         self.calibration, self.runs, self.exact_top, self.bar = calibration, runs, exact_top, bar
-        self.deadline = time.monotonic() + time_budget if time_budget else math.inf
+        self.deadline = deadline
         self.trials: list[Trial] = []
         self.best: tuple[Trial, nn.Module] | None = None
         self.sensitivity: list[dict[str, Any]] = []
+        self.not_tried: dict[str, str] = {}
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
+
+    def trial_cost(self) -> float:
+        """The slowest trial so far: what the next one is expected to take."""
+        return max((trial.seconds for trial in self.trials), default=0.0)
+
+    def fits(self, trials: float = 1.0) -> bool:
+        """Whether `trials` more trials and the final comparison fit in the time left."""
+        if math.isinf(self.deadline):
+            return True
+        left = self.deadline - time.monotonic()
+        return left > 0 and left >= self.trial_cost() * (trials + 1)
+
+    def _early(self) -> int | None:
+        """The index of the cheap safe candidate to run first under a time budget: w8 (int8
+        weights, no calibration), else the last int8 candidate, else none."""
+        if math.isinf(self.deadline):
+            return None
+        names = [name for name, _ in self.candidates]
+        if "w8" in names:
+            return names.index("w8")
+        int8 = [i for i, (_, recipe) in enumerate(self.candidates) if recipe.weights == "int8"]
+        return int8[-1] if int8 else None
+
+    def _skip_reason(self, recipe: Recipe, trials: float = 1.0) -> str | None:
+        if self._cannot_improve(recipe):
+            return "cannot be smaller than the chosen model (as many weight bits)"
+        if not self.fits(trials):
+            return "the time budget would run out first"
+        return None
 
     def run(self) -> None:
         """Every candidate as it is first, so that an answer exists early; then layer fallback for
         the ones that missed the budget, aggressive first, while it can still beat the winner."""
         step = self.bar.add_task("tuning", total=2 * len(self.candidates))
+        early = self._early()
+        rest = [index for index in range(len(self.candidates)) if index != early]
+        order = ([early] if early is not None else []) + rest
         missed = []
-        for index, (name, recipe) in enumerate(self.candidates):
+        for index in order:
+            name, recipe = self.candidates[index]
             self.bar.advance(step)
-            if self.out_of_time() or self._cannot_improve(recipe):
+            reason = None if index == early else self._skip_reason(recipe)  # an answer, always
+            if reason:
+                self.not_tried[name] = reason
                 continue
             self.bar.update(step, description=f"trying {name}")
             safer = self.candidates[index + 1] if index + 1 < len(self.candidates) else None
             if self._try(name, recipe, [], safer).reason.startswith("over budget") and safer is not None:
-                missed.append((name, recipe, safer))
-        for name, recipe, safer in missed:
+                missed.append((index, name, recipe, safer))
+        for _, name, recipe, safer in sorted(missed, key=lambda item: item[0]):
             self.bar.advance(step)
-            if not (self.out_of_time() or self._cannot_improve(recipe)):
-                self._fall_back(name, recipe, safer, step)
+            reason = self._skip_reason(recipe, trials=2.0)  # a sensitivity pass, then a trial
+            if reason:
+                self.not_tried[f"{name} with layer fallback to {safer[0]}"] = reason
+                continue
+            self._fall_back(name, recipe, safer, step)
 
     def _cannot_improve(self, recipe: Recipe) -> bool:
         """For size: a candidate (even mixed with safer modules) with at least the winner's weight
@@ -321,7 +367,7 @@ class _BudgetSearch:
                                          self.exact_top)
         self.sensitivity.append({"candidate": name, "modules": ranked})
         count = 1
-        while count <= len(ranked) // 2 and not self.out_of_time():
+        while count <= len(ranked) // 2 and self.fits():
             self.bar.update(step, description=f"{name}: {count} most sensitive → {safer[0]}")
             if self._try(name, recipe, [row["name"] for row in ranked[:count]], safer).accepted:
                 return
@@ -387,8 +433,11 @@ def tune(
     `max_drop` is absolute (0.01 = one point of accuracy) or, with `relative=True`, a fraction of
     the original's value (perplexity: an increase counts as a drop). `calibration` (batches or a
     CalibrationResult) serves every static trial; without it the first 32 samples of `data` are
-    used. `time_budget` (seconds) stops starting new trials. Returns the original model, plainly
-    labelled, when nothing meets the budget (or raises AccuracyBudgetError when `strict`).
+    used. `time_budget` (seconds, from the call) bounds the wall time: a cheap safe candidate
+    runs first, a trial starts only when the slowest so far still fits, the final comparison is
+    skipped (and said so) when it would not, and the message names every candidate not tried.
+    Returns the original model, plainly labelled, when nothing meets the budget (or raises
+    AccuracyBudgetError when `strict`).
     """
     if objective not in ("size", "latency"):
         raise LowbitError(f"objective must be 'size' or 'latency', not {objective!r}")
@@ -411,7 +460,8 @@ def tune(
         proxy = _proxy(batches[:proxy_batches], kind)
         work = _Workload(original, task, metric, batches, reference, proxy, _primary_outputs(original, proxy),
                          _model_inputs(batches[0]), max_drop, relative)
-        search = _BudgetSearch(work, named, objective, shared, time_budget, runs, exact_top, bar)
+        deadline = started + time_budget if time_budget else math.inf  # calibration counts too
+        search = _BudgetSearch(work, named, objective, shared, deadline, runs, exact_top, bar)
         search.run()
     return _result(search, work, named, original, dataset, tokenizer, strict, final_comparison, {
         "kind": kind, "samples": len(dataset), "batch_size": batch_size, "seq_len": seq_len,
@@ -432,15 +482,15 @@ def _result(search: _BudgetSearch, work: _Workload, named, original: nn.Module, 
         if closest is not None:
             message += (f" Closest: {closest.label}, {work.metric} {closest.quality:.4g} (drop "
                         f"{closest.drop:.4g} against a budget of {work.max_drop:g}).")
-        if search.out_of_time():
-            message += " The time budget ran out before every candidate was tried."
+        message += _not_tried(search)
         result = TuneResult(original, None, None, met_budget=False, message=message, **base)
         if strict:
             raise AccuracyBudgetError(message, result)
         return result
     trial, model = search.best
     comparison = None
-    if final_comparison:
+    skipped_comparison = final_comparison and not search.fits(trials=0)
+    if final_comparison and not skipped_comparison:
         measured = Settings(work.metric, (settings["batch_size"],), work.max_drop, work.relative,
                             samples=None, seq_len=settings["seq_len"])
         comparison = compare_models(original, model, dataset, measured, tokenizer=tokenizer, progress=False)
@@ -451,8 +501,24 @@ def _result(search: _BudgetSearch, work: _Workload, named, original: nn.Module, 
         speedup = comparison.speedups.get(str(settings["batch_size"]))
     if speedup is not None:
         message += f", {speedup:.2f}× the original's speed at batch {settings['batch_size']}"
+    message += "." + _not_tried(search)
+    if skipped_comparison:
+        message += (" The final comparison was skipped to keep the time budget; measure the saved "
+                    "model with lowbit compare.")
     return TuneResult(model, make_recipe(trial.recipe) if not trial.fallback_modules else _mixed_recipe(
-        trial, named), comparison, met_budget=True, message=message + ".", **base)
+        trial, named), comparison, met_budget=True, message=message, **base)
+
+
+def _not_tried(search: _BudgetSearch) -> str:
+    """' Not tried: w4 (the time budget would run out first); ... To try them: ...' or ''."""
+    if not search.not_tried:
+        return ""
+    listed = "; ".join(f"{name} ({reason})" for name, reason in search.not_tried.items())
+    timed_out = any("time budget" in reason for reason in search.not_tried.values())
+    names = ",".join(dict.fromkeys(name.split(" ")[0] for name in search.not_tried))
+    how = ("raise --time-budget (time_budget=), or" if timed_out else "") + \
+        f" pass only them: --candidates {names} (candidates=[...])"
+    return f" Not tried: {listed}. To try them, {how.strip()}."
 
 
 def _mixed_recipe(trial: Trial, named: list[tuple[str, Recipe]]) -> Recipe:
