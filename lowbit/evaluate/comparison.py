@@ -117,7 +117,7 @@ class Comparison:
         within = drop <= budget
         unit = "relative " if relative else ""
         source = "" if given else " (the default budget; set your own with max_drop / --max-drop)"
-        return within, (f"{self.metric}: {unit}drop {drop:.4g} {'within' if within else 'OVER'} "
+        return within, (f"{self.metric}: {unit}drop {drop + 0.0:.4g} {'within' if within else 'OVER'} "
                         f"the budget {budget:g}{source}")
 
     def verdict(self) -> dict[str, Any]:
