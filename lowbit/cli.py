@@ -261,6 +261,19 @@ def _table(title: str, headers: list[str], rows: list[tuple[str, ...]], whole: s
     return table
 
 
+def _print_markdown(text: str) -> None:
+    """A report, rendered on a terminal wide enough for its tables; otherwise (a pipe, a log, a
+    narrow window) as the Markdown text itself, whose long lines wrap but are never cut, so no
+    layer name or figure is lost."""
+    from rich.markdown import Markdown
+
+    widest_table_row = max((len(line) for line in text.splitlines() if line.startswith("|")), default=0)
+    if console.is_terminal and widest_table_row <= console.width:
+        console.print(Markdown(text))
+    else:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _kernel_summary(kernels: dict[str, str]) -> str:
     """'fbgemm_dynamic', or 'fbgemm_dynamic ≤32 rows, dequantized_fp32 >32' when it varies by rows.
 
@@ -438,7 +451,6 @@ def compare_command(
     Exit code 3 when the quantized model is slower than the original at a batch size or misses
     --max-drop. Example: lowbit compare ./minilm ./minilm-w8a8 --data test.jsonl --html report.html
     """
-    from rich.markdown import Markdown
 
     from lowbit.families.api import compare as run_compare
 
@@ -448,7 +460,7 @@ def compare_command(
                                  relative=relative, samples=samples, seq_len=seq_len, runs=runs,
                                  threads=threads, memory=memory, trust_pickle=trust_pickle,
                                  trust_code=trust_code)
-        console.print(Markdown(comparison.to_markdown()))
+        _print_markdown(comparison.to_markdown())
         if json_out:
             write_text(json_out, comparison.to_json())
         if html_out:
@@ -509,14 +521,13 @@ def _tune_and_save(model, data, metric, max_drop, objective, candidates, calibra
                    overwrite, tokenizer=None, time_budget=None, batch_size=1, samples=256,
                    json_out=None, html_out=None) -> None:
     """Run tune, print its report, write the reports; save the model only if the budget held."""
-    from rich.markdown import Markdown
 
     from lowbit.tune.search import tune
 
     result = tune(model, data, metric=metric, max_drop=max_drop, objective=objective, candidates=candidates,
                   calibration=calibration, time_budget=time_budget, relative=relative,
                   batch_size=batch_size, samples=samples, tokenizer=tokenizer)
-    console.print(Markdown(result.to_markdown()))
+    _print_markdown(result.to_markdown())
     if json_out:
         write_text(json_out, json.dumps(result.to_dict(), indent=2))
     if html_out:

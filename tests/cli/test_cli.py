@@ -201,3 +201,15 @@ def test_a_closed_pipe_is_a_quiet_exit(tmp_path, weights):
                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write_end)
     assert writer.returncode == 0 and writer.stderr == ""
+
+
+def test_compare_in_a_pipe_prints_every_layer_name_whole(tmp_path, weights):
+    """Through a pipe (a log), the report is its Markdown text: long lines wrap, nothing is cut."""
+    out = tmp_path / "q"
+    assert lowbit("quantize", FACTORY, "--weights", weights, "--out", out).returncode == 0
+    data = tmp_path / "inputs.pt"
+    torch.save(torch.randn(16, 64), data)
+    result = lowbit("compare", FACTORY, out, "--data", data, "--runs", "3", "--no-memory")
+    assert result.returncode in (0, 3), result.stderr
+    assert "| measure | original | quantized | change |" in result.stdout
+    assert "…" not in result.stdout and "overall:" in result.stdout
