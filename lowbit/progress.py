@@ -62,6 +62,8 @@ class LineProgress:
             line += f": {done:g}/{total:g} ({done / total:.0%}), {elapsed:.0f} s"
             if 0 < done < total:
                 line += f", about {elapsed * (total - done) / done:.0f} s left"
+        elif done:
+            line += f": {done:g} steps, {elapsed:.0f} s"
         print(line, file=sys.stderr, flush=True)
         LOG.info(line)
 

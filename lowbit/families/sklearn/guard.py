@@ -31,12 +31,14 @@ from scipy.stats import beta
 
 from lowbit.families.sklearn.encodings import Encoded, decode, encode, ladder
 from lowbit.families.sklearn.slots import Slot, is_coefficient
+from lowbit.progress import progress_bar
 
 PROBABILITY_TOLERANCE = 0.01  # largest allowed change of a predicted probability
 HOLD_OUT = 0.2  # share of the reference rows kept out of the climb, to check the result on
 MIN_HELD_OUT = 20  # fewer reference rows than this per part: climb on all, estimate nothing
 SAFETY = 0.5  # on the rows it climbs on, a probability may move at most this share of the tolerance
 TARGET_FLIP_RATE = 1e-4  # largest estimated share of unseen rows whose prediction may change
+PROGRESS_FROM = 20  # a model with more arrays than this shows the guard's progress
 MARGIN_RANK = 10  # the density of margins near zero is read at the 10th smallest margin
 
 
@@ -276,10 +278,13 @@ class _LadderClimb:
 
     def run(self) -> GuardResult:
         """Climb until nothing fails (every array exact moves nothing, so this ends)."""
-        while self.fails(self.current()):
-            movable = [path for path in self.originals if self.rung(path) != "exact"]
-            for path in self.culprits(movable) or self.most_moving():
-                self.climb(path)
+        with progress_bar(len(self.originals) > PROGRESS_FROM) as bar:
+            step = bar.add_task(f"fidelity guard over {len(self.originals)} arrays", total=None)
+            while self.fails(self.current()):
+                movable = [path for path in self.originals if self.rung(path) != "exact"]
+                for path in self.culprits(movable) or self.most_moving():
+                    self.climb(path)
+                bar.advance(step)
         drift = self.check(self.current())
         return GuardResult(self.current(), self.fallbacks, drift.changed, drift.probability, verified=True)
 
