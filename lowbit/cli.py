@@ -176,10 +176,14 @@ def quantize(
 ) -> None:
     """Quantize a model and save it as a lowbit folder (a scikit-learn model: one lowbit file).
 
-    Example: lowbit quantize ./minilm --recipe w8a8-dynamic --out ./minilm-w8a8
-    With a budget: lowbit quantize ./minilm --recipe w4 --max-drop 0.005 --data val.jsonl --out ./q
-    scikit-learn: lowbit quantize model.joblib --trust-pickle --bits 8 --data test.jsonl --out model.lowbit
-    (every array as small as it can be with no prediction on --data changed; recipes do not apply)
+    A scikit-learn model needs --data: every array is made as small as it can be with no
+    prediction on --data changed (recipes do not apply).
+
+    \b
+    Examples:
+      lowbit quantize ./minilm --recipe w8a8-dynamic --out ./minilm-w8a8
+      lowbit quantize ./minilm --recipe w4 --max-drop 0.005 --data val.jsonl --out ./q
+      lowbit quantize model.joblib --trust-pickle --data test.jsonl --out model.lowbit
     """
     with _user_errors():
         if out.exists() and not overwrite:
@@ -302,7 +306,11 @@ def inspect(
     """Per-layer table of a saved model: scheme, bits, granularity, kernel, bytes, and totals.
 
     A scikit-learn file: per quantized array, its encoding, shape and stored bytes, and the
-    fidelity report. Example: lowbit inspect ./minilm-w8a8 --verify
+    fidelity report.
+
+    \b
+    Example:
+      lowbit inspect ./minilm-w8a8 --verify
     """
     with _user_errors():
         INSPECT_BY_FAMILY[family_of(folder).name](folder, as_json, verify)
@@ -359,7 +367,9 @@ def estimate_command(
 ) -> None:
     """Parameter count and estimated size at fp32/fp16/int8/int4 (estimates, not measurements).
 
-    Example: lowbit estimate ./minilm
+    \b
+    Example:
+      lowbit estimate ./minilm
     """
     with _user_errors():
         result = estimate(load_source(source, weights))
@@ -384,7 +394,9 @@ def demo(
 ) -> None:
     """Quantize the bundled real all-MiniLM-L6-v2 (w8a8-dynamic, w4) and print measured results.
 
-    Example: lowbit demo --threads 2
+    \b
+    Example:
+      lowbit demo --threads 2
     """
     from lowbit.demo import run_demo
 
@@ -432,7 +444,8 @@ def compare_command(
     )] = None,
     batch_size: BatchSizes = None,
     max_drop: Annotated[float | None, typer.Option(
-        callback=_non_negative, help="Quality budget: largest allowed drop.")] = None,
+        callback=_non_negative,
+        help="Quality budget: largest allowed drop (default: 1% of the original's value).")] = None,
     relative: Annotated[bool, typer.Option(help="--max-drop is a fraction of the original's value.")] = False,
     samples: Annotated[int, typer.Option(min=1, help="Samples of the data to use.")] = 256,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sample (context for perplexity).")] = 128,
@@ -446,10 +459,13 @@ def compare_command(
 ) -> None:
     """Measure a quantized model against its original on your data: quality, speed, size, memory.
 
-    scikit-learn: lowbit compare model.joblib model.lowbit --data test.jsonl --trust-pickle
+    Exit code 3 when the quantized model is slower than the original at a batch size, or its
+    quality drops more than --max-drop (default: 1% of the original's value).
 
-    Exit code 3 when the quantized model is slower than the original at a batch size or misses
-    --max-drop. Example: lowbit compare ./minilm ./minilm-w8a8 --data test.jsonl --html report.html
+    \b
+    Examples:
+      lowbit compare ./minilm ./minilm-w8a8 --data test.jsonl --html report.html
+      lowbit compare model.joblib model.lowbit --data test.jsonl --trust-pickle
     """
 
     from lowbit.families.api import compare as run_compare
@@ -484,8 +500,12 @@ def bench_command(
 ) -> None:
     """Latency (p50/p95/p99), throughput, size, peak memory and load time of one model.
 
-    Example: lowbit bench ./minilm-w8a8 --batch-size 1 --batch-size 8 --threads 2
-    scikit-learn: lowbit bench model.lowbit --data test.jsonl (predict on the first samples)
+    A scikit-learn model times predict on the first samples of --data.
+
+    \b
+    Examples:
+      lowbit bench ./minilm-w8a8 --batch-size 1 --batch-size 8 --threads 2
+      lowbit bench model.lowbit --data test.jsonl
     """
     from lowbit.families.api import bench as run_bench
 
@@ -571,8 +591,12 @@ def tune_command(
 
     Tries candidates from aggressive to safe, moves the most sensitive modules to a safer scheme
     when one misses, and keeps the best that meets the budget. Exit code 4, and nothing written,
-    when no quantized model meets it. Example:
-    lowbit tune ./minilm --data val.jsonl --metric accuracy --max-drop 0.005 --objective size --out ./q
+    when no quantized model meets it. --time-budget bounds the wall time: w8 runs first, and
+    the message names every candidate not tried.
+
+    \b
+    Example:
+      lowbit tune ./minilm --data val.jsonl --metric cosine --max-drop 0.01 --out ./q
     """
     with _user_errors():
         if out.exists() and not overwrite:
