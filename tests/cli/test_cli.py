@@ -37,9 +37,16 @@ def assert_refused(result, message, *not_created):
         assert not Path(path).exists()
 
 
-def test_help_explains_with_an_example():
-    result = lowbit("quantize", "--help")
-    assert result.returncode == 0 and "Example: lowbit quantize" in result.stdout
+def test_help_explains_with_an_example_and_fits_80_columns():
+    """Every command's --help has an example on a line of its own, and at 80 columns no option
+    name is cut (click's plain layout wraps, it never truncates)."""
+    for command in ("quantize", "inspect", "compare", "bench", "tune", "estimate", "demo"):
+        result = subprocess.run([sys.executable, "-m", "lowbit.cli", command, "--help"], capture_output=True,
+                                text=True, env={**os.environ, "COLUMNS": "80"}, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "Example" in result.stdout and f"\n    lowbit {command} " in result.stdout
+        assert "…" not in result.stdout
+    assert "--probability-tolerance" in lowbit("quantize", "--help").stdout
 
 
 def test_quantize_inspect_and_load_a_factory_model(tmp_path, weights):
