@@ -278,6 +278,8 @@ def _field(node: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any
 
 
 def _shape(value: Any) -> tuple[int, ...]:
+    if type(value) is list and len(value) == 1 and type(value[0]) is int and 0 <= value[0] <= MAX_ELEMENTS:
+        return (value[0],)  # the common case (a column, a vector), checked without building sets
     if type(value) is list and len(value) <= MAX_DIMENSIONS:
         shape = tuple(value)
         if {type(size) for size in shape} <= {int} and (
@@ -296,13 +298,17 @@ class _Reader:
 
     def take(self, ref: Any) -> np.ndarray:
         """The stored array at [pool, offset, shape] (a read-only view)."""
-        if not isinstance(ref, list) or len(ref) != 3 or ref[0] not in self.pools or type(ref[1]) is not int:
-            raise FormatError(f"{ref!r} is not a reference into the stored arrays")
-        pool, start, shape = ref[0], ref[1], _shape(ref[2])
-        size = math.prod(shape)
-        if start < 0 or start + size > self.pools[pool].size:
-            raise FormatError(f"an array reaches past the end of its pool {pool!r}")
-        return self.pools[pool][start:start + size].reshape(shape)
+        if type(ref) is not list or len(ref) != 3 or type(ref[1]) is not int:
+            raise FormatError(f"{str(ref)[:80]} is not a reference into the stored arrays")
+        pool = self.pools.get(ref[0]) if type(ref[0]) is str else None
+        if pool is None:
+            raise FormatError(f"{str(ref)[:80]} is not a reference into the stored arrays")
+        start, shape = ref[1], _shape(ref[2])
+        size = shape[0] if len(shape) == 1 else math.prod(shape)
+        if start < 0 or start + size > pool.size:
+            raise FormatError(f"an array reaches past the end of its pool {ref[0]!r}")
+        view = pool[start:start + size]
+        return view if len(shape) == 1 else view.reshape(shape)
 
     def value(self, node: Any) -> Any:
         if not isinstance(node, dict):
