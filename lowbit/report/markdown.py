@@ -20,6 +20,10 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.2f} MiB"
 
 
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{_number(value, 3)} s"
+
+
 def summary_rows(comparison) -> list[tuple[str, str, str, str]]:
     """(measure, original, quantized, change) rows shared by the Markdown and terminal views."""
     original, quantized = comparison.original, comparison.quantized
@@ -29,8 +33,7 @@ def summary_rows(comparison) -> list[tuple[str, str, str, str]]:
         a, b = original.get(key), quantized.get(key)
         rows.append((label, _mib(a), _mib(b), f"÷{a / b:.2f}" if a and b else "n/a"))
     a, b = original.get("load_seconds"), quantized.get("load_seconds")
-    rows.append(("load time", f"{_number(a, 3)} s", f"{_number(b, 3)} s",
-                 f"×{a / b:.2f}" if a and b else "n/a"))
+    rows.append(("load time", _seconds(a), _seconds(b), f"×{a / b:.2f}" if a and b else "n/a"))
     for batch, entry in original["latency_ms"].items():
         other = quantized["latency_ms"][batch]
         for stat in ("p50", "p95", "p99"):
