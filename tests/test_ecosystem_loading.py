@@ -115,3 +115,34 @@ def test_causal_lm_with_tied_embeddings_loads_through_automodelforcausallm(tmp_p
         base = AutoModel.from_pretrained(folder)(tokens).last_hidden_state
     assert torch.equal(got, expected)
     assert base.shape == (1, 5, 64)
+
+
+def test_tied_float_embeddings_stay_tied_through_transformers(tmp_path):
+    """Embeddings and LM head kept in float while the rest is quantized: transformers' own tie
+    must survive, or the head would come back randomly initialised."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    recipe = lowbit.Recipe(**{**lowbit.PRESETS["w8"], "embeddings": False, "skip": ("lm_head",)})
+    folder = lowbit.save(lowbit.quantize(LlamaForCausalLM(config).eval(), recipe), tmp_path / "lm")
+    tokens = torch.tensor([[1, 17, 42, 99, 3]])
+    with torch.inference_mode():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(folder)(tokens).logits,
+                           lowbit.load(folder)(tokens).logits)
+
+
+@pytest.mark.parametrize("weights", ["other.safetensors", "../elsewhere/model.lowbit.safetensors",
+                                     "model.lowbit.safetensors.index.json"])
+def test_a_config_cannot_point_transformers_at_other_tensors(folder, tmp_path, weights):
+    import shutil
+
+    from transformers import AutoModel
+
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    config["quantization_config"]["weights"] = weights
+    (copy / "config.json").write_text(json.dumps(config))  # not re-signed: refused before that check
+    with pytest.raises(LowbitError, match="model.lowbit.safetensors"):
+        AutoModel.from_pretrained(copy)

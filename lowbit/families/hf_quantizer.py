@@ -25,7 +25,7 @@ from torch import nn
 
 from lowbit.errors import FormatError
 from lowbit.families.after_import import after_import
-from lowbit.formats.lowbit_format import read_folder, verify_files
+from lowbit.formats.lowbit_format import TENSOR_FILE, read_folder, verify_files
 from lowbit.runtimes.eager import check_loaded, swap_in
 
 METHOD = "lowbit"
@@ -45,6 +45,8 @@ def _name_map(saved: list[str], model: nn.Module) -> dict[str, str]:
     """Saved module name -> the name in `model`: the same, or with the base model's prefix added
     or dropped, as transformers maps the weights themselves (a base model's folder loaded with a
     head class, or a head model's folder with AutoModel, which leaves its head out)."""
+    if not saved:
+        return {}
     names = {name for name, _ in model.named_modules()}
     prefix = getattr(model, "base_model_prefix", "") + "."
     inside = [name for name in saved if name.startswith(prefix)]
@@ -67,22 +69,36 @@ def _tie(model: nn.Module, aliases: dict[str, str]) -> None:
     """Point each alias at its canonical tensor, as lowbit.load does."""
     for alias, canonical in aliases.items():
         module_name, _, leaf = alias.rpartition(".")
-        module = model.get_submodule(module_name)
-        tensor = model.get_parameter(canonical) if canonical in dict(model.named_parameters()) else \
-            model.get_buffer(canonical)
+        try:
+            module = model.get_submodule(module_name)
+            tensor = model.get_parameter(canonical) if canonical in dict(model.named_parameters()) else \
+                model.get_buffer(canonical)
+        except AttributeError:
+            raise FormatError(f"the lowbit folder ties {alias} to {canonical}, which "
+                              f"{type(model).__name__} does not have") from None
         if leaf in module._parameters:
             module._parameters[leaf] = tensor
         else:
             module._buffers[leaf] = tensor
 
 
-def _check_same(model: nn.Module, expected: dict[str, torch.Tensor], modules: list[str], where: str) -> None:
-    """Each quantized module's tensors as transformers loaded them equal the checksummed file's."""
-    loaded = model.state_dict()
-    for key, tensor in expected.items():
-        if key.rpartition(".")[0] not in modules:
-            continue
-        if key not in loaded or loaded[key].dtype != tensor.dtype or not torch.equal(loaded[key], tensor):
+def _untie_quantized(model: nn.Module, quantized: set[str]) -> None:
+    """Drop transformers' own ties that touch a quantized module (lowbit's aliases tie those,
+    codes, scales and zero points together); ties between float tensors stay transformers'."""
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    model.all_tied_weights_keys = {
+        target: source for target, source in ties.items()
+        if target.rpartition(".")[0] not in quantized and source.rpartition(".")[0] not in quantized}
+
+
+def _check_same(model: nn.Module, expected: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor transformers loaded equals the checksummed file's: a tensor the file holds and
+    the model has must match exactly. (A tensor only the file holds is a head the class leaves
+    out; one only the model holds is a new head transformers reports itself.)"""
+    for key, tensor in model.state_dict().items():
+        stored = expected.get(key)
+        if stored is not None and (stored.dtype != tensor.dtype or stored.shape != tensor.shape
+                                   or not torch.equal(stored, tensor)):
             raise FormatError(f"{where}: transformers loaded {key} differently from the file; "
                               "load the folder with lowbit.load instead")
 
@@ -110,16 +126,22 @@ def _make_classes(auto: ModuleType) -> None:
 
         def update_attn_implementation(self, config: Any) -> Any:
             config = super().update_attn_implementation(config)
-            if not self.quantization_config.weights:
-                raise FormatError("this lowbit folder keeps its tensors in several shards; load it "
-                                  "with lowbit.load(path)")
-            config.transformers_weights = self.quantization_config.weights  # the real tensor file
+            if self.quantization_config.weights != TENSOR_FILE:  # never a name the config chose
+                raise FormatError(f"a lowbit folder loads through transformers from {TENSOR_FILE} "
+                                  "alone (a sharded folder loads with lowbit.load(path))")
+            config.transformers_weights = TENSOR_FILE  # the real tensor file
             return config
 
         def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None,
                                                  **kwargs: Any) -> None:
-            folder = Path(checkpoint_files[0]).parent
+            files = [Path(file) for file in checkpoint_files or ()]
+            if len(files) != 1 or files[0].name != TENSOR_FILE:
+                raise FormatError(f"a lowbit folder loads through transformers from its {TENSOR_FILE} "
+                                  "alone")
+            folder = files[0].parent
             manifest = verify_files(folder)  # every file's size and sha256, as lowbit.load checks
+            if (manifest["files"].get(TENSOR_FILE) or {}).get("tensors") is None:
+                raise FormatError(f"{folder}: the manifest does not list {TENSOR_FILE} as its tensors")
             if manifest["runtime"] != "eager":
                 raise FormatError(f"{folder} runs on the {manifest['runtime']} runtime, which "
                                   "cannot run inside a transformers model; load it with lowbit.load")
@@ -131,7 +153,7 @@ def _make_classes(auto: ModuleType) -> None:
             self.aliases = {_renamed_key(alias, self.names): _renamed_key(canonical, self.names)
                             for alias, canonical in manifest["aliases"].items()
                             if alias.rpartition(".")[0] in self.names}
-            model.all_tied_weights_keys = {}
+            _untie_quantized(model, set(self.names.values()))
             aliased = {f"^{re.escape(alias)}$" for alias in self.aliases}  # tied after loading
             model._keys_to_ignore_on_load_missing = {*(model._keys_to_ignore_on_load_missing or ()), *aliased}
 
@@ -139,7 +161,7 @@ def _make_classes(auto: ModuleType) -> None:
             _, tensors = read_folder(self.folder)
             _tie(model, self.aliases)
             expected = {_renamed_key(key, self.names): tensor for key, tensor in tensors.items()}
-            _check_same(model, expected, list(self.names.values()), str(self.folder))
+            _check_same(model, expected, str(self.folder))
             check_loaded(model, str(self.folder))
             return model
 

@@ -217,3 +217,17 @@ def test_flip_rate_interval_is_the_exact_binomial_one():
     some = flip_rate(3, 100)
     assert some["ci95"][0] == pytest.approx(0.0062, abs=1e-4)
     assert some["ci95"][1] == pytest.approx(0.0852, abs=1e-4)
+
+
+def test_the_guard_ends_when_the_original_itself_answers_nan_or_inf():
+    """Reference rows on which the original's scores are inf and its probabilities NaN: those
+    rows cannot be judged, the others still are, and the guard finishes."""
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(300, 5)), rng.integers(0, 3, 300)
+    model = LogisticRegression(max_iter=500).fit(features, labels)
+    model.coef_ = model.coef_ * 1e4
+    reference = features.copy()
+    reference[:3] = 1e306 * np.sign(model.coef_[0])
+    with np.errstate(all="ignore"):
+        quantized = lowbit_sklearn.quantize(model, bits=8, data=reference)
+        assert np.array_equal(quantized.predict(features), model.predict(features))

@@ -64,7 +64,7 @@ def flip_rate(changed: int, rows: int) -> dict[str, Any]:
 
 def take_rows(data: Any, indices: np.ndarray) -> Any:
     """Rows `indices` of texts, an array, a sparse matrix or a DataFrame."""
-    if isinstance(data, list):
+    if isinstance(data, (list, tuple)):
         return [data[i] for i in indices]
     return data.iloc[indices] if hasattr(data, "iloc") else data[indices]
 
@@ -111,16 +111,19 @@ def margins(scores: np.ndarray) -> np.ndarray:
 
 def margin_density(reference: dict[str, np.ndarray]) -> float:
     """How many rows per unit of score lie near the decision boundary: k / (n · m_k), with m_k
-    the k-th smallest margin (k = MARGIN_RANK). A score change of d then flips about
-    density · d of the rows of unseen data, since margins near zero spread about evenly; 0 when
-    the model has no scores (a regressor, a transform)."""
+    the k-th smallest positive margin (k = MARGIN_RANK; exact ties, which no encoding short of
+    exact keeps, and rows with non-finite scores are left out). A score change of d then flips
+    about density · d of the rows of unseen data, since margins near zero spread about evenly;
+    0 when the model has no scores (a regressor, a transform)."""
     if "scores" not in reference:
         return 0.0
-    found = np.sort(margins(reference["scores"]))
-    rank = min(MARGIN_RANK, len(found))
+    scores = reference["scores"]
+    found = margins(scores[_finite_rows(scores)])
+    positive = np.sort(found[found > 0])
+    rank = min(MARGIN_RANK, len(positive))
     if rank == 0:
         return 0.0
-    return math.inf if found[rank - 1] <= 0 else rank / (len(found) * float(found[rank - 1]))
+    return rank / (len(found) * float(positive[rank - 1]))
 
 
 @dataclass(frozen=True)
@@ -151,18 +154,38 @@ def same_predictions(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return same.reshape(len(before), -1).all(axis=1)
 
 
+def _finite_rows(values: np.ndarray) -> np.ndarray:
+    """Rows whose every output is a finite number (NaN and inf outputs of the original itself
+    are not the guard's to judge: a row where the original says NaN cannot move away from it)."""
+    return np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+
+
+def _largest_gap(before: np.ndarray, after: np.ndarray) -> float:
+    """The largest change over the rows the original answers with finite numbers; a candidate
+    that turns one of them into NaN or inf moves it infinitely far."""
+    rows = _finite_rows(before)
+    gap = np.abs(before[rows] - after[rows])
+    return float(np.nan_to_num(np.max(gap, initial=0.0), nan=np.inf))
+
+
 def margin_shift(before: np.ndarray, after: np.ndarray) -> float:
     """The mean change, over rows, of the margin between each row's original best and
     second-best class (of |score| for a binary decision function): how far a candidate moves
-    rows towards or away from the boundary, on average."""
+    rows towards or away from the boundary, on average (rows with finite original scores)."""
+    rows = _finite_rows(before)
+    before, after = before[rows], after[rows]
+    if not len(before):
+        return 0.0
     if before.ndim == 1 or before.shape[1] == 1:
-        return float(np.mean(np.abs(after.reshape(len(after)) - before.reshape(len(before)))))
-    rows = np.arange(len(before))
-    order = np.argsort(before, axis=1)
-    best, second = order[:, -1], order[:, -2]
-    gap_before = before[rows, best] - before[rows, second]
-    gap_after = after[rows, best] - after[rows, second]
-    return float(np.mean(np.abs(gap_after - gap_before)))
+        shift = np.mean(np.abs(after.reshape(len(after)) - before.reshape(len(before))))
+    else:
+        index = np.arange(len(before))
+        order = np.argsort(before, axis=1)
+        best, second = order[:, -1], order[:, -2]
+        gap_before = before[index, best] - before[index, second]
+        gap_after = after[index, best] - after[index, second]
+        shift = np.mean(np.abs(gap_after - gap_before))
+    return float(np.nan_to_num(shift, nan=np.inf))
 
 
 def differences(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> Drift:
@@ -171,13 +194,11 @@ def differences(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarra
     rounding."""
     key = "predict" if "predict" in reference else "transform"
     changed = int(np.sum(~same_predictions(reference[key], candidate[key])))
-    probability = 0.0
+    probability = shift = 0.0
     if "predict_proba" in reference and "predict_proba" in candidate:
-        gap = np.abs(reference["predict_proba"] - candidate["predict_proba"])
-        probability = float(np.nan_to_num(np.max(gap, initial=0.0), nan=np.inf))
-    shift = 0.0
+        probability = _largest_gap(reference["predict_proba"], candidate["predict_proba"])
     if "scores" in reference and "scores" in candidate:
-        shift = float(np.nan_to_num(margin_shift(reference["scores"], candidate["scores"]), nan=np.inf))
+        shift = margin_shift(reference["scores"], candidate["scores"])
     return Drift(changed, probability, shift)
 
 
@@ -282,6 +303,8 @@ class _LadderClimb:
             step = bar.add_task(f"fidelity guard over {len(self.originals)} arrays", total=None)
             while self.fails(self.current()):
                 movable = [path for path in self.originals if self.rung(path) != "exact"]
+                if not movable:
+                    break  # every array exact: the model is the original, whatever the drift says
                 for path in self.culprits(movable) or self.most_moving():
                     self.climb(path)
                 bar.advance(step)
