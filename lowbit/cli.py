@@ -49,7 +49,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # click's plain help: wraps at any width, never cuts an option name
 )
-console = Console()
+class _PipeConsole(Console):
+    """A console that goes quiet when its reader leaves (`lowbit tune ... | head`) instead of
+    exiting: the command still finishes its work (writes the model and the reports) and ends
+    with its own exit code."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _quiet_closed_stdout()
+
+
+console = _PipeConsole()
 errors = Console(stderr=True)
 
 
@@ -239,9 +249,11 @@ def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, o
     held_out = report.get("held_out")
     if held_out:
         low, high = held_out["ci95"]
+        after = ("; the guard then climbed on every row, so the model written changes none of them"
+                 if held_out.get("refit_on_all") else "")
         console.print(f"checked on {held_out['rows']:,} rows of --data the guard did not climb on: "
                       f"{held_out['changed']} changed (95% interval {low:.1%}–{high:.1%}); estimated "
-                      f"share of new rows that would change: {held_out['estimated_flip_rate']:.1e}")
+                      f"share of new rows that would change: {held_out['estimated_flip_rate']:.1e}{after}")
     for path, steps in report["fallbacks"].items():
         console.print(f"  fell back: {path}: {' → '.join(steps)}")
     for path in report["kept_float"]:
@@ -265,14 +277,28 @@ def _table(title: str, headers: list[str], rows: list[tuple[str, ...]], whole: s
     return table
 
 
+def _widest_table(text: str) -> int:
+    """The width a rendered Markdown table takes: each column as wide as its widest cell, plus
+    the borders and padding between them; the widest of the text's tables."""
+    widest, widths = 0, []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [len(cell.strip()) for cell in line.strip().strip("|").split("|")]
+            widths += [0] * (len(cells) - len(widths))
+            cells += [0] * (len(widths) - len(cells))
+            widths = [max(width, cell) for width, cell in zip(widths, cells, strict=True)]
+        elif widths:
+            widest, widths = max(widest, sum(widths) + 3 * len(widths) + 1), []
+    return widest
+
+
 def _print_markdown(text: str) -> None:
     """A report, rendered on a terminal wide enough for its tables; otherwise (a pipe, a log, a
     narrow window) as the Markdown text itself, whose long lines wrap but are never cut, so no
     layer name or figure is lost."""
     from rich.markdown import Markdown
 
-    widest_table_row = max((len(line) for line in text.splitlines() if line.startswith("|")), default=0)
-    if console.is_terminal and widest_table_row <= console.width:
+    if console.is_terminal and _widest_table(text) <= console.width:
         console.print(Markdown(text))
     else:
         console.print(text, markup=False, highlight=False, soft_wrap=True)

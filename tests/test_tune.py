@@ -141,7 +141,7 @@ def test_a_time_budget_runs_a_safe_candidate_first_and_names_what_it_did_not_try
     assert "w4 (the time budget would run out first)" in result.message
     for name in ("w8a8-static", "w8a8-dynamic", "fp16"):  # no use: w8's weights are as small
         assert f"{name} (cannot be smaller than the chosen model" in result.message
-    assert "--time-budget" in result.message and "--candidates w4,w8a8-static" in result.message
+    assert "--time-budget" in result.message and "--candidates w4." in result.message
     assert "final comparison was skipped" in result.message and result.comparison is None
 
 

@@ -18,6 +18,7 @@ from lowbit.evaluate.metrics import speedup_interval
 from lowbit.registry import Registry
 
 SCHEMA_VERSION = 1
+ROUNDING = 1e-9  # 0.7575 - 0.7525 is 0.00500000000000000444 in floating point
 SPREAD_LIMIT = 2.0  # p95 / p50 above this: the timings were too unsteady to trust
 DEFAULT_RELATIVE_DROP = 0.01  # the quality budget of a verdict when the caller sets none: 1% worse
 
@@ -95,7 +96,7 @@ class Comparison:
         """Why the timings may not be trusted: a machine busier than its cores, or a large spread
         between a model's median and its 95th percentile."""
         warnings = []
-        load, cores = self.settings.get("load_average"), self.settings.get("cores")
+        load, cores = self.settings.get("load_average"), self.settings.get("cores")  # usable cores
         if load is not None and cores and load > cores:
             warnings.append(f"the machine was busy while timing (load average {load:.1f} on {cores} "
                             "cores): speed figures may be off; re-run on a quiet machine")
@@ -112,9 +113,11 @@ class Comparison:
         if self.metric not in self.quality:
             return None, None
         given = self.max_drop is not None
+        if not given and not math.isfinite(self.quality[self.metric]["original"]):
+            return None, None  # e.g. the SQNR of identical outputs: no relative budget applies
         budget, relative = (self.max_drop, self.relative) if given else (DEFAULT_RELATIVE_DROP, True)
         drop = quality_drop(self.quality[self.metric], relative)
-        within = drop <= budget
+        within = drop <= budget + ROUNDING  # as tune accepts a trial
         unit = "relative " if relative else ""
         source = "" if given else " (the default budget; set your own with max_drop / --max-drop)"
         return within, (f"{self.metric}: {unit}drop {drop + 0.0:.4g} {'within' if within else 'OVER'} "

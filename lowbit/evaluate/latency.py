@@ -90,7 +90,8 @@ def machine_load() -> dict[str, Any]:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # not on this platform
         load = None
-    return {"load_average": load, "cores": os.cpu_count()}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"load_average": load, "cores": cores}
 
 
 def busiest(*loads: dict[str, Any]) -> dict[str, Any]:

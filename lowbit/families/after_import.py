@@ -24,13 +24,34 @@ def _run(hook: Hook, module: ModuleType) -> None:
     try:
         hook(module)
     except Exception as error:  # noqa: BLE001 - a failing hook must not break the user's import
-        warnings.warn(f"lowbit could not hook into {module.__name__}: {type(error).__name__}: {error}",
-                      LowbitWarning, stacklevel=2)
+        with warnings.catch_warnings():  # not even under -W error
+            warnings.simplefilter("default")
+            warnings.warn(f"lowbit could not hook into {module.__name__}: {type(error).__name__}: "
+                          f"{error}", LowbitWarning, stacklevel=2)
+
+
+class _HookedLoader(importlib.abc.Loader):
+    """The module's own loader, then the hook; a wrapper, so a loader shared by many modules
+    (a zip importer) is left as it was."""
+
+    def __init__(self, loader: Any, name: str, hook: Hook) -> None:
+        self.loader, self.name, self.hook = loader, name, hook
+
+    def __getattr__(self, name: str) -> Any:  # get_source, is_package, ...: the real loader's
+        return getattr(self.loader, name)
+
+    def create_module(self, spec: Any) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        if module.__name__ == self.name:
+            _run(self.hook, module)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds `name` with the other finders, and wraps its loader so that `hook` runs after the
-    module's code; then steps out of the import system."""
+    """Finds `name` with the other finders and wraps its loader (`_HookedLoader`) so that
+    `hook` runs after the module's code; then steps out of the import system."""
 
     def __init__(self, name: str, hook: Hook) -> None:
         self.name, self.hook = name, hook
@@ -42,13 +63,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        execute = spec.loader.exec_module
-
-        def exec_module(module: ModuleType) -> None:
-            execute(module)
-            _run(self.hook, module)
-
-        spec.loader.exec_module = exec_module  # this spec's own loader instance
+        spec.loader = _HookedLoader(spec.loader, fullname, self.hook)
         return spec
 
 

@@ -58,13 +58,14 @@ def nested_fail_explained(result) -> list[str]:
     if slower:
         why = ("tune's objective was size, which asks for the smallest model within the quality "
                "budget, not for speed" if result.objective == "size" else
-               "tune chose the fastest model at its own batch size; other batch sizes may differ")
+               "the comparison timed it again and found it slower than the trial's own timing did: "
+               "timings on a busy machine move (see any warning above)")
         lines.append(f"why the comparison says FAIL: the chosen model is slower than the original at "
                      f"batch {', '.join(slower)}; {why}.")
     if verdict["within_budget"] is False:
-        lines.append("why the comparison says FAIL: its quality check on every sample missed the "
-                     "budget that tune's trials met on their samples; the drop is within noise of "
-                     "the budget, see the Quality table and consider a larger --samples.")
+        lines.append("why the comparison says FAIL: its own quality measurement missed the budget that "
+                     "the tune trial met (it runs the model again, at its own batch sizes); see its "
+                     "Quality table for the interval.")
     return lines
 
 

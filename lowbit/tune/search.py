@@ -40,7 +40,7 @@ from lowbit.evaluate.tasks import Task, collect_outputs, primary_tensor, score_q
 from lowbit.progress import progress_bar
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.quantize import build_module, plan, quantize, set_module
-from lowbit.transform.recipe import Recipe, make_recipe
+from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
 
 Objective = Literal["size", "latency"]
 DEFAULT_CANDIDATES = ("w4", "w8a8-static", "w8a8-dynamic", "w8", "fp16")
@@ -323,7 +323,8 @@ class _BudgetSearch:
                                  skip=skip, fallback=safer[1] if safer else None, progress=False)
         except LowbitError as error:
             failed = Trial(_label(name, moved, safer and safer[0]), recipe.model_dump(mode="json"), math.nan,
-                           math.inf, 0, False, f"could not quantize: {error}", moved)
+                           math.inf, 0, False, f"could not quantize: {error}", moved,
+                           seconds=time.monotonic() - start)
             self.trials.append(failed)
             return failed
         quality, drop = _score(self.work, model)
@@ -514,11 +515,13 @@ def _not_tried(search: _BudgetSearch) -> str:
     if not search.not_tried:
         return ""
     listed = "; ".join(f"{name} ({reason})" for name, reason in search.not_tried.items())
-    timed_out = any("time budget" in reason for reason in search.not_tried.values())
-    names = ",".join(dict.fromkeys(name.split(" ")[0] for name in search.not_tried))
-    how = ("raise --time-budget (time_budget=), or" if timed_out else "") + \
-        f" pass only them: --candidates {names} (candidates=[...])"
-    return f" Not tried: {listed}. To try them, {how.strip()}."
+    timed_out = [name.split(" ")[0] for name, reason in search.not_tried.items() if "time budget" in reason]
+    if not timed_out:
+        return f" Not tried: {listed}."
+    presets = ",".join(name for name in dict.fromkeys(timed_out) if name in PRESETS)
+    how = "raise --time-budget (time_budget=)" + (f", or pass only them: --candidates {presets}"
+                                                   if presets else "")
+    return f" Not tried: {listed}. To try those the time budget left out, {how}."
 
 
 def _mixed_recipe(trial: Trial, named: list[tuple[str, Recipe]]) -> Recipe:

@@ -220,3 +220,20 @@ def test_compare_in_a_pipe_prints_every_layer_name_whole(tmp_path, weights):
     assert result.returncode in (0, 3), result.stderr
     assert "| measure | original | quantized | change |" in result.stdout
     assert "…" not in result.stdout and "overall:" in result.stdout
+
+
+def test_tune_into_a_closed_pipe_still_writes_its_model(tmp_path, weights):
+    """The reader of a long command's output left: lowbit goes quiet, finishes its work and
+    exits with the command's own code."""
+    data = tmp_path / "inputs.pt"
+    torch.save(torch.randn(32, 64), data)
+    out = tmp_path / "tuned"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    result = subprocess.run([sys.executable, "-m", "lowbit.cli", "tune", FACTORY, "--weights", str(weights),
+                             "--data", str(data), "--metric", "agreement", "--max-drop", "0.5",
+                             "--candidates", "w8", "--out", str(out)],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write_end)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "lowbit.json").is_file()

@@ -96,7 +96,8 @@ def _check_kind(inputs: Any, estimator: Any, path: Path) -> None:
     if step in TEXT_VECTORIZERS and not texts:
         raise LowbitError(f"the model reads text (its first step is a {step}), but {path.name} holds "
                           "numbers; give texts as .jsonl ({\"text\": ...} per line) or .txt (one per line)")
-    if step not in TEXT_VECTORIZERS and texts:
+    numeric = getattr(first_step(estimator), "n_features_in_", None) is not None  # not a union of vectorizers
+    if step not in TEXT_VECTORIZERS and texts and numeric:
         width = getattr(estimator, "n_features_in_", None)
         columns = f"{width} numeric columns" if width else "numbers"
         raise LowbitError(f"the model takes {columns} ({step}), but {path.name} holds text; give "

@@ -327,7 +327,8 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any,
                                                             else "transform"])),
              "estimated_flip_rate": drift.flip_risk(search.density),
              "max_probability_difference": drift.probability}
-    if drift.changed or drift.probability > tolerance:  # finish on every row: no reference row changes
+    check["refit_on_all"] = bool(drift.changed or drift.probability > tolerance)
+    if check["refit_on_all"]:  # finish on every row: no reference row changes in the model written
         search.retarget(data)
         result = search.run()
     result.held_out = check

@@ -22,6 +22,7 @@ class HeldOut(Strict):
     ci95: list[float] = Field(min_length=2, max_length=2)
     estimated_flip_rate: float = Field(ge=0, le=1)
     max_probability_difference: float
+    refit_on_all: bool = False  # rows changed there, so the guard climbed on every row after
 
 
 class Report(Strict):
