@@ -70,8 +70,9 @@ def write_file(estimator: Any, encodings: dict[str, Encoded], path: str | os.Pat
         size = Path(staging).stat().st_size
         if smaller_than is not None and size >= smaller_than:
             raise NotSmallerError(f"the lowbit file would be {size:,} bytes, no smaller than the original's "
-                                  f"{smaller_than:,}: this model is too small for quantized arrays to "
-                                  "outweigh the file's structure, so nothing was written")
+                                  f"{smaller_than:,}: the arrays the fidelity guard could narrow do not "
+                                  "outweigh the file's structure (a tiny model, or one whose arrays had to "
+                                  "stay wide), so nothing was written")
     return path
 
 
