@@ -22,7 +22,7 @@ from lowbit.evaluate.comparison import Comparison
 from lowbit.evaluate.latency import busiest, machine_load, measure_latencies
 from lowbit.evaluate.metrics import bootstrap_difference, sqnr_db
 from lowbit.families.sklearn.estimator_files import best_load_seconds, is_sklearn_file, read_estimator
-from lowbit.families.sklearn.guard import same_predictions
+from lowbit.families.sklearn.guard import same_predictions, take_rows
 from lowbit.families.sklearn.lowbit_file import is_lowbit_file, read_file
 from lowbit.families.sklearn.slots import find_slots
 
@@ -47,12 +47,6 @@ def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, fl
     else:
         estimator, seconds = best_load_seconds(lambda: read_estimator(path, trust_pickle))
     return estimator, str(path), seconds
-
-
-def _take(inputs: Any, indices: np.ndarray) -> Any:
-    if isinstance(inputs, list):
-        return [inputs[i] for i in indices]
-    return inputs.iloc[indices] if hasattr(inputs, "iloc") else inputs[indices]
 
 
 def _quality(original: Any, quantized: Any, inputs: Any, labels: np.ndarray | None) -> dict[str, dict]:
@@ -113,7 +107,7 @@ def _latency(models: dict[str, Any], inputs: Any, batch_sizes: Sequence[int], ru
     for size in batch_sizes:
         if size > len(inputs):
             raise LowbitError(f"batch size {size} needs at least {size} samples; the data has {len(inputs)}")
-        batch = _take(inputs, np.arange(size))
+        batch = take_rows(inputs, np.arange(size))
         calls = {name: (lambda model=model, batch=batch: model.predict(batch))
                  for name, model in models.items()}
         stats = measure_latencies(calls, runs=runs, threads=threads)
@@ -139,7 +133,7 @@ def compare_estimators(
     inputs = reference_inputs(data, original_model)
     available = len(inputs)
     if samples:
-        inputs, labels = _take(inputs, np.arange(min(samples, len(inputs)))), (
+        inputs, labels = take_rows(inputs, np.arange(min(samples, len(inputs)))), (
             None if labels is None else labels[:samples])
     try:
         quality = _quality(original_model, quantized_model, inputs, labels)

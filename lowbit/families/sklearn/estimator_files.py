@@ -91,12 +91,12 @@ def _check_kind(inputs: Any, estimator: Any, path: Path) -> None:
 
     if estimator is None:
         return
-    step = type(first_step(estimator)).__name__
-    texts = isinstance(inputs, list)
+    first = first_step(estimator)
+    step, texts = type(first).__name__, isinstance(inputs, list)
     if step in TEXT_VECTORIZERS and not texts:
         raise LowbitError(f"the model reads text (its first step is a {step}), but {path.name} holds "
                           "numbers; give texts as .jsonl ({\"text\": ...} per line) or .txt (one per line)")
-    numeric = getattr(first_step(estimator), "n_features_in_", None) is not None  # not a union of vectorizers
+    numeric = getattr(first, "n_features_in_", None) is not None  # not a union of vectorizers
     if step not in TEXT_VECTORIZERS and texts and numeric:
         width = getattr(estimator, "n_features_in_", None)
         columns = f"{width} numeric columns" if width else "numbers"

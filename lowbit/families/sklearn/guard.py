@@ -69,9 +69,13 @@ def take_rows(data: Any, indices: np.ndarray) -> Any:
     return data.iloc[indices] if hasattr(data, "iloc") else data[indices]
 
 
+def row_count(data: Any) -> int:
+    return data.shape[0] if hasattr(data, "shape") else len(data)
+
+
 def _split(data: Any) -> tuple[Any, Any | None]:
     """(rows to climb on, held-out rows), a seeded shuffle; no held-out part for little data."""
-    rows = data.shape[0] if hasattr(data, "shape") else len(data)
+    rows = row_count(data)
     held = int(rows * HOLD_OUT)
     if held < MIN_HELD_OUT:
         return data, None
@@ -261,8 +265,11 @@ class _LadderClimb:
         except (ValueError, FloatingPointError, ZeroDivisionError):
             return Drift(len(next(iter(self.reference.values()))), math.inf, math.inf)
 
+    def passes(self, drift: Drift) -> bool:
+        return drift.within(self.tolerance, self.density, SAFETY)
+
     def fails(self, chosen: dict[str, Encoded]) -> bool:
-        return not self.check(chosen).within(self.tolerance, self.density, SAFETY)
+        return not self.passes(self.check(chosen))
 
     def climb(self, path: str) -> None:
         self.fallbacks.setdefault(path, [self.rung(path)])
@@ -301,14 +308,15 @@ class _LadderClimb:
         """Climb until nothing fails (every array exact moves nothing, so this ends)."""
         with progress_bar(len(self.originals) > PROGRESS_FROM) as bar:
             step = bar.add_task(f"fidelity guard over {len(self.originals)} arrays", total=None)
-            while self.fails(self.current()):
+            drift = self.check(self.current())
+            while not self.passes(drift):
                 movable = [path for path in self.originals if self.rung(path) != "exact"]
                 if not movable:
                     break  # every array exact: the model is the original, whatever the drift says
                 for path in self.culprits(movable) or self.most_moving():
                     self.climb(path)
                 bar.advance(step)
-        drift = self.check(self.current())
+                drift = self.check(self.current())
         return GuardResult(self.current(), self.fallbacks, drift.changed, drift.probability, verified=True)
 
 
@@ -323,8 +331,7 @@ def guard(slots: list[Slot], bits: int, estimator: Any, data: Any,
         return result
     search.retarget(held_out)
     drift = search.check(search.current())
-    check = {**flip_rate(drift.changed, len(search.reference["predict" if "predict" in search.reference
-                                                            else "transform"])),
+    check = {**flip_rate(drift.changed, row_count(held_out)),
              "estimated_flip_rate": drift.flip_risk(search.density),
              "max_probability_difference": drift.probability}
     check["refit_on_all"] = bool(drift.changed or drift.probability > tolerance)
