@@ -6,8 +6,8 @@ names its weights with `transformers_weights` as a file that does not exist (its
 install and import lowbit). The tensors live in `model.lowbit.safetensors`, a name transformers
 never looks for on its own. So without lowbit, transformers refuses (no such file) instead of
 reading int8 codes as float weights; with lowbit, this quantizer points transformers at the real
-file, swaps lowbit's quantized modules in before the weights load, and afterwards checks that
-every tensor equals the checksummed file's (lowbit.formats) before the model is handed over.
+file, checks every file's sha256 and swaps lowbit's quantized modules in before the weights
+load, and afterwards checks that every tensor equals the file's before the model is handed over.
 
 The classes are made when transformers' quantizer registry is imported (lowbit.families
 .after_import), so `import lowbit` stays free of transformers.
@@ -25,7 +25,7 @@ from torch import nn
 
 from lowbit.errors import FormatError
 from lowbit.families.after_import import after_import
-from lowbit.formats.lowbit_format import TENSOR_FILE, read_folder, verify_files
+from lowbit.formats.lowbit_format import TENSOR_FILE, read_tensors, verify_files
 from lowbit.runtimes.eager import check_loaded, swap_in
 
 METHOD = "lowbit"
@@ -145,7 +145,8 @@ def _make_classes(auto: ModuleType) -> None:
             if manifest["runtime"] != "eager":
                 raise FormatError(f"{folder} runs on the {manifest['runtime']} runtime, which "
                                   "cannot run inside a transformers model; load it with lowbit.load")
-            self.folder, self.names = folder, _name_map(list(manifest["modules"]), model)
+            self.folder, self.manifest = folder, manifest
+            self.names = _name_map(list(manifest["modules"]), model)
             swap_in(model, {self.names[name]: entry for name, entry in manifest["modules"].items()
                             if name in self.names}, str(folder))
             # Tied weights (an LM head sharing the embedding's codes) are lowbit's aliases, which
@@ -158,7 +159,7 @@ def _make_classes(auto: ModuleType) -> None:
             model._keys_to_ignore_on_load_missing = {*(model._keys_to_ignore_on_load_missing or ()), *aliased}
 
         def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-            _, tensors = read_folder(self.folder)
+            tensors = read_tensors(self.folder, self.manifest)  # checked before the weights loaded
             _tie(model, self.aliases)
             expected = {_renamed_key(key, self.names): tensor for key, tensor in tensors.items()}
             _check_same(model, expected, str(self.folder))

@@ -243,6 +243,12 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
     that each tensor file holds exactly the tensors the manifest lists."""
     folder = Path(path)
     manifest = verify_files(folder)
+    return manifest, read_tensors(folder, manifest)
+
+
+def read_tensors(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder whose files `verify_files` has checked (aliases included), each
+    tensor file holding exactly the tensors the manifest lists."""
     tensors: dict[str, torch.Tensor] = {}
     for name, entry in tensor_files(manifest).items():
         file = folder / name
@@ -255,4 +261,4 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
         tensors.update(loaded)
     for alias, canonical in manifest["aliases"].items():
         tensors[alias] = tensors[canonical]
-    return manifest, tensors
+    return tensors
