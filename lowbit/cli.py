@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +51,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # click's plain help: wraps at any width, never cuts an option name
 )
+
+
 class _PipeConsole(Console):
     """A console that goes quiet when its reader leaves (`lowbit tune ... | head`) instead of
     exiting: the command still finishes its work (writes the model and the reports) and ends
@@ -661,9 +665,6 @@ def main() -> None:
 
 def _quiet_closed_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush does not complain."""
-    import os
-    import sys
-
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
 

@@ -18,7 +18,7 @@ from torch import nn
 from lowbit.data.batches import as_dataset, inputs_per_batch_size, speed_inputs, task_batches, tokenize
 from lowbit.errors import LowbitError
 from lowbit.evaluate.comparison import Comparison
-from lowbit.evaluate.latency import busiest, compare_latency, generation_speed, machine_load
+from lowbit.evaluate.latency import compare_latency, generation_speed, under_machine_load
 from lowbit.evaluate.layers import layer_errors
 from lowbit.evaluate.size import parameter_bytes
 from lowbit.evaluate.tasks import METRICS_BY_KIND, Task, collect_outputs, is_transformers_model, score_quality
@@ -97,10 +97,8 @@ def compare_models(original: nn.Module, quantized: nn.Module, data: Any, setting
                               quantized_modules(quantized_model))
         bar.update(step, advance=1, description="latency")
         timed = speed_inputs(dataset, kind, tokenizer, batch_sizes, seq_len)
-        load = machine_load()
-        latency = compare_latency({"original": original_model, "quantized": quantized_model},
-                                  timed, runs=runs, threads=threads)
-        load = busiest(load, machine_load())
+        latency, load = under_machine_load(lambda: compare_latency(
+            {"original": original_model, "quantized": quantized_model}, timed, runs=runs, threads=threads))
         reports = {}
         for (name, model), path in zip((("original", original_model), ("quantized", quantized_model)),
                                        sources, strict=True):

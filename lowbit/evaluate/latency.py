@@ -8,13 +8,15 @@ import os
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from lowbit.core.timing import timed
 from lowbit.data.batches import call_model
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,8 @@ def measure_latencies(
     return {name: _stats(values, used_threads) for name, values in timings.items()}
 
 
-def machine_load() -> dict[str, Any]:
-    """The 1-minute load average and the core count, recorded beside timings: a load above the
-    cores means other work shared the CPU while lowbit timed."""
+def _machine_load() -> dict[str, Any]:
+    """The 1-minute load average and the cores this process may use."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # not on this platform
@@ -94,10 +95,15 @@ def machine_load() -> dict[str, Any]:
     return {"load_average": load, "cores": cores}
 
 
-def busiest(*loads: dict[str, Any]) -> dict[str, Any]:
-    """The highest load average of several `machine_load` readings."""
-    averages = [entry["load_average"] for entry in loads if entry["load_average"] is not None]
-    return {"load_average": max(averages) if averages else None, "cores": loads[0]["cores"]}
+def under_machine_load(measure: Callable[[], T]) -> tuple[T, dict[str, Any]]:
+    """`measure()`'s result, and the machine's load while it ran (the higher 1-minute load
+    average of before and after) with the usable cores: recorded beside timings, since a load
+    above the cores means other work shared the CPU while lowbit timed."""
+    before = _machine_load()
+    result = measure()
+    after = _machine_load()
+    averages = [entry["load_average"] for entry in (before, after) if entry["load_average"] is not None]
+    return result, {"load_average": max(averages) if averages else None, "cores": before["cores"]}
 
 
 def measure_latency(

@@ -19,7 +19,7 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.evaluate.comparison import Comparison
-from lowbit.evaluate.latency import busiest, machine_load, measure_latencies
+from lowbit.evaluate.latency import measure_latencies, under_machine_load
 from lowbit.evaluate.metrics import bootstrap_difference, sqnr_db
 from lowbit.families.sklearn.estimator_files import best_load_seconds, is_sklearn_file, read_estimator
 from lowbit.families.sklearn.guard import same_predictions, take_rows
@@ -143,10 +143,8 @@ def compare_estimators(
     if metric not in quality:
         raise LowbitError(f"metric {metric!r} is not measured for this model and data; "
                           f"choose one of {', '.join(quality)}")
-    load = machine_load()
-    latency = _latency({"original": original_model, "quantized": quantized_model}, inputs, batch_sizes, runs,
-                       threads)
-    load = busiest(load, machine_load())
+    latency, load = under_machine_load(lambda: _latency(
+        {"original": original_model, "quantized": quantized_model}, inputs, batch_sizes, runs, threads))
     encodings = _encodings(quantized, quantized_path)
     reports = {}
     for name, path, seconds in (("original", original_path, original_seconds),
