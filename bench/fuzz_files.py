@@ -95,7 +95,7 @@ def _sklearn_seeds() -> dict[str, tuple[Any, Any]]:
                       .fit(texts[:300], topics[:300]), texts[300:340]),
         "forest": (ensemble.RandomForestClassifier(8, max_depth=6, random_state=0)
                    .fit(digits[:1000], digit_labels[:1000]), digits[1000:1040]),
-        "hist-boosting": (ensemble.HistGradientBoostingClassifier(max_iter=5)
+        "hist-boosting": (ensemble.HistGradientBoostingClassifier(max_iter=10)
                           .fit(cancer[:400], cancer_labels[:400]), cancer[400:440]),
         "kneighbours": (make_pipeline(StandardScaler(), neighbors.KNeighborsClassifier(algorithm="kd_tree"))
                         .fit(cancer[:400], cancer_labels[:400]), cancer[400:440]),

@@ -271,3 +271,99 @@ def test_a_cython_unpickler_given_a_wrong_checksum_is_a_format_error(places):
              "state": None, "args": [{"$": "name", "name": "sklearn._loss._loss.CyHalfMultinomialLoss"}, 0,
                       {"$": "tuple", "items": []}]}
     assert_refused_safely(craft_sklearn_file(inside / "m.lowbit", graph), outside, canary)
+
+
+# ---- tables (lowbit.families.sklearn.tables): a forest of 8+ trees is one table node ----
+
+@pytest.fixture(scope="module")
+def table_forest(tmp_path_factory):
+    features, labels = load_digits(return_X_y=True)
+    forest = RandomForestClassifier(8, max_depth=4, random_state=0).fit(features, labels)
+    path = tmp_path_factory.mktemp("table") / "forest.lowbit"
+    lowbit_sklearn.quantize(forest, bits=8, data=features[:100]).save(path)
+    return path, features[100:140]
+
+
+def _table(document):
+    return document["graph"]["state"]["items"][[key for key, _ in document["graph"]["state"]["items"]]
+                                                .index("estimators_")][1]
+
+
+def _tree_column(table, key):
+    """The `tree_` objects column's state column `key` (nodes, values, node_count, ...)."""
+    state = table["items"]["state"]
+    tree = state["columns"][state["keys"].index("tree_")]
+    return tree["state"]["columns"][tree["state"]["keys"].index(key)]
+
+
+def _copy(source, tmp_path):
+    path = tmp_path / "m.lowbit"
+    path.write_bytes(source.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        return path, json.loads(archive.read("skeleton.json"))
+
+
+def _set_table_column(path, document, field, value):
+    """Point one field of every tree's node table at new int64 values appended to the arrays."""
+    from safetensors.numpy import load, save
+
+    def change(entries):
+        pools = load(entries["arrays.safetensors"])
+        records = _tree_column(_table(document), "nodes")
+        size = sum(_row_counts(pools, records))
+        pool = pools.get("int64", np.zeros(0, np.int64))
+        records["fields"][field] = [{"items": 8, "encoding": "plain", "data": ["int64", pool.size, [size]]}]
+        pools["int64"] = np.concatenate([pool, value(size)])
+        entries["arrays.safetensors"] = save(pools)
+        entries["skeleton.json"] = json.dumps(document).encode()
+    return rewrite_sklearn_file(path, change)
+
+
+def _row_counts(pools, column):
+    """Each item's row count, as a table column stores them."""
+    name, start, shape = column["counts"]
+    return pools[name][start:start + shape[0]].tolist()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("left_child", lambda size: np.full(size, 10**9, np.int64)),
+    ("feature", lambda size: np.full(size, 10**9, np.int64)),
+    ("left_child", lambda size: np.zeros(size, np.int64)),
+], ids=["child-index-1e9", "feature-index-1e9", "cyclic-children"])
+def test_table_tree_indices_out_of_bounds_or_cyclic_are_refused(table_forest, tmp_path, field, value):
+    source, rows = table_forest
+    path, document = _copy(source, tmp_path)
+    assert _table(document)["$"] == "table"
+    _set_table_column(path, document, field, value)
+    with pytest.raises(LowbitError):
+        lowbit.load(path).predict(rows)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda table: table["items"].update({"class": "posix.system"}), "not one lowbit makes"),
+    (lambda table: _tree_column(table, "nodes").update({"kind": "pickle"}), "unknown"),
+    (lambda table: _tree_column(table, "values")["segments"][0].update({"items": 99}), "cover"),
+    (lambda table: _tree_column(table, "values")["segments"][0].update({"encoding": "pickle"}), "unknown"),
+    (lambda table: _tree_column(table, "node_count").update(kind="each", values=[1] * 8), "node count"),
+    (lambda table: table.update({"count": 2**40}), "out of range"),
+], ids=["class-not-listed", "column-kind", "segment-items", "segment-encoding", "node-count", "count"])
+def test_a_malformed_table_is_a_format_error(table_forest, tmp_path, edit, message):
+    source, _ = table_forest
+    path, _ = _copy(source, tmp_path)
+    _edit_graph(path, lambda document: edit(_table(document)))
+    with watching() as events, pytest.raises(lowbit.FormatError, match=message):
+        lowbit.load(path)
+    assert forbidden(events) == []
+
+
+def test_a_table_constructor_must_be_listed(table_forest, tmp_path):
+    source, _ = table_forest
+    path, _ = _copy(source, tmp_path)
+
+    def edit(document):
+        tree = _table(document)["items"]["state"]
+        column = tree["columns"][tree["keys"].index("tree_")]
+        column["function"] = "builtins.eval"
+    _edit_graph(path, edit)
+    with pytest.raises(lowbit.FormatError, match="not one lowbit calls"):
+        lowbit.load(path)

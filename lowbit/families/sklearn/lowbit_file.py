@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import ChecksumError, FormatError, NotSmallerError
-from lowbit.families.sklearn import probe, skeleton
+from lowbit.families.sklearn import probe, skeleton, tables
 from lowbit.families.sklearn.encodings import Encoded
 from lowbit.families.sklearn.manifest import validate_manifest
 from lowbit.formats.atomic import atomic_file
 from lowbit.formats.manifest import parse_json
 
-FORMAT, VERSION = "lowbit-sklearn", 2
+FORMAT, VERSION = "lowbit-sklearn", 3
+READABLE_VERSIONS = (2, 3)  # 3 adds tables (lowbit.families.sklearn.tables); 2 files read as they are
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_INFLATION = 50  # entries may inflate to 50x the file: real files measured 2-6x
 
@@ -125,9 +126,9 @@ def _manifest_from(archive: zipfile.ZipFile, path: str | os.PathLike) -> dict[st
     manifest = parse_json(_read_entry(archive, "lowbit.json", MAX_MANIFEST_BYTES), f"{path}: lowbit.json")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FormatError(f"{path} is not a lowbit scikit-learn file")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise FormatError(f"{path} has format version {manifest.get('version')!r}; "
-                          f"this lowbit reads {VERSION}")
+                          f"this lowbit reads {' and '.join(map(str, READABLE_VERSIONS))}")
     return validate_manifest(manifest, f"{path}: lowbit.json")
 
 
@@ -227,7 +228,7 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict[str, An
                    "stored_bytes": sum(math.prod(shape) * np.dtype(pool).itemsize
                                        for pool, _, shape in node["parts"].values())}
                   for node in _encoded_nodes(document.get("graph"))]
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
         raise FormatError(f"{path}: skeleton.json has a malformed array entry: {error}") from None
     return {"estimator": manifest["estimator"], "report": manifest["report"], "arrays": arrays,
             "file_bytes": Path(path).stat().st_size, "verified_checksums": True, "rebuilt": verify}
@@ -241,6 +242,8 @@ def _encoded_nodes(node: Any) -> Iterator[dict[str, Any]]:
             if value.get("$") == "encoded":
                 yield value
                 continue
+            if value.get("$") == "table":
+                yield from tables.encoded_arrays(value)
             stack.extend(reversed(list(value.values())))
         elif isinstance(value, list):
             stack.extend(reversed(value))

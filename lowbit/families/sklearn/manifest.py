@@ -48,7 +48,7 @@ class Probe(Strict):
 
 class SklearnManifest(Strict):
     format: Literal["lowbit-sklearn"]
-    version: Literal[2]
+    version: Literal[2, 3]
     estimator: Name
     report: Report
     sha256: dict[EntryName, Sha256] = Field(max_length=1 << 16)

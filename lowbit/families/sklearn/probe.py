@@ -11,6 +11,7 @@ failing or silently misbehaving at the user's first call.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,42 @@ def _same(recorded: list[Any], made: list[Any]) -> bool:
     return True
 
 
+def _forest_mean(forest: Any, rows: np.ndarray, output: Callable[[Any], Callable]) -> np.ndarray:
+    """Each tree's output summed in the forest's order and divided by the tree count: the sum
+    scikit-learn's forests make, without joblib's dispatch of every tree (4 of the 5 ms a
+    100-tree forest's probe took)."""
+    rows = forest._validate_X_predict(rows)
+    total = 0.0
+    for tree in forest.estimators_:
+        total = total + output(tree)(rows, check_input=False)
+    return total / len(forest.estimators_)
+
+
+def _forest_classes(forest: Any, rows: np.ndarray) -> np.ndarray:
+    mean = _forest_mean(forest, rows, lambda tree: tree.predict_proba)
+    return forest.classes_.take(np.argmax(mean, axis=1), axis=0)
+
+
+def _forest_values(forest: Any, rows: np.ndarray) -> np.ndarray:
+    return _forest_mean(forest, rows, lambda tree: tree.predict)
+
+
+FOREST = "sklearn.ensemble._forest."
+PREDICTS: dict[str, Callable[[Any, np.ndarray], np.ndarray]] = {
+    **{f"{FOREST}{name}Classifier": _forest_classes for name in ("RandomForest", "ExtraTrees")},
+    **{f"{FOREST}{name}Regressor": _forest_values for name in ("RandomForest", "ExtraTrees")},
+}
+
+
+def _predict(estimator: Any, method: str, inputs: Any) -> Any:
+    """The probe's outputs; a single-output forest's through PREDICTS, which computes what its
+    `predict` does (tests/sklearn/test_probe.py holds them equal)."""
+    fast = PREDICTS.get(f"{type(estimator).__module__}.{type(estimator).__qualname__}")
+    if method == "predict" and fast is not None and getattr(estimator, "n_outputs_", None) == 1:
+        return fast(estimator, inputs)
+    return getattr(estimator, method)(inputs)
+
+
 def check(estimator: Any, recorded: Any) -> None:
     """Predict the probe rows again and compare with what the file recorded."""
     if not isinstance(recorded, dict) or recorded.get("method") is None:
@@ -98,7 +135,7 @@ def check(estimator: Any, recorded: Any) -> None:
         inputs = probe_inputs(estimator)
         if inputs is None:
             raise FormatError("the rebuilt model does not take the probe rows it was saved with")
-        made = _fingerprint(getattr(estimator, method)(inputs))
+        made = _fingerprint(_predict(estimator, method, inputs))
     except FormatError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever a broken state raises, it must not escape untyped

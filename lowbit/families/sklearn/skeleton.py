@@ -26,14 +26,18 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import FormatError
-from lowbit.families.sklearn import checks, trusted
+from lowbit.families.sklearn import checks, tables, trusted
 from lowbit.families.sklearn.encodings import Encoded, check_encoded, decode, memory_order
+from lowbit.families.sklearn.nodes import (
+    PLAIN_TYPES,
+    plain_dtype,
+    set_state,
+    shape_of,
+    smallest_integer,
+    typed_field,
+)
 
 MIN_VOCABULARY = 16  # smaller str -> index dicts stay JSON
-MAX_DIMENSIONS = 32
-MAX_ELEMENTS = 1 << 40
-MAX_STRING_BYTES = 1 << 12
-PLAIN_TYPES = (str, bool, int, type(None))  # exact types: numpy's float64 and str_ subclass float and str
 
 
 @dataclass
@@ -81,6 +85,8 @@ class _Writer:
             return self.scalar(value)
         if isinstance(value, np.dtype):
             return {"$": "dtype", "dtype": _dtype_json(value)}
+        if type(value) is list and (table := tables.dump_items(self, value, path)) is not None:
+            return table
         if type(value) in (list, tuple, set, frozenset):
             kind = type(value).__name__
             items = value if kind in ("list", "tuple") else sorted(value, key=repr)
@@ -147,11 +153,13 @@ class _Writer:
                     else [item.hex() for item in array.ravel().tolist()]}
         if array.dtype.kind == "O":
             items = array.ravel().tolist()
+            if (table := tables.dump_items(self, items, path)) is not None:
+                return {"$": "objects", "shape": list(array.shape), "table": table}
             return {"$": "objects", "shape": list(array.shape),
                     "values": [self.value(item, f"{path}[{i}]") for i, item in enumerate(items)]}
         if array.dtype.kind not in "biuf":
             raise FormatError(f"{path}: arrays of dtype {array.dtype} cannot be stored")
-        stored = _smallest_integer(array) if array.dtype.kind in "iu" else array
+        stored = smallest_integer(array) if array.dtype.kind in "iu" else array
         node = {"$": "array", "dtype": array.dtype.str, "ref": self.array_ref(stored)}
         if memory_order(array) == "F":
             node["order"] = "F"
@@ -204,19 +212,6 @@ def _is_vocabulary(value: dict) -> bool:
     return sorted(int(index) for index in indices) == list(range(len(indices)))
 
 
-def _smallest_integer(array: np.ndarray) -> np.ndarray:
-    """The same integers in the narrowest type that holds them all (tree child indices and
-    features fit int16 where they were int64)."""
-    if array.size == 0:
-        return array
-    low, high = int(array.min()), int(array.max())
-    for candidate in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32):
-        limits = np.iinfo(candidate)
-        if limits.min <= low and high <= limits.max and np.dtype(candidate).itemsize < array.dtype.itemsize:
-            return array.astype(candidate)
-    return array
-
-
 def _dtype_json(dtype: np.dtype) -> Any:
     if dtype.fields is None:
         return dtype.str
@@ -231,7 +226,7 @@ def _record_dtype_from_json(value: Any) -> np.dtype:
     if not isinstance(value, dict) or set(value) != {"names", "formats", "offsets", "itemsize"}:
         raise FormatError("a record dtype must give names, formats, offsets and itemsize")
     try:
-        formats = [_plain_dtype(item) for item in value["formats"]]
+        formats = [plain_dtype(item) for item in value["formats"]]
         dtype = np.dtype({"names": value["names"], "formats": formats, "offsets": value["offsets"],
                           "itemsize": value["itemsize"]})
     except (TypeError, ValueError) as error:
@@ -239,20 +234,6 @@ def _record_dtype_from_json(value: Any) -> np.dtype:
     if dtype not in checks.record_dtypes():
         raise FormatError(f"the record dtype {dtype} is not one scikit-learn uses")
     return dtype
-
-
-@functools.lru_cache(maxsize=256)
-def _plain_dtype(text: Any) -> np.dtype:
-    """A numeric dtype (booleans, integers, floats) or a bounded text dtype, from its `.str`."""
-    if not isinstance(text, str) or len(text) > 8:
-        raise FormatError(f"{text!r} is not a dtype lowbit stores")
-    try:
-        dtype = np.dtype(text)
-    except TypeError:
-        raise FormatError(f"{text!r} is not a dtype") from None
-    if dtype.kind in "biuf" or (dtype.kind in "US" and dtype.itemsize <= MAX_STRING_BYTES):
-        return dtype
-    raise FormatError(f"arrays of dtype {dtype} are not stored in lowbit files")
 
 
 def dump(estimator: Any, encodings: dict[str, Encoded], path: str = "model"
@@ -266,26 +247,6 @@ def dump(estimator: Any, encodings: dict[str, Encoded], path: str = "model"
     pools = {name: np.concatenate(parts) for name, parts in writer.pools.items()}
     document = {"record_dtypes": [json.loads(text) for text in writer.record_dtypes], "graph": graph}
     return document, pools, writer.texts
-
-
-def _field(node: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    """node[key], which must be of `kind` (a file's JSON is checked before it is used)."""
-    value = node.get(key)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise FormatError(f"a {node.get('$')!r} node needs {key!r} of type "
-                          f"{getattr(kind, '__name__', kind)}")
-    return value
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    if type(value) is list and len(value) == 1 and type(value[0]) is int and 0 <= value[0] <= MAX_ELEMENTS:
-        return (value[0],)  # the common case (a column, a vector), checked without building sets
-    if type(value) is list and len(value) <= MAX_DIMENSIONS:
-        shape = tuple(value)
-        if {type(size) for size in shape} <= {int} and (
-                not shape or (min(shape) >= 0 and max(shape) <= MAX_ELEMENTS)):
-            return shape
-    raise FormatError(f"{str(value)[:80]} is not an array shape")
 
 
 @dataclass
@@ -303,7 +264,7 @@ class _Reader:
         pool = self.pools.get(ref[0]) if type(ref[0]) is str else None
         if pool is None:
             raise FormatError(f"{str(ref)[:80]} is not a reference into the stored arrays")
-        start, shape = ref[1], _shape(ref[2])
+        start, shape = ref[1], shape_of(ref[2])
         size = shape[0] if len(shape) == 1 else math.prod(shape)
         if start < 0 or start + size > pool.size:
             raise FormatError(f"an array reaches past the end of its pool {ref[0]!r}")
@@ -336,31 +297,31 @@ class _Reader:
         self.memo.setdefault(identifier, value)
 
     def items(self, node: dict[str, Any]) -> list[Any]:
-        return [self.value(item) for item in _field(node, "items", list)]
+        return [self.value(item) for item in typed_field(node, "items", list)]
 
     def build_float(self, node: dict[str, Any]) -> float:
-        return float(_field(node, "value", str))
+        return float(typed_field(node, "value", str))
 
     def build_dict(self, node: dict[str, Any]) -> dict:
         result: dict = {}
         if "id" in node:
             self.remember(node, result)
-        for pair in _field(node, "items", list):
+        for pair in typed_field(node, "items", list):
             if not isinstance(pair, list) or len(pair) != 2:
                 raise FormatError("a dict item must be a [key, value] pair")
             result[self.value(pair[0])] = self.value(pair[1])
         return result
 
     def build_bytes(self, node: dict[str, Any]) -> bytes:
-        return bytes.fromhex(_field(node, "hex", str))
+        return bytes.fromhex(typed_field(node, "hex", str))
 
     def build_vocabulary(self, node: dict[str, Any]) -> dict:
-        index = _field(node, "text", int)
+        index = typed_field(node, "text", int)
         if not 0 <= index < len(self.texts):
             raise FormatError(f"vocabulary text {index} is not in the file")
         terms = self.texts[index].split("\n") if self.texts[index] else []
-        kind = _field(node, "index_type", str)
-        index_type = int if kind == "int" else _plain_dtype(kind).type
+        kind = typed_field(node, "index_type", str)
+        index_type = int if kind == "int" else plain_dtype(kind).type
         if node.get("index") == "position":
             return {term: index_type(position) for position, term in enumerate(terms)}
         if node.get("index") != "rank":
@@ -369,7 +330,7 @@ class _Reader:
         return {term: rank[term] for term in terms}
 
     def build_scalar(self, node: dict[str, Any]) -> np.generic:
-        dtype = _plain_dtype(node.get("dtype"))
+        dtype = plain_dtype(node.get("dtype"))
         value = node.get("value")
         if dtype.kind not in "biuf" or type(value) not in (int, float, str, bool):
             raise FormatError(f"a numpy scalar of dtype {dtype} cannot be read")
@@ -377,25 +338,25 @@ class _Reader:
 
     def build_dtype(self, node: dict[str, Any]) -> np.dtype:
         value = node.get("dtype")
-        return _plain_dtype(value) if isinstance(value, str) else _record_dtype_from_json(value)
+        return plain_dtype(value) if isinstance(value, str) else _record_dtype_from_json(value)
 
     def build_array(self, node: dict[str, Any]) -> np.ndarray:
-        array = np.array(self.take(node.get("ref")), dtype=_plain_dtype(node.get("dtype")))
+        array = np.array(self.take(node.get("ref")), dtype=plain_dtype(node.get("dtype")))
         return np.asfortranarray(array) if node.get("order") == "F" else array
 
     def build_encoded(self, node: dict[str, Any]) -> np.ndarray:
-        parts = {name: self.take(ref) for name, ref in _field(node, "parts", dict).items()}
-        encoded = Encoded(_field(node, "encoding", str), parts, _plain_dtype(node.get("dtype")).str,
-                          _shape(node.get("shape")), _field(node, "order", str))
+        parts = {name: self.take(ref) for name, ref in typed_field(node, "parts", dict).items()}
+        encoded = Encoded(typed_field(node, "encoding", str), parts, plain_dtype(node.get("dtype")).str,
+                          shape_of(node.get("shape")), typed_field(node, "order", str))
         check_encoded(encoded)
         return decode(encoded)
 
     def build_record(self, node: dict[str, Any]) -> np.ndarray:
-        index = _field(node, "dtype", int)
+        index = typed_field(node, "dtype", int)
         if not 0 <= index < len(self.record_dtypes):
             raise FormatError(f"record dtype {index} is not in the file")
-        dtype, shape = self.record_dtypes[index], _shape(node.get("shape"))
-        columns = _field(node, "fields", dict)
+        dtype, shape = self.record_dtypes[index], shape_of(node.get("shape"))
+        columns = typed_field(node, "fields", dict)
         if list(columns) != list(dtype.names):
             raise FormatError("a record array must store each field of its dtype once, in order")
         values = {name: self.build_encoded(column) if column.get("$") == "encoded" else
@@ -408,8 +369,8 @@ class _Reader:
         return array
 
     def build_strings(self, node: dict[str, Any]) -> np.ndarray:
-        dtype, shape = _plain_dtype(node.get("dtype")), _shape(node.get("shape"))
-        values = _field(node, "values", list)
+        dtype, shape = plain_dtype(node.get("dtype")), shape_of(node.get("shape"))
+        values = typed_field(node, "values", list)
         texts = all(isinstance(value, str) for value in values)
         if dtype.kind not in "US" or len(values) != math.prod(shape) or not texts:
             raise FormatError("a string array must hold one text per element")
@@ -417,11 +378,15 @@ class _Reader:
         return np.array(items, dtype=dtype).reshape(shape)
 
     def build_objects(self, node: dict[str, Any]) -> np.ndarray:
-        shape, values = _shape(node.get("shape")), _field(node, "values", list)
+        shape = shape_of(node.get("shape"))
+        if "table" in node:
+            values = tables.load_items(self, typed_field(node, "table", dict))
+        else:
+            values = [self.value(item) for item in typed_field(node, "values", list)]
         if len(values) != math.prod(shape):
             raise FormatError("an object array must hold one value per element")
         array = np.empty(len(values), dtype=object)
-        array[:] = [self.value(item) for item in values]
+        array[:] = values
         return array.reshape(shape)
 
     def build_name(self, node: dict[str, Any]) -> Any:
@@ -449,7 +414,7 @@ class _Reader:
         where compiled code will index with it (lowbit.families.sklearn.checks)."""
         state = self.value(node.get("state"))
         checks.check_state(instance, state)
-        _set_state(instance, state)
+        set_state(instance, state)
         for item in self.items({"$": "list_items", "items": node.get("list_items", [])}):
             instance.append(item)
         dict_items = self.value(node.get("dict_items", {"$": "dict", "items": []}))
@@ -464,6 +429,7 @@ class _Reader:
 BUILDERS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "float": _Reader.build_float,
     "list": lambda reader, node: reader.items(node),
+    "table": tables.load_items,
     "tuple": lambda reader, node: tuple(reader.items(node)),
     "set": lambda reader, node: set(reader.items(node)),
     "frozenset": lambda reader, node: frozenset(reader.items(node)),
@@ -481,23 +447,6 @@ BUILDERS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "object": _Reader.build_object,
     "call": _Reader.build_call,
 }
-
-
-def _set_state(instance: Any, state: Any) -> None:
-    """What pickle does with an object's state."""
-    if state is None:
-        return
-    setter = getattr(instance, "__setstate__", None)
-    if setter is not None:
-        setter(state)
-        return
-    slot_state = None
-    if isinstance(state, tuple) and len(state) == 2:
-        state, slot_state = state
-    if state:
-        instance.__dict__.update(state)
-    for key, item in (slot_state or {}).items():
-        setattr(instance, key, item)
 
 
 def load(document: Any, pools: dict[str, np.ndarray], texts: list[str]) -> Any:
