@@ -2,7 +2,9 @@
 
     lowbit.json          format, version, estimator class, sha256 of every other entry, the
                          fidelity report (per-array encodings, fallbacks)
-    skeleton.json        the estimator's object graph (lowbit.families.sklearn.skeleton): plain JSON
+    skeleton.json        the estimator's object graph (lowbit.families.sklearn.skeleton): plain JSON;
+                         since format 3, many alike items (a forest's trees) as one table
+                         (lowbit.families.sklearn.tables)
     arrays.safetensors   every array: quantized ones as their parts (int8/int16 rows and
                          scales), tree node tables one column each, integers narrowed exactly
     vocabulary/N.txt     a text vectorizer's terms in column order, one per line
@@ -123,7 +125,8 @@ def _read_entry(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
 
 
 def _manifest_from(archive: zipfile.ZipFile, path: str | os.PathLike) -> dict[str, Any]:
-    manifest = parse_json(_read_entry(archive, "lowbit.json", MAX_MANIFEST_BYTES), f"{path}: lowbit.json")
+    manifest = parse_json(_read_entry(archive, "lowbit.json", MAX_MANIFEST_BYTES), f"{path}: lowbit.json",
+                          None)  # its schema (lowbit.families.sklearn.manifest) bounds the nesting
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FormatError(f"{path} is not a lowbit scikit-learn file")
     if manifest.get("version") not in READABLE_VERSIONS:

@@ -1,16 +1,18 @@
-"""lowbit.json of a scikit-learn file: every field typed and bounded before anything reads it."""
+"""lowbit.json of a scikit-learn file: every field typed and bounded before anything reads it (which
+bounds its nesting too: no field holds free-form JSON)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StringConstraints, model_validator
 
 from lowbit.formats.manifest import Count, Name, Sha256, Strict, validate
 
 ENTRY_PATTERN = r"^(skeleton\.json|arrays\.safetensors|vocabulary/(0|[1-9][0-9]{0,5})\.txt)$"
 EntryName = Annotated[str, StringConstraints(pattern=ENTRY_PATTERN)]
 Limited = Field(max_length=1 << 20)
+Output = StrictBool | StrictInt | StrictFloat | Annotated[str, StringConstraints(max_length=1024)] | None
 
 
 class HeldOut(Strict):
@@ -43,7 +45,7 @@ class Probe(Strict):
     """Predictions on synthetic rows, made again at load (lowbit.families.sklearn.probe)."""
 
     method: Literal["predict", "transform"] | None
-    outputs: list[Any] | None = Field(None, max_length=1 << 16)
+    outputs: list[Output] | None = Field(None, max_length=1 << 16)
 
 
 class SklearnManifest(Strict):

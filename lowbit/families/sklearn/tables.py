@@ -1,9 +1,10 @@
-"""Many objects of one class stored as columns: a forest's trees, a boosting model's predictors.
+"""Many alike items stored as columns: a forest's trees, a boosting model's predictors, a loss curve.
 
 The generic graph (lowbit.families.sklearn.skeleton) gives every object its own JSON nodes. A
 100-tree forest is then ~6,000 nodes and ~1,400 small arrays, and took longer to rebuild than
-to unpickle. A list (or object array) of at least MIN_ITEMS objects of one class, whose states
-hold the same keys, is written instead as one `table` node: each key once, as a column of
+to unpickle. A list (or object array) of at least MIN_ITEMS items of one kind (objects of one
+class whose states hold the same keys, numpy scalars of one dtype, or arrays) is written instead
+as one `table` node. The items, and each key of their states, are columns:
 
 - `same`:    one plain JSON value that every item shares (a hyper-parameter);
 - `each`:    one plain JSON value per item;
@@ -14,10 +15,11 @@ hold the same keys, is written instead as one `table` node: each key once, as a 
 - `records`: one record array per item (a tree's node table), each field stored as `rows`;
 - `objects`: one nested object per item (a tree's Cython `Tree`), with columns of its own.
 
-A list holding anything else (a shared object, a pruned encoding, a class or a dict) is left to
+Items holding anything else (an item twice, a pruned encoding, a class or a dict) are left to
 the generic graph. Reading decodes each column once and cuts it into the items' arrays, which
-are views of it. The objects, arrays and values are exactly those the generic graph gives; the
-same allow-lists, argument checks and bounds checks apply to each item.
+are views of it. The objects, arrays and values are exactly those the generic graph gives
+(tests/sklearn/test_tables.py compares them bit for bit); the same allow-lists, argument checks
+and bounds checks apply to each item.
 """
 
 from __future__ import annotations
