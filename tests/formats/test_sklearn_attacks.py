@@ -367,3 +367,30 @@ def test_a_table_constructor_must_be_listed(table_forest, tmp_path):
     _edit_graph(path, edit)
     with pytest.raises(lowbit.FormatError, match="not one lowbit calls"):
         lowbit.load(path)
+
+
+def test_table_trees_without_their_state_are_refused(table_forest, tmp_path):
+    """Found by the fuzzer (seed 3, case 6118, a boosting model): Trees built with no node table
+    crashed predict."""
+    source, _ = table_forest
+    path, _ = _copy(source, tmp_path)
+
+    def edit(document):
+        tree = _table(document)["items"]["state"]
+        tree["columns"][tree["keys"].index("tree_")]["state"] = None
+    _edit_graph(path, edit)
+    with pytest.raises(lowbit.FormatError, match="tree state lacks its nodes"):
+        lowbit.load(path)
+
+
+def test_a_forest_missing_what_predict_reads_is_refused_at_load(table_forest, tmp_path):
+    """Found by the fuzzer (seed 3, case 6922): the forest probe must read what predict reads."""
+    source, rows = table_forest
+    path, _ = _copy(source, tmp_path)
+
+    def edit(document):
+        items = document["graph"]["state"]["items"]
+        items[:] = [item for item in items if item[0] != "n_classes_"]
+    _edit_graph(path, edit)
+    with pytest.raises(lowbit.FormatError, match="n_classes_"):
+        lowbit.load(path)

@@ -494,10 +494,10 @@ def _read_objects(reader: Any, column: dict[str, Any], count: int) -> list[Any]:
     instances = _new_objects(reader, column, count)
     _register(reader, column, instances)
     state = column.get("state")
-    if state is not None:
-        for instance, values in zip(instances, _read_states(reader, state, count), strict=True):
-            checks.check_state(instance, values)
-            set_state(instance, values)
+    states = [None] * count if state is None else _read_states(reader, state, count)
+    for instance, values in zip(instances, states, strict=True):
+        checks.check_state(instance, values)  # a Tree without its state is refused, as in the generic graph
+        set_state(instance, values)
     reader.built.extend(instances)
     return instances
 
