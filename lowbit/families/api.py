@@ -28,10 +28,14 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
     return family_of(path).load(path, skeleton=skeleton, trust_code=trust_code)
 
 
-def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "eager",
+         accuracy_level: int = 0) -> Path:
     """Save a quantized torch model as a lowbit folder: atomic, checksummed, no pickle. (A
-    quantized scikit-learn model saves itself: `QuantizedEstimator.save(path)`.)"""
-    return save_torch(model, path, overwrite)
+    quantized scikit-learn model saves itself: `QuantizedEstimator.save(path)`.)
+
+    `runtime` is what `lowbit.load` will run: "eager" (PyTorch) or "onnxruntime" (the folder
+    also holds model.onnx, which plain ONNX Runtime runs without lowbit or torch)."""
+    return save_torch(model, path, overwrite, runtime, accuracy_level)
 
 
 def compare(

@@ -7,6 +7,7 @@ rebuilt on a skeleton the caller passes (or, with `trust_code`, the factory the 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,10 @@ from lowbit.errors import FormatError, LowbitError
 from lowbit.families.registry import TORCH_KINDS, TorchKind, torch_kind_of
 from lowbit.families.sources import build_from_factory, load_source
 from lowbit.formats import MANIFEST, read_folder, write_folder
-from lowbit.formats.lowbit_format import read_manifest
+from lowbit.formats.lowbit_format import read_manifest, verified_bytes
 from lowbit.runtimes import RUNTIMES
+from lowbit.runtimes.onnxruntime import ONNX_FILE
+from lowbit.runtimes.onnxruntime import export as onnx_export
 from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules
 from lowbit.transform.recipe import Recipe
 from lowbit.version import __version__
@@ -55,17 +58,30 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "eager",
+         accuracy_level: int = 0) -> Path:
     """Save a (quantized) model as a lowbit folder: atomic, checksummed, no pickle.
 
     A transformers model gets its config.json (with a quantization_config entry) and tokenizer
-    files too, so `lowbit.load(path)` alone rebuilds it.
+    files too, so `lowbit.load(path)` alone rebuilds it. `runtime="onnxruntime"` also writes the
+    model as model.onnx (lowbit.runtimes.onnxruntime; `accuracy_level` 4 quantizes activations
+    to int8 per block) and makes it what `lowbit.load` runs.
     """
     if not isinstance(model, nn.Module):
         raise LowbitError(f"lowbit.save expects a torch.nn.Module, got {type(model).__name__}")
+    RUNTIMES.get(runtime)
     manifest = build_manifest(model)
     kind = torch_kind_of(model)
-    write_extra = kind.write_files(model, {"recipe": manifest["recipe"]}) if kind.write_files else None
+    write_files = kind.write_files(model, {"recipe": manifest["recipe"]}) if kind.write_files else None
+    graph = onnx_export(model, accuracy_level=accuracy_level) if runtime == "onnxruntime" else None
+    if graph is not None:
+        manifest.update(runtime="onnxruntime", onnx={"file": ONNX_FILE, "accuracy_level": accuracy_level})
+
+    def write_extra(staging: Path) -> None:
+        if write_files is not None:
+            write_files(staging)
+        if graph is not None:
+            (staging / ONNX_FILE).write_bytes(graph)
     return write_folder(path, model.state_dict(), manifest, write_extra, overwrite)
 
 
@@ -109,9 +125,9 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
     """
     folder = Path(path)
     manifest, tensors = read_folder(folder)  # the recipe in it is validated there
-    runtime = RUNTIMES.get(manifest["runtime"])  # what runs it: eager PyTorch (lowbit.runtimes)
-    model = runtime(_skeleton(manifest, folder, skeleton, trust_code), manifest["modules"], tensors,
-                    str(folder))
+    runtime = RUNTIMES.get(manifest["runtime"])  # PyTorch eager or ONNX Runtime (lowbit.runtimes)
+    model = runtime(_skeleton(manifest, folder, skeleton, trust_code), manifest, tensors, folder,
+                    functools.partial(verified_bytes, folder, manifest))
     if manifest["recipe"] is not None:
         setattr(model, RECIPE_ATTRIBUTE, Recipe.model_validate(manifest["recipe"]))
     model.lowbit_source = manifest["source"]

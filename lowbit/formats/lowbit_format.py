@@ -16,6 +16,7 @@ model; a file the manifest does not name is never read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lowbit.core.digest import tensor_sha256
-from lowbit.errors import FormatError
+from lowbit.errors import ChecksumError, FormatError
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.manifest import MAX_MANIFEST_BYTES, parse_json, validate_manifest
 from lowbit.formats.members import file_sha256, member, read_member, verify_member
@@ -227,6 +228,20 @@ def verified_file(folder: Path, manifest: dict[str, Any], name: str) -> Path:
     if entry is None:
         raise FormatError(f"{folder} has no checksummed {name}; re-save the model")
     return verify_member(folder, name, entry["sha256"], entry["bytes"])
+
+
+def verified_bytes(folder: Path, manifest: dict[str, Any], name: str) -> bytes:
+    """A file the manifest lists, read once and checked against its recorded size and sha256:
+    the bytes a runtime uses are the bytes that were checked (a file swapped after
+    `verify_files` is caught)."""
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise FormatError(f"{folder} has no checksummed {name}; re-save the model")
+    data = member(folder, name).read_bytes()
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ChecksumError(f"{folder / name} does not match the size and sha256 recorded when it was saved: "
+                            "the file is corrupt or was changed. Re-save or re-download the model.")
+    return data
 
 
 def verify_files(path: str | os.PathLike) -> dict[str, Any]:

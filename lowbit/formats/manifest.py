@@ -90,6 +90,15 @@ class SourceEntry(Strict):
     sha256: Sha256
 
 
+class OnnxEntry(Strict):
+    """What the onnxruntime runtime runs: the folder's ONNX graph and how it was built."""
+
+    file: Name = "model.onnx"
+    accuracy_level: int = Field(0, ge=0, le=4)
+    ops: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
+    choice: dict[str, Any] | None = None  # what `runtime="auto"` measured, and why it chose
+
+
 class Manifest(Strict):
     format: Literal["lowbit"]
     format_version: int
@@ -100,6 +109,7 @@ class Manifest(Strict):
     modules: dict[Name, ModuleEntry] = Field(max_length=MAX_ENTRIES)
     comparison: dict[str, Any] | None = None
     runtime: str = "eager"
+    onnx: OnnxEntry | None = None
     files: dict[Name, FileEntry] = Field(min_length=1, max_length=4096)
     aliases: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
 

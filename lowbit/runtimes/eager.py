@@ -5,6 +5,8 @@ kernel recorded for it (lowbit.nn.kernels)."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,10 +71,11 @@ def check_loaded(model: nn.Module, where: str) -> None:
                           "reference kernel instead", LowbitWarning, stacklevel=3)
 
 
-def materialize(skeleton: nn.Module, modules: dict[str, Any], tensors: dict[str, torch.Tensor],
-                where: str) -> nn.Module:
+def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+                folder: Path, _: Callable[[str], bytes]) -> nn.Module:
     """The skeleton with its quantized modules in place and every tensor loaded and checked."""
-    swap_in(skeleton, modules, where)
+    where = str(folder)
+    swap_in(skeleton, manifest["modules"], where)
     _check_tensors(skeleton, tensors, where)
     skeleton.load_state_dict(tensors, strict=True, assign=True)
     check_loaded(skeleton, where)

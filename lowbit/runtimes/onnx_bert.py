@@ -1,0 +1,128 @@
+"""BERT-family encoders (BERT, MiniLM) as one ONNX graph on ONNX Runtime's fused CPU kernels.
+
+Per layer: one quantized matmul for query, key and value together (lowbit quantizes each output
+row on its own, so stacking the three weights keeps every integer and scale), fused multi-head
+attention over the padding mask, the output projection, skip + layer norm in one kernel, the
+feed-forward matmuls with GELU between them, and skip + layer norm again. Embeddings gather
+quantized rows. Outputs: `last_hidden_state`, and `pooler_output` when the model has a pooler,
+as transformers' BertModel gives them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.nn.qlinear import QLinear
+from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
+from lowbit.runtimes.onnx_modules import ExportError, emit_embedding, emit_linear
+
+GELUS = {"gelu": "Gelu", "gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu"}
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def stacked(modules: list[nn.Module]) -> nn.Module:
+    """One Linear computing `modules` side by side (their outputs concatenated), their stored
+    tensors stacked along the output dimension: the same integers, scales and zero points."""
+    first = modules[0]
+    total = sum(module.out_features for module in modules)
+    if isinstance(first, QLinear):
+        spec = first.spec.with_kernels({})
+        if spec.scheme == "static" or any(module.spec.with_kernels({}) != spec for module in modules):
+            raise ExportError("query, key and value are quantized differently, or statically")
+        joined: nn.Module = QLinear(first.in_features, total, first.bias is not None, first.spec)
+    else:
+        joined = nn.Linear(first.in_features, total, bias=first.bias is not None)
+    with torch.no_grad():
+        for name, tensor in joined.state_dict().items():
+            tensor.copy_(torch.cat([module.state_dict()[name] for module in modules]))
+    return joined
+
+
+@dataclass
+class _Encoder:
+    """One graph being built, with the op choices and accuracy level every Linear takes."""
+
+    graph: Graph
+    ops: dict[str, str]
+    accuracy_level: int
+
+    def linear(self, module: nn.Module, x: str, name: str) -> str:
+        return emit_linear(self.graph, module, x, name, self.ops.get(name), self.accuracy_level)
+
+    def integers(self, hint: str, *values: int) -> str:
+        return self.graph.constant(hint, np.array(values if len(values) > 1 else values[0], np.int64))
+
+    def norm(self, op: str, inputs: list[str], norm: nn.LayerNorm) -> str:
+        """LayerNormalization (or a fused skip variant) with `norm`'s weights and epsilon."""
+        weights = [self.graph.constant(hint, tensor.detach().float().numpy())
+                   for hint, tensor in (("gamma", norm.weight), ("beta", norm.bias))]
+        plain = op == "LayerNormalization"
+        return self.graph.node(op, [*inputs, *weights], domain="" if plain else MICROSOFT, epsilon=norm.eps,
+                               **({"axis": -1} if plain else {}))
+
+    def embeddings(self, embeddings: nn.Module, ids: str, token_types: str) -> str:
+        from onnx import numpy_helper
+
+        graph = self.graph
+        ones = graph.node("ConstantOfShape", [graph.node("Shape", [ids])],
+                          value=numpy_helper.from_array(np.array([1], np.int64)))
+        positions = graph.node("Sub", [graph.node("CumSum", [ones, self.integers("axis", 1)]),
+                                       self.integers("one", 1)])  # 0, 1, 2, ... in every row
+        rows = [emit_embedding(graph, getattr(embeddings, name), indices, f"embeddings.{name}")
+                for name, indices in (("word_embeddings", ids), ("token_type_embeddings", token_types),
+                                      ("position_embeddings", positions))]
+        total = graph.node("Add", [graph.node("Add", rows[:2]), rows[2]])  # transformers' order of sums
+        return self.norm("LayerNormalization", [total], embeddings.LayerNorm)
+
+    def layer(self, layer: nn.Module, hidden: str, mask: str, heads: int, gelu: str, name: str) -> str:
+        graph, attention = self.graph, layer.attention.self
+        qkv = self.linear(stacked([attention.query, attention.key, attention.value]), hidden,
+                          f"{name}.attention.self.qkv")
+        widths = self.integers("split", *[attention.query.out_features] * 3)
+        query, key, value = graph.node("Split", [qkv, widths], outputs=3, axis=-1)
+        context = graph.node("MultiHeadAttention", [query, key, value, "", mask], domain=MICROSOFT,
+                             num_heads=heads)
+        projected = self.linear(layer.attention.output.dense, context, f"{name}.attention.output.dense")
+        attended = self.norm("SkipLayerNormalization", [projected, hidden], layer.attention.output.LayerNorm)
+        inner = self.linear(layer.intermediate.dense, attended, f"{name}.intermediate.dense")
+        activated = graph.node(gelu, [inner], domain=MICROSOFT)
+        outer = self.linear(layer.output.dense, activated, f"{name}.output.dense")
+        return self.norm("SkipLayerNormalization", [outer, attended], layer.output.LayerNorm)
+
+    def pooler(self, pooler: nn.Module, hidden: str) -> str:
+        """tanh(dense(first token)), as BertPooler computes it."""
+        graph = self.graph
+        first = graph.node("Slice", [hidden, self.integers("start", 0), self.integers("end", 1),
+                                     self.integers("axis", 1)])
+        token = graph.node("Squeeze", [first, self.integers("axis", 1)])
+        return graph.node("Tanh", [self.linear(pooler.dense, token, "pooler.dense")])
+
+
+def build_bert(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0) -> Any:
+    """The ONNX model of a (quantized) transformers BertModel; `ops` picks, per Linear name
+    (`encoder.layer.0.attention.self.qkv` for the stacked projection), one of
+    lowbit.runtimes.onnx_modules' ops."""
+    from onnx import TensorProto
+
+    config = model.config
+    gelu = GELUS.get(config.hidden_act)
+    if gelu is None:
+        raise ExportError(f"activation {config.hidden_act!r} has no fused ONNX Runtime kernel here")
+    build = _Encoder(Graph("lowbit-bert"), ops or {}, accuracy_level)
+    batch = ["batch", "sequence"]
+    ids, mask, token_types = (build.graph.add_input(name, TensorProto.INT64, batch) for name in INPUTS)
+    hidden = build.embeddings(model.embeddings, ids, token_types)
+    padding = build.graph.node("Cast", [mask], to=TensorProto.INT32)
+    for index, layer in enumerate(model.encoder.layer):
+        hidden = build.layer(layer, hidden, padding, config.num_attention_heads, gelu,
+                             f"encoder.layer.{index}")
+    build.graph.add_output(hidden, "last_hidden_state", TensorProto.FLOAT, [*batch, config.hidden_size])
+    if getattr(model, "pooler", None) is not None:
+        build.graph.add_output(build.pooler(model.pooler, hidden), "pooler_output", TensorProto.FLOAT,
+                               ["batch", config.hidden_size])
+    return build.graph.model("lowbit")

@@ -1,0 +1,163 @@
+"""lowbit's quantized modules as ONNX Runtime nodes, on lowbit's own integers, scales and zero points.
+
+Whatever algorithm rounded a weight, its integers go into the graph unchanged:
+
+- `matmul_nbits`: `com.microsoft.MatMulNBits`, 4 or 8 bits in blocks along the input dimension.
+  int4 groups map one to one (lowbit packs two values per byte, low nibble first, as MatMulNBits
+  does). int8 per-channel weights become unsigned codes (+128, zero point 128) with the channel's
+  scale repeated over blocks. `accuracy_level` 0 computes in float32 from the dequantized weight
+  (equal to lowbit's reference); 4 quantizes activations to int8 per block, as llama.cpp does.
+- `dynamic_quantize_matmul`: `com.microsoft.DynamicQuantizeMatMul`, symmetric int8 weights and
+  activations quantized to uint8 per tensor at run time (lowbit's `w8a8-dynamic`).
+- `float`: MatMul on the dequantized weight, for what neither expresses.
+
+Embeddings gather quantized rows with `com.microsoft.GatherBlockQuantized`, so the table stays
+small in the file and in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.registry import Registry
+from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
+
+BLOCKS = (128, 64, 32, 16)  # block sizes MatMulNBits and GatherBlockQuantized take, largest first
+
+
+class ExportError(LowbitError):
+    """A module or model the ONNX exporter cannot express; the message names it."""
+
+
+LinearOp = Callable[[Graph, nn.Module, str, int], str]
+LINEAR_OPS: Registry[LinearOp] = Registry("ONNX linear op")
+
+
+def _spec(module: nn.Module) -> Any:
+    return getattr(module, "spec", None)
+
+
+def linear_ops_for(module: nn.Module) -> list[str]:
+    """The ops that can run this Linear with lowbit's numerics, best first by design (the runtime
+    measures which is faster where that matters)."""
+    spec = _spec(module)
+    if spec is None:
+        return ["float"]
+    if spec.weight == "int4":
+        return ["matmul_nbits"] if _int4_block(module) else []
+    if spec.weight == "int8" and spec.scheme == "dynamic":
+        return ["dynamic_quantize_matmul"]
+    if spec.weight == "int8" and spec.scheme == "weight_only" and _int8_block(module.in_features):
+        return ["matmul_nbits"]
+    return []
+
+
+def emit_linear(graph: Graph, module: nn.Module, x: str, name: str, op: str | None = None,
+                accuracy_level: int = 0) -> str:
+    """`x @ W.T + b` for `module` (a QLinear or a float Linear); `op` picks one of
+    `linear_ops_for(module)` (the first by default)."""
+    ops = linear_ops_for(module)
+    if not ops:
+        raise ExportError(f"{name}: a {_spec(module).weight} {_spec(module).scheme} Linear "
+                          f"({_spec(module).granularity}) has no ONNX Runtime kernel that keeps its numerics")
+    chosen = op or ops[0]
+    if chosen not in ops:
+        raise ExportError(f"{name}: {chosen} cannot run this Linear (it can run {', '.join(ops)})")
+    return LINEAR_OPS.get(chosen)(graph, module, x, accuracy_level)
+
+
+def _bias(graph: Graph, module: nn.Module) -> str:
+    bias = getattr(module, "bias", None)
+    return "" if bias is None else graph.constant("bias", bias.detach().float().numpy())
+
+
+def _int4_block(module: nn.Module) -> int | None:
+    group = int(_spec(module).granularity.split(":")[1])
+    return group if group in BLOCKS or group in (256,) else None
+
+
+def _int8_block(width: int) -> int | None:
+    return next((block for block in BLOCKS if width % block == 0), None)
+
+
+def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """Unsigned 4-bit values, two per byte along the last axis (low nibble first), padded even."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), values.dtype)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def nbits_weights(module: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """(codes, scales, zero points, bits, block size) of a QLinear or QEmbedding as MatMulNBits
+    and GatherBlockQuantized store them: codes (rows, blocks, block bytes), one float32 scale
+    and one zero point per block of each row."""
+    spec, rows = _spec(module), module.weight.shape[0]
+    width = module.weight_shape[-1]
+    if spec.weight == "int4":
+        block = int(spec.granularity.split(":")[1])
+        blocks = width // block
+        codes = module.weight.numpy().reshape(rows, blocks, block // 2)
+        scales = module.weight_scale.float().numpy().reshape(rows, blocks)
+        zero_points = _pack_nibbles(module.weight_zero_point.numpy().astype(np.uint8).reshape(rows, blocks))
+        return codes, scales, zero_points, 4, block
+    block = _int8_block(width)
+    if spec.weight != "int8" or not spec.symmetric or block is None:
+        raise ExportError(f"{spec.weight} {spec.granularity} weights of width {width} have no block layout")
+    blocks = width // block
+    codes = (module.weight.numpy().astype(np.int16) + 128).astype(np.uint8).reshape(rows, blocks, block)
+    scale = module.weight_scale.float().numpy().reshape(-1)
+    scales = np.repeat(np.broadcast_to(scale, (rows,)).reshape(rows, 1), blocks, axis=1)
+    return codes, scales, np.full((rows, blocks), 128, np.uint8), 8, block
+
+
+@LINEAR_OPS.register("matmul_nbits")
+def matmul_nbits(graph: Graph, module: nn.Module, x: str, accuracy_level: int) -> str:
+    codes, scales, zero_points, bits, block = nbits_weights(module)
+    inputs = [x, graph.constant("weight", codes), graph.constant("scales", scales.reshape(-1)),
+              graph.constant("zero_points", zero_points.reshape(-1)), "", _bias(graph, module)]
+    return graph.node("MatMulNBits", inputs if inputs[-1] else inputs[:4], domain=MICROSOFT,
+                      K=module.in_features, N=module.out_features, bits=bits, block_size=block,
+                      accuracy_level=accuracy_level)
+
+
+@LINEAR_OPS.register("dynamic_quantize_matmul")
+def dynamic_quantize_matmul(graph: Graph, module: nn.Module, x: str, _: int) -> str:
+    weight = module.weight.numpy()  # int8 (out, in), symmetric
+    scale = np.broadcast_to(module.weight_scale.float().numpy().reshape(-1), (module.out_features,))
+    inputs = [x, graph.constant("weight", np.ascontiguousarray(weight.T)),
+              graph.constant("scale", np.ascontiguousarray(scale, dtype=np.float32)),
+              graph.constant("zero_point", np.zeros(module.out_features, np.int8)), _bias(graph, module)]
+    return graph.node("DynamicQuantizeMatMul", inputs if inputs[-1] else inputs[:4], domain=MICROSOFT)
+
+
+@LINEAR_OPS.register("float")
+def float_matmul(graph: Graph, module: nn.Module, x: str, _: int) -> str:
+    weight = module.dequantized_weight() if hasattr(module, "dequantized_weight") else module.weight
+    product = graph.node("MatMul", [x, graph.constant("weight", weight.detach().float().numpy().T.copy())])
+    bias = _bias(graph, module)
+    return graph.node("Add", [product, bias]) if bias else product
+
+
+def emit_embedding(graph: Graph, module: nn.Module, indices: str, name: str) -> str:
+    """Rows of `module` (a QEmbedding or a float Embedding) at `indices`: int4 and int8 tables
+    stay quantized (GatherBlockQuantized); what has no block layout is dequantized once."""
+    spec = _spec(module)
+    if spec is not None and spec.weight in ("int4", "int8"):
+        try:
+            codes, scales, zero_points, bits, block = nbits_weights(module)
+        except ExportError:
+            codes = None
+        if codes is not None:
+            rows = module.num_embeddings
+            return graph.node("GatherBlockQuantized", [
+                graph.constant("table", codes.reshape(rows, -1)), indices,
+                graph.constant("table_scales", scales.astype(np.float32)),
+                graph.constant("table_zero_points", zero_points.reshape(rows, -1))],
+                domain=MICROSOFT, bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+    table = module.dequantized_weight() if hasattr(module, "dequantized_weight") else module.weight
+    return graph.node("Gather", [graph.constant("table", table.detach().float().numpy()), indices])

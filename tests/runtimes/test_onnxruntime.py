@@ -1,0 +1,121 @@
+"""The ONNX Runtime runtime: lowbit's integers in ONNX Runtime's kernels give lowbit's outputs."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import ChecksumError, LowbitError
+from lowbit.nn.qlinear import QLinear
+from lowbit.runtimes import onnxruntime as ort_runtime
+from lowbit.runtimes.onnx_modules import ExportError
+from tests.fixtures_models import tiny_bert, tiny_mlp
+
+pytest.importorskip("onnxruntime")
+
+
+def _reference_kernels(model):
+    """The exact dequantize-then-matmul kernel in every weight-only Linear: what MatMulNBits at
+    accuracy level 0 computes."""
+    for module in model.modules():
+        if isinstance(module, QLinear) and module.spec.scheme == "weight_only":
+            module.spec = module.spec.with_kernels({"all": "reference"})
+            module.kernel_cache.clear()
+    return model
+
+
+def _batch(vocabulary=64):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocabulary, (3, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # a padded row
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def _run(model, batch, accuracy_level=0):
+    session = ort_runtime.session(ort_runtime.export(model, accuracy_level=accuracy_level), threads=1)
+    wrapped = ort_runtime.OnnxRuntimeModel(session)
+    return wrapped(**batch)
+
+
+def _kept(hidden, batch):
+    return hidden[batch["attention_mask"].bool()]
+
+
+@pytest.mark.parametrize("recipe", [None, "w8", "w4-g32"])
+def test_the_graph_computes_what_lowbit_computes(recipe):
+    model = tiny_bert()
+    if recipe is not None:
+        model = _reference_kernels(lowbit.quantize(model, recipe, progress=False))
+    batch = _batch()
+    with torch.inference_mode():
+        expected = model(**batch)
+    got = _run(model, batch)
+    assert torch.allclose(_kept(got.last_hidden_state, batch), _kept(expected.last_hidden_state, batch),
+                          atol=2e-5, rtol=1e-4)
+    assert torch.allclose(got.pooler_output, expected.pooler_output, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("recipe, accuracy_level", [("w8a8-dynamic", 0), ("w8", 4), ("w4-g32", 4)])
+def test_activation_quantizing_kernels_stay_close(recipe, accuracy_level):
+    """Kernels that quantize activations (DynamicQuantizeMatMul, MatMulNBits at level 4) cannot
+    equal lowbit's float reference, but stay within a token cosine of 0.995 of it."""
+    model = _reference_kernels(lowbit.quantize(tiny_bert(), recipe, progress=False))
+    batch = _batch()
+    with torch.inference_mode():
+        expected = _kept(model(**batch).last_hidden_state, batch)
+    got = _kept(_run(model, batch, accuracy_level).last_hidden_state, batch)
+    assert torch.nn.functional.cosine_similarity(got, expected).min() >= 0.995
+
+
+def test_saved_onnx_folder_loads_into_onnxruntime_and_is_checksummed(tmp_path):
+    quantized = lowbit.quantize(tiny_bert(), "w8", progress=False)
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime")
+    manifest = json.loads((folder / "lowbit.json").read_text())
+    assert manifest["runtime"] == "onnxruntime" and "model.onnx" in manifest["files"]
+    loaded = lowbit.load(folder)
+    assert isinstance(loaded, ort_runtime.OnnxRuntimeModel)
+    batch = _batch()
+    with torch.inference_mode():
+        expected = _reference_kernels(quantized)(**batch).last_hidden_state
+    assert torch.allclose(_kept(loaded(**batch).last_hidden_state, batch), _kept(expected, batch),
+                          atol=2e-5, rtol=1e-4)
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ChecksumError):
+        lowbit.load(folder)
+
+
+def test_a_model_without_a_graph_builder_is_refused_and_nothing_is_written(tmp_path):
+    quantized = lowbit.quantize(tiny_mlp(), "w8", progress=False)
+    with pytest.raises(ExportError, match="Sequential"):
+        lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime")
+    assert not (tmp_path / "m").exists()
+
+
+def test_without_onnxruntime_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` meets when absent
+    with pytest.raises(LowbitError, match=r"lowbit\[onnx\]"):
+        ort_runtime.export(tiny_bert())
+
+
+def test_minilm_w8_in_onnxruntime_keeps_lowbits_quality(minilm, wiki_sentences):
+    model, tokenizer, _ = minilm
+    quantized = _reference_kernels(lowbit.quantize(model, "w8", progress=False))
+    batch = dict(tokenizer(wiki_sentences[:16], padding=True, truncation=True, max_length=64,
+                           return_tensors="pt"))
+    with torch.inference_mode():
+        original = model(**batch).last_hidden_state
+        expected = quantized(**batch).last_hidden_state
+    got = _run(quantized, batch).last_hidden_state
+    assert float((_kept(got, batch) - _kept(expected, batch)).abs().max()) < 1e-4
+
+    def pooled(hidden):
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert float((pooled(got) * pooled(original)).sum(-1).mean()) >= 0.999
+    assert np.isfinite(got.numpy()).all()
