@@ -36,12 +36,12 @@ def bench_arguments(
 
 
 def onnx_session(path: Path, threads: int):
-    import onnxruntime
+    """A peer's ONNX Runtime session, set up as lowbit's own (lowbit.runtimes.onnxruntime.session):
+    `threads` intra-op threads and no spinning worker threads, which would steal the cores of
+    whatever is timed next (a spinning session more than doubled PyTorch's latency here)."""
+    from lowbit.runtimes.onnxruntime import session
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session(Path(path), threads=threads)
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, names: list[str], outputs: str | list[str],

@@ -1,4 +1,5 @@
-"""all-MiniLM-L6-v2: fp32 vs lowbit vs torch.ao quantize_dynamic vs ONNX Runtime, side by side.
+"""all-MiniLM-L6-v2: fp32 vs lowbit (PyTorch and ONNX Runtime runtimes) vs torch.ao quantize_dynamic vs
+ONNX Runtime fp32 and int8, side by side.
 
 Measures, in one process on the same data and thread count: embedding cosine to fp32 on 256
 Wikipedia sentences (embedded one at a time), topic accuracy of a logistic-regression head
@@ -35,6 +36,10 @@ from lowbit.evaluate import folder_bytes, mean_cosine
 from lowbit.families import transformers as hf
 
 Runner = Callable[[dict], np.ndarray]
+ONNX_CONTENDERS = {  # lowbit models on the onnxruntime runtime: (recipe, MatMulNBits accuracy level)
+    "lowbit w8 ort": ("w8", 0), "lowbit w8 ort int8-act": ("w8", 4),
+    "lowbit w4 ort": ("w4", 0), "lowbit w4 ort int8-act": ("w4", 4),
+}
 
 
 class LastHidden(torch.nn.Module):
@@ -56,6 +61,9 @@ def build_models(tokenizer, threads: int, scratch: Path) -> tuple[dict[str, Runn
     fp32 = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
     quantized = lowbit.quantize(fp32, "w8a8-dynamic", progress=False)
     lowbit.save(quantized, scratch / "lowbit")
+    for recipe, level in ONNX_CONTENDERS.values():  # saved and loaded as a user would
+        lowbit.save(lowbit.quantize(fp32, recipe, progress=False), scratch / f"{recipe}-{level}",
+                    runtime="onnxruntime", accuracy_level=level)
     torchao = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
     torch.save(torchao.state_dict(), scratch / "torchao.pt")
     sample = hf.tokenize(tokenizer, ["An example sentence to trace the graph."])
@@ -74,13 +82,17 @@ def build_models(tokenizer, threads: int, scratch: Path) -> tuple[dict[str, Runn
         return lambda batch: session.run(None, {"input_ids": batch["input_ids"].numpy(),
                                                 "attention_mask": batch["attention_mask"].numpy()})[0]
 
-    runners = {"fp32": torch_runner(fp32), "lowbit w8a8-dynamic": torch_runner(quantized),
-               "torch.ao dynamic": torch_runner(torchao), "ort fp32": ort_runner(onnx_fp32),
-               "ort int8": ort_runner(onnx_q)}
+    runners = {"fp32": torch_runner(fp32), "lowbit w8a8-dynamic": torch_runner(quantized)}
+    runners.update({name: torch_runner(lowbit.load(scratch / f"{recipe}-{level}"))
+                    for name, (recipe, level) in ONNX_CONTENDERS.items()})
+    runners.update({"torch.ao dynamic": torch_runner(torchao), "ort fp32": ort_runner(onnx_fp32),
+                    "ort int8": ort_runner(onnx_q)})
     sizes = {"fp32": folder_bytes(path / "model.safetensors"),
              "lowbit w8a8-dynamic": folder_bytes(scratch / "lowbit"),
              "torch.ao dynamic": folder_bytes(scratch / "torchao.pt"),
              "ort fp32": onnx_bytes(onnx_fp32), "ort int8": onnx_bytes(onnx_q)}
+    sizes.update({name: onnx_bytes(scratch / f"{recipe}-{level}" / "model.onnx")
+                  for name, (recipe, level) in ONNX_CONTENDERS.items()})
     return runners, sizes
 
 
@@ -133,7 +145,7 @@ def main() -> None:
         runners, sizes = build_models(tokenizer, args.threads, Path(scratch))
         scores = quality(runners, tokenizer)
         timings = latency(runners, tokenizer, args.runs)
-    peers = [name for name in runners if name not in ("fp32", "lowbit w8a8-dynamic")]
+    peers = [name for name in runners if name != "fp32" and not name.startswith("lowbit")]
     best_peer = min(timings["b1"][name] for name in peers)
     rows = [{"model": name, "size_mb": sizes[name] / 1e6, **scores[name],
              "b1_ms": timings["b1"][name], "b1_vs_fp32": timings["b1"]["fp32"] / timings["b1"][name],

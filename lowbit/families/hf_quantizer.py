@@ -142,9 +142,8 @@ def _make_classes(auto: ModuleType) -> None:
             manifest = verify_files(folder)  # every file's size and sha256, as lowbit.load checks
             if (manifest["files"].get(TENSOR_FILE) or {}).get("tensors") is None:
                 raise FormatError(f"{folder}: the manifest does not list {TENSOR_FILE} as its tensors")
-            if manifest["runtime"] != "eager":
-                raise FormatError(f"{folder} runs on the {manifest['runtime']} runtime, which "
-                                  "cannot run inside a transformers model; load it with lowbit.load")
+            # Whatever runtime lowbit.load picks (the manifest's `runtime`), the folder holds the
+            # quantized tensors, and inside transformers they run on PyTorch.
             self.folder, self.manifest = folder, manifest
             self.names = _name_map(list(manifest["modules"]), model)
             swap_in(model, {self.names[name]: entry for name, entry in manifest["modules"].items()

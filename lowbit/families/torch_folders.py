@@ -18,6 +18,7 @@ from torch import nn
 
 from lowbit.errors import FormatError, LowbitError
 from lowbit.families.registry import TORCH_KINDS, TorchKind, torch_kind_of
+from lowbit.families.runtime_choice import choose_runtime
 from lowbit.families.sources import build_from_factory, load_source
 from lowbit.formats import MANIFEST, read_folder, write_folder
 from lowbit.formats.lowbit_format import read_manifest, verified_bytes
@@ -58,24 +59,40 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
     }
 
 
+RUNTIME_NAMES = {"torch": "eager", "eager": "eager", "onnxruntime": "onnxruntime", "auto": "auto"}
+
+
+def _graph_for(model: nn.Module, runtime: str, accuracy_level: int) -> tuple[str, bytes | None, dict | None]:
+    """(runtime, ONNX graph or None, what `auto` measured or None) for `runtime` as asked."""
+    if runtime not in RUNTIME_NAMES:
+        raise LowbitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIME_NAMES)}")
+    runtime = RUNTIME_NAMES[runtime]
+    if runtime == "auto":
+        choice = choose_runtime(model, accuracy_level)
+        return choice.runtime, choice.graph, choice.record
+    graph = onnx_export(model, accuracy_level=accuracy_level) if runtime == "onnxruntime" else None
+    return runtime, graph, None
+
+
 def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "eager",
          accuracy_level: int = 0) -> Path:
     """Save a (quantized) model as a lowbit folder: atomic, checksummed, no pickle.
 
     A transformers model gets its config.json (with a quantization_config entry) and tokenizer
-    files too, so `lowbit.load(path)` alone rebuilds it. `runtime="onnxruntime"` also writes the
-    model as model.onnx (lowbit.runtimes.onnxruntime; `accuracy_level` 4 quantizes activations
-    to int8 per block) and makes it what `lowbit.load` runs.
+    files too, so `lowbit.load(path)` alone rebuilds it. `runtime` is what `lowbit.load` runs:
+    "eager" (or "torch"), "onnxruntime" (the folder also holds model.onnx, see
+    lowbit.runtimes.onnxruntime; `accuracy_level` 4 quantizes activations to int8 per block), or
+    "auto" (both timed here, the faster kept; lowbit.json records why).
     """
     if not isinstance(model, nn.Module):
         raise LowbitError(f"lowbit.save expects a torch.nn.Module, got {type(model).__name__}")
-    RUNTIMES.get(runtime)
     manifest = build_manifest(model)
     kind = torch_kind_of(model)
     write_files = kind.write_files(model, {"recipe": manifest["recipe"]}) if kind.write_files else None
-    graph = onnx_export(model, accuracy_level=accuracy_level) if runtime == "onnxruntime" else None
+    runtime, graph, measured = _graph_for(model, runtime, accuracy_level)
+    manifest.update(runtime=runtime, runtime_choice=measured)
     if graph is not None:
-        manifest.update(runtime="onnxruntime", onnx={"file": ONNX_FILE, "accuracy_level": accuracy_level})
+        manifest["onnx"] = {"file": ONNX_FILE, "accuracy_level": accuracy_level}
 
     def write_extra(staging: Path) -> None:
         if write_files is not None:

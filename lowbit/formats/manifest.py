@@ -96,7 +96,6 @@ class OnnxEntry(Strict):
     file: Name = "model.onnx"
     accuracy_level: int = Field(0, ge=0, le=4)
     ops: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
-    choice: dict[str, Any] | None = None  # what `runtime="auto"` measured, and why it chose
 
 
 class Manifest(Strict):
@@ -110,6 +109,7 @@ class Manifest(Strict):
     comparison: dict[str, Any] | None = None
     runtime: str = "eager"
     onnx: OnnxEntry | None = None
+    runtime_choice: dict[str, Any] | None = None  # what `runtime="auto"` measured, and why it chose
     files: dict[Name, FileEntry] = Field(min_length=1, max_length=4096)
     aliases: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
 

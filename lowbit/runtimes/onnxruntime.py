@@ -55,15 +55,18 @@ def export(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: 
     return GRAPHS.get(family_of(model))(model, ops=ops, accuracy_level=accuracy_level).SerializeToString()
 
 
-def session(data: bytes, threads: int | None = None, spinning: bool = False) -> Any:
-    """An ONNX Runtime CPU session on `data`; `threads` intra-op threads (torch's count by default)."""
+def session(model: bytes | Path, threads: int | None = None, spinning: bool = False) -> Any:
+    """An ONNX Runtime CPU session on a serialized model, or on a model file (which may keep its
+    weights in an external data file beside it); `threads` intra-op threads (torch's count by
+    default)."""
     onnxruntime = require_onnxruntime()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     try:
-        return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        source = model if isinstance(model, bytes) else str(model)
+        return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors for a bad graph
         raise FormatError(f"ONNX Runtime cannot open the model: {str(error)[:300]}") from None
 
