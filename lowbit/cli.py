@@ -26,7 +26,7 @@ from lowbit.data.batches import calibration_batches
 from lowbit.errors import LowbitError, NotSmallerError
 from lowbit.evaluate import estimate, folder_bytes
 from lowbit.families import transformers as hf
-from lowbit.families.api import save
+from lowbit.families.api import load, save
 from lowbit.families.registry import family_of
 from lowbit.families.sources import load_source
 from lowbit.formats.atomic import write_text
@@ -122,6 +122,15 @@ def _bit_width(value: int) -> int:
     return value
 
 
+def _one_of(*choices: str):
+    """A callback that accepts only `choices` (this typer has no choice type for plain strings)."""
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+    return check
+
+
 def _preset_list(value: str | None) -> str | None:
     if value is not None and not [name for name in value.split(",") if name.strip()]:
         raise typer.BadParameter("name at least one preset, e.g. w8a8-dynamic,w8")
@@ -187,6 +196,12 @@ def quantize(
         "sparsely, wherever no prediction on --data changes.")] = 0.0,
     probability_tolerance: Annotated[float, typer.Option(callback=_fraction,
         help="scikit-learn: largest allowed change of a predicted probability on --data.")] = 0.01,
+    runtime: Annotated[str, typer.Option(callback=_one_of("torch", "onnxruntime", "auto"),
+        help="What runs the saved model: torch (PyTorch eager), onnxruntime (the folder also holds "
+        "model.onnx), or auto (both timed here, the faster kept; lowbit.json says why).")] = "torch",
+    accuracy_level: Annotated[int, typer.Option(min=0, max=4,
+        help="onnxruntime: 0 computes in float32 from lowbit's dequantized weights (equal to lowbit's "
+        "reference); 4 quantizes activations to int8 per block (faster, slightly less exact).")] = 0,
 ) -> None:
     """Quantize a model and save it as a lowbit folder (a scikit-learn model: one lowbit file).
 
@@ -207,7 +222,7 @@ def quantize(
 
 
 def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size, fallback, overwrite,
-                    max_drop, data, metric, relative, **_) -> None:
+                    max_drop, data, metric, relative, runtime, accuracy_level, **_) -> None:
     granularity = f"group:{group_size}" if group_size else None
     chosen = make_recipe(recipe, granularity=granularity)
     model = load_source(source, weights)
@@ -223,12 +238,16 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
                        overwrite, tokenizer=tokenizer)
         return
     quantized = quantize_model(model, chosen, calibration=batches, skip=skip, fallback=fallback)
-    folder = save(quantized, out, overwrite=overwrite)
+    folder = save(quantized, out, overwrite=overwrite, runtime=runtime, accuracy_level=accuracy_level)
     modules = quantized_modules(quantized)
     console.print(
         f"quantized {len(modules)} modules with {recipe}; wrote {folder} "
         f"({_mib(folder_bytes(folder))}, source weights {_mib(quantized.lowbit_source['bytes'])})"
     )
+    manifest = json.loads((folder / "lowbit.json").read_text())
+    choice = manifest.get("runtime_choice") or {}
+    reason = f" ({choice['reason']})" if choice.get("reason") else ""
+    console.print(f"runtime: {manifest['runtime']}{reason}")
 
 
 def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, overwrite,
@@ -640,6 +659,34 @@ def tune_command(
                        json_out=json_out, html_out=html_out)
 
 
+
+
+@app.command()
+def export(
+    folder: Annotated[Path, typer.Argument(help="A lowbit model folder (a transformers model).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The file to write; must not exist.")],
+    file_format: Annotated[str, typer.Option("--format", callback=_one_of("onnx"),
+        help="What to write: onnx.")] = "onnx",
+    accuracy_level: Annotated[int, typer.Option(min=0, max=4,
+        help="0: float32 compute from lowbit's dequantized weights; 4: int8 activations per block.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a lowbit folder's model as one ONNX file that plain ONNX Runtime runs, with lowbit's
+    own integers, scales and zero points (MatMulNBits, DynamicQuantizeMatMul, GatherBlockQuantized).
+
+    \b
+    Example:
+      lowbit export ./minilm-w8 --format onnx --out minilm-w8.onnx
+    """
+    with _user_errors():
+        from lowbit.formats.atomic import atomic_file
+        from lowbit.runtimes.onnxruntime import export as onnx_export
+
+        model = load(folder, runtime="torch")
+        graph = onnx_export(model, accuracy_level=accuracy_level)
+        with atomic_file(out, overwrite) as staging:
+            staging.write_bytes(graph)
+        console.print(f"wrote {out} ({_mib(len(graph))}, {file_format}, accuracy level {accuracy_level})")
 
 
 @app.command()

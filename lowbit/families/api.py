@@ -21,11 +21,15 @@ from lowbit.tune.search import TuneResult
 from lowbit.tune.search import tune as tune_module
 
 
-def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = False) -> Any:
+def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = False,
+         runtime: str | None = None) -> Any:
     """A saved lowbit model: a folder (a torch module, see lowbit.families.torch_folders.load) or
     a scikit-learn .lowbit file (the estimator, rebuilt without pickle). `trust_code` lets a
-    folder's manifest name a `module:factory` to import; nothing else a file names is imported."""
-    return family_of(path).load(path, skeleton=skeleton, trust_code=trust_code)
+    folder's manifest name a `module:factory` to import; nothing else a file names is imported.
+    `runtime` ("torch" or "onnxruntime") runs a folder in another runtime than it records."""
+    if runtime is None:
+        return family_of(path).load(path, skeleton=skeleton, trust_code=trust_code)
+    return family_of(path).load(path, skeleton=skeleton, trust_code=trust_code, runtime=runtime)
 
 
 def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "eager",

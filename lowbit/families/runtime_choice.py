@@ -36,8 +36,10 @@ class RuntimeChoice:
 
 
 def _token_batch(model: nn.Module, batch: int, tokens: int) -> dict[str, torch.Tensor]:
-    """Token ids spread over the vocabulary: what an encoder or LM costs does not depend on them."""
+    """Token ids spread over the vocabulary (what an encoder or LM costs does not depend on them),
+    at most as many as the model has positions."""
     vocabulary = int(getattr(model.config, "vocab_size", 1000))
+    tokens = min(tokens, int(getattr(model.config, "max_position_embeddings", tokens)))
     ids = (torch.arange(batch * tokens).reshape(batch, tokens) * 7919 + 101) % max(vocabulary - 1, 1)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -62,8 +64,9 @@ def choose_runtime(model: nn.Module, accuracy_level: int = 0, shapes: Sequence[t
         inputs = _token_batch(model, batch, tokens)
         calls = {name: (lambda m=m, inputs=inputs: m(**inputs)) for name, m in contenders.items()}
         timings = measure_latencies(calls, runs=runs, threads=threads)
+        shape = "x".join(map(str, inputs["input_ids"].shape))
         for name, stats in timings.items():
-            medians[name][f"{batch}x{tokens}"] = stats.p50
+            medians[name][shape] = stats.p50
     speedups = {shape: medians["eager"][shape] / medians["onnxruntime"][shape] for shape in medians["eager"]}
     mean_speedup = math.prod(speedups.values()) ** (1 / len(speedups))
     chosen = "onnxruntime" if mean_speedup > 1 else "eager"

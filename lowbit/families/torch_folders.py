@@ -131,19 +131,23 @@ def _skeleton(manifest: dict[str, Any], folder: Path, skeleton: Skeleton, trust_
     )
 
 
-def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = False) -> nn.Module:
+def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = False,
+         runtime: str | None = None) -> nn.Module:
     """Load a lowbit folder. The manifest's schema and every file's size and sha256 are checked
     before anything is built, and every tensor against the model before it is used.
 
     transformers models rebuild themselves from their checksummed config.json (no code from the
     folder runs). A plain nn.Module needs `skeleton` (a module of the same architecture, a
     callable that makes one, or "package.module:factory"); a factory the manifest names is
-    imported only with `trust_code=True`, since importing it runs its code.
+    imported only with `trust_code=True`, since importing it runs its code. `runtime` ("torch"
+    or "onnxruntime") overrides the runtime the folder records.
     """
     folder = Path(path)
     manifest, tensors = read_folder(folder)  # the recipe in it is validated there
-    runtime = RUNTIMES.get(manifest["runtime"])  # PyTorch eager or ONNX Runtime (lowbit.runtimes)
-    model = runtime(_skeleton(manifest, folder, skeleton, trust_code), manifest, tensors, folder,
+    if runtime is not None and RUNTIME_NAMES.get(runtime) in (None, "auto"):
+        raise LowbitError(f"unknown runtime {runtime!r}; load with torch or onnxruntime")
+    chosen = RUNTIMES.get(RUNTIME_NAMES[runtime] if runtime else manifest["runtime"])  # lowbit.runtimes
+    model = chosen(_skeleton(manifest, folder, skeleton, trust_code), manifest, tensors, folder,
                     functools.partial(verified_bytes, folder, manifest))
     if manifest["recipe"] is not None:
         setattr(model, RECIPE_ATTRIBUTE, Recipe.model_validate(manifest["recipe"]))

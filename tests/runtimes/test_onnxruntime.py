@@ -119,3 +119,49 @@ def test_minilm_w8_in_onnxruntime_keeps_lowbits_quality(minilm, wiki_sentences):
         return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     assert float((pooled(got) * pooled(original)).sum(-1).mean()) >= 0.999
     assert np.isfinite(got.numpy()).all()
+
+
+def test_auto_times_both_runtimes_and_records_why(tmp_path):
+    quantized = lowbit.quantize(tiny_bert(), "w4-g32", progress=False)
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="auto")
+    manifest = json.loads((folder / "lowbit.json").read_text())
+    choice = manifest["runtime_choice"]
+    assert manifest["runtime"] == choice["chosen"] in ("eager", "onnxruntime")
+    assert set(choice["median_ms"]) == {"eager", "onnxruntime"}
+    assert all(ms > 0 for times in choice["median_ms"].values() for ms in times.values())
+    assert ("model.onnx" in manifest["files"]) == (manifest["runtime"] == "onnxruntime")
+
+
+def test_auto_keeps_torch_for_a_model_no_graph_builder_knows(tmp_path, recwarn):
+    folder = lowbit.save(lowbit.quantize(tiny_mlp(), "w8", progress=False), tmp_path / "m", runtime="auto")
+    manifest = json.loads((folder / "lowbit.json").read_text())
+    assert manifest["runtime"] == "eager" and "no ONNX graph builder" in manifest["runtime_choice"]["reason"]
+    assert not [warning for warning in recwarn if issubclass(warning.category, lowbit.LowbitWarning)]
+
+
+def test_an_onnx_folder_also_loads_in_torch(tmp_path):
+    quantized = lowbit.quantize(tiny_bert(), "w8", progress=False)
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime")
+    eager = lowbit.load(folder, runtime="torch")
+    assert not isinstance(eager, ort_runtime.OnnxRuntimeModel)
+    assert any(isinstance(module, QLinear) for module in eager.modules())
+    with pytest.raises(LowbitError, match="unknown runtime"):
+        lowbit.load(folder, runtime="fast")
+
+
+def test_export_command_writes_one_onnx_file_atomically(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    folder = lowbit.save(lowbit.quantize(tiny_bert(), "w8", progress=False), tmp_path / "m")
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(folder), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    session = ort_runtime.session((tmp_path / "m.onnx").read_bytes(), threads=1)
+    assert [value.name for value in session.get_outputs()] == ["last_hidden_state", "pooler_output"]
+    again = runner.invoke(app, ["export", str(folder), "--out", str(tmp_path / "m.onnx")])
+    assert again.exit_code == 2 and "already exists" in again.output
+    plain = lowbit.save(lowbit.quantize(tiny_mlp(), "w8", progress=False), tmp_path / "plain")
+    refused = runner.invoke(app, ["export", str(plain), "--out", str(tmp_path / "p.onnx"), ])
+    assert refused.exit_code == 2 and not (tmp_path / "p.onnx").exists()
