@@ -14,33 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from lowbit.nn.qlinear import QLinear
 from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
-from lowbit.runtimes.onnx_modules import ExportError, emit_embedding, emit_linear
+from lowbit.runtimes.onnx_modules import ExportError, emit_embedding, emit_linear, stacked
 
 GELUS = {"gelu": "Gelu", "gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu"}
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def stacked(modules: list[nn.Module]) -> nn.Module:
-    """One Linear computing `modules` side by side (their outputs concatenated), their stored
-    tensors stacked along the output dimension: the same integers, scales and zero points."""
-    first = modules[0]
-    total = sum(module.out_features for module in modules)
-    if isinstance(first, QLinear):
-        spec = first.spec.with_kernels({})
-        if spec.scheme == "static" or any(module.spec.with_kernels({}) != spec for module in modules):
-            raise ExportError("query, key and value are quantized differently, or statically")
-        joined: nn.Module = QLinear(first.in_features, total, first.bias is not None, first.spec)
-    else:
-        joined = nn.Linear(first.in_features, total, bias=first.bias is not None)
-    with torch.no_grad():
-        for name, tensor in joined.state_dict().items():
-            tensor.copy_(torch.cat([module.state_dict()[name] for module in modules]))
-    return joined
 
 
 @dataclass

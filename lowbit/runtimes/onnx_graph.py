@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-ONNX_OPSET = 21
+ONNX_OPSET = 23  # RMSNormalization (Llama) is opset 23
 MICROSOFT = "com.microsoft"
 
 

@@ -21,9 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.nn.qlinear import QLinear
 from lowbit.registry import Registry
 from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
 
@@ -161,3 +163,21 @@ def emit_embedding(graph: Graph, module: nn.Module, indices: str, name: str) -> 
                 domain=MICROSOFT, bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
     table = module.dequantized_weight() if hasattr(module, "dequantized_weight") else module.weight
     return graph.node("Gather", [graph.constant("table", table.detach().float().numpy()), indices])
+
+
+def stacked(modules: list[nn.Module]) -> nn.Module:
+    """One Linear computing `modules` side by side (their outputs concatenated), their stored
+    tensors stacked along the output dimension: the same integers, scales and zero points."""
+    first = modules[0]
+    total = sum(module.out_features for module in modules)
+    if isinstance(first, QLinear):
+        spec = first.spec.with_kernels({})
+        if spec.scheme == "static" or any(module.spec.with_kernels({}) != spec for module in modules):
+            raise ExportError("Linears stacked into one matmul are quantized differently, or statically")
+        joined: nn.Module = QLinear(first.in_features, total, first.bias is not None, first.spec)
+    else:
+        joined = nn.Linear(first.in_features, total, bias=first.bias is not None)
+    with torch.no_grad():
+        for name, tensor in joined.state_dict().items():
+            tensor.copy_(torch.cat([module.state_dict()[name] for module in modules]))
+    return joined

@@ -1,0 +1,66 @@
+"""An ONNX Runtime CPU session, and a model that runs in one, called like its transformers original
+(`input_ids`, `attention_mask`, ...) and returning the same output class with torch tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.errors import FormatError, LowbitError
+
+
+def require_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise LowbitError("the onnxruntime runtime needs ONNX Runtime: pip install 'lowbit[onnx]'") from None
+    return onnxruntime
+
+
+def session(model: bytes | Path, threads: int | None = None, spinning: bool = False) -> Any:
+    """An ONNX Runtime CPU session on a serialized model, or on a model file (which may keep its
+    weights in an external data file beside it); `threads` intra-op threads (torch's count by
+    default)."""
+    onnxruntime = require_onnxruntime()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    try:
+        source = model if isinstance(model, bytes) else str(model)
+        return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors for a bad graph
+        raise FormatError(f"ONNX Runtime cannot open the model: {str(error)[:300]}") from None
+
+
+class OnnxRuntimeModel(nn.Module):
+    """A model that runs in an ONNX Runtime session, called like its transformers original."""
+
+    def __init__(self, session_: Any, config: Any = None) -> None:
+        super().__init__()
+        self.session = session_
+        self.config = config
+        self.input_names = [value.name for value in session_.get_inputs()]
+        self.output_names = [value.name for value in session_.get_outputs()]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, **_: Any) -> Any:
+        ids = input_ids.detach().cpu().numpy().astype(np.int64, copy=False)
+        given = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if tensor is not None:
+                given[name] = tensor.detach().cpu().numpy()
+        feeds = {name: given[name].astype(np.int64, copy=False) for name in self.input_names}
+        outputs = self.session.run(None, feeds)
+        return _output_class(self.output_names)(**{name: torch.from_numpy(value) for name, value
+                                                   in zip(self.output_names, outputs, strict=True)})
+
+
+def _output_class(names: list[str]) -> Any:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutput
+
+    return CausalLMOutput if "logits" in names else BaseModelOutputWithPooling
