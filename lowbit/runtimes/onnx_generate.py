@@ -47,15 +47,21 @@ class OnnxCausalLM(OnnxRuntimeModel):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = 50, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
-                 generator: torch.Generator | None = None, **_: Any) -> torch.Tensor:
+                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                 **_: Any) -> torch.Tensor:
         """Prompt and new tokens, (batch, prompt + new): greedy, or sampled with temperature, top-k
-        and top-p, stopping early once every row has produced an end-of-sequence token."""
+        and top-p. A row that produced an end-of-sequence token (the config's by default) gets
+        `pad_token_id` after it, and decoding stops once every row has, as in transformers."""
         if max_new_tokens < 1:
             raise LowbitError("max_new_tokens must be at least 1")
         _check_unpadded(attention_mask)
         prompt = _token_array(input_ids)
         batch, length = prompt.shape
-        stops = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
+        if eos_token_id is None:
+            eos_token_id = getattr(self.config, "eos_token_id", None)
+        stops = [int(token) for token in np.atleast_1d(eos_token_id)] if eos_token_id is not None else []
+        pad = pad_token_id if pad_token_id is not None else getattr(self.config, "pad_token_id", None)
+        pad = pad if pad is not None else (stops[0] if stops else 0)
         finished = np.zeros(batch, bool)
         binding = self.session.io_binding()
         feeds = {"input_ids": prompt, "attention_mask": np.ones((batch, length), np.int64),
@@ -71,9 +77,9 @@ class OnnxCausalLM(OnnxRuntimeModel):
             outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
             logits = outputs["logits"].numpy()[:, -1, :]
             chosen = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
-            chosen = np.where(finished, tokens[-1][:, -1] if len(tokens) > 1 else chosen, chosen)
+            chosen = np.where(finished, pad, chosen)
             tokens.append(chosen.astype(np.int64)[:, None])
-            finished |= np.isin(chosen, list(stops))
+            finished |= np.isin(chosen, stops)
             if finished.all():
                 break
             length += 1
