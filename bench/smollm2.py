@@ -1,4 +1,5 @@
-"""SmolLM2-135M: fp32 vs lowbit vs torch.ao quantize_dynamic vs ONNX Runtime, side by side.
+"""SmolLM2-135M: fp32 vs lowbit (PyTorch and ONNX Runtime runtimes) vs torch.ao quantize_dynamic vs
+ONNX Runtime fp32 and int8, side by side.
 
 Measures, in one process on the same tokens and thread count: perplexity on the Wikipedia corpus
 (sliding windows of 512 tokens, stride 256, the first --tokens tokens), greedy decode tokens/s at
@@ -40,6 +41,9 @@ from lowbit.evaluate import folder_bytes
 from lowbit.families import transformers as hf
 
 PROMPT_TOKENS, NEW_TOKENS = 64, 32
+# lowbit models also saved for the onnxruntime runtime, at these MatMulNBits accuracy levels
+# (4: int8 activations per block, as llama.cpp computes; 0: float32, lowbit's exact numerics).
+ONNX_LEVELS = {"w8": (4,), "w4-g64": (0, 4)}
 # 576, the hidden size, is not a multiple of 128: 4-bit groups of 64 (and the weights came from
 # Q4_1 groups of 32, which an asymmetric g32 quantizer would reproduce exactly).
 LOWBIT_RECIPES = {"w8": lowbit.PRESETS["w8"], "w8a8-dynamic": lowbit.PRESETS["w8a8-dynamic"],
@@ -132,6 +136,23 @@ def export_cached_step(model: torch.nn.Module, path: Path) -> Path:
                         "past_values": {3: past_length}})
 
 
+def lowbit_onnx_contender(folder: Path) -> Contender:
+    """A lowbit folder saved with runtime="onnxruntime", loaded and run as a user would: logits
+    from its forward, decode timed through its generate()."""
+    model = lowbit.load(folder)
+
+    def decode(prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+        never = -1  # no early stop at an end-of-sequence token: exactly `new_tokens` are timed
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, eos_token_id=never)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens + 1, eos_token_id=never)
+        return prefill, time.perf_counter() - start - prefill
+
+    return Contender(lambda ids: model(ids).logits, decode, onnx_bytes(folder / "model.onnx"))
+
+
 def build_contenders(threads: int, scratch: Path) -> dict[str, Contender]:
     from transformers import AutoModelForCausalLM
 
@@ -142,6 +163,11 @@ def build_contenders(threads: int, scratch: Path) -> dict[str, Contender]:
         quantized = lowbit.quantize(fp32, recipe, progress=False)
         lowbit.save(quantized, scratch / name)
         contenders[f"lowbit {name}"] = torch_contender(quantized, folder_bytes(scratch / name))
+        for level in ONNX_LEVELS.get(name, ()):
+            folder = scratch / f"{name}-ort-{level}"
+            lowbit.save(quantized, folder, runtime="onnxruntime", accuracy_level=level)
+            label = f"lowbit {name} ort" + (" int8-act" if level == 4 else "")
+            contenders[label] = lowbit_onnx_contender(folder)
     torchao = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
     torch.save(torchao.state_dict(), scratch / "torchao.pt")
     contenders["torch.ao dynamic"] = torch_contender(torchao, folder_bytes(scratch / "torchao.pt"))

@@ -372,14 +372,21 @@ def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
         print(json.dumps({"recipe": manifest.get("recipe"), "modules": modules,
                           "folder_bytes": folder_bytes(folder)}, indent=2))
         return
+    onnx_ops = (manifest.get("onnx") or {}).get("ops") if manifest.get("runtime") == "onnxruntime" else None
     rows = [(name, entry["type"].removeprefix("Q"), entry["spec"]["scheme"],
              f"{entry['spec']['weight']} {entry['spec']['granularity']}",
-             _kernel_summary(entry["spec"]["kernels"]), f"{entry['bytes']:,}")
+             onnx_ops.get(name, "?") if onnx_ops is not None else _kernel_summary(entry["spec"]["kernels"]),
+             f"{entry['bytes']:,}")
             for name, entry in modules.items()]
+    runs_on = "onnx op" if onnx_ops is not None else "kernel"
     table = _table(f"{folder} ({manifest['model'].get('class')})",
-                   ["module", "layer", "scheme", "weight", "kernel", "bytes"], rows,
+                   ["module", "layer", "scheme", "weight", runs_on, "bytes"], rows,
                    whole={"layer", "scheme", "bytes"})
     console.print(table)
+    runtime = {"eager": "PyTorch eager", "onnxruntime": "ONNX Runtime (model.onnx, accuracy level "
+               f"{(manifest.get('onnx') or {}).get('accuracy_level', 0)})"}.get(manifest.get("runtime"), "?")
+    reason = (manifest.get("runtime_choice") or {}).get("reason")
+    console.print(f"runtime: {runtime}" + (f"; chosen by auto: {reason}" if reason else ""))
     quantized = sum(entry["bytes"] for entry in modules.values())
     console.print(f"{len(modules)} quantized modules, {_mib(quantized)} of quantized tensors; "
                   f"folder {_mib(folder_bytes(folder))}")

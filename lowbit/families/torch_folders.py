@@ -23,6 +23,7 @@ from lowbit.families.sources import build_from_factory, load_source
 from lowbit.formats import MANIFEST, read_folder, write_folder
 from lowbit.formats.lowbit_format import read_manifest, verified_bytes
 from lowbit.runtimes import RUNTIMES
+from lowbit.runtimes.onnx_modules import op_name
 from lowbit.runtimes.onnxruntime import ONNX_FILE
 from lowbit.runtimes.onnxruntime import export as onnx_export
 from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules
@@ -92,7 +93,8 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, run
     runtime, graph, measured = _graph_for(model, runtime, accuracy_level)
     manifest.update(runtime=runtime, runtime_choice=measured)
     if graph is not None:
-        manifest["onnx"] = {"file": ONNX_FILE, "accuracy_level": accuracy_level}
+        ops = {name: op_name(module) for name, module in quantized_modules(model).items()}
+        manifest["onnx"] = {"file": ONNX_FILE, "accuracy_level": accuracy_level, "ops": ops}
 
     def write_extra(staging: Path) -> None:
         if write_files is not None:

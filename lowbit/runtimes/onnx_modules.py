@@ -59,6 +59,19 @@ def linear_ops_for(module: nn.Module) -> list[str]:
     return []
 
 
+OP_NAMES = {"matmul_nbits": "MatMulNBits", "dynamic_quantize_matmul": "DynamicQuantizeMatMul",
+            "float": "MatMul"}
+
+
+def op_name(module: nn.Module) -> str:
+    """The ONNX Runtime op that runs `module` by default (what `lowbit inspect` shows)."""
+    if hasattr(module, "num_embeddings"):
+        spec = _spec(module)
+        return "GatherBlockQuantized" if spec is not None and spec.weight in ("int4", "int8") else "Gather"
+    ops = linear_ops_for(module)
+    return OP_NAMES[ops[0]] if ops else "none"
+
+
 def emit_linear(graph: Graph, module: nn.Module, x: str, name: str, op: str | None = None,
                 accuracy_level: int = 0) -> str:
     """`x @ W.T + b` for `module` (a QLinear or a float Linear); `op` picks one of

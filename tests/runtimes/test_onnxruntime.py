@@ -165,3 +165,16 @@ def test_export_command_writes_one_onnx_file_atomically(tmp_path):
     plain = lowbit.save(lowbit.quantize(tiny_mlp(), "w8", progress=False), tmp_path / "plain")
     refused = runner.invoke(app, ["export", str(plain), "--out", str(tmp_path / "p.onnx"), ])
     assert refused.exit_code == 2 and not (tmp_path / "p.onnx").exists()
+
+
+def test_inspect_shows_the_runtime_and_the_onnx_op_of_each_layer(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    folder = lowbit.save(lowbit.quantize(tiny_bert(), "w8a8-dynamic", progress=False), tmp_path / "m",
+                         runtime="onnxruntime")
+    result = CliRunner().invoke(app, ["inspect", str(folder)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "DynamicQuantizeMatMul" in result.output and "GatherBlockQuantized" in result.output
+    assert "runtime: ONNX Runtime (model.onnx, accuracy level 0)" in result.output
