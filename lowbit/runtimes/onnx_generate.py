@@ -1,11 +1,12 @@
 """A causal LM in an ONNX Runtime session: logits like transformers' `forward`, and `generate` with
-the key/value cache carried from step to step inside ONNX Runtime's buffers.
+a preallocated key/value cache that ONNX Runtime fills in place.
 
 `generate` takes what transformers' `generate` takes for plain decoding (`max_new_tokens`,
 `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`) and returns the prompt and the new
-tokens, as transformers does. The cache stays in ONNX Runtime's own buffers (OrtValues bound to
-the next step's inputs): nothing is copied out to numpy between tokens. Prompts of one batch must
-have the same length (no padding).
+tokens, as transformers does. Each layer's cache is one buffer of prompt + new positions, bound as
+both the past input and the present output of every step: GroupQueryAttention appends in place,
+nothing is reallocated or copied between tokens. Prompts of one batch must have the same length
+(no padding).
 """
 
 from __future__ import annotations
@@ -33,6 +34,25 @@ class OnnxCausalLM(OnnxRuntimeModel):
     def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         _, heads, _, size = self.cache_shape
         return {name: np.zeros((batch, heads, 0, size), np.float32) for name in self.past_names}
+
+    def _bind_cache(self, batch: int, length: int) -> Any:
+        """An IO binding whose every past and present cache is one preallocated buffer of `length`
+        positions: GroupQueryAttention writes each new token's keys and values in place, so no
+        cache is reallocated or copied from step to step."""
+        import onnxruntime
+
+        positions = int(getattr(self.config, "max_position_embeddings", length) or length)
+        if length > positions:
+            raise LowbitError(f"prompt and new tokens come to {length}, more than the model's {positions} "
+                              "positions")
+        _, heads, _, size = self.cache_shape
+        shape, binding = (batch, heads, length, size), self.session.io_binding()
+        for name in self.past_names:
+            # owned by ONNX Runtime, so the binding keeps it alive; only written positions are read
+            buffer = onnxruntime.OrtValue.ortvalue_from_shape_and_type(shape, np.float32)
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(PRESENT + name.removeprefix(PAST), buffer)
+        return binding
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
         """Logits of every position, with no cache (what perplexity needs)."""
@@ -63,30 +83,21 @@ class OnnxCausalLM(OnnxRuntimeModel):
         pad = pad_token_id if pad_token_id is not None else getattr(self.config, "pad_token_id", None)
         pad = pad if pad is not None else (stops[0] if stops else 0)
         finished = np.zeros(batch, bool)
-        binding = self.session.io_binding()
-        feeds = {"input_ids": prompt, "attention_mask": np.ones((batch, length), np.int64),
-                 **self._empty_cache(batch)}
-        tokens = [prompt]
+        binding = self._bind_cache(batch, length + max_new_tokens)
+        tokens, step = [prompt], prompt
         for _ in range(max_new_tokens):
-            for name, value in feeds.items():
-                binding.bind_cpu_input(name, value) if isinstance(value, np.ndarray) else \
-                    binding.bind_ortvalue_input(name, value)
-            for name in self.output_names:
-                binding.bind_output(name)
+            binding.bind_cpu_input("input_ids", step)
+            binding.bind_cpu_input("attention_mask", np.ones((batch, length), np.int64))
+            binding.bind_output("logits")
             self.session.run_with_iobinding(binding)
-            outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
-            logits = outputs["logits"].numpy()[:, -1, :]
+            logits = binding.get_outputs()[self.output_names.index("logits")].numpy()[:, -1, :]
             chosen = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
-            chosen = np.where(finished, pad, chosen)
-            tokens.append(chosen.astype(np.int64)[:, None])
-            finished |= np.isin(chosen, stops)
+            step = np.where(finished, pad, chosen).astype(np.int64)[:, None]
+            tokens.append(step)
+            finished |= np.isin(step[:, 0], stops)
             if finished.all():
                 break
             length += 1
-            feeds = {"input_ids": tokens[-1], "attention_mask": np.ones((batch, length), np.int64),
-                     **{name: outputs[PRESENT + name.removeprefix(PAST)] for name in self.past_names}}
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
         return torch.from_numpy(np.concatenate(tokens, axis=1))
 
 
