@@ -394,3 +394,16 @@ def test_a_forest_missing_what_predict_reads_is_refused_at_load(table_forest, tm
     _edit_graph(path, edit)
     with pytest.raises(lowbit.FormatError, match="n_classes_"):
         lowbit.load(path)
+
+
+def test_a_few_byte_table_cannot_ask_for_millions_of_objects(places):
+    """A table's item count must be paid for in the file: some column stores one value per item."""
+    inside, outside, canary = places
+    graph = {"$": "table", "path": "model", "count": 10**6,
+             "items": {"kind": "objects", "class": "sklearn.tree._classes.DecisionTreeClassifier",
+                       "first_id": 1, "state": {"keys": ["max_depth"], "first_id": 2,
+                                                "columns": [{"kind": "same", "value": 3}]}}}
+    path = craft_sklearn_file(inside / "m.lowbit", graph)
+    with pytest.raises(LowbitError, match="nothing per item"):
+        lowbit.load(path)
+    assert_refused_safely(path, outside, canary)

@@ -159,6 +159,8 @@ def dump_items(writer: Any, items: list[Any], path: str) -> dict[str, Any] | Non
         node["items"] = _column(plan, flat, paths)
     except _NotATable:
         return None
+    if not _stores_each_item(node["items"]):
+        return None  # the reader requires it (see `_stores_each_item`)
     return node if plan.commit() else None
 
 
@@ -325,11 +327,30 @@ def _register(reader: Any, node: dict[str, Any], values: list[Any]) -> None:
         reader.memo.setdefault(first + offset, value)
 
 
+PER_ITEM = ("each", "scalars", "rows", "records")
+
+
+def _stores_each_item(column: Any) -> bool:
+    """Whether a column (or a nested object's argument or state column) stores one value per
+    item in the file itself: a JSON list or a stored array of `count` entries. The reader makes
+    `count` objects only then, so the count a file claims is paid for in its own bytes (a
+    few-byte table cannot ask for millions of objects)."""
+    if not isinstance(column, dict):
+        return False
+    if column.get("kind") in PER_ITEM:
+        return True
+    state = column.get("state") if isinstance(column.get("state"), dict) else {}
+    nested = [*(column.get("args") or []), *(state.get("columns") or [])]
+    return column.get("kind") == "objects" and any(_stores_each_item(child) for child in nested)
+
+
 def load_items(reader: Any, node: dict[str, Any]) -> list[Any]:
     """The items `dump_items` stored: a list of objects, or of lists of them."""
     count = typed_field(node, "count", int)
     if not 1 <= count <= MAX_ITEMS:
         _fail("item count is out of range")
+    if not _stores_each_item(node.get("items")):
+        _fail("items store nothing per item")
     items = _read_column(reader, typed_field(node, "items", dict), count)
     if "groups" not in node:
         return items
@@ -491,10 +512,10 @@ def _new_objects(reader: Any, column: dict[str, Any], count: int) -> list[Any]:
 
 
 def _read_objects(reader: Any, column: dict[str, Any], count: int) -> list[Any]:
+    state = column.get("state")
+    states = [None] * count if state is None else _read_states(reader, state, count)  # checked first
     instances = _new_objects(reader, column, count)
     _register(reader, column, instances)
-    state = column.get("state")
-    states = [None] * count if state is None else _read_states(reader, state, count)
     for instance, values in zip(instances, states, strict=True):
         checks.check_state(instance, values)  # a Tree without its state is refused, as in the generic graph
         set_state(instance, values)
