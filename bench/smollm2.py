@@ -138,19 +138,10 @@ def export_cached_step(model: torch.nn.Module, path: Path) -> Path:
 
 def lowbit_onnx_contender(folder: Path) -> Contender:
     """A lowbit folder saved with runtime="onnxruntime", loaded and run as a user would: logits
-    from its forward, decode timed through its generate()."""
+    from its forward, decode timed through its generate() (OnnxCausalLM.timed_generation)."""
     model = lowbit.load(folder)
 
-    def decode(prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-        never = -1  # no early stop at an end-of-sequence token: exactly `new_tokens` are timed
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, eos_token_id=never)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens + 1, eos_token_id=never)
-        return prefill, time.perf_counter() - start - prefill
-
-    return Contender(lambda ids: model(ids).logits, decode, onnx_bytes(folder / "model.onnx"))
+    return Contender(lambda ids: model(ids).logits, model.timed_generation, onnx_bytes(folder / "model.onnx"))
 
 
 def build_contenders(threads: int, scratch: Path) -> dict[str, Contender]:

@@ -16,7 +16,11 @@ def folder_bytes(path: str | Path) -> int:
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer the model holds in memory, counted once each."""
+    """Bytes of every parameter and buffer the model holds in memory, counted once each; for a
+    model run outside PyTorch (the onnxruntime runtime), the bytes of the graph it runs."""
+    outside = getattr(model, "model_bytes", None)
+    if outside is not None:
+        return int(outside)
     seen, total = set(), 0
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.data_ptr() in seen:

@@ -20,7 +20,7 @@ from torch import nn
 from lowbit.errors import LowbitWarning
 from lowbit.evaluate.latency import measure_latencies
 from lowbit.runtimes.onnx_modules import ExportError
-from lowbit.runtimes.onnxruntime import GRAPHS, OnnxRuntimeModel, export, session
+from lowbit.runtimes.onnxruntime import GRAPHS, export, session, wrap
 
 LOG = logging.getLogger("lowbit")
 SHAPES = ((1, 16), (8, 128))  # (batch, tokens): one short sentence, and a full batch
@@ -58,7 +58,8 @@ def choose_runtime(model: nn.Module, accuracy_level: int = 0, shapes: Sequence[t
     except ExportError as error:
         warnings.warn(f"runtime auto keeps the torch runtime: {error}", LowbitWarning, stacklevel=3)
         return RuntimeChoice("eager", None, {"chosen": "eager", "reason": f"not exportable: {error}"})
-    contenders = {"eager": model.eval(), "onnxruntime": OnnxRuntimeModel(session(graph, threads))}
+    in_onnxruntime = wrap(session(graph, threads), model.config, len(graph))
+    contenders = {"eager": model.eval(), "onnxruntime": in_onnxruntime}
     medians: dict[str, dict[str, float]] = {name: {} for name in contenders}
     for batch, tokens in shapes:
         inputs = _token_batch(model, batch, tokens)

@@ -11,6 +11,7 @@ nothing is reallocated or copied between tokens. Prompts of one batch must have 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -25,8 +26,8 @@ PAST, PRESENT = "past_key_values.", "present."
 class OnnxCausalLM(OnnxRuntimeModel):
     """A Llama-style causal LM exported by lowbit.runtimes.onnx_llama."""
 
-    def __init__(self, session_: Any, config: Any = None) -> None:
-        super().__init__(session_, config)
+    def __init__(self, session_: Any, config: Any = None, model_bytes: int | None = None) -> None:
+        super().__init__(session_, config, model_bytes)
         self.past_names = [name for name in self.input_names if name.startswith(PAST)]
         shapes = {value.name: value.shape for value in session_.get_inputs()}
         self.cache_shape = shapes[self.past_names[0]] if self.past_names else None  # batch, heads, past, size
@@ -53,6 +54,18 @@ class OnnxCausalLM(OnnxRuntimeModel):
             binding.bind_ortvalue_input(name, buffer)
             binding.bind_ortvalue_output(PRESENT + name.removeprefix(PAST), buffer)
         return binding
+
+    def timed_generation(self, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+        """(prefill seconds, seconds for `new_tokens` greedy steps after it), as
+        lowbit.evaluate.latency.generation_speed times a PyTorch model."""
+        never = -1  # no early stop: exactly `new_tokens` steps are timed
+        self.generate(input_ids[:, :8], max_new_tokens=2, eos_token_id=never)  # warm-up
+        start = time.perf_counter()
+        self.generate(input_ids, max_new_tokens=1, eos_token_id=never)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        self.generate(input_ids, max_new_tokens=new_tokens + 1, eos_token_id=never)
+        return prefill, time.perf_counter() - start - prefill
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
         """Logits of every position, with no cache (what perplexity needs)."""

@@ -40,10 +40,11 @@ def session(model: bytes | Path, threads: int | None = None, spinning: bool = Fa
 class OnnxRuntimeModel(nn.Module):
     """A model that runs in an ONNX Runtime session, called like its transformers original."""
 
-    def __init__(self, session_: Any, config: Any = None) -> None:
+    def __init__(self, session_: Any, config: Any = None, model_bytes: int | None = None) -> None:
         super().__init__()
         self.session = session_
         self.config = config
+        self.model_bytes = model_bytes  # the graph's size: what it holds in memory, for reports
         self.input_names = [value.name for value in session_.get_inputs()]
         self.output_names = [value.name for value in session_.get_outputs()]
 

@@ -57,13 +57,14 @@ def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str
     entry = manifest.get("onnx")
     if entry is None:
         raise FormatError(f"{folder} records the onnxruntime runtime but no ONNX graph")
-    return wrap(session(read(entry["file"])), getattr(skeleton, "config", None))
+    data = read(entry["file"])
+    return wrap(session(data), getattr(skeleton, "config", None), len(data))
 
 
-def wrap(session_: Any, config: Any = None) -> OnnxRuntimeModel:
+def wrap(session_: Any, config: Any = None, model_bytes: int | None = None) -> OnnxRuntimeModel:
     """The model class for a session: a causal LM (with `generate`) when the graph gives logits."""
     outputs = {value.name for value in session_.get_outputs()}
-    return (OnnxCausalLM if "logits" in outputs else OnnxRuntimeModel)(session_, config)
+    return (OnnxCausalLM if "logits" in outputs else OnnxRuntimeModel)(session_, config, model_bytes)
 
 
 RUNTIMES.add("onnxruntime", materialize)

@@ -79,3 +79,10 @@ def test_a_saved_causal_lm_loads_into_onnxruntime(tmp_path):
                                       do_sample=False, pad_token_id=0)
     assert torch.equal(loaded.generate(ids, max_new_tokens=6), expected)
     assert np.isfinite(loaded(ids).logits.numpy()).all()
+
+
+def test_generation_speed_of_an_onnx_causal_lm_is_measured_through_its_generate():
+    from lowbit.evaluate.latency import generation_speed
+
+    speed = generation_speed(_in_onnxruntime(tiny_llama()), torch.randint(0, 64, (1, 12)), new_tokens=4)
+    assert speed["decode_tokens_per_second"] > 0 and speed["prefill_tokens_per_second"] > 0
