@@ -178,3 +178,15 @@ def test_inspect_shows_the_runtime_and_the_onnx_op_of_each_layer(tmp_path):
     assert result.exit_code == 0, result.output
     assert "DynamicQuantizeMatMul" in result.output and "GatherBlockQuantized" in result.output
     assert "runtime: ONNX Runtime (model.onnx, accuracy level 0)" in result.output
+
+
+def test_quantize_for_onnxruntime_refuses_a_model_it_cannot_export_with_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", "tests.fixtures_models:tiny_mlp", "--recipe", "w8",
+                                      "--runtime", "onnxruntime", "--out", str(tmp_path / "m")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "no ONNX graph builder" in result.output
+    assert not (tmp_path / "m").exists()
