@@ -30,6 +30,7 @@ from lowbit.registry import Registry
 from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
 
 BLOCKS = (128, 64, 32, 16)  # block sizes MatMulNBits and GatherBlockQuantized take, largest first
+INT4_BLOCKS = (16, 32, 64, 128, 256)  # lowbit's int4 groups that are MatMulNBits blocks as they are
 
 
 class ExportError(LowbitError):
@@ -45,11 +46,11 @@ def _spec(module: nn.Module) -> Any:
 
 
 def linear_ops_for(module: nn.Module) -> list[str]:
-    """The ops that can run this Linear with lowbit's numerics, best first by design (the runtime
-    measures which is faster where that matters)."""
+    """The ops that can run this Linear with lowbit's numerics, the default first; none for a
+    scheme ONNX Runtime has no kernel for here (static activations)."""
     spec = _spec(module)
-    if spec is None:
-        return ["float"]
+    if spec is None or spec.weight in ("fp16", "bf16"):
+        return ["float"]  # a float Linear, or 16-bit weights computed in float32 as lowbit does
     if spec.weight == "int4":
         return ["matmul_nbits"] if _int4_block(module) else []
     if spec.weight == "int8" and spec.scheme == "dynamic":
@@ -93,7 +94,7 @@ def _bias(graph: Graph, module: nn.Module) -> str:
 
 def _int4_block(module: nn.Module) -> int | None:
     group = int(_spec(module).granularity.split(":")[1])
-    return group if group in BLOCKS or group in (256,) else None
+    return group if group in INT4_BLOCKS else None
 
 
 def _int8_block(width: int) -> int | None:

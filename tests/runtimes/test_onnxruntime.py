@@ -45,7 +45,7 @@ def _kept(hidden, batch):
     return hidden[batch["attention_mask"].bool()]
 
 
-@pytest.mark.parametrize("recipe", [None, "w8", "w4-g32"])
+@pytest.mark.parametrize("recipe", [None, "w8", "w4-g32", "fp16"])
 def test_the_graph_computes_what_lowbit_computes(recipe):
     model = tiny_bert()
     if recipe is not None:
