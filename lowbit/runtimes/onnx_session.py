@@ -21,6 +21,43 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
+DOMAINS = {"", "ai.onnx", "com.microsoft"}  # ONNX's own ops and ONNX Runtime's contrib ops
+
+
+def _tensors(graph: Any) -> Any:
+    """Every tensor a graph stores: initializers, and constants inside nodes and subgraphs."""
+    from onnx import AttributeProto
+
+    yield from graph.initializer
+    yield from (sparse.values for sparse in graph.sparse_initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == AttributeProto.TENSOR:
+                yield attribute.t
+            yield from attribute.tensors
+            subgraphs = [attribute.g] if attribute.type == AttributeProto.GRAPH else []
+            for subgraph in [*subgraphs, *attribute.graphs]:
+                yield from _tensors(subgraph)
+
+
+def check_graph(data: bytes, where: str) -> None:
+    """Refuse an ONNX model read from a folder that could reach outside it or load code: a tensor
+    kept in an external data file (ONNX Runtime would read that file, relative to the working
+    directory), or an op domain other than ONNX's and ONNX Runtime's own."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as error:  # noqa: BLE001 - protobuf's decode errors are untyped
+        raise FormatError(f"{where} is not an ONNX model: {str(error)[:200]}") from None
+    domains = {opset.domain for opset in model.opset_import} | {node.domain for node in model.graph.node}
+    if not domains <= DOMAINS:
+        raise FormatError(f"{where} uses op domains {sorted(domains - DOMAINS)}; lowbit runs only ONNX's and "
+                          "ONNX Runtime's own ops")
+    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _tensors(model.graph)):
+        raise FormatError(f"{where} keeps tensors in external files; lowbit reads only the model file itself")
+
+
 def session(model: bytes | Path, threads: int | None = None, spinning: bool = False) -> Any:
     """An ONNX Runtime CPU session on a serialized model, or on a model file (which may keep its
     weights in an external data file beside it); `threads` intra-op threads (torch's count by

@@ -25,7 +25,7 @@ from lowbit.runtimes.onnx_bert import build_bert
 from lowbit.runtimes.onnx_generate import OnnxCausalLM
 from lowbit.runtimes.onnx_llama import build_llama
 from lowbit.runtimes.onnx_modules import ExportError
-from lowbit.runtimes.onnx_session import OnnxRuntimeModel, require_onnxruntime, session
+from lowbit.runtimes.onnx_session import OnnxRuntimeModel, check_graph, require_onnxruntime, session
 
 ONNX_FILE = "model.onnx"
 GraphBuilder = Callable[..., Any]
@@ -58,6 +58,7 @@ def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str
     if entry is None:
         raise FormatError(f"{folder} records the onnxruntime runtime but no ONNX graph")
     data = read(entry["file"])
+    check_graph(data, f"{folder}/{entry['file']}")
     return wrap(session(data), getattr(skeleton, "config", None), len(data))
 
 

@@ -190,3 +190,45 @@ def test_quantize_for_onnxruntime_refuses_a_model_it_cannot_export_with_exit_2(t
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "no ONNX graph builder" in result.output
     assert not (tmp_path / "m").exists()
+
+
+def _resigned(folder, change):
+    """Apply `change` to the folder's ONNX model, then recompute every checksum as an attacker would."""
+    import onnx
+
+    from tests.formats.attacker import resign_folder
+
+    model = onnx.load(str(folder / "model.onnx"))
+    change(model)
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    resign_folder(folder)
+
+
+def test_an_onnx_graph_cannot_read_a_file_outside_its_folder(tmp_path, monkeypatch):
+    import onnx
+
+    quantized = lowbit.quantize(tiny_bert(), "w8", progress=False)
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime")
+    (tmp_path / "secret.bin").write_bytes(bytes(4096))
+    monkeypatch.chdir(tmp_path)  # where ONNX Runtime resolves external data of a model read from bytes
+
+    def point_outside(model):
+        tensor = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value="secret.bin")
+    _resigned(folder, point_outside)
+    with pytest.raises(lowbit.FormatError, match="external files"):
+        lowbit.load(folder)
+
+
+def test_an_onnx_graph_with_a_foreign_op_domain_is_refused(tmp_path):
+    quantized = lowbit.quantize(tiny_bert(), "w8", progress=False)
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime")
+
+    def foreign(model):
+        model.graph.node[0].domain = "evil.custom"
+        model.opset_import.add(domain="evil.custom", version=1)
+    _resigned(folder, foreign)
+    with pytest.raises(lowbit.FormatError, match="op domains"):
+        lowbit.load(folder)
