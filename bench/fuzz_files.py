@@ -149,8 +149,11 @@ def _write_torch_seeds(folder: Path) -> list[dict[str, Any]]:
                       "shape": shape})
     from tests.fixtures_models import tiny_bert, tiny_llama
 
-    for name, make, recipe in (("bert-w8a8", tiny_bert, "w8a8-dynamic"), ("llama-w4", tiny_llama, "w4-g32")):
-        lowbit.save(lowbit.quantize(make(), recipe, progress=False), folder / name)
+    for name, make, recipe, runtime in (("bert-w8a8", tiny_bert, "w8a8-dynamic", "torch"),
+                                        ("llama-w4", tiny_llama, "w4-g32", "torch"),
+                                        ("bert-w8-ort", tiny_bert, "w8", "onnxruntime"),
+                                        ("llama-w4-ort", tiny_llama, "w4-g32", "onnxruntime")):
+        lowbit.save(lowbit.quantize(make(), recipe, progress=False), folder / name, runtime=runtime)
         seeds.append({"format": "torch", "name": name, "path": str(folder / name), "skeleton": None,
                       "shape": None})
     return seeds

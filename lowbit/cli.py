@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lowbit.data.batches import calibration_batches
@@ -73,10 +74,11 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except NotSmallerError as error:
-        errors.print(f"[bold red]not smaller:[/] {error}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]not smaller:[/] {escape(_printable(error))}", highlight=False,
+                     soft_wrap=True)
         raise typer.Exit(EXIT_BUDGET_MISSED) from None
     except LowbitError as error:
-        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(_printable(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -87,7 +89,7 @@ def _user_errors() -> Iterator[None]:
         errors.print("interrupted; nothing was written")
         raise typer.Exit(130) from None
     except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback for users
-        errors.print(f"[bold red]internal error:[/] {type(error).__name__}: {error}\n"
+        errors.print(f"[bold red]internal error:[/] {type(error).__name__}: {escape(_printable(error))}\n"
                      "Please report this with the command you ran.", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERNAL) from None
 
@@ -278,18 +280,25 @@ def _quantize_sklearn(source, out, bits, weight_threshold, data, trust_pickle, o
                       f"{held_out['changed']} changed (95% interval {low:.1%}–{high:.1%}); estimated "
                       f"share of new rows that would change: {held_out['estimated_flip_rate']:.1e}{after}")
     for path, steps in report["fallbacks"].items():
-        console.print(f"  fell back: {path}: {' → '.join(steps)}")
+        console.print(_printable(f"  fell back: {path}: {' → '.join(steps)}"))
     for path in report["kept_float"]:
-        console.print(f"  kept as is (unsupported): {path}")
+        console.print(_printable(f"  kept as is (unsupported): {path}"))
     for path, share in report["pruned"].items():
-        console.print(f"  pruned: {path}: {share:.1%} of its entries are zero, stored sparsely")
+        console.print(_printable(f"  pruned: {path}: {share:.1%} of its entries are zero, stored sparsely"))
+
+
+def _printable(text: object) -> str:
+    """`text` as it can be printed: a lone surrogate (a file's name can hold one, from undecodable
+    bytes) becomes its escape instead of failing the print."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _table(title: str, headers: list[str], rows: list[tuple[str, ...]], whole: set[str]) -> Table:
     """A table that fits any width without losing a character: the columns in `whole` (numbers,
     short words) keep each value on one line at its full width; the others wrap, folding long
-    names onto the next line instead of cutting them."""
-    table = Table(title=title)
+    names onto the next line instead of cutting them. Text from files is made printable."""
+    rows = [tuple(escape(_printable(cell)) for cell in row) for row in rows]  # no markup from files
+    table = Table(title=escape(_printable(title)))
     for index, header in enumerate(headers):
         widest = max([len(header), *(len(row[index]) for row in rows)])
         numeric = header in ("bytes", "stored bytes")
@@ -321,6 +330,7 @@ def _print_markdown(text: str) -> None:
     layer name or figure is lost."""
     from rich.markdown import Markdown
 
+    text = _printable(text)
     if console.is_terminal and _widest_table(text) <= console.width:
         console.print(Markdown(text))
     else:
@@ -386,7 +396,7 @@ def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
     runtime = {"eager": "PyTorch eager", "onnxruntime": "ONNX Runtime (model.onnx, accuracy level "
                f"{(manifest.get('onnx') or {}).get('accuracy_level', 0)})"}.get(manifest.get("runtime"), "?")
     reason = (manifest.get("runtime_choice") or {}).get("reason")
-    console.print(f"runtime: {runtime}" + (f"; chosen by auto: {reason}" if reason else ""))
+    console.print(_printable(f"runtime: {runtime}" + (f"; chosen by auto: {reason}" if reason else "")))
     quantized = sum(entry["bytes"] for entry in modules.values())
     console.print(f"{len(modules)} quantized modules, {_mib(quantized)} of quantized tensors; "
                   f"folder {_mib(folder_bytes(folder))}")

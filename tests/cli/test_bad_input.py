@@ -126,3 +126,30 @@ def test_a_valid_json_report_is_written_and_an_existing_one_replaced(files, tmp_
                  "--runs", "2", "--samples", "8", "--no-memory", "--json", target)
     assert result.exit_code in (0, 3), result.output
     assert json.loads(target.read_text())["quality"]
+
+
+def test_names_from_a_file_that_cannot_be_printed_are_escaped_not_a_crash(tmp_path):
+    """Found by the fuzzer (seed 4): an array path holding a lone surrogate made `inspect` fail,
+    and then every later print of the same console."""
+    import zipfile
+
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    import lowbit.sklearn as lowbit_sklearn
+    from tests.formats.attacker import rewrite_sklearn_file
+
+    features, labels = load_iris(return_X_y=True)
+    path = lowbit_sklearn.quantize(LogisticRegression(max_iter=300).fit(features, labels), bits=8,
+                                   data=features).save(tmp_path / "m.lowbit")
+
+    def rename(entries):
+        text = entries["skeleton.json"].decode().replace('"path":"model.coef_"', '"path":"\\udcff[bold]coef"')
+        entries["skeleton.json"] = text.encode()
+    rewrite_sklearn_file(path, rename)
+    assert "udcff" in zipfile.ZipFile(path).read("skeleton.json").decode()
+    for _ in range(2):  # a failed print must not poison the next one
+        result = run("inspect", path)
+        assert result.exit_code == 0, result.output
+        assert "\\udcff[bold]coef" in result.output
+    assert_exit_2(run("inspect", tmp_path / "missing.lowbit"))
