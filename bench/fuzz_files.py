@@ -522,7 +522,10 @@ def run(cases: int, seed_value: int = 0, formats: tuple[str, ...] = FORMATS, tim
                         tail = (folder / "worker-errors.txt").read_text().strip().splitlines()[-1:]
                         outcomes[current] = f"crash (exit {code}) {' '.join(tail)[:200]}"
                     break
-                word, index, *rest = line.rstrip("\n").split(" ", 2)
+                word, *fields = line.rstrip("\n").split(" ", 2)
+                if word not in ("start", "done") or not fields:
+                    continue  # a library's own output on the worker's stdout, not the protocol
+                index, rest = fields[0], fields[1:]
                 if word == "start":
                     current = int(index)
                 elif word == "done":

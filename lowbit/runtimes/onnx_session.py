@@ -67,6 +67,7 @@ def session(model: bytes | Path, threads: int | None = None, spinning: bool = Fa
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3  # errors only: its graph warnings go to stdout and mean nothing here
     try:
         source = model if isinstance(model, bytes) else str(model)
         return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
