@@ -12,8 +12,6 @@ from lowbit.runtimes.onnx_generate import OnnxCausalLM
 from tests.fixtures_models import tiny_llama
 from tests.runtimes.test_onnxruntime import _reference_kernels
 
-pytest.importorskip("onnxruntime")
-
 
 def _in_onnxruntime(model):
     return ort_runtime.wrap(ort_runtime.session(ort_runtime.export(model), threads=1), model.config)

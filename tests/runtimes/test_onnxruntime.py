@@ -14,8 +14,6 @@ from lowbit.runtimes import onnxruntime as ort_runtime
 from lowbit.runtimes.onnx_modules import ExportError
 from tests.fixtures_models import tiny_bert, tiny_mlp
 
-pytest.importorskip("onnxruntime")
-
 
 def _reference_kernels(model):
     """The exact dequantize-then-matmul kernel in every weight-only Linear: what MatMulNBits at
