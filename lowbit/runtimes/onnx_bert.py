@@ -10,32 +10,20 @@ as transformers' BertModel gives them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch import nn
 
 from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
-from lowbit.runtimes.onnx_modules import ExportError, emit_embedding, emit_linear, stacked
+from lowbit.runtimes.onnx_modules import ExportError, GraphBuild, emit_embedding, stacked
 
 GELUS = {"gelu": "Gelu", "gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu"}
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-@dataclass
-class _Encoder:
-    """One graph being built, with the op choices and accuracy level every Linear takes."""
-
-    graph: Graph
-    ops: dict[str, str]
-    accuracy_level: int
-
-    def linear(self, module: nn.Module, x: str, name: str) -> str:
-        return emit_linear(self.graph, module, x, name, self.ops.get(name), self.accuracy_level)
-
-    def integers(self, hint: str, *values: int) -> str:
-        return self.graph.constant(hint, np.array(values if len(values) > 1 else values[0], np.int64))
+class _Encoder(GraphBuild):
+    """A BERT encoder's graph being built, block by block."""
 
     def norm(self, op: str, inputs: list[str], norm: nn.LayerNorm) -> str:
         """LayerNormalization (or a fused skip variant) with `norm`'s weights and epsilon."""

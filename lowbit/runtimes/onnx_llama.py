@@ -15,7 +15,6 @@ for the next call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,22 +22,11 @@ import torch
 from torch import nn
 
 from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
-from lowbit.runtimes.onnx_modules import ExportError, emit_embedding, emit_linear, stacked
+from lowbit.runtimes.onnx_modules import ExportError, GraphBuild, emit_embedding, stacked
 
 
-@dataclass
-class _Decoder:
-    """One graph being built, with the op choices and accuracy level every Linear takes."""
-
-    graph: Graph
-    ops: dict[str, str]
-    accuracy_level: int
-
-    def linear(self, module: nn.Module, x: str, name: str) -> str:
-        return emit_linear(self.graph, module, x, name, self.ops.get(name), self.accuracy_level)
-
-    def integers(self, hint: str, *values: int) -> str:
-        return self.graph.constant(hint, np.array(values if len(values) > 1 else values[0], np.int64))
+class _Decoder(GraphBuild):
+    """A Llama decoder's graph being built, block by block."""
 
     def weight(self, norm: nn.Module) -> str:
         return self.graph.constant("gamma", norm.weight.detach().float().numpy())

@@ -18,6 +18,7 @@ small in the file and in memory.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -195,3 +196,20 @@ def stacked(modules: list[nn.Module]) -> nn.Module:
         for name, tensor in joined.state_dict().items():
             tensor.copy_(torch.cat([module.state_dict()[name] for module in modules]))
     return joined
+
+
+@dataclass
+class GraphBuild:
+    """A model's graph being built: the op choice per Linear name and the accuracy level every
+    MatMulNBits takes (what lowbit.runtimes.onnx_bert and onnx_llama share)."""
+
+    graph: Graph
+    ops: dict[str, str]
+    accuracy_level: int
+
+    def linear(self, module: nn.Module, x: str, name: str) -> str:
+        return emit_linear(self.graph, module, x, name, self.ops.get(name), self.accuracy_level)
+
+    def integers(self, hint: str, *values: int) -> str:
+        """An int64 constant: a scalar for one value, else a vector."""
+        return self.graph.constant(hint, np.array(values if len(values) > 1 else values[0], np.int64))
