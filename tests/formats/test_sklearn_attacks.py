@@ -149,13 +149,18 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(places):
     assert not canary.exists()
 
 
-@pytest.fixture(scope="module")
-def forest_file(tmp_path_factory):
+def _saved_forest(tmp_path_factory, trees):
+    """(a quantized digits forest of `trees` trees saved as a lowbit file, rows to call it on)."""
     features, labels = load_digits(return_X_y=True)
-    forest = RandomForestClassifier(3, max_depth=4, random_state=0).fit(features, labels)
+    forest = RandomForestClassifier(trees, max_depth=4, random_state=0).fit(features, labels)
     path = tmp_path_factory.mktemp("forest") / "forest.lowbit"
     lowbit_sklearn.quantize(forest, bits=8, data=features[:100]).save(path)
     return path, features[100:140]
+
+
+@pytest.fixture(scope="module")
+def forest_file(tmp_path_factory):
+    return _saved_forest(tmp_path_factory, 3)  # fewer trees than a table takes: the generic graph
 
 
 def _edit_graph(path, edit):
@@ -277,11 +282,7 @@ def test_a_cython_unpickler_given_a_wrong_checksum_is_a_format_error(places):
 
 @pytest.fixture(scope="module")
 def table_forest(tmp_path_factory):
-    features, labels = load_digits(return_X_y=True)
-    forest = RandomForestClassifier(8, max_depth=4, random_state=0).fit(features, labels)
-    path = tmp_path_factory.mktemp("table") / "forest.lowbit"
-    lowbit_sklearn.quantize(forest, bits=8, data=features[:100]).save(path)
-    return path, features[100:140]
+    return _saved_forest(tmp_path_factory, 8)
 
 
 def _table(document):
