@@ -13,7 +13,7 @@ from sklearn.ensemble import (
     HistGradientBoostingClassifier,
     RandomForestClassifier,
 )
-from sklearn.neural_network import MLPClassifier
+from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 import lowbit.sklearn as lowbit_sklearn
 from lowbit.families.sklearn import lowbit_file, probe, skeleton, tables
@@ -150,10 +150,20 @@ def test_a_list_of_numpy_scalars_is_one_column(tmp_path):
     assert [repr(value) for value in reloaded.loss_curve_] == [repr(value) for value in model.loss_curve_]
 
 
-@pytest.mark.parametrize("name", ["forest", "extra-trees-regressor"])
-def test_the_forest_probe_computes_what_predict_computes(name):
+@pytest.mark.parametrize("name", ["forest", "extra-trees-regressor", "mlp"])
+def test_the_fast_probes_compute_what_predict_computes(name):
     model, rows = _model(name)
+    assert type(model).__module__ + "." + type(model).__qualname__ in probe.PREDICTS
     assert np.array_equal(probe._predict(model, "predict", rows), model.predict(rows))
+
+
+def test_the_fast_probes_cover_two_output_forests_and_network_regressors():
+    cancer, labels = load_breast_cancer(return_X_y=True)
+    targets = np.stack([labels * 1.5, cancer[:, 0]], axis=1)
+    forest = ExtraTreesRegressor(6, max_depth=5, random_state=0).fit(cancer, targets)
+    network = MLPRegressor(hidden_layer_sizes=(6,), max_iter=30, random_state=0).fit(cancer / 100, targets)
+    for model, rows in ((forest, cancer), (network, cancer / 100)):
+        assert np.array_equal(probe._predict(model, "predict", rows), model.predict(rows))
 
 
 def test_inspect_lists_the_encodings_inside_tables(tmp_path):
