@@ -592,7 +592,7 @@ def bench_command(
         console.print(table)
         if sklearn:
             console.print(f"size on disk {_mib(report['size_bytes'] or 0)}, "
-                          f"load {report.get('load_seconds') or 0:.3f} s (best of 3)")
+                          f"load {report.get('load_seconds') or 0:.3f} s (median)")
             return
         console.print(f"size on disk {_mib(report['size_bytes'] or 0)}, parameters in memory "
                       f"{_mib(report['param_bytes'])}, peak RSS {_mib(report.get('peak_rss_bytes') or 0)}, "

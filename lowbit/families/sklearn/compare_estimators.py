@@ -2,9 +2,9 @@
 
 Quality: agreement with the original's predictions (and accuracy, or R² for regressors, when
 the data has labels), each with a paired bootstrap interval. Speed: `predict` latency at each
-batch size, the two models timed interleaved. Size: the two files. Load time: best of three
-loads of each file in this process. "Layers": every quantized array, worst SQNR first, with
-its encoding, so a difference can be traced to the array that caused it.
+batch size, the two models timed interleaved. Size: the two files. Load time: the median of
+loads of each file in this process, the files loaded in turn. "Layers": every quantized array,
+worst SQNR first, with its encoding, so a difference can be traced to the array that caused it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluate.comparison import Comparison
 from lowbit.evaluate.latency import measure_latencies, under_machine_load
 from lowbit.evaluate.metrics import bootstrap_difference, sqnr_db
-from lowbit.families.sklearn.estimator_files import best_load_seconds, is_sklearn_file, read_estimator
+from lowbit.families.sklearn.estimator_files import is_sklearn_file, median_load_seconds, read_estimator
 from lowbit.families.sklearn.guard import same_predictions, take_rows
 from lowbit.families.sklearn.lowbit_file import is_lowbit_file, read_file
 from lowbit.families.sklearn.slots import find_slots
@@ -37,16 +37,22 @@ def is_sklearn_model(model: Any) -> bool:
     return type(model).__module__.startswith(("sklearn", "lowbit.families.sklearn"))
 
 
-def _open(model: EstimatorLike, trust_pickle: bool) -> tuple[Any, str | None, float | None]:
-    """(estimator, its path, its load seconds: the best of three loads) for an estimator or a file."""
-    if not isinstance(model, (str, os.PathLike)):
-        return getattr(model, "estimator_", model), None, None
-    path = Path(model)
+def _loader(path: Path, trust_pickle: bool) -> Callable[[], Any]:
     if path.suffix == ".lowbit" or is_lowbit_file(path):
-        estimator, seconds = best_load_seconds(lambda: read_file(path))
-    else:
-        estimator, seconds = best_load_seconds(lambda: read_estimator(path, trust_pickle))
-    return estimator, str(path), seconds
+        return lambda: read_file(path)
+    return lambda: read_estimator(path, trust_pickle)
+
+
+Opened = tuple[Any, str | None, float | None]  # (estimator, its path, its load seconds)
+
+
+def _open(models: dict[str, EstimatorLike], trust_pickle: bool) -> dict[str, Opened]:
+    """Each name's (estimator, its path, its median load seconds) for estimators or files; the
+    files are loaded in turn, round after round (median_load_seconds)."""
+    paths = {name: Path(model) for name, model in models.items() if isinstance(model, (str, os.PathLike))}
+    loaded = median_load_seconds({name: _loader(path, trust_pickle) for name, path in paths.items()})
+    return {name: (loaded[name][0], str(paths[name]), loaded[name][1]) if name in paths else
+            (getattr(model, "estimator_", model), None, None) for name, model in models.items()}
 
 
 def _quality(original: Any, quantized: Any, inputs: Any, labels: np.ndarray | None) -> dict[str, dict]:
@@ -126,8 +132,9 @@ def compare_estimators(
     texts, or an array; a file's labels are used when `labels` is not given)."""
     from lowbit.families.sklearn.estimator_files import reference_inputs, reference_labels
 
-    original_model, original_path, original_seconds = _open(original, trust_pickle)
-    quantized_model, quantized_path, quantized_seconds = _open(quantized, trust_pickle)
+    opened = _open({"original": original, "quantized": quantized}, trust_pickle)
+    (original_model, original_path, original_seconds) = opened["original"]
+    (quantized_model, quantized_path, quantized_seconds) = opened["quantized"]
     if isinstance(data, (str, os.PathLike)) and labels is None:
         labels = reference_labels(data)
     inputs = reference_inputs(data, original_model)
@@ -176,12 +183,12 @@ def _encodings(quantized: Any, path: str | None) -> dict[str, str] | None:
 def bench_estimator(model: EstimatorLike, data: Any, batch_sizes: Sequence[int] = (1, 8), runs: int = 20,
                     threads: int | None = None, trust_pickle: bool = False) -> dict[str, Any]:
     """`lowbit bench` for one scikit-learn model: predict latency and throughput per batch size
-    on `data`, size on disk and load time (best of three)."""
+    on `data`, size on disk and load time (median of loads in turn)."""
     from lowbit.families.sklearn.estimator_files import reference_inputs
 
     if data is None:
         raise LowbitError("a scikit-learn model needs --data: inputs to time predict on")
-    estimator, path, seconds = _open(model, trust_pickle)
+    estimator, path, seconds = _open({"model": model}, trust_pickle)["model"]
     inputs = reference_inputs(data, estimator)
     try:
         latency = _latency({"model": estimator}, inputs, batch_sizes, runs, threads)["model"]

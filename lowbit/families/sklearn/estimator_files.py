@@ -133,11 +133,19 @@ def _named_columns(path: Path, names: list[str]) -> Any:
     return frame[names]
 
 
-def best_load_seconds(load: Callable[[], Any], repeats: int = 3) -> tuple[Any, float]:
-    """(the model, the fastest of `repeats` loads): one load alone is at the mercy of the disk
-    cache and the machine's other work."""
-    loads = [timed(load) for _ in range(repeats)]
-    return loads[-1][0], min(seconds for _, seconds in loads)
+LOAD_ROUNDS = (5, 51)  # fewest and most rounds of loads timed in turn
+LOAD_BUDGET_SECONDS = 2.0  # about how long the timed rounds take together
+
+
+def median_load_seconds(loads: dict[str, Callable[[], Any]]) -> dict[str, tuple[Any, float]]:
+    """Each name's (model, median load seconds), the files loaded in turn, round after round,
+    so the machine's other work hits each alike (one load alone is at the mercy of the disk
+    cache; a millisecond file gets 51 rounds, a 100 ms one about 10)."""
+    first = {name: timed(load) for name, load in loads.items()}  # warm-up, and the models
+    per_round = max(sum(seconds for _, seconds in first.values()), 1e-6)
+    rounds = int(min(max(LOAD_BUDGET_SECONDS / per_round, LOAD_ROUNDS[0]), LOAD_ROUNDS[1]))
+    stats = measure_latencies(loads, runs=rounds, warmup=0)
+    return {name: (model, stats[name].p50 / 1000.0) for name, (model, _) in first.items()}
 
 
 def predictions_per_second(models: dict[str, Any], inputs: Any, runs: int = 10) -> dict[str, float | None]:
@@ -152,9 +160,10 @@ def predictions_per_second(models: dict[str, Any], inputs: Any, runs: int = 10) 
 
 def measure_files(original_path: Path, quantized_path: Path, original: Any, inputs: Any,
                   trust_pickle: bool) -> dict[str, Any]:
-    """Sizes, load times (best of three) and predict throughput of both files."""
-    loaded_original, original_seconds = best_load_seconds(lambda: read_estimator(original_path, trust_pickle))
-    loaded, quantized_seconds = best_load_seconds(lambda: read_file(quantized_path))
+    """Sizes, load times (medians, loaded in turn) and predict throughput of both files."""
+    loads = median_load_seconds({"original": lambda: read_estimator(original_path, trust_pickle),
+                                 "quantized": lambda: read_file(quantized_path)})
+    (loaded_original, original_seconds), (loaded, quantized_seconds) = loads["original"], loads["quantized"]
     original_size, quantized_size = original_path.stat().st_size, quantized_path.stat().st_size
     differences = None
     if inputs is not None:
