@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow lint bench bench-tune bench-sklearn clean
+.PHONY: demo test test-slow lint bench bench-tune bench-sklearn bench-llamacpp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,22 @@ bench: $(BENCH_INSTALLED)
 # scikit-learn needs only the test install: joblib pickle vs lowbit file on real models (4 minutes).
 bench-sklearn: $(INSTALLED)
 	$(BIN)/python -m bench.sklearn_models
+
+# llama.cpp beside lowbit on SmolLM2 decode. llama-cpp-python is on the index only as source:
+# its wheel is built once with this machine's cmake and gcc (15-40 minutes on 2 cores) and
+# cached, then bench.smollm2 adds llama.cpp's Q8_0 and Q4_0 rows.
+LLAMACPP := llama-cpp-python==0.3.36
+WHEELS := $(HOME)/.cache/lowbit/wheels
+LLAMACPP_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-0.3.36-*.whl))
+bench-llamacpp: $(BENCH_INSTALLED)
+	mkdir -p $(WHEELS)
+	@if [ -z "$(LLAMACPP_WHEEL)" ]; then \
+		echo "building $(LLAMACPP) (once; 15-40 minutes on 2 cores)"; \
+		CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+			$(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELS) $(LLAMACPP); \
+	fi
+	$(BIN)/python -m pip install --quiet -c constraints.txt --find-links $(WHEELS) $(LLAMACPP)
+	$(BIN)/python -m bench.smollm2
 
 bench-tune: $(BENCH_INSTALLED)
 	$(BIN)/python -m bench.tune --model minilm --objective size

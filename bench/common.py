@@ -37,8 +37,8 @@ def bench_arguments(
 
 def onnx_session(path: Path, threads: int):
     """A peer's ONNX Runtime session, set up as lowbit's own (lowbit.runtimes.onnxruntime.session):
-    `threads` intra-op threads and no spinning worker threads, which would steal the cores of
-    whatever is timed next (a spinning session more than doubled PyTorch's latency here)."""
+    `threads` intra-op threads that stop spinning when a run returns; left spinning, they would
+    steal the cores of whatever is timed next (that more than doubled PyTorch's latency here)."""
     from lowbit.runtimes.onnxruntime import session
 
     return session(Path(path), threads=threads)

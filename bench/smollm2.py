@@ -6,8 +6,9 @@ Measures, in one process on the same tokens and thread count: perplexity on the 
 batch 1 after a 64-token prompt (with the KV cache, median of interleaved rounds), prefill
 tokens/s on that prompt, and size on disk. ONNX Runtime runs a graph exported with torch's dynamo
 exporter that takes and returns the KV cache as two stacked tensors (about 2.5 minutes to
-export). Prints one table with ratios against fp32 and the best peer; writes
-bench/results/smollm2.json.
+export). With llama-cpp-python installed (`make bench-llamacpp` builds it once), llama.cpp's Q8_0
+and Q4_0 files of the same weights join as peers (bench.llamacpp). Prints one table with ratios
+against fp32 and the best peer; writes bench/results/smollm2.json.
 
     .venv/bin/python -m bench.smollm2 [--threads 2] [--runs 5] [--tokens 4096]
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
+from bench import llamacpp
 from bench.common import (
     bench_arguments,
     export_onnx,
@@ -144,6 +146,21 @@ def lowbit_onnx_contender(folder: Path) -> Contender:
     return Contender(lambda ids: model(ids).logits, model.timed_generation, onnx_bytes(folder / "model.onnx"))
 
 
+def llamacpp_contenders(threads: int) -> dict[str, Contender]:
+    """llama.cpp Q8_0 and Q4_0 (bench.llamacpp), or none with a note when it is not installed."""
+    if not llamacpp.available():
+        print("llama.cpp is not installed: `make bench-llamacpp` builds it and adds its rows")
+        return {}
+    contenders = {}
+    for kind in llamacpp.GGUF_TYPES:
+        model = llamacpp.LlamaCpp(llamacpp.quantized_gguf(kind, threads), threads)
+        contenders[f"llama.cpp {kind}"] = Contender(
+            lambda ids, model=model: torch.from_numpy(model.logits(ids.numpy())),
+            lambda prompt, new_tokens, model=model: model.timed_decode(prompt.numpy(), new_tokens),
+            model.size_bytes)
+    return contenders
+
+
 def build_contenders(threads: int, scratch: Path) -> dict[str, Contender]:
     from transformers import AutoModelForCausalLM
 
@@ -165,7 +182,7 @@ def build_contenders(threads: int, scratch: Path) -> dict[str, Contender]:
     onnx_fp32 = export_cached_step(fp32, scratch / "fp32.onnx")
     contenders["ort fp32"] = onnx_contender(onnx_fp32, fp32.config, threads)
     contenders["ort int8"] = onnx_contender(onnx_int8(onnx_fp32, scratch / "int8.onnx"), fp32.config, threads)
-    return contenders
+    return contenders | llamacpp_contenders(threads)
 
 
 def perplexity(contender: Contender, windows: list[dict]) -> float:

@@ -1,19 +1,27 @@
 """Algorithms: how a float weight becomes integers, scales and zero points, one file each, behind
-one registry keyed by `Recipe.algorithm` (GPTQ, HQQ or AWQ add a file that registers itself).
+one registry keyed by `Recipe.algorithm` (a new algorithm adds a file that registers itself).
 
-An algorithm is a function `(weight, spec) -> QuantizedTensor`; the model walk
-(lowbit.transform.quantize) hands the result to the quantized module, which stores it.
+An algorithm rounds `(weight, spec)` to a QuantizedTensor on the spec's grid; one that
+`needs_hessian` (GPTQ) also takes the Hessian of the layer's calibration inputs, which the model
+walk gathers block by block (lowbit.transform.sequential). The walk (lowbit.transform.quantize)
+hands the result to the quantized module, which stores it.
 """
 
 from collections.abc import Callable
-
-import torch
+from dataclasses import dataclass
 
 from lowbit.core import QuantizedTensor
-from lowbit.nn.spec import LayerSpec
 from lowbit.registry import Registry
 
-Algorithm = Callable[[torch.Tensor, LayerSpec], QuantizedTensor]
+
+@dataclass(frozen=True)
+class Algorithm:
+    """`round(weight, spec)`, or `round(weight, spec, hessian)` when `needs_hessian`."""
+
+    round: Callable[..., QuantizedTensor]
+    needs_hessian: bool = False
+
+
 ALGORITHMS: Registry[Algorithm] = Registry("weight-rounding algorithm")
 
-from lowbit.algorithms import rtn  # noqa: E402,F401 - registers itself
+from lowbit.algorithms import gptq, rtn  # noqa: E402,F401 - they register themselves

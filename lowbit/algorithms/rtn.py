@@ -5,7 +5,7 @@ The baseline every published method (GPTQ, AWQ, HQQ) is measured against: no cal
 error feedback; exact for 8-bit weights in practice, lossy for 4-bit ones.
 """
 
-from lowbit.algorithms import ALGORITHMS
+from lowbit.algorithms import ALGORITHMS, Algorithm
 from lowbit.nn.qweight import round_to_nearest
 
-ALGORITHMS.add("rtn", round_to_nearest)
+ALGORITHMS.add("rtn", Algorithm(round_to_nearest))

@@ -3,10 +3,10 @@ kernels, with lowbit's integers, scales and zero points unchanged (lowbit.runtim
 
 `export(model)` builds the graph with the builder registered for the model's family (GRAPHS,
 keyed by transformers' `model_type`; one file per family, e.g. lowbit.runtimes.onnx_bert).
-`session(data)` opens it with a fixed thread count and, by default, no spinning worker threads
-(a spinning session beside PyTorch more than doubled PyTorch's latency here). The loaded model is
-an `nn.Module` called as the transformers original is (`input_ids`, `attention_mask`, ...),
-returning the same output class with torch tensors.
+`session(data)` opens it with a fixed thread count, its worker threads spinning only while a run
+is in flight (left spinning, they more than doubled the latency of PyTorch beside them here).
+The loaded model is an `nn.Module` called as the transformers original is (`input_ids`,
+`attention_mask`, ...), returning the same output class with torch tensors.
 """
 
 from __future__ import annotations

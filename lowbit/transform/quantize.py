@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -17,10 +17,12 @@ from lowbit.errors import HardwareCompatibilityError, LowbitWarning, Quantizatio
 from lowbit.nn import QUANTIZED_MODULES, LayerSpec
 from lowbit.nn.kernels import missing_kernel
 from lowbit.nn.kinds import module_kind
+from lowbit.nn.qweight import round_to_nearest
 from lowbit.nn.registry import qmodule_for
 from lowbit.progress import progress_bar
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.recipe import Recipe, make_recipe
+from lowbit.transform.sequential import quantize_blocks
 
 RECIPE_ATTRIBUTE = "lowbit_recipe"
 
@@ -102,8 +104,13 @@ def build_module(module: nn.Module, spec: LayerSpec, ranges: dict | None = None,
     kind = qmodule_for(module)
     if kind is None:
         raise QuantizationError(f"lowbit does not quantize a {type(module).__name__}")
-    rounded = ALGORITHMS.get(algorithm)(module.weight.detach().float(), spec)
-    return kind.build(module, spec, {**(ranges or {}), "weight": rounded})
+    ranges, weight = ranges or {}, module.weight.detach().float()
+    rounding = ALGORITHMS.get(algorithm)
+    if rounding.needs_hessian and ranges.get("hessian") is not None:
+        rounded = rounding.round(weight, spec, ranges["hessian"])
+    else:  # data-free; or no calibration input reached it (a table, a head outside the blocks)
+        rounded = (round_to_nearest if rounding.needs_hessian else rounding.round)(weight, spec)
+    return kind.build(module, spec, {**ranges, "weight": rounded})
 
 
 def set_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
@@ -159,6 +166,22 @@ def _static_ranges(model, specs, recipe, calibration, progress) -> dict[str, dic
     return calibration.ranges(recipe.calibrator, static, **options)
 
 
+def _quantize_with_inputs(target: nn.Module, specs: dict[str, LayerSpec], recipe: Recipe,
+                          calibration: Any, build: Callable[..., nn.Module], progress: bool) -> list[str]:
+    """Quantize, block by block (lowbit.transform.sequential), the modules whose algorithm rounds
+    against their calibration inputs (GPTQ); returns the names still to quantize."""
+    needing = [name for name in specs if ALGORITHMS.get(recipe_for(name, recipe).algorithm).needs_hessian]
+    if not needing:
+        return list(specs)
+    if calibration is None or isinstance(calibration, CalibrationResult):
+        raise QuantizationError("GPTQ rounds each layer against its calibration inputs: pass calibration="
+                                "[batch, ...] (CLI: --calibration FILE); a CalibrationResult holds only "
+                                "activation ranges")
+    outside = quantize_blocks(target, needing, calibration, build, progress)
+    done = set(needing) - set(outside)
+    return [name for name in specs if name not in done]
+
+
 def quantize(
     model: nn.Module,
     recipe: Recipe | str | dict | None = "w8a8-dynamic",
@@ -195,11 +218,16 @@ def quantize(
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     storages = {name: weight_storage(modules[name]) for name in specs}
+
+    def build(name: str, extra: dict | None = None) -> nn.Module:
+        return build_module(modules[name], specs[name], {**ranges.get(name, {}), **(extra or {})},
+                            recipe_for(name, recipe).algorithm)
+
+    remaining = _quantize_with_inputs(target, specs, recipe, calibration, build, progress)
     with progress_bar(progress) as bar:
-        step = bar.add_task(f"quantizing {len(specs)} modules", total=len(specs))
-        for name, spec in specs.items():
-            algorithm = recipe_for(name, recipe).algorithm
-            set_module(target, name, build_module(modules[name], spec, ranges.get(name), algorithm))
+        step = bar.add_task(f"quantizing {len(remaining)} modules", total=len(remaining))
+        for name in remaining:
+            set_module(target, name, build(name))
             bar.advance(step)
     share_tied_weights(target, storages)
     setattr(target, RECIPE_ATTRIBUTE, recipe)

@@ -108,6 +108,10 @@ PRESETS: dict[str, dict] = {
                "symmetric": False},
     "w4-g32": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32",
                "symmetric": False},
+    # GPTQ (lowbit.algorithms.gptq) needs calibration text; groups of 64 divide more hidden
+    # sizes than 128 (SmolLM2's 576 among them)
+    "w4-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",
+                "symmetric": False, "algorithm": "gptq"},
     "fp16": {"scheme": "weight_only", "weights": "fp16", "granularity": "per_tensor"},
     "bf16": {"scheme": "weight_only", "weights": "bf16", "granularity": "per_tensor"},
 }

@@ -1,0 +1,94 @@
+"""GPTQ: round a Linear's weight column by column, each column's rounding error spread over the
+columns not yet rounded, weighted by the inverse Hessian of the layer's inputs.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (ICLR 2023), Algorithm 1. The layer's output error on calibration inputs X is
+||W X - Q X||², whose Hessian in each row of W is H = 2 X Xᵀ / n. Rounding column i moves the
+output by (w_i - q_i) x_i; the optimal update of the columns after it (Optimal Brain Surgeon)
+is -(w_i - q_i) / [H⁻¹]_ii · [H⁻¹]_i,i+1:, which needs only the upper Cholesky factor of H⁻¹.
+
+Choices, as in the reference implementation:
+- damping: `DAMP` × the mean of diag(H) is added to the diagonal (H is singular when an input
+  channel is constant or the calibration text is short);
+- act-order: columns are rounded in order of decreasing diag(H), the channels with the largest
+  inputs first, while their errors can still be absorbed;
+- static groups: each group's scale and zero point come from the original weight's range before
+  any update, so the groups keep lowbit's layout (consecutive input columns) whatever the order;
+- lazy batches: columns are processed in blocks of `BLOCK`, the updates to later blocks applied
+  once per block as one matrix product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.algorithms import ALGORITHMS, Algorithm
+from lowbit.core import QuantizedTensor
+from lowbit.core.quantize import to_blocks
+from lowbit.errors import QuantizationError
+from lowbit.nn.qweight import round_to_nearest
+from lowbit.nn.spec import LayerSpec
+
+DAMP = 0.01
+BLOCK = 128
+
+
+def _column_grid(grid: QuantizedTensor, rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of every weight entry as (rows, columns) matrices, from the grid's
+    one-per-block values (zero point 0 where the grid has none)."""
+    shape = to_blocks(torch.empty(rows, columns), grid.granularity).shape
+    scale = grid.scale.reshape(-1, 1).expand(shape)
+    zero = (grid.zero_point.reshape(-1, 1).expand(shape).float() if grid.zero_point is not None
+            else torch.zeros(shape))
+    return scale.reshape(rows, columns), zero.reshape(rows, columns)
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, name: str = "layer") -> torch.Tensor:
+    """Upper Cholesky factor of the damped Hessian's inverse, in float64 for stability."""
+    if not bool(torch.isfinite(hessian).all()):
+        raise QuantizationError(f"{name}: the calibration inputs give a Hessian with NaN or Inf values")
+    hessian = hessian.double().clone()
+    damping = DAMP * hessian.diagonal().mean().clamp_min(1e-8)
+    hessian += damping * torch.eye(hessian.shape[0], dtype=torch.float64)
+    try:
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+        return torch.linalg.cholesky(inverse, upper=True)
+    except torch.linalg.LinAlgError:
+        raise QuantizationError(f"{name}: the damped Hessian is not positive definite; use more "
+                                "calibration text, or round-to-nearest for this layer") from None
+
+
+def gptq(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor) -> QuantizedTensor:
+    """`weight` (out, in) on `spec`'s grid, rounded by GPTQ against `hessian` (in, in)."""
+    grid = round_to_nearest(weight, spec)  # static groups: scales and zero points of the original
+    qmin, qmax = grid.qtype.qmin, grid.qtype.qmax
+    rows, columns = weight.shape
+    scale, zero = _column_grid(grid, rows, columns)
+    work = weight.detach().double().clone()
+    hessian = hessian.double().clone()
+    dead = hessian.diagonal() == 0  # inputs that were always zero: any rounding is exact for them
+    hessian[dead, dead] = 1.0
+    work[:, dead] = 0.0
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    work, scale, zero = work[:, order], scale[:, order].double(), zero[:, order].double()
+    factor = _inverse_hessian_factor(hessian[order][:, order])
+    codes = torch.empty(rows, columns, dtype=torch.float64)
+    for start in range(0, columns, BLOCK):
+        end = min(start + BLOCK, columns)
+        block, errors = work[:, start:end].clone(), torch.zeros(rows, end - start, dtype=torch.float64)
+        local = factor[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            code = torch.clamp(torch.round(block[:, i] / scale[:, column] + zero[:, column]), qmin, qmax)
+            codes[:, column] = code
+            error = (block[:, i] - (code - zero[:, column]) * scale[:, column]) / local[i, i]
+            block[:, i:] -= error[:, None] * local[i, i:][None, :]
+            errors[:, i] = error
+        work[:, end:] -= errors @ factor[start:end, end:]
+    data = torch.empty_like(codes)
+    data[:, order] = codes
+    return QuantizedTensor(data.to(grid.data.dtype), grid.scale, grid.zero_point, grid.qtype,
+                           grid.granularity)
+
+
+ALGORITHMS.add("gptq", Algorithm(gptq, needs_hessian=True))

@@ -1,0 +1,135 @@
+"""Block by block: the Hessians of calibration inputs that GPTQ-class algorithms round against,
+each block calibrated on the outputs of the blocks before it, already quantized.
+
+As the GPTQ reference does: the model runs once on the calibration batches up to its first
+block, whose inputs are kept; then, for each block in turn, its Linears' inputs are gathered
+into Hessians (H = 2 X Xᵀ / n) while the float block runs on the kept inputs, the Linears are
+rounded and swapped in, and the quantized block runs again to give the next block its inputs.
+Only one block's activations and Hessians are held at a time, and each block sees the errors of
+the quantized blocks before it, which it can then absorb.
+
+The blocks are the longest `nn.ModuleList` holding the modules to quantize (a transformer's
+layers). Modules outside it (an LM head, embeddings) are rounded to nearest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.data.batches import call_model
+from lowbit.errors import CalibrationError, QuantizationError
+from lowbit.progress import progress_bar
+
+Build = Callable[[str, dict[str, Any]], nn.Module]  # (module name, {"hessian": H}) -> its replacement
+Inputs = list[tuple[tuple, dict]]  # positional and keyword arguments of one call of a block
+
+
+class _Stop(Exception):
+    """Raised by the first block's hook: the rest of the model need not run."""
+
+
+def find_blocks(model: nn.Module, names: Iterable[str]) -> tuple[str, nn.ModuleList]:
+    """(dotted name, the ModuleList) of the list of blocks holding most of `names`."""
+    names = list(names)
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            held = sum(name.startswith(f"{prefix}.") for name in names)
+            if held and (best is None or held > best[0]):
+                best = (held, prefix, module)
+    if best is None:
+        raise QuantizationError("block-by-block calibration needs a model whose layers are an "
+                                "nn.ModuleList (a transformer's blocks); this one has none")
+    return best[1], best[2]
+
+
+def _first_block_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> Inputs:
+    """The arguments the first block is called with, for each calibration batch."""
+    captured: Inputs = []
+
+    def hook(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        kwargs.pop("past_key_values", None)  # each block runs on its own: no cache to fill
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_Stop):
+                call_model(model, batch)
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise CalibrationError("the calibration batches did not reach the model's first block")
+    return captured
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class _Hessians:
+    """Forward hooks summing 2 X Xᵀ over every token each named Linear sees."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+                     for name, m in modules.items()}
+        self.counts = dict.fromkeys(modules, 0)
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_module, inputs, _output):
+            rows = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            self.sums[name].addmm_(rows.T, rows, alpha=2.0)
+            self.counts[name] += rows.shape[0]
+        return hook
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        for handle in self.handles:
+            handle.remove()
+        return {name: (total / max(self.counts[name], 1)).float() for name, total in self.sums.items()}
+
+
+def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], build: Build,
+                    progress: bool = True) -> list[str]:
+    """Replace the `names` inside the model's blocks, block by block, with `build(name, {"hessian":
+    H})`; returns the names outside the blocks, left for the caller to round without inputs."""
+    batches = list(batches or [])
+    if not batches:
+        raise CalibrationError("calibration data is empty; GPTQ needs a few representative batches "
+                               "(e.g. 32-128 sequences)")
+    prefix, blocks = find_blocks(model, names)
+    with torch.inference_mode():
+        calls = _first_block_inputs(model, blocks[0], batches)
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"calibrating {len(blocks)} blocks", total=len(blocks))
+        for index, block in enumerate(blocks):
+            inside = [name for name in names if name.startswith(f"{prefix}.{index}.")]
+            modules = {name: model.get_submodule(name) for name in inside}
+            hessians = _Hessians({n: m for n, m in modules.items() if hasattr(m, "in_features")})
+            with torch.inference_mode():
+                for args, kwargs in calls:
+                    block(*args, **kwargs)
+            gathered = hessians.remove()
+            for name in inside:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, build(name, {"hessian": gathered.get(name)}))
+            with torch.inference_mode():
+                calls = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in calls]
+            bar.advance(task)
+    return [name for name in names if not name.startswith(f"{prefix}.")]
