@@ -37,6 +37,7 @@ from lowbit.families import transformers as hf
 
 Runner = Callable[[dict], np.ndarray]
 ONNX_CONTENDERS = {  # lowbit models on the onnxruntime runtime: (recipe, MatMulNBits accuracy level)
+    "lowbit w8a8-dynamic ort": ("w8a8-dynamic", 0),  # DynamicQuantizeMatMul: per-tensor activations
     "lowbit w8 ort": ("w8", 0), "lowbit w8 ort int8-act": ("w8", 4),
     "lowbit w4 ort": ("w4", 0), "lowbit w4 ort int8-act": ("w4", 4),
 }

@@ -152,7 +152,7 @@ def llamacpp_contenders(threads: int) -> dict[str, Contender]:
         print("llama.cpp is not installed: `make bench-llamacpp` builds it and adds its rows")
         return {}
     contenders = {}
-    for kind in llamacpp.GGUF_TYPES:
+    for kind in llamacpp.DECODE_TYPES:
         model = llamacpp.LlamaCpp(llamacpp.quantized_gguf(kind, threads), threads)
         contenders[f"llama.cpp {kind}"] = Contender(
             lambda ids, model=model: torch.from_numpy(model.logits(ids.numpy())),

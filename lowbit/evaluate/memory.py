@@ -17,17 +17,28 @@ from lowbit.core.timing import timed
 from lowbit.data.batches import call_model
 
 
-def peak_rss_bytes() -> int:
-    """The process's RSS high-water mark. VmHWM belongs to this program image; getrusage's
-    ru_maxrss survives exec and would report the parent's peak when that was higher."""
+def _status_bytes(field: str) -> int | None:
+    """A `field` of /proc/self/status (kB) in bytes, or None off Linux."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's RSS high-water mark. VmHWM belongs to this program image; getrusage's
+    ru_maxrss survives exec and would report the parent's peak when that was higher."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set size now (None off Linux)."""
+    return _status_bytes("VmRSS")
 
 
 def measure_load(load: Callable[[], nn.Module], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ block, whose inputs are kept; then, for each block in turn, its Linears' inputs 
 into Hessians (H = 2 X Xᵀ / n) while the float block runs on the kept inputs, the Linears are
 rounded and swapped in, and the quantized block runs again to give the next block its inputs.
 Only one block's activations and Hessians are held at a time, and each block sees the errors of
-the quantized blocks before it, which it can then absorb.
+the quantized blocks before it, which it can then absorb. Padding tokens (attention mask 0) are
+left out of the Hessians.
 
 The blocks are the longest `nn.ModuleList` holding the modules to quantize (a transformer's
 layers). Modules outside it (an LM head, embeddings) are rounded to nearest.
@@ -27,6 +28,9 @@ from lowbit.progress import progress_bar
 
 Build = Callable[[str, dict[str, Any]], nn.Module]  # (module name, {"hessian": H}) -> its replacement
 Inputs = list[tuple[tuple, dict]]  # positional and keyword arguments of one call of a block
+
+
+CACHE_ARGUMENTS = frozenset({"cache", "past_key_values", "past_key_value", "layer_past"})
 
 
 class _Stop(Exception):
@@ -53,8 +57,11 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) 
     captured: Inputs = []
 
     def hook(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        kwargs.pop("past_key_values", None)  # each block runs on its own: no cache to fill
+        # no key/value cache: one left in would gather every calibration sequence's keys, and
+        # each block would attend to all the sequences before (transformers names it `cache`,
+        # `past_key_values` or `past_key_value` by version)
+        kwargs = {name: value for name, value in kwargs.items()
+                  if name not in CACHE_ARGUMENTS and not type(value).__name__.endswith("Cache")}
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         captured.append((args, kwargs))
@@ -84,25 +91,36 @@ def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple,
 
 
 class _Hessians:
-    """Forward hooks summing 2 X Xᵀ over every token each named Linear sees."""
+    """Forward hooks summing 2 X Xᵀ over every token each named Linear sees. Linears fed the same
+    tensor (query, key and value; gate and up) share one product per call of the block."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
-                     for name, m in modules.items()}
+    def __init__(self, block: nn.Module, modules: dict[str, nn.Module]) -> None:
+        self.sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in modules.items()}
         self.counts = dict.fromkeys(modules, 0)
-        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+        self.mask: torch.Tensor | None = None  # this call's real (not padding) tokens, when known
+        # this call's products by input tensor, each kept alive with its tensor so that no later
+        # input of the call can take over its memory (and its data_ptr) while the entry stands
+        self.products: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = [block.register_forward_pre_hook(lambda *_: self.products.clear())]
+        self.handles += [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
 
     def _hook(self, name: str):
         def hook(_module, inputs, _output):
-            rows = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            self.sums[name].addmm_(rows.T, rows, alpha=2.0)
+            rows = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            if self.mask is not None and self.mask.numel() == rows.shape[0]:
+                rows = rows[self.mask.reshape(-1).bool()]
+            key = (inputs[0].data_ptr(), tuple(inputs[0].shape))
+            if key not in self.products:
+                self.products[key] = (inputs[0], rows.T @ rows)
+            self.sums[name] += self.products[key][1]
             self.counts[name] += rows.shape[0]
         return hook
 
     def remove(self) -> dict[str, torch.Tensor]:
         for handle in self.handles:
             handle.remove()
-        return {name: (total / max(self.counts[name], 1)).float() for name, total in self.sums.items()}
+        self.products.clear()
+        return {name: 2 * total / max(self.counts[name], 1) for name, total in self.sums.items()}
 
 
 def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], build: Build,
@@ -114,6 +132,7 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
         raise CalibrationError("calibration data is empty; GPTQ needs a few representative batches "
                                "(e.g. 32-128 sequences)")
     prefix, blocks = find_blocks(model, names)
+    masks = [batch.get("attention_mask") if isinstance(batch, dict) else None for batch in batches]
     with torch.inference_mode():
         calls = _first_block_inputs(model, blocks[0], batches)
     with progress_bar(progress) as bar:
@@ -121,9 +140,10 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
         for index, block in enumerate(blocks):
             inside = [name for name in names if name.startswith(f"{prefix}.{index}.")]
             modules = {name: model.get_submodule(name) for name in inside}
-            hessians = _Hessians({n: m for n, m in modules.items() if hasattr(m, "in_features")})
+            hessians = _Hessians(block, {n: m for n, m in modules.items() if hasattr(m, "in_features")})
             with torch.inference_mode():
-                for args, kwargs in calls:
+                for (args, kwargs), mask in zip(calls, masks, strict=True):
+                    hessians.mask = mask
                     block(*args, **kwargs)
             gathered = hessians.remove()
             for name in inside:

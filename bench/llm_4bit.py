@@ -1,0 +1,136 @@
+"""4-bit SmolLM2-135M: lowbit's algorithms (round-to-nearest, GPTQ) against llama.cpp's quantizer,
+side by side on the same tokens.
+
+Measures perplexity over the first --tokens tokens of the Wikipedia corpus (sliding windows of
+512, stride 256, each token scored once), the saved file's size, the quantize time, and the peak
+RSS while quantizing (Linux's high-water mark, reset before each; the float model already loaded
+is the baseline).
+GPTQ calibrates on --calibration sequences of 512 tokens from the end of the corpus, which the
+scored tokens never reach. lowbit rows keep the tied embedding and LM head at int8 per row (as
+llama.cpp keeps its output tensor above 4 bits); "int4 head" rows quantize it like the blocks.
+llama.cpp rows (Q4_0, Q4_K_M) appear when llama-cpp-python is installed (`make bench-llamacpp`).
+Writes bench/results/llm_4bit.json.
+
+    .venv/bin/python -m bench.llm_4bit [--threads 2] [--tokens 4096] [--calibration 128]
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from bench import llamacpp
+from bench.common import bench_arguments, print_table, write_json
+from lowbit.data import assets
+from lowbit.data.batches import language_model_windows
+from lowbit.evaluate import folder_bytes
+from lowbit.evaluate.memory import current_rss_bytes, peak_rss_bytes
+from lowbit.families import transformers as hf
+
+HEAD_INT8 = {"lm_head": "w8", "model.embed_tokens": "w8"}
+RECIPES = {
+    "lowbit RTN g64, int4 head": lowbit.make_recipe("w4-g64"),
+    "lowbit RTN g64": lowbit.make_recipe("w4-g64", overrides=HEAD_INT8),
+    "lowbit GPTQ g64": lowbit.make_recipe("w4-gptq", overrides=HEAD_INT8),
+}
+
+
+class PeakMemory:
+    """The process's peak resident set size while the block runs: Linux's high-water mark
+    (VmHWM), reset on entry by writing 5 to /proc/self/clear_refs."""
+
+    def __enter__(self) -> PeakMemory:
+        Path("/proc/self/clear_refs").write_text("5")
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.peak = peak_rss_bytes()
+
+
+def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: list[dict]) -> float:
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for window in windows:
+            logits, labels = logits_of(window["input_ids"]).float(), window["labels"][:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                           reduction="sum"))
+            count += int((labels != -100).sum())
+    return math.exp(total / count)
+
+
+def calibration_batches(tokenizer, texts: list[str], sequences: int) -> list[dict]:
+    """`sequences` runs of 512 tokens from the end of the corpus."""
+    ids = tokenizer("\n\n".join(texts[-3000:]), return_tensors="pt")["input_ids"][0]
+    return [{"input_ids": ids[start : start + 512][None]} for start in range(0, 512 * sequences, 512)]
+
+
+def lowbit_rows(fp32, windows, calibration, scratch: Path) -> list[dict]:
+    rows = []
+    baseline = current_rss_bytes()
+    for name, recipe in RECIPES.items():
+        start = time.perf_counter()
+        with PeakMemory() as memory:
+            quantized = lowbit.quantize(fp32, recipe, calibration=calibration)
+        seconds = time.perf_counter() - start
+        folder = lowbit.save(quantized, scratch / name.replace(" ", "-").replace(",", ""))
+        rows.append({"model": name, "perplexity": perplexity(lambda ids, q=quantized: q(ids).logits, windows),
+                     "size_mb": folder_bytes(folder) / 1e6, "quantize_s": seconds,
+                     "peak_rss_gb": memory.peak / 1e9, "rss_over_model_gb": (memory.peak - baseline) / 1e9})
+        print(rows[-1], flush=True)
+        del quantized
+    return rows
+
+
+def llamacpp_rows(windows, threads: int) -> list[dict]:
+    if not llamacpp.available():
+        print("llama.cpp is not installed: `make bench-llamacpp` builds it and adds its rows")
+        return []
+    rows = []
+    for kind in ("Q4_0", "Q4_K_M"):
+        start = time.perf_counter()
+        path = llamacpp.quantized_gguf(kind, threads)
+        seconds = time.perf_counter() - start  # 0 when the file was already cached
+        model = llamacpp.LlamaCpp(path, threads)
+        rows.append({"model": f"llama.cpp {kind}", "size_mb": path.stat().st_size / 1e6,
+                     "perplexity": perplexity(lambda ids, m=model: torch.from_numpy(m.logits(ids.numpy())),
+                                              windows),
+                     "quantize_s": seconds})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    args = bench_arguments(__doc__, extra={"--tokens": 4096, "--calibration": 128})
+    from transformers import AutoModelForCausalLM
+
+    path = hf.smollm2_path()
+    tokenizer = hf.load_tokenizer(path)
+    texts = [document["extract"] for document in assets.wikipedia_documents()]
+    windows = language_model_windows(tokenizer, texts, 512, args.tokens)
+    calibration = calibration_batches(tokenizer, texts, args.calibration)
+    fp32 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    rows = [{"model": "fp32", "perplexity": perplexity(lambda ids: fp32(ids).logits, windows),
+             "size_mb": folder_bytes(path / "model.safetensors") / 1e6}]
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
+        rows += lowbit_rows(fp32, windows, calibration, Path(scratch))
+    rows += llamacpp_rows(windows, args.threads)
+    for row in rows:
+        row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"]
+    print_table(f"SmolLM2-135M at 4 bits, perplexity over {args.tokens} tokens, GPTQ calibrated on "
+                f"{args.calibration} × 512 tokens, {args.threads} threads",
+                rows, [("model", "model"), ("perplexity", "perplexity"), ("perplexity_vs_fp32", "× fp32"),
+                       ("size_mb", "MB"), ("quantize_s", "quantize s"), ("peak_rss_gb", "peak RSS GB"),
+                       ("rss_over_model_gb", "RSS over fp32 GB")])
+    payload = {"threads": args.threads, "tokens": args.tokens, "calibration": args.calibration, "rows": rows}
+    print(f"results: {write_json('llm_4bit', payload)}")
+
+
+if __name__ == "__main__":
+    main()
