@@ -41,6 +41,14 @@ ONNX_CONTENDERS = {  # lowbit models on the onnxruntime runtime: (recipe, MatMul
     "lowbit w8 ort": ("w8", 0), "lowbit w8 ort int8-act": ("w8", 4),
     "lowbit w4 ort": ("w4", 0), "lowbit w4 ort int8-act": ("w4", 4),
 }
+GPTQ_RECIPE = lowbit.make_recipe("w4-gptq", granularity="group:128")  # w4's groups, rounded by GPTQ
+
+
+def gptq_calibration(tokenizer) -> list[dict]:
+    """32 batches of 16 texts from the end of the Wikipedia corpus (the scored sentences and the
+    topic split come from elsewhere in it)."""
+    texts = [document["extract"] for document in assets.wikipedia_documents()[-512:]]
+    return [hf.tokenize(tokenizer, texts[start : start + 16], 128) for start in range(0, len(texts), 16)]
 
 
 class LastHidden(torch.nn.Module):
@@ -65,6 +73,9 @@ def build_models(tokenizer, threads: int, scratch: Path) -> tuple[dict[str, Runn
     for recipe, level in ONNX_CONTENDERS.values():  # saved and loaded as a user would
         lowbit.save(lowbit.quantize(fp32, recipe, progress=False), scratch / f"{recipe}-{level}",
                     runtime="onnxruntime", accuracy_level=level)
+    gptq = lowbit.quantize(fp32, GPTQ_RECIPE, calibration=gptq_calibration(tokenizer), progress=False)
+    lowbit.save(gptq, scratch / "w4-gptq")
+    lowbit.save(gptq, scratch / "w4-gptq-ort", runtime="onnxruntime", accuracy_level=4)
     torchao = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
     torch.save(torchao.state_dict(), scratch / "torchao.pt")
     sample = hf.tokenize(tokenizer, ["An example sentence to trace the graph."])
@@ -86,10 +97,14 @@ def build_models(tokenizer, threads: int, scratch: Path) -> tuple[dict[str, Runn
     runners = {"fp32": torch_runner(fp32), "lowbit w8a8-dynamic": torch_runner(quantized)}
     runners.update({name: torch_runner(lowbit.load(scratch / f"{recipe}-{level}"))
                     for name, (recipe, level) in ONNX_CONTENDERS.items()})
-    runners.update({"torch.ao dynamic": torch_runner(torchao), "ort fp32": ort_runner(onnx_fp32),
+    runners.update({"lowbit w4-gptq": torch_runner(gptq),
+                    "lowbit w4-gptq ort int8-act": torch_runner(lowbit.load(scratch / "w4-gptq-ort")),
+                    "torch.ao dynamic": torch_runner(torchao), "ort fp32": ort_runner(onnx_fp32),
                     "ort int8": ort_runner(onnx_q)})
     sizes = {"fp32": folder_bytes(path / "model.safetensors"),
              "lowbit w8a8-dynamic": folder_bytes(scratch / "lowbit"),
+             "lowbit w4-gptq": folder_bytes(scratch / "w4-gptq"),
+             "lowbit w4-gptq ort int8-act": onnx_bytes(scratch / "w4-gptq-ort" / "model.onnx"),
              "torch.ao dynamic": folder_bytes(scratch / "torchao.pt"),
              "ort fp32": onnx_bytes(onnx_fp32), "ort int8": onnx_bytes(onnx_q)}
     sizes.update({name: onnx_bytes(scratch / f"{recipe}-{level}" / "model.onnx")

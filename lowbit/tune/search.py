@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lowbit.algorithms import ALGORITHMS
 from lowbit.data.batches import as_dataset, call_model, task_batches
 from lowbit.errors import AccuracyBudgetError, LowbitError, LowbitWarning
 from lowbit.evaluate.compare_models import Settings, compare_models, infer_kind
@@ -394,6 +395,10 @@ def _candidates(candidates: Sequence[str | Recipe] | None) -> list[tuple[str, Re
              else (f"candidate {i + 1}", make_recipe(item)) for i, item in enumerate(chosen)]
     if not named:
         raise LowbitError("give at least one candidate recipe")
+    block_by_block = [name for name, recipe in named if ALGORITHMS.get(recipe.algorithm).needs_hessian]
+    if block_by_block:  # its trials rebuild one layer at a time, with no calibration inputs to round by
+        raise LowbitError(f"tune does not try {', '.join(block_by_block)} yet: GPTQ calibrates block by "
+                          "block; run `lowbit quantize --recipe w4-gptq --calibration FILE` and compare")
     return named
 
 

@@ -153,3 +153,11 @@ def test_padding_tokens_stay_out_of_the_hessians():
     first, second = hessians_with_padding(5), hessians_with_padding(60)
     for name in names:
         torch.testing.assert_close(first[name], second[name])
+
+
+def test_tune_refuses_gptq_candidates_instead_of_rounding_them_to_nearest():
+    from lowbit.errors import LowbitError
+    from lowbit.tune.search import _candidates
+
+    with pytest.raises(LowbitError, match="w4-gptq"):
+        _candidates(["w8", "w4-gptq"])
