@@ -467,6 +467,7 @@ def worker(folder: Path, seed_value: int, start: int, stop: int) -> None:
     seeds = json.loads((folder / "seeds.json").read_text())
     for seed in seeds:  # unwatched: the first load imports scikit-learn, torch, transformers
         load_and_call(Path(seed["path"]), seed, first_call_inputs(seed))
+    print("ready", flush=True)  # the per-case timeout starts here, not during the imports above
     watch = Watch()
     cases = folder / "cases"
     cases.mkdir(exist_ok=True)
@@ -490,6 +491,9 @@ def _worker_process(folder: Path, seed_value: int, start: int, stop: int) -> sub
                             env=environment)
 
 
+STARTUP_SECONDS = 300  # a worker's imports and seed loads, before its first case: not a case's time
+
+
 def _read_line(process: subprocess.Popen, timeout: float) -> str | None:
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     return process.stdout.readline() if ready else None
@@ -506,9 +510,12 @@ def run(cases: int, seed_value: int = 0, formats: tuple[str, ...] = FORMATS, tim
         next_case = 0
         while next_case < cases:
             process = _worker_process(folder, seed_value, next_case, cases)
-            current = None
+            current, ready = None, False
             while True:
-                line = _read_line(process, timeout)
+                line = _read_line(process, timeout if ready else STARTUP_SECONDS)
+                if line is None and not ready:
+                    process.kill()
+                    raise RuntimeError(f"the fuzz worker did not load its seeds within {STARTUP_SECONDS} s")
                 if line is None:  # no word within the timeout: the current case hangs
                     process.kill()
                     outcomes[current if current is not None else next_case] = f"hang over {timeout:.0f} s"
@@ -523,6 +530,7 @@ def run(cases: int, seed_value: int = 0, formats: tuple[str, ...] = FORMATS, tim
                         outcomes[current] = f"crash (exit {code}) {' '.join(tail)[:200]}"
                     break
                 word, *fields = line.rstrip("\n").split(" ", 2)
+                ready = ready or word == "ready"
                 if word not in ("start", "done") or not fields:
                     continue  # a library's own output on the worker's stdout, not the protocol
                 index, rest = fields[0], fields[1:]
