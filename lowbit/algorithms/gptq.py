@@ -78,10 +78,10 @@ def _column_grid(grid: QuantizedTensor, rows: int, columns: int) -> tuple[torch.
     return scale.reshape(rows, columns), zero.reshape(rows, columns)
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, name: str = "layer") -> torch.Tensor:
+def _inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of the damped Hessian's inverse, in float64 for stability."""
     if not bool(torch.isfinite(hessian).all()):
-        raise QuantizationError(f"{name}: the calibration inputs give a Hessian with NaN or Inf values")
+        raise QuantizationError("the calibration inputs give a Hessian with NaN or Inf values")
     hessian = hessian.double().clone()
     damping = DAMP * hessian.diagonal().mean().clamp_min(1e-8)
     hessian += damping * torch.eye(hessian.shape[0], dtype=torch.float64)
@@ -89,7 +89,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor, name: str = "layer") -> torch
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
         return torch.linalg.cholesky(inverse, upper=True)
     except torch.linalg.LinAlgError:
-        raise QuantizationError(f"{name}: the damped Hessian is not positive definite; use more "
+        raise QuantizationError("the damped Hessian is not positive definite; use more "
                                 "calibration text, or round-to-nearest for this layer") from None
 
 
@@ -104,9 +104,8 @@ def gptq(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor) -> Quanti
     scale, zero = _column_grid(grid, rows, columns)
     work = weight.detach().double().clone()
     hessian = hessian.double().clone()
-    dead = hessian.diagonal() == 0  # inputs that were always zero: any rounding is exact for them
-    hessian[dead, dead] = 1.0
-    work[:, dead] = 0.0
+    dead = hessian.diagonal() == 0  # inputs always zero in calibration: rounded to nearest, as
+    hessian[dead, dead] = 1.0  # they may not be zero later (the reference zeroes their weights)
     order = torch.argsort(hessian.diagonal(), descending=True)
     work, scale, zero = work[:, order], scale[:, order].double(), zero[:, order].double()
     factor = _inverse_hessian_factor(hessian[order][:, order])

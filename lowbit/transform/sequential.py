@@ -148,7 +148,11 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
             gathered = hessians.remove()
             for name in inside:
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, build(name, {"hessian": gathered.get(name)}))
+                try:
+                    replacement = build(name, {"hessian": gathered.get(name)})
+                except QuantizationError as error:
+                    raise QuantizationError(f"{name}: {error}") from None
+                setattr(model.get_submodule(parent), child, replacement)
             with torch.inference_mode():
                 calls = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in calls]
             bar.advance(task)

@@ -161,3 +161,12 @@ def test_tune_refuses_gptq_candidates_instead_of_rounding_them_to_nearest():
 
     with pytest.raises(LowbitError, match="w4-gptq"):
         _candidates(["w8", "w4-gptq"])
+
+
+def test_a_non_finite_hessian_is_refused_naming_the_layer():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[0] = float("inf")  # layer 0's MLP sees inf
+    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.mlp\.\w+_proj: .*NaN or Inf"):
+        lowbit.quantize(model, lowbit.make_recipe("w4-gptq", granularity="group:32"),
+                        calibration=_batches(model, 2, 0), progress=False)
