@@ -41,6 +41,7 @@ bench: $(BENCH_INSTALLED)
 	$(BIN)/python -m bench.minilm
 	$(BIN)/python -m bench.efficientnet
 	$(BIN)/python -m bench.smollm2
+	$(BIN)/python -m bench.llm_4bit
 	$(BIN)/python -m bench.sklearn_models
 
 # scikit-learn needs only the test install: joblib pickle vs lowbit file on real models (4 minutes).
