@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lowbit.data.assets import cache_folder
 from lowbit.families.transformers import SMOLLM2_GGUF
@@ -64,20 +65,21 @@ class LlamaCpp:
         self.decoding = Llama(**options)  # the last position's only, as generation needs
         self.size_bytes = path.stat().st_size
 
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        tokens = [int(token) for token in ids.reshape(-1)]
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(1, tokens, vocabulary) logits of one sequence of token ids, as transformers gives them."""
+        tokens = ids.reshape(-1).tolist()
         self.scoring.reset()
         self.scoring.eval(tokens)
-        return np.array(self.scoring.scores[: len(tokens)], dtype=np.float32)[None]
+        return torch.from_numpy(np.array(self.scoring.scores[: len(tokens)], dtype=np.float32))[None]
 
     def _last_logits(self) -> np.ndarray:
         return np.ctypeslib.as_array(self.decoding._ctx.get_logits(), shape=(self.decoding.n_vocab(),))
 
-    def timed_decode(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    def timed_decode(self, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
         """(prefill seconds, seconds for `new_tokens` greedy tokens), as the other contenders."""
         self.decoding.reset()
         start = time.perf_counter()
-        self.decoding.eval([int(token) for token in prompt.reshape(-1)])
+        self.decoding.eval(prompt.reshape(-1).tolist())
         token = int(np.argmax(self._last_logits()))
         prefill = time.perf_counter() - start
         start = time.perf_counter()

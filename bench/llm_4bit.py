@@ -16,18 +16,16 @@ Writes bench/results/llm_4bit.json.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import lowbit
 from bench import llamacpp
 from bench.common import bench_arguments, print_table, write_json
+from bench.smollm2 import perplexity
 from lowbit.data import assets
 from lowbit.data.batches import language_model_windows
 from lowbit.evaluate import folder_bytes
@@ -52,17 +50,6 @@ class PeakMemory:
 
     def __exit__(self, *_) -> None:
         self.peak = peak_rss_bytes()
-
-
-def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: list[dict]) -> float:
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for window in windows:
-            logits, labels = logits_of(window["input_ids"]).float(), window["labels"][:, 1:]
-            total += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
-                                           reduction="sum"))
-            count += int((labels != -100).sum())
-    return math.exp(total / count)
 
 
 def calibration_batches(tokenizer, texts: list[str], sequences: int) -> list[dict]:
@@ -99,8 +86,7 @@ def llamacpp_rows(windows, threads: int) -> list[dict]:
         seconds = time.perf_counter() - start  # 0 when the file was already cached
         model = llamacpp.LlamaCpp(path, threads)
         rows.append({"model": f"llama.cpp {kind}", "size_mb": path.stat().st_size / 1e6,
-                     "perplexity": perplexity(lambda ids, m=model: torch.from_numpy(m.logits(ids.numpy())),
-                                              windows),
+                     "perplexity": perplexity(model.logits, windows),
                      "quantize_s": seconds})
         print(rows[-1], flush=True)
     return rows

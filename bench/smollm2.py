@@ -154,10 +154,7 @@ def llamacpp_contenders(threads: int) -> dict[str, Contender]:
     contenders = {}
     for kind in llamacpp.DECODE_TYPES:
         model = llamacpp.LlamaCpp(llamacpp.quantized_gguf(kind, threads), threads)
-        contenders[f"llama.cpp {kind}"] = Contender(
-            lambda ids, model=model: torch.from_numpy(model.logits(ids.numpy())),
-            lambda prompt, new_tokens, model=model: model.timed_decode(prompt.numpy(), new_tokens),
-            model.size_bytes)
+        contenders[f"llama.cpp {kind}"] = Contender(model.logits, model.timed_decode, model.size_bytes)
     return contenders
 
 
@@ -185,14 +182,15 @@ def build_contenders(threads: int, scratch: Path) -> dict[str, Contender]:
     return contenders | llamacpp_contenders(threads)
 
 
-def perplexity(contender: Contender, windows: list[dict]) -> float:
-    """exp(mean NLL) over every scored token of the sliding windows."""
+def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: list[dict]) -> float:
+    """exp(mean NLL) over every scored token of the sliding windows, from `logits_of(ids)`."""
     total, count = 0.0, 0
-    for window in windows:
-        logits, labels = contender.logits(window["input_ids"]).float(), window["labels"][:, 1:]
-        total += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
-                                       reduction="sum"))
-        count += int((labels != -100).sum())
+    with torch.inference_mode():
+        for window in windows:
+            logits, labels = logits_of(window["input_ids"]).float(), window["labels"][:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                           reduction="sum"))
+            count += int((labels != -100).sum())
     return math.exp(total / count)
 
 
@@ -217,7 +215,7 @@ def main() -> None:
     windows = language_model_windows(tokenizer, texts, 512, args.tokens)
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch, torch.inference_mode():
         contenders = build_contenders(args.threads, Path(scratch))
-        scores = {name: perplexity(contender, windows) for name, contender in contenders.items()}
+        scores = {name: perplexity(contender.logits, windows) for name, contender in contenders.items()}
         speeds = decode_speed(contenders, windows[0]["input_ids"][:, :PROMPT_TOKENS], args.runs)
     fp32_decode = speeds["fp32"]["decode_tokens_per_second"]
     peers = [name for name in contenders if not name.startswith(("fp32", "lowbit"))]

@@ -54,12 +54,12 @@ def linear_ops_for(module: nn.Module) -> list[str]:
         return ["float"]  # a float Linear, or 16-bit weights computed in float32 as lowbit does
     if spec.weight == "int4":
         return ["matmul_nbits"] if _int4_block(module) else []
-    blocks = spec.weight == "int8" and spec.symmetric and _int8_block(module.in_features) is not None
-    if spec.weight == "int8" and spec.scheme == "dynamic" and spec.symmetric:  # per-tensor or per-block int8
-        return ["dynamic_quantize_matmul", *(["matmul_nbits"] if blocks else [])]
-    if spec.weight == "int8" and spec.scheme == "weight_only" and blocks:
-        return ["matmul_nbits"]
-    return []
+    if spec.weight != "int8" or not spec.symmetric:
+        return []
+    blocks = ["matmul_nbits"] if _int8_block(module.in_features) else []
+    if spec.scheme == "dynamic":  # activations int8 per tensor (DynamicQuantizeMatMul) or per block
+        return ["dynamic_quantize_matmul", *blocks]
+    return blocks if spec.scheme == "weight_only" else []
 
 
 OP_NAMES = {"matmul_nbits": "MatMulNBits", "dynamic_quantize_matmul": "DynamicQuantizeMatMul",

@@ -98,22 +98,23 @@ class _Hessians:
         self.sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in modules.items()}
         self.counts = dict.fromkeys(modules, 0)
         self.mask: torch.Tensor | None = None  # this call's real (not padding) tokens, when known
-        # this call's products by input tensor, each kept alive with its tensor so that no later
-        # input of the call can take over its memory (and its data_ptr) while the entry stands
-        self.products: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # this call's (input, X Xᵀ, tokens) by input tensor, each kept alive with its tensor so that
+        # no later input of the call can take over its memory (and its data_ptr) while it stands
+        self.products: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.handles = [block.register_forward_pre_hook(lambda *_: self.products.clear())]
         self.handles += [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
 
     def _hook(self, name: str):
         def hook(_module, inputs, _output):
-            rows = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            if self.mask is not None and self.mask.numel() == rows.shape[0]:
-                rows = rows[self.mask.reshape(-1).bool()]
             key = (inputs[0].data_ptr(), tuple(inputs[0].shape))
             if key not in self.products:
-                self.products[key] = (inputs[0], rows.T @ rows)
-            self.sums[name] += self.products[key][1]
-            self.counts[name] += rows.shape[0]
+                rows = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                if self.mask is not None and self.mask.numel() == rows.shape[0]:
+                    rows = rows[self.mask.reshape(-1).bool()]
+                self.products[key] = (inputs[0], rows.T @ rows, rows.shape[0])
+            _, product, tokens = self.products[key]
+            self.sums[name] += product
+            self.counts[name] += tokens
         return hook
 
     def remove(self) -> dict[str, torch.Tensor]:

@@ -141,6 +141,8 @@ def median_load_seconds(loads: dict[str, Callable[[], Any]]) -> dict[str, tuple[
     """Each name's (model, median load seconds), the files loaded in turn, round after round,
     so the machine's other work hits each alike (one load alone is at the mercy of the disk
     cache; a millisecond file gets 51 rounds, a 100 ms one about 10)."""
+    if not loads:
+        return {}
     first = {name: timed(load) for name, load in loads.items()}  # warm-up, and the models
     per_round = max(sum(seconds for _, seconds in first.values()), 1e-6)
     rounds = int(min(max(LOAD_BUDGET_SECONDS / per_round, LOAD_ROUNDS[0]), LOAD_ROUNDS[1]))

@@ -104,9 +104,17 @@ def _forest_mean(forest: Any, rows: np.ndarray, total: Callable[[int], np.ndarra
     return summed
 
 
+Predict = Callable[[Any, np.ndarray], np.ndarray]
+
+
+def _single_output(fast: Predict) -> Predict:
+    """`fast` for a single-output forest; a multi-output one runs its own `predict`."""
+    def predict(forest: Any, rows: np.ndarray) -> np.ndarray:
+        return fast(forest, rows) if getattr(forest, "n_outputs_", None) == 1 else forest.predict(rows)
+    return predict
+
+
 def _forest_classes(forest: Any, rows: np.ndarray) -> np.ndarray:
-    if getattr(forest, "n_outputs_", None) != 1:
-        return forest.predict(rows)
     [width] = np.atleast_1d(forest.n_classes_)
     mean = _forest_mean(forest, rows, lambda count: np.zeros((count, width), dtype=np.float64),
                         lambda tree: tree.predict_proba)
@@ -114,8 +122,6 @@ def _forest_classes(forest: Any, rows: np.ndarray) -> np.ndarray:
 
 
 def _forest_values(forest: Any, rows: np.ndarray) -> np.ndarray:
-    if getattr(forest, "n_outputs_", None) != 1:
-        return forest.predict(rows)
     return _forest_mean(forest, rows, lambda count: np.zeros(count, dtype=np.float64),
                         lambda tree: tree.predict)
 
@@ -129,9 +135,10 @@ def _network_outputs(network: Any, rows: np.ndarray) -> np.ndarray:
 
 
 FOREST, NETWORK = "sklearn.ensemble._forest.", "sklearn.neural_network._multilayer_perceptron."
-PREDICTS: dict[str, Callable[[Any, np.ndarray], np.ndarray]] = {
-    **{f"{FOREST}{name}Classifier": _forest_classes for name in ("RandomForest", "ExtraTrees")},
-    **{f"{FOREST}{name}Regressor": _forest_values for name in ("RandomForest", "ExtraTrees")},
+FORESTS = ("RandomForest", "ExtraTrees")
+PREDICTS: dict[str, Predict] = {
+    **{f"{FOREST}{name}Classifier": _single_output(_forest_classes) for name in FORESTS},
+    **{f"{FOREST}{name}Regressor": _single_output(_forest_values) for name in FORESTS},
     **{f"{NETWORK}MLP{kind}": _network_outputs for kind in ("Classifier", "Regressor")},
 }
 
