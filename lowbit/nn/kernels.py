@@ -56,8 +56,9 @@ def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> 
 
 
 def static_fake_quantize(module: torch.nn.Module, x: torch.Tensor, side: str) -> torch.Tensor:
-    """Round a static module's "input" (7-bit grid) or "output" (8-bit grid) as its kernel does."""
-    qmax = ACTIVATION_QMAX if side == "input" else 255
+    """Round a static module's "input" (7-bit grid; 8-bit for a "uint8-full" convolution) or
+    "output" (8-bit grid) as its kernel does."""
+    qmax = module.spec.input_qmax if side == "input" else 255
     return fake_quantize(x, float(getattr(module, f"{side}_scale")),
                          int(getattr(module, f"{side}_zero_point")), qmax)
 

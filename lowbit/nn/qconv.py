@@ -54,7 +54,8 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
                    rounded: QuantizedTensor | None = None) -> QConv2d:
         """Quantize a float Conv2d. For the static scheme, fbgemm's int8 convolution is timed
         against the reference on `input_shape` (seen in calibration) and kept only if faster:
-        some grouped and strided shapes take slow paths in fbgemm."""
+        some grouped and strided shapes take slow paths in fbgemm. A convolution on an 8-bit input
+        grid runs the reference: fbgemm's int16 pair sums could saturate on it without VNNI."""
         check_finite(conv.weight, "conv weight")
         module = cls(conv, spec)
         module._store_weight(conv.weight.detach().float(), rounded)
@@ -62,8 +63,7 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
             module.bias.copy_(conv.bias.detach().float())
         if spec.scheme == "static":
             module.set_activation_ranges(input_range, output_range)
-        fast = (spec.scheme == "static" and spec.granularity == "per_channel"
-                and "fbgemm" in torch.backends.quantized.supported_engines)
+        fast = _fbgemm_runs(spec) and "fbgemm" in torch.backends.quantized.supported_engines
         kernel = "fbgemm_conv2d" if fast else "reference"
         if fast and input_shape is not None and os.environ.get("LOWBIT_KERNEL") is None:
             kernel = module._faster_kernel(torch.randn(input_shape))
@@ -80,9 +80,7 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
         return min(timings, key=timings.get)
 
     def kernel_problem(self) -> str | None:
-        allowed = ["reference"]
-        if self.spec.scheme == "static" and self.spec.granularity == "per_channel":
-            allowed.append("fbgemm_conv2d")
+        allowed = ["reference", *(["fbgemm_conv2d"] if _fbgemm_runs(self.spec) else [])]
         if set(self.spec.kernels) != {"all"} or self.spec.kernels["all"] not in allowed:
             return f"a {self.spec.scheme} convolution runs one of {allowed}, not {self.spec.kernels}"
         return None
@@ -132,6 +130,11 @@ class QConv2d(QuantizedWeightMixin, nn.Module):
         if x.device.type == "cpu" and self.spec.kernels.get("all") == "fbgemm_conv2d":
             return self.fbgemm_conv2d(x.float()).to(x.dtype)
         return self.reference(x)
+
+
+def _fbgemm_runs(spec: LayerSpec) -> bool:
+    """fbgemm's int8 convolution computes this spec: static, per-channel, 7-bit input grid."""
+    return spec.scheme == "static" and spec.granularity == "per_channel" and spec.input_qmax == 127
 
 
 def _replaces(module: nn.Module) -> bool:

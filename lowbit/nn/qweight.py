@@ -87,7 +87,9 @@ class QuantizedWeightMixin:
         self: nn.Module, input_range: tuple[float, float], output_range: tuple[float, float]
     ) -> None:
         """Static scheme: fix the activation grids from calibrated ranges."""
-        for name, (low, high), qtype in (("input", input_range, UINT7), ("output", output_range, UINT8)):
+        grids = (("input", input_range, UINT8 if self.spec.input_qmax == UINT8.qmax else UINT7),
+                 ("output", output_range, UINT8))
+        for name, (low, high), qtype in grids:
             scale, zero_point = qparams_from_range(torch.tensor(low), torch.tensor(high), qtype,
                                                    symmetric=False)
             getattr(self, f"{name}_scale").copy_(scale)
@@ -116,7 +118,7 @@ class QuantizedWeightMixin:
                 qtype.qmin <= int(zero_point.min()) and int(zero_point.max()) <= qtype.qmax):
             return f"a weight zero point lies outside {qtype.name}'s range"
         if self.spec.scheme == "static":
-            for side, qmax in (("input", UINT7.qmax), ("output", UINT8.qmax)):
+            for side, qmax in (("input", self.spec.input_qmax), ("output", UINT8.qmax)):
                 side_scale = float(getattr(self, f"{side}_scale"))
                 side_zero = int(getattr(self, f"{side}_zero_point"))
                 if not (side_scale > 0 and side_scale < float("inf")) or not 0 <= side_zero <= qmax:

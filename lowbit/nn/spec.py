@@ -7,6 +7,11 @@ from typing import Any
 
 SCHEMES = ("weight_only", "dynamic", "static")
 WEIGHT_TYPES = ("int8", "int4", "fp16", "bf16")
+# Activation grids of the dynamic and static schemes: "uint8" rounds a static module's input on a
+# 7-bit grid (fbgemm's int16 pair sums cannot saturate on it without VNNI) and its output on an
+# 8-bit one; "uint8-full" (static convolutions) rounds both on 8 bits and runs the exact reference
+# kernel in PyTorch (ONNX Runtime runs it with unsigned weights, which cannot saturate either).
+ACTIVATIONS = ("uint8", "uint8-full")
 
 
 @dataclass(frozen=True)
@@ -66,4 +71,11 @@ class LayerSpec:
             return f"the {self.scheme} scheme needs symmetric int8 weights on a Linear or Conv2d"
         if kind == "conv" and self.scheme == "dynamic":
             return "convolutions are quantized weight-only or static, not dynamic"
+        if self.activation == "uint8-full" and (kind, self.scheme) != ("conv", "static"):
+            return "only a static convolution rounds its input on a full 8-bit grid"
         return None
+
+    @property
+    def input_qmax(self) -> int:
+        """The top of a static module's input grid: 7 bits, or 8 ("uint8-full")."""
+        return 255 if self.activation == "uint8-full" else 127

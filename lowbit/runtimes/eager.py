@@ -16,6 +16,7 @@ from lowbit.errors import FormatError, LowbitWarning, QuantizationError
 from lowbit.nn import LayerSpec
 from lowbit.nn.registry import qmodule_for
 from lowbit.runtimes import RUNTIMES
+from lowbit.transform.fold import folded_structure
 from lowbit.transform.quantize import quantized_modules, rebuild
 
 
@@ -39,6 +40,18 @@ def swap_in(model: nn.Module, modules: dict[str, Any], where: str) -> None:
         rebuild(model, specs)
     except QuantizationError as error:
         raise FormatError(f"{where}: {error}") from None
+
+
+def fold_skeleton(model: nn.Module, folded: dict[str, str], where: str) -> None:
+    """Shape the skeleton like the model that was saved: the batch norms quantizing folded into
+    convolutions become identities, and those convolutions get a bias."""
+    modules = dict(model.named_modules())
+    for norm, conv in folded.items():
+        if not isinstance(modules.get(norm), nn.BatchNorm2d) or not isinstance(modules.get(conv), nn.Conv2d):
+            raise FormatError(f"{where} records the batch norm {norm!r} folded into the convolution "
+                              f"{conv!r}, but the model has no such pair; is this the architecture that "
+                              "was quantized?")
+    folded_structure(model, folded)
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -75,6 +88,7 @@ def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str
                 folder: Path, _: Callable[[str], bytes]) -> nn.Module:
     """The skeleton with its quantized modules in place and every tensor loaded and checked."""
     where = str(folder)
+    fold_skeleton(skeleton, manifest["folded"], where)
     swap_in(skeleton, manifest["modules"], where)
     _check_tensors(skeleton, tensors, where)
     skeleton.load_state_dict(tensors, strict=True, assign=True)

@@ -67,7 +67,13 @@ OP_NAMES = {"matmul_nbits": "MatMulNBits", "dynamic_quantize_matmul": "DynamicQu
 
 
 def op_name(module: nn.Module) -> str:
-    """The ONNX Runtime op that runs `module` by default (what `lowbit inspect` shows)."""
+    """The ONNX Runtime op that runs `module` by default (what `lowbit inspect` shows). Static
+    convolutions and Linears exist only in plain torch graphs (lowbit.runtimes.onnx_torch)."""
+    spec = _spec(module)
+    if spec is not None and spec.scheme == "static":
+        return "QLinearConv" if hasattr(module, "out_channels") else "QGemm"
+    if hasattr(module, "out_channels"):
+        return "Conv"
     if hasattr(module, "num_embeddings"):
         spec = _spec(module)
         return "GatherBlockQuantized" if spec is not None and spec.weight in ("int4", "int8") else "Gather"

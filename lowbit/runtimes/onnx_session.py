@@ -106,6 +106,18 @@ class OnnxRuntimeModel(nn.Module):
                                                    in zip(self.output_names, outputs, strict=True)})
 
 
+class OnnxTensorModel(OnnxRuntimeModel):
+    """A plain model (lowbit.runtimes.onnx_torch) in a session: tensors in, a tensor out."""
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        if len(inputs) != len(self.input_names):
+            raise LowbitError(f"this model takes {len(self.input_names)} tensor(s), got {len(inputs)}")
+        feeds = {name: tensor.detach().cpu().float().numpy() for name, tensor in zip(self.input_names, inputs,
+                                                                                    strict=True)}
+        outputs = [torch.from_numpy(value) for value in self.session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
 def _output_class(names: list[str]) -> Any:
     from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutput
 

@@ -2,11 +2,12 @@
 kernels, with lowbit's integers, scales and zero points unchanged (lowbit.runtimes.onnx_modules).
 
 `export(model)` builds the graph with the builder registered for the model's family (GRAPHS,
-keyed by transformers' `model_type`; one file per family, e.g. lowbit.runtimes.onnx_bert).
+keyed by transformers' `model_type`, one file per family, e.g. lowbit.runtimes.onnx_bert; "torch"
+for a plain PyTorch model, lowbit.runtimes.onnx_torch).
 `session(data)` opens it with a fixed thread count, its worker threads spinning only while a run
 is in flight (left spinning, they more than doubled the latency of PyTorch beside them here).
-The loaded model is an `nn.Module` called as the transformers original is (`input_ids`,
-`attention_mask`, ...), returning the same output class with torch tensors.
+The loaded model is an `nn.Module` called as the original is: a transformers model with
+`input_ids`, `attention_mask`, ..., returning the same output class; a plain model with tensors.
 """
 
 from __future__ import annotations
@@ -25,18 +26,29 @@ from lowbit.runtimes.onnx_bert import build_bert
 from lowbit.runtimes.onnx_generate import OnnxCausalLM
 from lowbit.runtimes.onnx_llama import build_llama
 from lowbit.runtimes.onnx_modules import ExportError
-from lowbit.runtimes.onnx_session import OnnxRuntimeModel, check_graph, require_onnxruntime, session
+from lowbit.runtimes.onnx_session import (
+    OnnxRuntimeModel,
+    OnnxTensorModel,
+    check_graph,
+    require_onnxruntime,
+    session,
+)
+from lowbit.runtimes.onnx_torch import build_torch, for_this_cpu
 
 ONNX_FILE = "model.onnx"
 GraphBuilder = Callable[..., Any]
 GRAPHS: Registry[GraphBuilder] = Registry("ONNX graph builder")
 GRAPHS.add("bert", build_bert)
 GRAPHS.add("llama", build_llama)
+GRAPHS.add("torch", build_torch)
 
 
 def family_of(model: nn.Module) -> str:
-    """The graph builder's key for `model`: transformers' model_type."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    """The graph builder's key for `model`: transformers' model_type, or "torch" for a plain model."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return "torch"
+    model_type = getattr(config, "model_type", None)
     if model_type is None or model_type not in GRAPHS:
         known = ", ".join(GRAPHS)
         raise ExportError(f"{type(model).__name__} ({model_type or 'not a transformers model'}) has no ONNX "
@@ -59,13 +71,17 @@ def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str
         raise FormatError(f"{folder} records the onnxruntime runtime but no ONNX graph")
     data = read(entry["file"])
     check_graph(data, f"{folder}/{entry['file']}")
-    return wrap(session(data), getattr(skeleton, "config", None), len(data))
+    return wrap(session(for_this_cpu(data)), getattr(skeleton, "config", None), len(data))
 
 
 def wrap(session_: Any, config: Any = None, model_bytes: int | None = None) -> OnnxRuntimeModel:
-    """The model class for a session: a causal LM (with `generate`) when the graph gives logits."""
+    """The model class for a session: a causal LM (with `generate`) when the graph gives logits,
+    a transformers encoder when it takes token ids, else a model called with tensors."""
     outputs = {value.name for value in session_.get_outputs()}
-    return (OnnxCausalLM if "logits" in outputs else OnnxRuntimeModel)(session_, config, model_bytes)
+    inputs = {value.name for value in session_.get_inputs()}
+    if "logits" in outputs:
+        return OnnxCausalLM(session_, config, model_bytes)
+    return (OnnxRuntimeModel if "input_ids" in inputs else OnnxTensorModel)(session_, config, model_bytes)
 
 
 RUNTIMES.add("onnxruntime", materialize)

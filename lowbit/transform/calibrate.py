@@ -7,6 +7,7 @@ many trials share one calibration run.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from lowbit.nn.hooks import forward_hooks
 from lowbit.nn.kinds import module_kind
 from lowbit.progress import progress_bar
 from lowbit.registry import Registry
+from lowbit.transform.fold import fold_batch_norms, links_for
 
 AUTO = "auto"
 # "save" -> how a CalibrationResult is written to a file; lowbit.formats.calibration fills it
@@ -130,6 +132,7 @@ class CalibrationResult:
     histograms: dict[str, dict[str, Histogram]]
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    folded: dict[str, str] = field(default_factory=dict)  # {batch norm: conv} folded before recording
 
     def ranges(self, calibrator: str = AUTO, names: Iterable[str] | None = None,
                **options: float) -> dict[str, dict[str, Any]]:
@@ -173,7 +176,8 @@ class CalibrationResult:
                    for side, histogram in pair.items()
                    for key, value in histogram.state_dict().items()}
         metadata = {"format": "lowbit-calibration", "version": "1",
-                    "input_shapes": json.dumps({k: list(v) for k, v in self.input_shapes.items()})}
+                    "input_shapes": json.dumps({k: list(v) for k, v in self.input_shapes.items()}),
+                    "folded": json.dumps(self.folded)}
         return tensors, metadata
 
     @classmethod
@@ -187,7 +191,8 @@ class CalibrationResult:
         histograms = {name: {side: Histogram.from_state_dict(state) for side, state in pair.items()}
                       for name, pair in states.items()}
         shapes = {k: tuple(v) for k, v in json.loads(metadata.get("input_shapes", "{}")).items()}
-        return cls(histograms, shapes, model)
+        folded = json.loads(metadata.get("folded", "{}"))
+        return cls(histograms, shapes, _folded_copy(model, folded), folded)
 
 
 def merge_histograms(first: Histogram, second: Histogram) -> Histogram:
@@ -218,10 +223,22 @@ def calibrate(
     model: nn.Module, batches: Iterable[Any], names: Iterable[str] | None = None, progress: bool = True,
 ) -> CalibrationResult:
     """One pass of `batches` through `model`, recording every Linear and Conv2d input and output
-    (or only `names`). Pass the result to `quantize(..., calibration=result)`."""
+    (or only `names`). Pass the result to `quantize(..., calibration=result)`. Batch norms that
+    quantizing folds are folded first, on a copy (lowbit.transform.fold)."""
     names = list(names) if names is not None else calibratable_modules(model)
     if not names:
         raise CalibrationError("the model has no Linear or Conv2d module to calibrate")
+    folded = links_for(model, names).batch_norms
+    subject = _folded_copy(model, folded)
     shapes: dict[str, tuple[int, ...]] = {}
-    histograms = collect_histograms(model, batches, names, progress, shapes)
-    return CalibrationResult(histograms, shapes, model)
+    histograms = collect_histograms(subject, batches, names, progress, shapes)
+    return CalibrationResult(histograms, shapes, subject, folded)
+
+
+def _folded_copy(model: nn.Module | None, folded: dict[str, str]) -> nn.Module | None:
+    """`model` with `folded` batch norms folded, on a copy (the model itself when none is)."""
+    if model is None or not folded:
+        return model
+    copied = copy.deepcopy(model)
+    fold_batch_norms(copied, folded)
+    return copied

@@ -21,6 +21,7 @@ from lowbit.nn.qweight import round_to_nearest
 from lowbit.nn.registry import qmodule_for
 from lowbit.progress import progress_bar
 from lowbit.transform.calibrate import CalibrationResult, calibrate
+from lowbit.transform.fold import Links, fold_batch_norms, links_for, share_grids
 from lowbit.transform.recipe import Recipe, make_recipe
 from lowbit.transform.sequential import quantize_blocks
 
@@ -213,9 +214,11 @@ def quantize(
         raise QuantizationError(
             "nothing to quantize: the model has no Linear, Conv2d or Embedding outside `skip`"
         )
-    ranges = _static_ranges(model, specs, recipe, calibration, progress)
     source = describe_source(model)
     target = model if inplace else copy.deepcopy(model)
+    links = _fold(target, list(specs), calibration)
+    ranges = _static_ranges(target, specs, recipe, calibration, progress)
+    share_grids(ranges, links)
     modules = dict(target.named_modules())
     storages = {name: weight_storage(modules[name]) for name in specs}
 
@@ -230,9 +233,34 @@ def quantize(
             set_module(target, name, build(name))
             bar.advance(step)
     share_tied_weights(target, storages)
+    target.lowbit_folded = dict(links.batch_norms)
+    example = _example_input(calibration)
+    if example is not None:
+        target.lowbit_example_input = example
     setattr(target, RECIPE_ATTRIBUTE, recipe)
     target.lowbit_source = source
     return target.eval()
+
+
+def _fold(target: nn.Module, names: list[str], calibration: Any) -> Links:
+    """Fold batch norms into the convolutions before them (lowbit.transform.fold), as the
+    calibration did: a CalibrationResult recorded on the model unfolded keeps it unfolded."""
+    links = links_for(target, names)
+    if isinstance(calibration, CalibrationResult) and calibration.folded != links.batch_norms:
+        warnings.warn("this calibration was recorded without folding batch norms, so none is folded; "
+                      "calibrate again to fold them", LowbitWarning, stacklevel=3)
+        return Links()
+    fold_batch_norms(target, links.batch_norms)
+    return links
+
+
+def _example_input(calibration: Any) -> torch.Tensor | None:
+    """One sample of the first calibration batch, when batches are plain tensors: what an
+    exporter traces a plain torch model with."""
+    if calibration is None or isinstance(calibration, CalibrationResult):
+        return None
+    first = next(iter(calibration), None) if isinstance(calibration, (list, tuple)) else None
+    return first[:1].detach().clone() if isinstance(first, torch.Tensor) and first.dim() > 0 else None
 
 
 def describe_source(model: nn.Module) -> dict[str, Any]:

@@ -84,7 +84,7 @@ class Recipe(BaseModel):
             return LayerSpec("weight_only", self.weights, granularity, self.symmetric)
         if kind == "conv" and self.scheme == "dynamic":
             return LayerSpec("weight_only", "int8", "per_channel", True)
-        activation = "uint8" if self.scheme != "weight_only" else None
+        activation = None if self.scheme == "weight_only" else "uint8-full" if kind == "conv" else "uint8"
         return LayerSpec(self.scheme, self.weights, self.granularity, self.symmetric, activation)
 
     def to_json(self) -> str:

@@ -88,7 +88,7 @@ def test_saved_onnx_folder_loads_into_onnxruntime_and_is_checksummed(tmp_path):
         lowbit.load(folder)
 
 
-def test_a_model_without_a_graph_builder_is_refused_and_nothing_is_written(tmp_path):
+def test_a_plain_model_without_an_example_input_is_refused_and_nothing_is_written(tmp_path):
     quantized = lowbit.quantize(tiny_mlp(), "w8", progress=False)
     with pytest.raises(ExportError, match="Sequential"):
         lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime")
@@ -130,10 +130,10 @@ def test_auto_times_both_runtimes_and_records_why(tmp_path):
     assert ("model.onnx" in manifest["files"]) == (manifest["runtime"] == "onnxruntime")
 
 
-def test_auto_keeps_torch_for_a_model_no_graph_builder_knows(tmp_path, recwarn):
+def test_auto_keeps_torch_for_a_model_it_cannot_export(tmp_path, recwarn):
     folder = lowbit.save(lowbit.quantize(tiny_mlp(), "w8", progress=False), tmp_path / "m", runtime="auto")
     manifest = json.loads((folder / "lowbit.json").read_text())
-    assert manifest["runtime"] == "eager" and "no ONNX graph builder" in manifest["runtime_choice"]["reason"]
+    assert manifest["runtime"] == "eager" and "no example input" in manifest["runtime_choice"]["reason"]
     assert not [warning for warning in recwarn if issubclass(warning.category, lowbit.LowbitWarning)]
 
 
@@ -186,7 +186,7 @@ def test_quantize_for_onnxruntime_refuses_a_model_it_cannot_export_with_exit_2(t
     result = CliRunner().invoke(app, ["quantize", "tests.fixtures_models:tiny_mlp", "--recipe", "w8",
                                       "--runtime", "onnxruntime", "--out", str(tmp_path / "m")],
                                 env={"COLUMNS": "200"})
-    assert result.exit_code == 2 and "no ONNX graph builder" in result.output
+    assert result.exit_code == 2 and "needs an example input" in result.output
     assert not (tmp_path / "m").exists()
 
 
