@@ -98,6 +98,13 @@ class OnnxEntry(Strict):
     ops: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
 
 
+class RoundingEntry(Strict):
+    """A rounding point (lowbit.nn.rounding): an 8-bit grid a module's output is rounded onto."""
+
+    scale: float = Field(gt=0, allow_inf_nan=False)
+    zero_point: int = Field(ge=0, le=255)
+
+
 class Manifest(Strict):
     format: Literal["lowbit"]
     format_version: int
@@ -107,6 +114,7 @@ class Manifest(Strict):
     recipe: dict[str, Any] | None = None
     modules: dict[Name, ModuleEntry] = Field(max_length=MAX_ENTRIES)
     folded: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)  # {batch norm: conv}
+    roundings: dict[Name, RoundingEntry] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     comparison: dict[str, Any] | None = None
     runtime: str = "eager"
     onnx: OnnxEntry | None = None

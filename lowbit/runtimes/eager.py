@@ -15,6 +15,7 @@ from torch import nn
 from lowbit.errors import FormatError, LowbitWarning, QuantizationError
 from lowbit.nn import LayerSpec
 from lowbit.nn.registry import qmodule_for
+from lowbit.nn.rounding import attach_roundings
 from lowbit.runtimes import RUNTIMES
 from lowbit.transform.fold import folded_structure
 from lowbit.transform.quantize import quantized_modules, rebuild
@@ -52,6 +53,17 @@ def fold_skeleton(model: nn.Module, folded: dict[str, str], where: str) -> None:
                               f"{conv!r}, but the model has no such pair; is this the architecture that "
                               "was quantized?")
     folded_structure(model, folded)
+
+
+def round_outputs(model: nn.Module, roundings: dict[str, dict[str, Any]], where: str) -> None:
+    """The rounding points the manifest records (lowbit.nn.rounding), on modules the model has."""
+    modules = dict(model.named_modules())
+    unknown = sorted(name for name in roundings if name not in modules or not name)
+    if unknown:
+        raise FormatError(f"{where} rounds the output of {unknown[0]!r}, which the model does not have; is "
+                          "this the architecture that was quantized?")
+    grids = {name: (entry["scale"], entry["zero_point"]) for name, entry in roundings.items()}
+    attach_roundings(model, grids)
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -93,6 +105,7 @@ def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str
     _check_tensors(skeleton, tensors, where)
     skeleton.load_state_dict(tensors, strict=True, assign=True)
     check_loaded(skeleton, where)
+    round_outputs(skeleton, manifest["roundings"], where)
     return skeleton.eval()
 
 

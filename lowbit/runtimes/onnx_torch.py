@@ -86,6 +86,7 @@ def _float_copy(model: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
     shadow = copy.deepcopy(model)
     for name, module in quantized.items():
         set_module(shadow, name, _FloatConv(module) if isinstance(module, QConv2d) else _FloatLinear(module))
+    shadow.requires_grad_(False)  # rounding points (lowbit.nn.rounding) export as QDQ only without grad
     return shadow.eval(), quantized
 
 
@@ -162,8 +163,8 @@ class _Rewrite:
     def constant(self, hint: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        name = self.fresh(hint)
-        self.added.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        name = self.fresh(hint)  # np.array keeps a scalar 0-d: ONNX Runtime fuses QLinearAdd only on those
+        self.added.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
     def emit(self, op: str, inputs: list[str], **attributes: Any) -> str:
@@ -248,6 +249,18 @@ class _Rewrite:
         below = bounds[0] is None or bounds[0] <= low
         return below and (bounds[1] is None or high <= bounds[1] * (1 + 1e-6))
 
+    def note_grid(self, node: Any) -> None:
+        """Remember the grid of a DequantizeLinear the exporter wrote (a rounding point,
+        lowbit.nn.rounding), so a convolution reading it on the same grid is not rounded twice."""
+        from onnx import numpy_helper
+
+        if node.op_type != "DequantizeLinear" or len(node.input) != 3:
+            return
+        scale, zero_point = (self.initializers.get(name) for name in node.input[1:])
+        if scale is not None and zero_point is not None and not scale.dims and not zero_point.dims:
+            self.grids[node.output[0]] = (float(numpy_helper.to_array(scale)),
+                                          int(numpy_helper.to_array(zero_point)))
+
     def resolve(self, name: str) -> str:
         while name in self.renamed:
             name = self.renamed[name]
@@ -261,6 +274,7 @@ class _Rewrite:
                 continue
             for index, name in enumerate(node.input):
                 node.input[index] = self.resolve(name)
+            self.note_grid(node)
             found = self.module_of(node)
             if found is not None:
                 placed.add(found[0])

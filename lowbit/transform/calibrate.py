@@ -27,7 +27,7 @@ from lowbit.nn.hooks import forward_hooks
 from lowbit.nn.kinds import module_kind
 from lowbit.progress import progress_bar
 from lowbit.registry import Registry
-from lowbit.transform.fold import fold_batch_norms, links_for
+from lowbit.transform.fold import fold_batch_norms, links_for, tensor_sources
 
 AUTO = "auto"
 # "save" -> how a CalibrationResult is written to a file; lowbit.formats.calibration fills it
@@ -133,6 +133,7 @@ class CalibrationResult:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     folded: dict[str, str] = field(default_factory=dict)  # {batch norm: conv} folded before recording
+    sources: dict[str, str] = field(default_factory=dict)  # {conv: module whose output it reads}
 
     def ranges(self, calibrator: str = AUTO, names: Iterable[str] | None = None,
                **options: float) -> dict[str, dict[str, Any]]:
@@ -177,7 +178,7 @@ class CalibrationResult:
                    for key, value in histogram.state_dict().items()}
         metadata = {"format": "lowbit-calibration", "version": "1",
                     "input_shapes": json.dumps({k: list(v) for k, v in self.input_shapes.items()}),
-                    "folded": json.dumps(self.folded)}
+                    "folded": json.dumps(self.folded), "sources": json.dumps(self.sources)}
         return tensors, metadata
 
     @classmethod
@@ -192,7 +193,8 @@ class CalibrationResult:
                       for name, pair in states.items()}
         shapes = {k: tuple(v) for k, v in json.loads(metadata.get("input_shapes", "{}")).items()}
         folded = json.loads(metadata.get("folded", "{}"))
-        return cls(histograms, shapes, _folded_copy(model, folded), folded)
+        sources = json.loads(metadata.get("sources", "{}"))
+        return cls(histograms, shapes, _folded_copy(model, folded), folded, sources)
 
 
 def merge_histograms(first: Histogram, second: Histogram) -> Histogram:
@@ -228,11 +230,16 @@ def calibrate(
     names = list(names) if names is not None else calibratable_modules(model)
     if not names:
         raise CalibrationError("the model has no Linear or Conv2d module to calibrate")
-    folded = links_for(model, names).batch_norms
-    subject = _folded_copy(model, folded)
+    links = links_for(model, names)
+    subject = _folded_copy(model, links.batch_norms)
+    batches = list(batches) if batches is not None else []
     shapes: dict[str, tuple[int, ...]] = {}
     histograms = collect_histograms(subject, batches, names, progress, shapes)
-    return CalibrationResult(histograms, shapes, subject, folded)
+    modules = dict(subject.named_modules())
+    unlinked = [name for name in names
+                if isinstance(modules[name], nn.Conv2d) and name not in links.producers]
+    sources = tensor_sources(subject, batches[0], unlinked) if unlinked else {}
+    return CalibrationResult(histograms, shapes, subject, links.batch_norms, sources)
 
 
 def _folded_copy(model: nn.Module | None, folded: dict[str, str]) -> nn.Module | None:

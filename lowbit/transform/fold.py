@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowbit.core.qtypes import UINT8
+from lowbit.core.quantize import qparams_from_range
+
 LOG = logging.getLogger("lowbit")
 WEIGHTED = (nn.Conv2d, nn.Linear)
 PASS_THROUGH = (nn.Identity, nn.Dropout)  # identities in eval mode
@@ -172,3 +175,66 @@ def share_grids(ranges: dict[str, dict], links: Links) -> None:
     for consumer, producer in links.producers.items():
         if consumer in ranges and producer in ranges:
             ranges[consumer]["input"] = ranges[producer]["output"]
+
+
+def rounding_grids(ranges: dict[str, dict], sources: dict[str, str],
+                   links: Links) -> dict[str, tuple[float, int]]:
+    """{module: (scale, zero point)} rounding each source's output on the input grid of the
+    convolution reading it (lowbit.nn.rounding); a second reader of one source takes the first's
+    range, so nothing is rounded twice (`ranges` changes in place)."""
+    grids: dict[str, tuple[float, int]] = {}
+    first_reader: dict[str, str] = {}
+    for conv, source in sources.items():
+        if conv not in ranges or conv in links.producers:
+            continue
+        if source in first_reader:
+            ranges[conv]["input"] = ranges[first_reader[source]]["input"]
+            continue
+        first_reader[source] = conv
+        low, high = (torch.tensor(float(value)) for value in ranges[conv]["input"])
+        scale, zero_point = qparams_from_range(low, high, UINT8, symmetric=False)
+        grids[source] = (float(scale), int(zero_point))
+    return grids
+
+
+def tensor_sources(model: nn.Module, batch: object, convolutions: list[str]) -> dict[str, str]:
+    """{convolution: the module whose output it reads} for each named convolution whose input is
+    the output of a module other than a weighted, pass-through or activation one (an EfficientNet
+    block's residual sum), found by one call of `model` on `batch`. A module called more than once
+    (a shared activation) is no source: one hook would round all its calls."""
+    from lowbit.data.batches import call_model
+
+    wanted = set(convolutions)
+    made_by: dict[int, str] = {}
+    kept: list[torch.Tensor] = []  # alive until the end, so no tensor id is reused
+    calls: dict[str, int] = {}
+    reads: dict[str, int] = {}
+
+    def after(name: str):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(output, torch.Tensor):
+                kept.append(output)
+                made_by.setdefault(id(output), name)
+        return hook
+
+    def before(name: str):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                kept.append(args[0])
+                reads.setdefault(name, id(args[0]))
+        return hook
+
+    skipped = (*WEIGHTED, *PASS_THROUGH, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh)
+    handles = [module.register_forward_hook(after(name)) for name, module in model.named_modules()
+               if name and not isinstance(module, skipped)]
+    handles += [module.register_forward_pre_hook(before(name)) for name, module in model.named_modules()
+                if name in wanted]
+    try:
+        with torch.inference_mode():
+            call_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    sources = {conv: made_by.get(tensor) for conv, tensor in reads.items()}
+    return {conv: source for conv, source in sources.items() if source is not None and calls[source] == 1}

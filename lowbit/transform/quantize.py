@@ -19,9 +19,10 @@ from lowbit.nn.kernels import missing_kernel
 from lowbit.nn.kinds import module_kind
 from lowbit.nn.qweight import round_to_nearest
 from lowbit.nn.registry import qmodule_for
+from lowbit.nn.rounding import attach_roundings
 from lowbit.progress import progress_bar
 from lowbit.transform.calibrate import CalibrationResult, calibrate
-from lowbit.transform.fold import Links, fold_batch_norms, links_for, share_grids
+from lowbit.transform.fold import Links, fold_batch_norms, links_for, rounding_grids, share_grids
 from lowbit.transform.recipe import Recipe, make_recipe
 from lowbit.transform.sequential import quantize_blocks
 
@@ -152,10 +153,12 @@ def _same_quantized_weight(a: nn.Module, b: nn.Module) -> bool:
     return True
 
 
-def _static_ranges(model, specs, recipe, calibration, progress) -> dict[str, dict]:
+def _static_ranges(model, specs, recipe, calibration, progress) -> tuple[dict[str, dict], dict[str, str]]:
+    """Calibrated ranges of the static modules, and which module makes each convolution's input
+    (lowbit.transform.fold.tensor_sources)."""
     static = [name for name, spec in specs.items() if spec.scheme == "static"]
     if not static:
-        return {}
+        return {}, {}
     if calibration is None:
         raise QuantizationError(
             "the static scheme needs calibration data: pass calibration=[batch, ...] "
@@ -164,7 +167,7 @@ def _static_ranges(model, specs, recipe, calibration, progress) -> dict[str, dic
     if not isinstance(calibration, CalibrationResult):
         calibration = calibrate(model, calibration, static, progress)
     options = {"percentile": recipe.percentile} if recipe.calibrator == "percentile" else {}
-    return calibration.ranges(recipe.calibrator, static, **options)
+    return calibration.ranges(recipe.calibrator, static, **options), calibration.sources
 
 
 def _quantize_with_inputs(target: nn.Module, specs: dict[str, LayerSpec], recipe: Recipe,
@@ -217,8 +220,9 @@ def quantize(
     source = describe_source(model)
     target = model if inplace else copy.deepcopy(model)
     links = _fold(target, list(specs), calibration)
-    ranges = _static_ranges(target, specs, recipe, calibration, progress)
+    ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
     share_grids(ranges, links)
+    roundings = rounding_grids(ranges, sources, links)
     modules = dict(target.named_modules())
     storages = {name: weight_storage(modules[name]) for name in specs}
 
@@ -233,6 +237,7 @@ def quantize(
             set_module(target, name, build(name))
             bar.advance(step)
     share_tied_weights(target, storages)
+    attach_roundings(target, roundings)
     target.lowbit_folded = dict(links.batch_norms)
     example = _example_input(calibration)
     if example is not None:

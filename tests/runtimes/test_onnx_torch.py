@@ -136,3 +136,17 @@ def test_bn_free_nets_and_plain_nn_conv2d_export_too(tmp_path):
     with torch.inference_mode():
         steps = (loaded(x) - quantized(x)).abs() / float(quantized[2].output_scale)
     assert float(steps.max()) <= 1.0 + 1e-3
+
+
+def test_residual_sums_add_in_int8(tmp_path):
+    from tests.transform.test_fold import residual_batches, residual_net
+
+    calibration = residual_batches()
+    quantized = lowbit.quantize(residual_net(), "w8a8-static", calibration=calibration, progress=False)
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime")
+    ops = _optimized_ops(folder / "model.onnx", tmp_path)
+    assert ops["QLinearAdd"] == 2 and ops["QLinearConv"] == 6 and ops["Add"] == 0
+    x = calibration[1]
+    with torch.inference_mode():
+        steps = (lowbit.load(folder)(x) - quantized(x)).abs() / float(quantized[4].output_scale)
+    assert float(steps.max()) <= 2.0 + 1e-3  # int8 adds round their sums in their own way too

@@ -132,3 +132,54 @@ def test_a_folded_record_the_model_lacks_is_refused(tmp_path):
     edit_manifest(folder, lambda manifest: manifest["folded"].update({"2": "0"}))  # "2" is a ReLU6
     with pytest.raises(FormatError, match="no such pair"):
         lowbit.load(folder, skeleton=conv_net())
+
+
+class Residual(nn.Module):
+    """An inverted-residual block between two convolutions: the sum is another module's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand, self.norm, self.act = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()
+        self.project, self.project_norm = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.project_norm(self.project(self.act(self.norm(self.expand(x))))) + x
+
+
+def residual_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), Residual(), Residual(),
+                         nn.Conv2d(8, 4, 1)).eval()
+
+
+def residual_batches():
+    return [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+
+
+def test_a_residual_sum_read_by_a_convolution_is_rounded_once_on_its_grid(tmp_path):
+    calibration = residual_batches()
+    quantized = lowbit.quantize(residual_net(), "w8a8-static", calibration=calibration, progress=False)
+    assert set(quantized.lowbit_roundings) == {"2", "3"}  # the block outputs that convolutions read
+    scale, zero_point = quantized.lowbit_roundings["2"]
+    reader = quantized[3].expand
+    assert (float(reader.input_scale), int(reader.input_zero_point)) == (scale, zero_point)
+    x = calibration[0]
+    with torch.no_grad():
+        block_output = quantized[2](quantized[1](quantized[0](x)))
+        steps = block_output / scale + zero_point
+        assert torch.allclose(steps, steps.round(), atol=1e-3)  # the skip path reads the rounded sum too
+        folder = lowbit.save(quantized, tmp_path / "m")
+        assert torch.equal(lowbit.load(folder, skeleton=residual_net())(x), quantized(x))
+
+
+@pytest.mark.parametrize("roundings", [{"2": {"scale": -1.0, "zero_point": 3}},
+                                       {"9": {"scale": 0.1, "zero_point": 3}},
+                                       {"2": {"scale": 0.1, "zero_point": 300}}])
+def test_a_rounding_the_model_cannot_take_is_refused(tmp_path, roundings):
+    from tests.formats.attacker import edit_manifest
+
+    quantized = lowbit.quantize(residual_net(), "w8a8-static", calibration=residual_batches(), progress=False)
+    folder = lowbit.save(quantized, tmp_path / "m")
+    edit_manifest(folder, lambda manifest: manifest.update(roundings=roundings))
+    with pytest.raises(FormatError):
+        lowbit.load(folder, skeleton=residual_net())
