@@ -28,7 +28,6 @@ class OutputRounding:
     def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return output
-        importlib.import_module("torch.ao.quantization.fx._decomposed")  # registers the ops, once
         ops = torch.ops.quantized_decomposed
         grid = (self.scale, self.zero_point, 0, GRID_MAX, torch.uint8)
         rounded = ops.dequantize_per_tensor(ops.quantize_per_tensor(output.float(), *grid), *grid)
@@ -37,6 +36,8 @@ class OutputRounding:
 
 def attach_roundings(model: nn.Module, roundings: dict[str, tuple[float, int]]) -> nn.Module:
     """Round the named modules' outputs (in place); kept in `model.lowbit_roundings` for saving."""
+    if roundings:  # registers the ops; before any export too, or its op registry lacks them
+        importlib.import_module("torch.ao.quantization.fx._decomposed")
     modules = dict(model.named_modules())
     for name, (scale, zero_point) in roundings.items():
         modules[name].register_forward_hook(OutputRounding(scale, zero_point))

@@ -150,3 +150,17 @@ def test_residual_sums_add_in_int8(tmp_path):
     with torch.inference_mode():
         steps = (lowbit.load(folder)(x) - quantized(x)).abs() / float(quantized[4].output_scale)
     assert float(steps.max()) <= 2.0 + 1e-3  # int8 adds round their sums in their own way too
+
+
+def test_a_fresh_process_exports_rounding_points_before_any_call(tmp_path):
+    """torch's exporter builds its op registry on first use: the rounding ops must be known by
+    then, even when the quantized model was never called."""
+    import subprocess
+    import sys
+
+    script = ("import lowbit; from tests.transform.test_fold import residual_batches, residual_net; "
+              "q = lowbit.quantize(residual_net(), 'w8a8-static', calibration=residual_batches(), "
+              f"progress=False); lowbit.save(q, {str(tmp_path / 'm')!r}, runtime='onnxruntime')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "m" / "model.onnx").is_file()
