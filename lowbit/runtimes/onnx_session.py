@@ -112,10 +112,16 @@ class OnnxTensorModel(OnnxRuntimeModel):
     def forward(self, *inputs: torch.Tensor) -> Any:
         if len(inputs) != len(self.input_names):
             raise LowbitError(f"this model takes {len(self.input_names)} tensor(s), got {len(inputs)}")
-        feeds = {name: tensor.detach().cpu().float().numpy() for name, tensor in zip(self.input_names, inputs,
-                                                                                    strict=True)}
-        outputs = [torch.from_numpy(value) for value in self.session.run(None, feeds)]
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        feeds = dict(zip(self.input_names, map(_as_float_array, inputs), strict=True))
+        outputs = self.session.run(None, feeds)
+        return torch.from_numpy(outputs[0]) if len(outputs) == 1 else tuple(map(torch.from_numpy, outputs))
+
+
+def _as_float_array(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 numpy view of a CPU float32 tensor (a converted copy of anything else)."""
+    if tensor.dtype is torch.float32 and tensor.device.type == "cpu" and not tensor.requires_grad:
+        return tensor.numpy()
+    return tensor.detach().cpu().float().numpy()
 
 
 def _output_class(names: list[str]) -> Any:
