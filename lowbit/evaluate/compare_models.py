@@ -69,10 +69,13 @@ class Settings:
 
 def compare_models(original: nn.Module, quantized: nn.Module, data: Any, settings: Settings = Settings(),
                    tokenizer: Any = None, files: FileMeasure | None = None, progress: bool = True,
-                   sources: tuple[str | None, str | None] = (None, None)) -> Comparison:
+                   sources: tuple[str | None, str | None] = (None, None),
+                   layer_model: nn.Module | None = None) -> Comparison:
     """Measure `quantized` against `original` on `data` (a file, texts, or a tensor), as
     `settings` says. Text data needs `tokenizer`; `files` measures each model on disk;
-    `sources` are the paths the models came from."""
+    `sources` are the paths the models came from. `layer_model` is the quantized model in PyTorch
+    when `quantized` runs elsewhere (ONNX Runtime): the per-layer table is measured on its modules,
+    each row naming the op that runs the layer there (`lowbit_layer_ops`)."""
     original_model, quantized_model = original.eval(), quantized.eval()
     metric, batch_sizes, seq_len = settings.metric, settings.batch_sizes, settings.seq_len
     runs, threads = settings.runs, settings.threads
@@ -93,8 +96,11 @@ def compare_models(original: nn.Module, quantized: nn.Module, data: Any, setting
                    for name, model in (("original", original_model), ("quantized", quantized_model))}
         quality = score_quality(task, outputs["original"], outputs["quantized"])
         bar.update(step, advance=1, description="per-layer error")
-        layers = layer_errors(original_model, quantized_model, batches[:8],
-                              quantized_modules(quantized_model))
+        layered = quantized_model if layer_model is None else layer_model.eval()
+        layers = layer_errors(original_model, layered, batches[:8], quantized_modules(layered))
+        for row in layers:
+            op = getattr(layered, "lowbit_layer_ops", {}).get(row["name"])
+            row["kernel"] = f"ONNX Runtime {op}" if op else row["kernel"]
         bar.update(step, advance=1, description="latency")
         timed = speed_inputs(dataset, kind, tokenizer, batch_sizes, seq_len)
         latency, load = under_machine_load(lambda: compare_latency(
@@ -124,6 +130,7 @@ def compare_models(original: nn.Module, quantized: nn.Module, data: Any, setting
                 "batch_sizes": list(batch_sizes),
                 "quality_batch_size": quality_batch_size,
                 "seq_len": seq_len, "runs": runs,
+                "layers_in_pytorch": layer_model is not None,
                 "threads": threads or torch.get_num_threads(), "torch": torch.__version__}
     return Comparison(reports["original"], reports["quantized"], quality, metric, layers, recorded,
                       settings.max_drop, settings.relative)

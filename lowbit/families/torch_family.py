@@ -5,6 +5,7 @@ lowbit.evaluate.compare, with size on disk, load time and peak RSS measured here
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,8 +22,11 @@ from lowbit.evaluate.compare_models import FileMeasure, Settings, bench_model, c
 from lowbit.families import transformers as hf
 from lowbit.families.registry import FAMILIES, Family
 from lowbit.families.torch_folders import load, load_any, save, weights_bytes
+from lowbit.runtimes.onnx_session import OnnxRuntimeModel
 
 ModelLike = nn.Module | str | os.PathLike
+
+LOG = logging.getLogger("lowbit")
 
 
 def open_model(model: ModelLike, trust_code: bool = False,
@@ -106,11 +110,28 @@ def compare(original: ModelLike, quantized: ModelLike, data: Any, settings: Sett
     original_model, original_path = open_model(original, trust_code)
     quantized_model, quantized_path = open_model(quantized, trust_code, factory_spec(original))
     tokenizer = tokenizer or model_tokenizer(original_model, quantized_path, original_path)
+    twin = _eager_twin(quantized_model, quantized_path, original, trust_code)
     with tempfile.TemporaryDirectory(prefix="lowbit-compare-") as scratch:
         files = _file_measure({"original": original_path, "quantized": quantized_path}, Path(scratch),
                               trust_code, memory)
         return compare_models(original_model, quantized_model, data, settings, tokenizer, files, progress,
-                              (original_path, quantized_path))
+                              (original_path, quantized_path), layer_model=twin)
+
+
+def _eager_twin(quantized: nn.Module, path: str | None, original: Any, trust_code: bool) -> nn.Module | None:
+    """The same folder in PyTorch, when `quantized` runs in ONNX Runtime: the per-layer table is
+    measured on its modules (the same integers), or left out when the folder cannot be rebuilt."""
+    if not isinstance(quantized, OnnxRuntimeModel) or path is None:
+        return None
+    try:
+        twin = load_any(path, trust_code=trust_code, architecture=factory_spec(original), runtime="torch")
+    except LowbitError as error:
+        LOG.info("per-layer error: %s runs in ONNX Runtime and cannot be rebuilt in PyTorch (%s)", path,
+                 error)
+        return None
+    ops = (getattr(quantized, "lowbit_manifest", None) or {}).get("onnx", {}).get("ops", {})
+    twin.lowbit_layer_ops = ops
+    return twin
 
 
 def bench(model: ModelLike, batch_sizes: Sequence[int] = (1, 8), seq_len: int = 128, runs: int = 20,

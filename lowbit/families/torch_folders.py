@@ -165,16 +165,17 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
 
 
 def load_any(spec: str | Path, weights: str | Path | None = None, trust_code: bool = False,
-             architecture: str | None = None) -> nn.Module:
+             architecture: str | None = None, runtime: str | None = None) -> nn.Module:
     """A lowbit folder (has lowbit.json), a transformers folder, or package.module:factory.
 
     `architecture` is a `package.module:factory` the caller named itself (compare's original):
     a lowbit folder of a plain module is rebuilt on it, with no need to trust the folder's own.
+    `runtime` runs a lowbit folder in another runtime than it records (see `load`).
     """
     path = Path(str(spec))
     if path.is_dir() and (path / MANIFEST).exists():
         plain = architecture and TORCH_KINDS.get(read_manifest(path)["model"]["kind"]).skeleton is None
-        return load(path, architecture if plain else None, trust_code)
+        return load(path, architecture if plain else None, trust_code, runtime)
     return load_source(spec, weights)
 
 

@@ -78,8 +78,12 @@ def render_markdown(comparison, worst_layers: int = 10) -> str:
         lines.append(f"| {name} | {_number(entry['original'])} | {_number(entry['quantized'])} | "
                      f"{_number(entry['delta'])} | [{_number(low)}, {_number(high)}] |")
     if comparison.layers:
-        lines += ["", f"## Worst layers (of {len(comparison.layers)}, output SQNR against the original)",
-                  "", "| layer | SQNR dB | scheme | weight | kernel |", "| --- | ---: | --- | --- | --- |"]
+        count = len(comparison.layers)
+        lines += ["", f"## Worst layers (of {count}, output SQNR against the original)", ""]
+        if comparison.settings.get("layers_in_pytorch"):
+            lines += ["The quantized model runs in ONNX Runtime; its layers were measured in PyTorch on the "
+                      "same integers (ONNX Runtime's int8 activations, if any, are not in them).", ""]
+        lines += ["| layer | SQNR dB | scheme | weight | kernel |", "| --- | ---: | --- | --- | --- |"]
         for layer in comparison.layers[:worst_layers]:
             lines.append(f"| {layer['name']} | {_number(layer['sqnr_db'], 3)} | {layer['scheme']} | "
                          f"{layer['weight']} {layer['granularity']} | {layer['kernel']} |")

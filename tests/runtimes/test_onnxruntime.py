@@ -230,3 +230,20 @@ def test_an_onnx_graph_with_a_foreign_op_domain_is_refused(tmp_path):
     _resigned(folder, foreign)
     with pytest.raises(lowbit.FormatError, match="op domains"):
         lowbit.load(folder)
+
+
+def test_compare_measures_an_onnx_folders_layers_in_pytorch(minilm, wiki_sentences, tmp_path):
+    from lowbit.report.markdown import render_markdown
+
+    model, _, path = minilm
+    folder = lowbit.save(lowbit.quantize(model, "w8", progress=False), tmp_path / "m", runtime="onnxruntime",
+                         accuracy_level=4)
+    comparison = lowbit.compare(str(path), str(folder), wiki_sentences[:8], samples=8, batch_sizes=(1,),
+                                runs=3, memory=False, progress=False)
+    # 6 layers x (query, key, value, output, intermediate, output), the pooler, three embeddings
+    assert len(comparison.layers) == 40
+    kernels = {layer["name"]: layer["kernel"] for layer in comparison.layers}
+    assert kernels["encoder.layer.0.attention.self.query"] == "ONNX Runtime MatMulNBits"
+    assert kernels["embeddings.word_embeddings"] == "ONNX Runtime GatherBlockQuantized"
+    assert all(12 < layer["sqnr_db"] < 80 for layer in comparison.layers)
+    assert "measured in PyTorch on the" in render_markdown(comparison)
