@@ -47,7 +47,7 @@ def clamp_range(module: nn.Module) -> tuple[float, float] | None:
 class Links:
     """What folds in a model, by module name.
 
-    `batch_norms`: {batch norm: the Conv2d whose output only it reads}.
+    `batch_norms`: {batch norm (with running statistics): the Conv2d whose output only it reads}.
     `activations`: {Linear or Conv2d: (low, high)} of the clamping activation that alone reads its
     output (after a folded batch norm).
     `producers`: {Conv2d: the Linear or Conv2d whose output it reads, through nothing but folded
@@ -90,7 +90,8 @@ def trace_links(model: nn.Module) -> Links:
     links = Links()
     for node in graph.nodes:  # batch norms first: the walks below step over the folded ones
         source = node.args[0] if node.args else None
-        if (isinstance(module_of(node), nn.BatchNorm2d) and source is not None
+        norm = module_of(node)
+        if (isinstance(norm, nn.BatchNorm2d) and norm.running_var is not None and source is not None
                 and isinstance(module_of(source), nn.Conv2d) and len(source.users) == 1):
             links.batch_norms[node.target] = source.target
     for node in graph.nodes:
@@ -135,10 +136,12 @@ def fold_batch_norms(model: nn.Module, batch_norms: dict[str, str]) -> None:
     for norm_name, conv_name in batch_norms.items():
         norm, conv = model.get_submodule(norm_name), model.get_submodule(conv_name)
         with torch.no_grad():
-            factor = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            gain = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+            shift = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
+            factor = gain / torch.sqrt(norm.running_var + norm.eps)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
             conv.weight.mul_(factor.reshape(-1, *[1] * (conv.weight.dim() - 1)))
-            conv.bias = nn.Parameter((bias - norm.running_mean) * factor + norm.bias)
+            conv.bias = nn.Parameter((bias - norm.running_mean) * factor + shift)
         _replace(model, norm_name, nn.Identity())
 
 

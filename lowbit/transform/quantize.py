@@ -22,7 +22,7 @@ from lowbit.nn.registry import qmodule_for
 from lowbit.nn.rounding import attach_roundings
 from lowbit.progress import progress_bar
 from lowbit.transform.calibrate import CalibrationResult, calibrate
-from lowbit.transform.fold import Links, fold_batch_norms, links_for, rounding_grids, share_grids
+from lowbit.transform.fold import Links, fold_batch_norms, links_for, rounding_grids, share_grids, trace_links
 from lowbit.transform.recipe import Recipe, make_recipe
 from lowbit.transform.sequential import quantize_blocks
 
@@ -249,11 +249,13 @@ def quantize(
 
 def _fold(target: nn.Module, names: list[str], calibration: Any) -> Links:
     """Fold batch norms into the convolutions before them (lowbit.transform.fold), as the
-    calibration did: a CalibrationResult recorded on the model unfolded keeps it unfolded."""
-    links = links_for(target, names)
-    if isinstance(calibration, CalibrationResult) and calibration.folded != links.batch_norms:
-        warnings.warn("this calibration was recorded without folding batch norms, so none is folded; "
-                      "calibrate again to fold them", LowbitWarning, stacklevel=3)
+    calibration did: a CalibrationResult that folded other batch norms (an older lowbit's, or one
+    recorded on another model) leaves the model unfolded, with a warning."""
+    recorded = calibration.folded if isinstance(calibration, CalibrationResult) else None
+    links = trace_links(target) if recorded else links_for(target, names)
+    if recorded is not None and recorded != links.batch_norms:
+        warnings.warn("this calibration folded other batch norms than this model has, so none is folded; "
+                      "calibrate this model again to fold them", LowbitWarning, stacklevel=3)
         return Links()
     fold_batch_norms(target, links.batch_norms)
     return links

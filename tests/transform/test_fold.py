@@ -183,3 +183,16 @@ def test_a_rounding_the_model_cannot_take_is_refused(tmp_path, roundings):
     edit_manifest(folder, lambda manifest: manifest.update(roundings=roundings))
     with pytest.raises(FormatError):
         lowbit.load(folder, skeleton=residual_net())
+
+
+def test_norms_without_gain_fold_and_norms_without_running_statistics_do_not():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    links = trace_links(model)
+    assert links.batch_norms == {"1": "0"}
+    folded = copy.deepcopy(model)
+    fold_batch_norms(folded, links.batch_norms)
+    x = batches()[0]
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
