@@ -13,9 +13,16 @@ node gets lowbit's values back:
   module's own calibrated grid. ONNX Runtime fuses DequantizeLinear → Conv → QuantizeLinear into
   QLinearConv.
 
-One tensor gets one grid: a module reading a quantized module's output on that module's grid
-(lowbit.transform.fold) reads its DequantizeLinear directly, and a Clip fused into a grid that
-lies inside its interval is left out (it would change nothing).
+The rounding points of lowbit.nn.rounding (a residual sum rounded where a convolution reads it)
+come out of the exporter as QuantizeLinear/DequantizeLinear already; ONNX Runtime fuses
+DequantizeLinear, DequantizeLinear → Add → QuantizeLinear into QLinearAdd when their scales are
+0-d, as every constant here is.
+
+One tensor gets one grid: a module reading a tensor already on its input grid (a quantized
+module's output, lowbit.transform.fold, or a rounding point) reads that DequantizeLinear directly,
+and a Clip fused into a grid that lies inside its interval is left out (it would change nothing).
+A Linear the exporter does not write as a Gemm on its own weight (a 3-D input becomes Transpose
+and MatMul) is refused with its name.
 """
 
 from __future__ import annotations
