@@ -49,19 +49,23 @@ bench-sklearn: $(INSTALLED)
 	$(BIN)/python -m bench.sklearn_models
 
 # llama.cpp beside lowbit on SmolLM2 decode. llama-cpp-python is on the index only as source:
-# its wheel is built once with this machine's cmake and gcc (15-40 minutes on 2 cores) and
-# cached, then bench.smollm2 adds llama.cpp's Q8_0 and Q4_0 rows.
+# its wheel is built once with this machine's cmake and gcc (3-40 minutes on 2 cores) and
+# cached, then bench.smollm2 adds llama.cpp's Q8_0 and Q4_0 rows. Native code without AMX:
+# on a Xeon whose AMX tiles this sandbox does not grant, ggml's AMX matmul segfaults.
 LLAMACPP := llama-cpp-python==0.3.36
-WHEELS := $(HOME)/.cache/lowbit/wheels
+WHEELS := $(HOME)/.cache/lowbit/wheels/no-amx
+LLAMACPP_WHEEL_BUILT = $$(ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl | head -1)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMACPP_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-0.3.36-*.whl))
 bench-llamacpp: $(BENCH_INSTALLED)
 	mkdir -p $(WHEELS)
 	@if [ -z "$(LLAMACPP_WHEEL)" ]; then \
 		echo "building $(LLAMACPP) (once; 15-40 minutes on 2 cores)"; \
-		CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-			$(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELS) $(LLAMACPP); \
+		CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'" \
+			CMAKE_BUILD_PARALLEL_LEVEL=2 \
+			$(BIN)/python -m pip wheel --no-cache-dir --no-deps --wheel-dir $(WHEELS) $(LLAMACPP); \
 	fi
-	$(BIN)/python -m pip install --quiet -c constraints.txt --find-links $(WHEELS) $(LLAMACPP)
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps --no-cache-dir $(LLAMACPP_WHEEL_BUILT)
 	$(BIN)/python -m bench.smollm2
 
 bench-tune: $(BENCH_INSTALLED)
