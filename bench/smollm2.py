@@ -43,9 +43,10 @@ from lowbit.evaluate import folder_bytes
 from lowbit.families import transformers as hf
 
 PROMPT_TOKENS, NEW_TOKENS = 64, 32
-# lowbit models also saved for the onnxruntime runtime, at these MatMulNBits accuracy levels
-# (4: int8 activations per block, as llama.cpp computes; 0: float32, lowbit's exact numerics).
-ONNX_LEVELS = {"w8": (4,), "w4-g64": (0, 4)}
+# lowbit models also saved for the onnxruntime runtime: (MatMulNBits accuracy level, longest block)
+# (4: int8 activations per block, as llama.cpp computes, over blocks of 16 when asked; 0: float32,
+# lowbit's exact numerics).
+ONNX_VARIANTS = {"w8": ((4, None), (4, 16)), "w4-g64": ((0, None), (4, None), (4, 16))}
 # 576, the hidden size, is not a multiple of 128: 4-bit groups of 64 (and the weights came from
 # Q4_1 groups of 32, which an asymmetric g32 quantizer would reproduce exactly).
 LOWBIT_RECIPES = {"w8": lowbit.PRESETS["w8"], "w8a8-dynamic": lowbit.PRESETS["w8a8-dynamic"],
@@ -168,10 +169,12 @@ def build_contenders(threads: int, scratch: Path) -> dict[str, Contender]:
         quantized = lowbit.quantize(fp32, recipe, progress=False)
         lowbit.save(quantized, scratch / name)
         contenders[f"lowbit {name}"] = torch_contender(quantized, folder_bytes(scratch / name))
-        for level in ONNX_LEVELS.get(name, ()):
-            folder = scratch / f"{name}-ort-{level}"
-            lowbit.save(quantized, folder, runtime="onnxruntime", accuracy_level=level)
-            label = f"lowbit {name} ort" + (" int8-act" if level == 4 else "")
+        for level, block in ONNX_VARIANTS.get(name, ()):
+            folder = scratch / f"{name}-ort-{level}-{block}"
+            lowbit.save(quantized, folder, runtime="onnxruntime", accuracy_level=level,
+                        activation_block=block)
+            activations = (" int8-act" if level == 4 else "") + (f"/{block}" if block else "")
+            label = f"lowbit {name} ort{activations}"
             contenders[label] = lowbit_onnx_contender(folder)
     torchao = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
     torch.save(torchao.state_dict(), scratch / "torchao.pt")

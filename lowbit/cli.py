@@ -133,6 +133,13 @@ def _one_of(*choices: str):
     return check
 
 
+def _one_of_blocks(value: int | None) -> int | None:
+    """--activation-block: one of the block lengths MatMulNBits takes, or unset."""
+    if value is not None and value not in (16, 32, 64, 128):
+        raise typer.BadParameter(f"{value} is not one of 16, 32, 64, 128")
+    return value
+
+
 def _preset_list(value: str | None) -> str | None:
     if value is not None and not [name for name in value.split(",") if name.strip()]:
         raise typer.BadParameter("name at least one preset, e.g. w8a8-dynamic,w8")
@@ -204,6 +211,10 @@ def quantize(
     accuracy_level: Annotated[int, typer.Option(min=0, max=4,
         help="onnxruntime: 0 computes in float32 from lowbit's dequantized weights (equal to lowbit's "
         "reference); 4 quantizes activations to int8 per block (faster, slightly less exact).")] = 0,
+    activation_block: Annotated[int | None, typer.Option(callback=_one_of_blocks,
+        help="onnxruntime: longest MatMulNBits block (16, 32, 64, 128). At accuracy level 4 "
+        "activations are quantized per block: smaller is more exact and slower. Default: the "
+        "weights' group (int8: the longest block that divides the width).")] = None,
 ) -> None:
     """Quantize a model and save it as a lowbit folder (a scikit-learn model: one lowbit file).
 
@@ -224,7 +235,7 @@ def quantize(
 
 
 def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size, fallback, overwrite,
-                    max_drop, data, metric, relative, runtime, accuracy_level, **_) -> None:
+                    max_drop, data, metric, relative, runtime, accuracy_level, activation_block, **_) -> None:
     granularity = f"group:{group_size}" if group_size else None
     chosen = make_recipe(recipe, granularity=granularity)
     model = load_source(source, weights)
@@ -240,7 +251,8 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
                        overwrite, tokenizer=tokenizer)
         return
     quantized = quantize_model(model, chosen, calibration=batches, skip=skip, fallback=fallback)
-    folder = save(quantized, out, overwrite=overwrite, runtime=runtime, accuracy_level=accuracy_level)
+    folder = save(quantized, out, overwrite=overwrite, runtime=runtime, accuracy_level=accuracy_level,
+                  activation_block=activation_block)
     modules = quantized_modules(quantized)
     console.print(
         f"quantized {len(modules)} modules with {recipe}; wrote {folder} "
@@ -393,8 +405,11 @@ def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
                    ["module", "layer", "scheme", "weight", runs_on, "bytes"], rows,
                    whole={"layer", "scheme", "bytes"})
     console.print(table)
+    onnx_entry = manifest.get("onnx") or {}
+    block = onnx_entry.get("activation_block")
+    blocks = f", blocks of at most {block}" if block else ""
     runtime = {"eager": "PyTorch eager", "onnxruntime": "ONNX Runtime (model.onnx, accuracy level "
-               f"{(manifest.get('onnx') or {}).get('accuracy_level', 0)})"}.get(manifest.get("runtime"), "?")
+               f"{onnx_entry.get('accuracy_level', 0)}{blocks})"}.get(manifest.get("runtime"), "?")
     reason = (manifest.get("runtime_choice") or {}).get("reason")
     console.print(_printable(f"runtime: {runtime}" + (f"; chosen by auto: {reason}" if reason else "")))
     quantized = sum(entry["bytes"] for entry in modules.values())
@@ -686,6 +701,9 @@ def export(
         help="What to write: onnx.")] = "onnx",
     accuracy_level: Annotated[int, typer.Option(min=0, max=4,
         help="0: float32 compute from lowbit's dequantized weights; 4: int8 activations per block.")] = 0,
+    activation_block: Annotated[int | None, typer.Option(callback=_one_of_blocks,
+        help="Longest MatMulNBits block (16, 32, 64, 128): at accuracy level 4, activations are "
+        "quantized per block, so smaller is more exact and slower.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Write a lowbit folder's model as one ONNX file that plain ONNX Runtime runs, with lowbit's
@@ -700,7 +718,7 @@ def export(
         from lowbit.runtimes.onnxruntime import export as onnx_export
 
         model = load(folder, runtime="torch")
-        graph = onnx_export(model, accuracy_level=accuracy_level)
+        graph = onnx_export(model, accuracy_level=accuracy_level, activation_block=activation_block)
         with atomic_file(out, overwrite) as staging:
             staging.write_bytes(graph)
         console.print(f"wrote {out} ({_mib(len(graph))}, {file_format}, accuracy level {accuracy_level})")

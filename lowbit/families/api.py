@@ -33,13 +33,13 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
 
 
 def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "eager",
-         accuracy_level: int = 0) -> Path:
+         accuracy_level: int = 0, activation_block: int | None = None) -> Path:
     """Save a quantized torch model as a lowbit folder: atomic, checksummed, no pickle. (A
     quantized scikit-learn model saves itself: `QuantizedEstimator.save(path)`.)
 
     `runtime` is what `lowbit.load` will run: "eager" (PyTorch) or "onnxruntime" (the folder
     also holds model.onnx, which plain ONNX Runtime runs without lowbit or torch)."""
-    return save_torch(model, path, overwrite, runtime, accuracy_level)
+    return save_torch(model, path, overwrite, runtime, accuracy_level, activation_block)
 
 
 def compare(

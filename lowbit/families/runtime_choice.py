@@ -65,7 +65,8 @@ def _no_graph_reason(model: nn.Module) -> str | None:
 
 
 def choose_runtime(model: nn.Module, accuracy_level: int = 0, shapes: Sequence[tuple[int, int]] = SHAPES,
-                   runs: int = 10, threads: int | None = None) -> RuntimeChoice:
+                   runs: int = 10, threads: int | None = None,
+                   activation_block: int | None = None) -> RuntimeChoice:
     """The faster of PyTorch eager and ONNX Runtime for `model`, by the geometric mean of their
     median latencies over `shapes` (batch, tokens; a plain model takes the batch sizes)."""
     reason = _no_graph_reason(model)
@@ -73,7 +74,7 @@ def choose_runtime(model: nn.Module, accuracy_level: int = 0, shapes: Sequence[t
         LOG.info("runtime auto: %s (%s); the torch runtime runs it", reason, type(model).__name__)
         return RuntimeChoice("eager", None, {"chosen": "eager", "reason": reason})
     try:
-        graph = export(model, accuracy_level=accuracy_level)
+        graph = export(model, accuracy_level=accuracy_level, activation_block=activation_block)
     except ExportError as error:
         warnings.warn(f"runtime auto keeps the torch runtime: {error}", LowbitWarning, stacklevel=3)
         return RuntimeChoice("eager", None, {"chosen": "eager", "reason": f"not exportable: {error}"})

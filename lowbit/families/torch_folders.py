@@ -66,26 +66,29 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
 RUNTIME_NAMES = {"torch": "eager", "eager": "eager", "onnxruntime": "onnxruntime", "auto": "auto"}
 
 
-def _graph_for(model: nn.Module, runtime: str, accuracy_level: int) -> tuple[str, bytes | None, dict | None]:
+def _graph_for(model: nn.Module, runtime: str, accuracy_level: int,
+               activation_block: int | None) -> tuple[str, bytes | None, dict | None]:
     """(runtime, ONNX graph or None, what `auto` measured or None) for `runtime` as asked."""
     if runtime not in RUNTIME_NAMES:
         raise LowbitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIME_NAMES)}")
     runtime = RUNTIME_NAMES[runtime]
     if runtime == "auto":
-        choice = choose_runtime(model, accuracy_level)
+        choice = choose_runtime(model, accuracy_level, activation_block=activation_block)
         return choice.runtime, choice.graph, choice.record
-    graph = onnx_export(model, accuracy_level=accuracy_level) if runtime == "onnxruntime" else None
+    graph = (onnx_export(model, accuracy_level=accuracy_level, activation_block=activation_block)
+             if runtime == "onnxruntime" else None)
     return runtime, graph, None
 
 
 def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "eager",
-         accuracy_level: int = 0) -> Path:
+         accuracy_level: int = 0, activation_block: int | None = None) -> Path:
     """Save a (quantized) model as a lowbit folder: atomic, checksummed, no pickle.
 
     A transformers model gets its config.json (with a quantization_config entry) and tokenizer
     files too, so `lowbit.load(path)` alone rebuilds it. `runtime` is what `lowbit.load` runs:
     "eager" (or "torch"), "onnxruntime" (the folder also holds model.onnx, see
-    lowbit.runtimes.onnxruntime; `accuracy_level` 4 quantizes activations to int8 per block), or
+    lowbit.runtimes.onnxruntime; `accuracy_level` 4 quantizes activations to int8 per block, of
+    at most `activation_block` inputs when given), or
     "auto" (both timed here, the faster kept; lowbit.json records why).
     """
     if not isinstance(model, nn.Module):
@@ -93,11 +96,12 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, run
     manifest = build_manifest(model)
     kind = torch_kind_of(model)
     write_files = kind.write_files(model, {"recipe": manifest["recipe"]}) if kind.write_files else None
-    runtime, graph, measured = _graph_for(model, runtime, accuracy_level)
+    runtime, graph, measured = _graph_for(model, runtime, accuracy_level, activation_block)
     manifest.update(runtime=runtime, runtime_choice=measured)
     if graph is not None:
         ops = {name: op_name(module) for name, module in quantized_modules(model).items()}
-        manifest["onnx"] = {"file": ONNX_FILE, "accuracy_level": accuracy_level, "ops": ops}
+        manifest["onnx"] = {"file": ONNX_FILE, "accuracy_level": accuracy_level, "ops": ops,
+                            "activation_block": activation_block}
 
     def write_extra(staging: Path) -> None:
         if write_files is not None:

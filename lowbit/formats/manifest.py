@@ -95,6 +95,7 @@ class OnnxEntry(Strict):
 
     file: Name = "model.onnx"
     accuracy_level: int = Field(0, ge=0, le=4)
+    activation_block: Literal[16, 32, 64, 128] | None = None
     ops: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
 
 

@@ -71,7 +71,8 @@ class _Encoder(GraphBuild):
         return graph.node("Tanh", [self.linear(pooler.dense, token, "pooler.dense")])
 
 
-def build_bert(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0) -> Any:
+def build_bert(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0,
+                max_block: int | None = None) -> Any:
     """The ONNX model of a (quantized) transformers BertModel; `ops` picks, per Linear name
     (`encoder.layer.0.attention.self.qkv` for the stacked projection), one of
     lowbit.runtimes.onnx_modules' ops."""
@@ -81,7 +82,7 @@ def build_bert(model: nn.Module, ops: dict[str, str] | None = None, accuracy_lev
     gelu = GELUS.get(config.hidden_act)
     if gelu is None:
         raise ExportError(f"activation {config.hidden_act!r} has no fused ONNX Runtime kernel here")
-    build = _Encoder(Graph("lowbit-bert"), ops or {}, accuracy_level)
+    build = _Encoder(Graph("lowbit-bert", max_block=max_block), ops or {}, accuracy_level)
     batch = ["batch", "sequence"]
     ids, mask, token_types = (build.graph.add_input(name, TensorProto.INT64, batch) for name in INPUTS)
     hidden = build.embeddings(model.embeddings, ids, token_types)

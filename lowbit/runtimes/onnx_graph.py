@@ -26,6 +26,7 @@ class Graph:
     inputs: list[Any] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
     count: int = 0
+    max_block: int | None = None  # MatMulNBits blocks at most this long (the activation block at level 4)
 
     def fresh(self, hint: str) -> str:
         self.count += 1

@@ -84,7 +84,8 @@ def _check(model: nn.Module) -> None:
                           f"(hidden_act {config.hidden_act!r})")
 
 
-def build_llama(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0) -> Any:
+def build_llama(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0,
+                max_block: int | None = None) -> Any:
     """The ONNX model of a (quantized) transformers LlamaForCausalLM; `ops` picks, per Linear name
     (`model.layers.0.self_attn.qkv`, `model.layers.0.mlp.gate_up` for the stacked ones), one of
     lowbit.runtimes.onnx_modules' ops."""
@@ -92,7 +93,7 @@ def build_llama(model: nn.Module, ops: dict[str, str] | None = None, accuracy_le
 
     _check(model)
     config = model.config
-    build = _Decoder(Graph("lowbit-llama"), ops or {}, accuracy_level)
+    build = _Decoder(Graph("lowbit-llama", max_block=max_block), ops or {}, accuracy_level)
     graph = build.graph
     head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads = (config.num_attention_heads, config.num_key_value_heads)

@@ -105,8 +105,8 @@ def _int4_block(module: nn.Module) -> int | None:
     return group if group in INT4_BLOCKS else None
 
 
-def _int8_block(width: int) -> int | None:
-    return next((block for block in BLOCKS if width % block == 0), None)
+def _int8_block(width: int, max_block: int | None = None) -> int | None:
+    return next((block for block in BLOCKS if width % block == 0 and block <= (max_block or block)), None)
 
 
 def _pack_nibbles(values: np.ndarray) -> np.ndarray:
@@ -116,20 +116,26 @@ def _pack_nibbles(values: np.ndarray) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def nbits_weights(module: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+NbitsWeights = tuple[np.ndarray, np.ndarray, np.ndarray, int, int]
+
+
+def nbits_weights(module: nn.Module, max_block: int | None = None) -> NbitsWeights:
     """(codes, scales, zero points, bits, block size) of a QLinear or QEmbedding as MatMulNBits
     and GatherBlockQuantized store them: codes (rows, blocks, block bytes), one float32 scale
-    and one zero point per block of each row."""
+    and one zero point per block of each row. With `max_block`, blocks are at most that long: an
+    int4 group splits into blocks that repeat its scale and zero point (the same weights; at
+    accuracy level 4, MatMulNBits quantizes activations per block, so smaller is more exact)."""
     spec, rows = _spec(module), module.weight.shape[0]
     width = module.weight_shape[-1]
     if spec.weight == "int4":
-        block = int(spec.granularity.split(":")[1])
-        blocks = width // block
+        group = int(spec.granularity.split(":")[1])
+        block = max_block if max_block and group > max_block and group % max_block == 0 else group
+        repeat, blocks = group // block, width // block
         codes = module.weight.numpy().reshape(rows, blocks, block // 2)
-        scales = module.weight_scale.float().numpy().reshape(rows, blocks)
-        zero_points = _pack_nibbles(module.weight_zero_point.numpy().astype(np.uint8).reshape(rows, blocks))
-        return codes, scales, zero_points, 4, block
-    block = _int8_block(width)
+        scales = np.repeat(module.weight_scale.float().numpy().reshape(rows, -1), repeat, axis=1)
+        zero_points = module.weight_zero_point.numpy().astype(np.uint8).reshape(rows, -1)
+        return codes, scales, _pack_nibbles(np.repeat(zero_points, repeat, axis=1)), 4, block
+    block = _int8_block(width, max_block)
     if spec.weight != "int8" or not spec.symmetric or block is None:
         raise ExportError(f"{spec.weight} {spec.granularity} weights of width {width} have no block layout")
     blocks = width // block
@@ -141,7 +147,7 @@ def nbits_weights(module: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 @LINEAR_OPS.register("matmul_nbits")
 def matmul_nbits(graph: Graph, module: nn.Module, x: str, accuracy_level: int) -> str:
-    codes, scales, zero_points, bits, block = nbits_weights(module)
+    codes, scales, zero_points, bits, block = nbits_weights(module, graph.max_block)
     inputs = [x, graph.constant("weight", codes), graph.constant("scales", scales.reshape(-1)),
               graph.constant("zero_points", zero_points.reshape(-1)), "", _bias(graph, module)]
     return graph.node("MatMulNBits", inputs if inputs[-1] else inputs[:4], domain=MICROSOFT,

@@ -313,9 +313,10 @@ class _Rewrite:
         self.grids[output] = self.grids.pop(rounded)
 
 
-def build_torch(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0) -> Any:
+def build_torch(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0,
+                max_block: int | None = None) -> Any:
     """The ONNX model of a quantized plain PyTorch model: input `input`, output `output`, the batch
-    dimension dynamic. `ops` and `accuracy_level` (for the transformer builders' MatMulNBits)
+    dimension dynamic. `ops`, `accuracy_level` and `max_block` (for the transformer builders' MatMulNBits)
     do not apply."""
     import onnx
 

@@ -56,10 +56,21 @@ def family_of(model: nn.Module) -> str:
     return model_type
 
 
-def export(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0) -> bytes:
-    """The serialized ONNX model of `model` (quantized or not)."""
+ACTIVATION_BLOCKS = (16, 32, 64, 128)
+
+
+def export(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0,
+           activation_block: int | None = None) -> bytes:
+    """The serialized ONNX model of `model` (quantized or not). `activation_block` caps the
+    MatMulNBits block: at accuracy level 4 activations are quantized to int8 per block, so a
+    smaller block is more exact and slower (SmolLM2 w4-g64: 138 tok/s at +0.6% perplexity over
+    lowbit's PyTorch run with blocks of 64, 87 tok/s at -0.05% with 16; bench/README.md)."""
     require_onnxruntime()
-    return GRAPHS.get(family_of(model))(model, ops=ops, accuracy_level=accuracy_level).SerializeToString()
+    if activation_block is not None and activation_block not in ACTIVATION_BLOCKS:
+        raise ExportError(f"activation_block {activation_block} is not one of {ACTIVATION_BLOCKS}")
+    builder = GRAPHS.get(family_of(model))
+    graph = builder(model, ops=ops, accuracy_level=accuracy_level, max_block=activation_block)
+    return graph.SerializeToString()
 
 
 def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],

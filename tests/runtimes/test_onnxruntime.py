@@ -247,3 +247,40 @@ def test_compare_measures_an_onnx_folders_layers_in_pytorch(minilm, wiki_sentenc
     assert kernels["embeddings.word_embeddings"] == "ONNX Runtime GatherBlockQuantized"
     assert all(12 < layer["sqnr_db"] < 80 for layer in comparison.layers)
     assert "measured in PyTorch on the" in render_markdown(comparison)
+
+
+@pytest.mark.parametrize("recipe", ["w4-g32", "w8"])
+def test_a_shorter_activation_block_keeps_the_weights_and_tightens_int8_activations(recipe):
+    """Blocks of 16 repeat each group's scale and zero point: at accuracy level 0 the output is the
+    same; at level 4 activations are quantized per 16 inputs, closer to the exact output."""
+    quantized = _reference_kernels(lowbit.quantize(tiny_bert(), recipe, progress=False))
+    batch = _batch()
+    with torch.inference_mode():
+        expected = quantized(**batch).last_hidden_state
+
+    def run(level, block):
+        graph = ort_runtime.export(quantized, accuracy_level=level, activation_block=block)
+        wrapped = ort_runtime.OnnxRuntimeModel(ort_runtime.session(graph, threads=1))
+        return _kept(wrapped(**batch).last_hidden_state, batch)
+
+    kept = _kept(expected, batch)
+    assert float((run(0, 16) - kept).abs().max()) < 1e-4
+    assert float((run(4, 16) - kept).abs().max()) < float((run(4, None) - kept).abs().max())
+    with pytest.raises(ExportError, match="activation_block"):
+        ort_runtime.export(quantized, activation_block=24)
+
+
+def test_the_cli_takes_an_activation_block_and_inspect_shows_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    runner = CliRunner()
+    arguments = ["quantize", "tests.fixtures_models:tiny_bert", "--recipe", "w8", "--runtime", "onnxruntime",
+                 "--accuracy-level", "4", "--out", str(tmp_path / "m")]
+    refused = runner.invoke(app, [*arguments, "--activation-block", "24"], env={"COLUMNS": "200"})
+    assert refused.exit_code == 2 and not (tmp_path / "m").exists()
+    result = runner.invoke(app, [*arguments, "--activation-block", "16"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "m")], env={"COLUMNS": "200"})
+    assert "accuracy level 4, blocks of at most 16" in shown.output
