@@ -37,8 +37,10 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, run
     """Save a quantized torch model as a lowbit folder: atomic, checksummed, no pickle. (A
     quantized scikit-learn model saves itself: `QuantizedEstimator.save(path)`.)
 
-    `runtime` is what `lowbit.load` will run: "eager" (PyTorch) or "onnxruntime" (the folder
-    also holds model.onnx, which plain ONNX Runtime runs without lowbit or torch)."""
+    `runtime` is what `lowbit.load` will run: "eager" (PyTorch), "onnxruntime" (the folder also
+    holds model.onnx, which plain ONNX Runtime runs without lowbit or torch) or "auto" (both timed,
+    the faster kept). For ONNX Runtime, `accuracy_level` 4 quantizes activations to int8 per
+    MatMulNBits block, and `activation_block` (16, 32, 64, 128) caps that block."""
     return save_torch(model, path, overwrite, runtime, accuracy_level, activation_block)
 
 
