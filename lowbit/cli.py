@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -737,7 +738,13 @@ QUANTIZE_BY_FAMILY = {"scikit-learn": _quantize_sklearn, "torch": _quantize_torc
 INSPECT_BY_FAMILY = {"scikit-learn": _inspect_sklearn, "torch": _inspect_torch}
 
 
+def _one_line_warning(message, category, *_args, **_kwargs) -> str:
+    """Warnings as `warning: ...` lines (not Python's file:line and source echo)."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    warnings.formatwarning = _one_line_warning
     try:
         app()
     except BrokenPipeError:  # the reader left while lowbit printed outside a command's handler

@@ -81,7 +81,7 @@ def test_nan_weights_are_refused_and_the_model_untouched(mlp):
 
 
 def test_group_size_that_does_not_divide_names_the_module():
-    model = nn.Sequential(nn.Linear(96, 32))
+    model = nn.Sequential(nn.Linear(40, 32))  # no supported group (32 and up) divides 40
     with pytest.raises(QuantizationError, match="'0'"):
         lowbit.quantize(model, "w4")
 
@@ -138,7 +138,7 @@ def test_other_subclasses_of_supported_modules_are_kept_in_float():
 
 
 def test_fallback_recipe_takes_the_modules_the_recipe_cannot_quantize():
-    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 8)).eval()  # 96 % 64 != 0
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 8)).eval()  # no group divides 40
     with pytest.raises(QuantizationError, match="fallback="):
         lowbit.quantize(model, lowbit.make_recipe("w4", granularity="group:64"), progress=False)
     with pytest.warns(lowbit.LowbitWarning, match="fallback"):
@@ -158,3 +158,23 @@ def test_a_missing_kernel_falls_back_with_a_warning_instead_of_crashing(mlp, mon
         weight_only = lowbit.quantize(mlp, "w8a8-dynamic", fallback="w8", progress=False)
     assert weight_only[0].spec.scheme == "weight_only"
     assert issubclass(lowbit.HardwareCompatibilityError, lowbit.QuantizationError)
+
+
+def test_a_group_that_does_not_divide_adapts_to_the_largest_that_does():
+    """SmolLM2's hidden size 576 is not a multiple of 128: a g128 request takes groups of 64 there
+    and 128 where it divides, with one warning, and never fails."""
+    import warnings
+
+    model = nn.Sequential(nn.Linear(576, 256), nn.Linear(256, 96), nn.Linear(96, 4)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantized = lowbit.quantize(model, "w4", progress=False)
+    groups = [module.spec.granularity for module in quantized]
+    assert groups == ["group:64", "group:128", "group:32"]
+    adapted = [str(warning.message) for warning in caught if "does not divide" in str(warning.message)]
+    assert len(adapted) == 1 and "group:64 for 1 (0)" in adapted[0] and "group:32 for 1 (2)" in adapted[0]
+    x = torch.randn(3, 576)
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(quantized(x), model(x)).min() > 0.99
+    with pytest.raises(QuantizationError, match="does not divide the input dimension 8"):
+        lowbit.quantize(nn.Sequential(nn.Linear(8, 4)), "w4", progress=False)  # no group divides 8

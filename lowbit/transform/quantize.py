@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterable
@@ -13,6 +14,7 @@ from torch import nn
 
 from lowbit.algorithms import ALGORITHMS
 from lowbit.core.digest import state_dict_sha256
+from lowbit.core.granularity import SUPPORTED_GROUP_SIZES
 from lowbit.errors import HardwareCompatibilityError, LowbitWarning, QuantizationError
 from lowbit.nn import QUANTIZED_MODULES, LayerSpec
 from lowbit.nn.kernels import missing_kernel
@@ -49,11 +51,13 @@ def plan(
 ) -> tuple[dict[str, LayerSpec], list[str]]:
     """LayerSpecs for every module to quantize, and the names of quantizable modules kept in float.
 
-    A module the recipe cannot quantize (a group size that does not divide it, a kernel this
-    machine lacks) takes `fallback`'s spec, with a warning; without a fallback the first is an
-    error and the second runs the reference kernel, with a warning.
+    A group size that does not divide a module's input dimension adapts: the largest supported
+    group below it that divides takes its place (SmolLM2's 576 takes groups of 64 for a request
+    of 128), with one warning. A module the recipe still cannot quantize (no group divides it, a
+    kernel this machine lacks) takes `fallback`'s spec, with a warning; without a fallback the
+    first is an error and the second runs the reference kernel, with a warning.
     """
-    specs, kept_float = {}, []
+    specs, kept_float, adapted = {}, [], {}
     for name, module in model.named_modules():
         kind = module_kind(module)
         if kind is None:
@@ -66,8 +70,38 @@ def plan(
         if kind == "conv" and spec.weight not in ("int8", "fp16", "bf16"):
             kept_float.append(name)  # int4 convolutions have no kernel: keep them in float
             continue
+        smaller = _dividing_group(module, spec)
+        if smaller is not None:
+            adapted[name] = (spec.granularity, smaller)
+            spec = dataclasses.replace(spec, granularity=smaller)
         specs[name] = _supported_spec(name, module, kind, spec, fallback)
+    if adapted:
+        warnings.warn(_adapted_message(adapted), LowbitWarning, stacklevel=3)
     return specs, kept_float
+
+
+def _adapted_message(adapted: dict[str, tuple[str, str]]) -> str:
+    """One line for every module whose group adapted: what was asked, what each took."""
+    taken: dict[tuple[str, str], list[str]] = {}
+    for name, pair in adapted.items():
+        taken.setdefault(pair, []).append(name)
+    parts = [f"{new} for {len(names)} ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+             for (_, new), names in taken.items()]
+    asked = next(iter(adapted.values()))[0]
+    return (f"{asked} does not divide every input dimension, so the largest group that does is used: "
+            + "; ".join(parts))
+
+
+def _dividing_group(module: nn.Module, spec: LayerSpec) -> str | None:
+    """The largest supported group below `spec`'s that divides `module`'s input dimension, when
+    `spec`'s group does not; None when it divides (or none does: that stays an error)."""
+    if not spec.granularity.startswith("group:"):
+        return None
+    group, width = int(spec.granularity.split(":")[1]), module.weight.shape[-1]
+    if width % group == 0:
+        return None
+    smaller = [size for size in SUPPORTED_GROUP_SIZES if size < group and width % size == 0]
+    return f"group:{max(smaller)}" if smaller else None
 
 
 def _problem(name: str, module: nn.Module, spec: LayerSpec) -> QuantizationError | None:

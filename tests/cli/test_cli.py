@@ -95,11 +95,15 @@ def test_unknown_recipe(tmp_path, weights):
                    "unknown recipe", out)
 
 
-def test_group_size_that_does_not_divide(tmp_path, weights):
+def test_group_size_that_does_not_divide_adapts_with_a_warning(tmp_path, weights):
     out = tmp_path / "out"
     result = lowbit("quantize", FACTORY, "--weights", weights, "-r", "w4", "--group-size", "256",
                     "--out", out)
-    assert_refused(result, "does not divide", out)
+    assert result.returncode == 0, result.stderr
+    assert "group:256 does not divide every input dimension" in result.stderr
+    manifest = json.loads((out / "lowbit.json").read_text())
+    groups = {entry["spec"]["granularity"] for entry in manifest["modules"].values()}
+    assert groups == {"group:64", "group:128"}
 
 
 def test_corrupt_and_truncated_weights(tmp_path, weights):

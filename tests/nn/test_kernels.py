@@ -137,3 +137,13 @@ def test_a_nan_input_gives_nan_outputs_like_a_float_layer_not_an_error(spec):
     with torch.inference_mode():
         y = module(x)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_int8pack_is_not_offered_where_torch_would_crash():
+    """`torch._weight_int8pack_mm` segfaults on input widths that are not multiples of 16."""
+    import lowbit
+
+    for width, offered in ((40, False), (48, True)):
+        quantized = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(width, 64)), "w8", progress=False)
+        assert ("int8pack_bf16" in candidate_kernels(quantized[0])) == offered
+        assert quantized(torch.randn(3, width)).shape == (3, 64)
