@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +96,17 @@ class OnnxRuntimeModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, **_: Any) -> Any:
-        ids = input_ids.detach().cpu().numpy().astype(np.int64, copy=False)
-        given = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if tensor is not None:
-                given[name] = tensor.detach().cpu().numpy()
-        feeds = {name: given[name].astype(np.int64, copy=False) for name in self.input_names}
+        ids = _int64_array(input_ids)
+        given = {"input_ids": ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        defaults = {"attention_mask": np.ones_like, "token_type_ids": np.zeros_like}
+        feeds = {name: _int64_array(given[name]) if given[name] is not None else defaults[name](ids)
+                 for name in self.input_names}
         outputs = self.session.run(None, feeds)
-        return _output_class(self.output_names)(**{name: torch.from_numpy(value) for name, value
-                                                   in zip(self.output_names, outputs, strict=True)})
+        return self.output_class(**dict(zip(self.output_names, map(torch.from_numpy, outputs), strict=True)))
+
+    @functools.cached_property
+    def output_class(self) -> Any:
+        return _output_class(self.output_names)
 
 
 class OnnxTensorModel(OnnxRuntimeModel):
@@ -115,6 +118,12 @@ class OnnxTensorModel(OnnxRuntimeModel):
         feeds = dict(zip(self.input_names, map(_as_float_array, inputs), strict=True))
         outputs = self.session.run(None, feeds)
         return torch.from_numpy(outputs[0]) if len(outputs) == 1 else tuple(map(torch.from_numpy, outputs))
+
+
+def _int64_array(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Token ids (or a mask) as the int64 numpy array the graph takes, without a copy when it is one."""
+    array = tensor if isinstance(tensor, np.ndarray) else tensor.detach().cpu().numpy()
+    return array.astype(np.int64, copy=False)
 
 
 def _as_float_array(tensor: torch.Tensor) -> np.ndarray:
