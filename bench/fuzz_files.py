@@ -65,6 +65,13 @@ def tiny_cnn():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
 
 
+def residual_cnn():
+    """Batch norms folded, ReLU6 fused, residual sums rounded: lowbit.json's `folded` and `roundings`."""
+    from tests.fixtures_models import residual_net
+
+    return residual_net()
+
+
 def tied_lm():
     from tests.fixtures_models import tied_lm as make
 
@@ -137,16 +144,20 @@ def _write_torch_seeds(folder: Path) -> list[dict[str, Any]]:
     plain = {"mlp-w8a8": ("bench.fuzz_files:tiny_mlp", "w8a8-dynamic", [2, 32]),
              "mlp-w4": ("bench.fuzz_files:tiny_mlp", "w4-g32", [3, 32]),
              "cnn-static": ("bench.fuzz_files:tiny_cnn", "w8a8-static", [2, 3, 6, 6]),
-             "tied-w8": ("bench.fuzz_files:tied_lm", "w8", "ids")}
+             "tied-w8": ("bench.fuzz_files:tied_lm", "w8", "ids"),
+             "residual-static": ("bench.fuzz_files:residual_cnn", "w8a8-static", [2, 3, 8, 8])}
     seeds = []
     for name, (factory, recipe, shape) in plain.items():
-        model = {"bench.fuzz_files:tiny_mlp": tiny_mlp, "bench.fuzz_files:tiny_cnn": tiny_cnn,
-                 "bench.fuzz_files:tied_lm": tied_lm}[factory]()
-        calibration = [torch.randn(4, 3, 6, 6) for _ in range(4)] if recipe == "w8a8-static" else None
+        model = globals()[factory.rpartition(":")[2]]()  # a factory of this file
+        calibration = [torch.randn(4, *shape[1:]) for _ in range(4)] if recipe == "w8a8-static" else None
         quantized = lowbit.quantize(model, recipe, calibration=calibration, progress=False)
         lowbit.save(quantized, folder / name)
         seeds.append({"format": "torch", "name": name, "path": str(folder / name), "skeleton": factory,
                       "shape": shape})
+        if factory.endswith("residual_cnn"):  # and as a plain model's QDQ graph in ONNX Runtime
+            lowbit.save(quantized, folder / f"{name}-ort", runtime="onnxruntime")
+            seeds.append({"format": "torch", "name": f"{name}-ort", "path": str(folder / f"{name}-ort"),
+                          "skeleton": None, "shape": shape})
     from tests.fixtures_models import tiny_bert, tiny_llama
 
     for name, make, recipe, runtime in (("bert-w8a8", tiny_bert, "w8a8-dynamic", "torch"),

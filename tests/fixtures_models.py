@@ -88,3 +88,21 @@ def tiny_llama():
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=64)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+class Residual(nn.Module):
+    """An inverted-residual block between two convolutions: the sum is another module's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand, self.norm, self.act = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()
+        self.project, self.project_norm = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.project_norm(self.project(self.act(self.norm(self.expand(x))))) + x
+
+
+def residual_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), Residual(), Residual(),
+                         nn.Conv2d(8, 4, 1)).eval()

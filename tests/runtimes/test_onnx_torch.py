@@ -139,7 +139,8 @@ def test_bn_free_nets_and_plain_nn_conv2d_export_too(tmp_path):
 
 
 def test_residual_sums_add_in_int8(tmp_path):
-    from tests.transform.test_fold import residual_batches, residual_net
+    from tests.fixtures_models import residual_net
+    from tests.transform.test_fold import residual_batches
 
     calibration = residual_batches()
     quantized = lowbit.quantize(residual_net(), "w8a8-static", calibration=calibration, progress=False)
@@ -158,7 +159,8 @@ def test_a_fresh_process_exports_rounding_points_before_any_call(tmp_path):
     import subprocess
     import sys
 
-    script = ("import lowbit; from tests.transform.test_fold import residual_batches, residual_net; "
+    script = ("import lowbit; from tests.transform.test_fold import residual_batches; "
+              "from tests.fixtures_models import residual_net; "
               "q = lowbit.quantize(residual_net(), 'w8a8-static', calibration=residual_batches(), "
               f"progress=False); lowbit.save(q, {str(tmp_path / 'm')!r}, runtime='onnxruntime')")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

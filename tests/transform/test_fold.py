@@ -11,6 +11,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import FormatError
 from lowbit.transform.fold import Links, fold_batch_norms, trace_links
+from tests.fixtures_models import residual_net
 
 
 def conv_net() -> nn.Module:
@@ -132,24 +133,6 @@ def test_a_folded_record_the_model_lacks_is_refused(tmp_path):
     edit_manifest(folder, lambda manifest: manifest["folded"].update({"2": "0"}))  # "2" is a ReLU6
     with pytest.raises(FormatError, match="no such pair"):
         lowbit.load(folder, skeleton=conv_net())
-
-
-class Residual(nn.Module):
-    """An inverted-residual block between two convolutions: the sum is another module's output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.expand, self.norm, self.act = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()
-        self.project, self.project_norm = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return self.project_norm(self.project(self.act(self.norm(self.expand(x))))) + x
-
-
-def residual_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), Residual(), Residual(),
-                         nn.Conv2d(8, 4, 1)).eval()
 
 
 def residual_batches():
