@@ -26,6 +26,7 @@ from torch import nn
 
 from lowbit.core.qtypes import UINT8
 from lowbit.core.quantize import qparams_from_range
+from lowbit.nn.kinds import set_module
 
 LOG = logging.getLogger("lowbit")
 WEIGHTED = (nn.Conv2d, nn.Linear)
@@ -142,7 +143,7 @@ def fold_batch_norms(model: nn.Module, batch_norms: dict[str, str]) -> None:
             bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
             conv.weight.mul_(factor.reshape(-1, *[1] * (conv.weight.dim() - 1)))
             conv.bias = nn.Parameter((bias - norm.running_mean) * factor + shift)
-        _replace(model, norm_name, nn.Identity())
+        set_module(model, norm_name, nn.Identity())
 
 
 def folded_structure(model: nn.Module, batch_norms: dict[str, str]) -> nn.Module:
@@ -152,13 +153,8 @@ def folded_structure(model: nn.Module, batch_norms: dict[str, str]) -> nn.Module
         conv = model.get_submodule(conv_name)
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
-        _replace(model, norm_name, nn.Identity())
+        set_module(model, norm_name, nn.Identity())
     return model
-
-
-def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
 
 def links_for(model: nn.Module, names: list[str]) -> Links:

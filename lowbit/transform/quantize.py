@@ -18,7 +18,7 @@ from lowbit.core.granularity import SUPPORTED_GROUP_SIZES
 from lowbit.errors import HardwareCompatibilityError, LowbitWarning, QuantizationError
 from lowbit.nn import QUANTIZED_MODULES, LayerSpec
 from lowbit.nn.kernels import missing_kernel
-from lowbit.nn.kinds import module_kind
+from lowbit.nn.kinds import module_kind, set_module
 from lowbit.nn.qweight import round_to_nearest
 from lowbit.nn.registry import qmodule_for
 from lowbit.nn.rounding import attach_roundings
@@ -147,12 +147,6 @@ def build_module(module: nn.Module, spec: LayerSpec, ranges: dict | None = None,
     else:  # data-free; or no calibration input reached it (a table, a head outside the blocks)
         rounded = (round_to_nearest if rounding.needs_hessian else rounding.round)(weight, spec)
     return kind.build(module, spec, {**ranges, "weight": rounded})
-
-
-def set_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, replacement)
 
 
 WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_zero_point")

@@ -24,6 +24,7 @@ from torch import nn
 
 from lowbit.data.batches import call_model
 from lowbit.errors import CalibrationError, QuantizationError
+from lowbit.nn.kinds import set_module
 from lowbit.progress import progress_bar
 
 Build = Callable[[str, dict[str, Any]], nn.Module]  # (module name, {"hessian": H}) -> its replacement
@@ -148,12 +149,11 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
                     block(*args, **kwargs)
             gathered = hessians.remove()
             for name in inside:
-                parent, _, child = name.rpartition(".")
                 try:
                     replacement = build(name, {"hessian": gathered.get(name)})
                 except QuantizationError as error:
                     raise QuantizationError(f"{name}: {error}") from None
-                setattr(model.get_submodule(parent), child, replacement)
+                set_module(model, name, replacement)
             with torch.inference_mode():
                 calls = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in calls]
             bar.advance(task)
