@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit.core.qtypes import UINT8
-from lowbit.core.quantize import qparams_from_range
 from lowbit.nn.kinds import set_module
 
 LOG = logging.getLogger("lowbit")
@@ -179,24 +177,20 @@ def share_grids(ranges: dict[str, dict], links: Links) -> None:
             ranges[consumer]["input"] = ranges[producer]["output"]
 
 
-def rounding_grids(ranges: dict[str, dict], sources: dict[str, str],
-                   links: Links) -> dict[str, tuple[float, int]]:
-    """{module: (scale, zero point)} rounding each source's output on the input grid of the
-    convolution reading it (lowbit.nn.rounding); a second reader of one source takes the first's
-    range, so nothing is rounded twice (`ranges` changes in place)."""
-    grids: dict[str, tuple[float, int]] = {}
-    first_reader: dict[str, str] = {}
+def rounding_readers(ranges: dict[str, dict], sources: dict[str, str], links: Links) -> dict[str, str]:
+    """{module: the static convolution on whose input grid its output is to be rounded}
+    (lowbit.nn.rounding; the grid is that convolution's once it is built). A second reader of
+    one module takes the first's input range, so nothing is rounded twice (`ranges` changes in
+    place)."""
+    readers: dict[str, str] = {}
     for conv, source in sources.items():
         if conv not in ranges or conv in links.producers:
             continue
-        if source in first_reader:
-            ranges[conv]["input"] = ranges[first_reader[source]]["input"]
+        if source in readers:
+            ranges[conv]["input"] = ranges[readers[source]]["input"]
             continue
-        first_reader[source] = conv
-        low, high = (torch.tensor(float(value)) for value in ranges[conv]["input"])
-        scale, zero_point = qparams_from_range(low, high, UINT8, symmetric=False)
-        grids[source] = (float(scale), int(zero_point))
-    return grids
+        readers[source] = conv
+    return readers
 
 
 def tensor_sources(model: nn.Module, batch: object, convolutions: list[str]) -> dict[str, str]:

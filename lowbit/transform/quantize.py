@@ -24,7 +24,14 @@ from lowbit.nn.registry import qmodule_for
 from lowbit.nn.rounding import attach_roundings
 from lowbit.progress import progress_bar
 from lowbit.transform.calibrate import CalibrationResult, calibrate
-from lowbit.transform.fold import Links, fold_batch_norms, links_for, rounding_grids, share_grids, trace_links
+from lowbit.transform.fold import (
+    Links,
+    fold_batch_norms,
+    links_for,
+    rounding_readers,
+    share_grids,
+    trace_links,
+)
 from lowbit.transform.recipe import Recipe, make_recipe
 from lowbit.transform.sequential import quantize_blocks
 
@@ -250,7 +257,7 @@ def quantize(
     links = _fold(target, list(specs), calibration)
     ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
     share_grids(ranges, links)
-    roundings = rounding_grids(ranges, sources, links)
+    readers = rounding_readers(ranges, sources, links)
     modules = dict(target.named_modules())
     storages = {name: weight_storage(modules[name]) for name in specs}
 
@@ -265,7 +272,8 @@ def quantize(
             set_module(target, name, build(name))
             bar.advance(step)
     share_tied_weights(target, storages)
-    attach_roundings(target, roundings)
+    attach_roundings(target, {source: _input_grid(target.get_submodule(reader))
+                              for source, reader in readers.items()})
     target.lowbit_folded = dict(links.batch_norms)
     example = _example_input(calibration)
     if example is not None:
@@ -287,6 +295,11 @@ def _fold(target: nn.Module, names: list[str], calibration: Any) -> Links:
         return Links()
     fold_batch_norms(target, links.batch_norms)
     return links
+
+
+def _input_grid(module: nn.Module) -> tuple[float, int]:
+    """A built static module's input grid: what a rounding point before it rounds onto."""
+    return float(module.input_scale), int(module.input_zero_point)
 
 
 def _example_input(calibration: Any) -> torch.Tensor | None:
