@@ -136,8 +136,10 @@ def _one_of(*choices: str):
 
 def _one_of_blocks(value: int | None) -> int | None:
     """--activation-block: one of the block lengths MatMulNBits takes, or unset."""
-    if value is not None and value not in (16, 32, 64, 128):
-        raise typer.BadParameter(f"{value} is not one of 16, 32, 64, 128")
+    from lowbit.runtimes.onnxruntime import ACTIVATION_BLOCKS
+
+    if value is not None and value not in ACTIVATION_BLOCKS:
+        raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, ACTIVATION_BLOCKS))}")
     return value
 
 

@@ -18,6 +18,7 @@ from lowbit.nn.kernels import KERNEL_NAMES, ROW_BUCKETS
 from lowbit.nn.registry import QMODULES
 from lowbit.nn.spec import ACTIVATIONS, SCHEMES, WEIGHT_TYPES
 from lowbit.runtimes import RUNTIMES
+from lowbit.runtimes.onnxruntime import ACTIVATION_BLOCKS
 
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_DEPTH = 64
@@ -95,7 +96,7 @@ class OnnxEntry(Strict):
 
     file: Name = "model.onnx"
     accuracy_level: int = Field(0, ge=0, le=4)
-    activation_block: Literal[16, 32, 64, 128] | None = None
+    activation_block: Literal[ACTIVATION_BLOCKS] | None = None
     ops: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
 
 

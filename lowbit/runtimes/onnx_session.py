@@ -96,10 +96,10 @@ class OnnxRuntimeModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, **_: Any) -> Any:
-        ids = _int64_array(input_ids)
+        ids = _array(input_ids, np.int64)
         given = {"input_ids": ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         defaults = {"attention_mask": np.ones_like, "token_type_ids": np.zeros_like}
-        feeds = {name: _int64_array(given[name]) if given[name] is not None else defaults[name](ids)
+        feeds = {name: _array(given[name], np.int64) if given[name] is not None else defaults[name](ids)
                  for name in self.input_names}
         outputs = self.session.run(None, feeds)
         return self.output_class(**dict(zip(self.output_names, map(torch.from_numpy, outputs), strict=True)))
@@ -115,22 +115,16 @@ class OnnxTensorModel(OnnxRuntimeModel):
     def forward(self, *inputs: torch.Tensor) -> Any:
         if len(inputs) != len(self.input_names):
             raise LowbitError(f"this model takes {len(self.input_names)} tensor(s), got {len(inputs)}")
-        feeds = dict(zip(self.input_names, map(_as_float_array, inputs), strict=True))
+        feeds = {name: _array(tensor, np.float32)
+                 for name, tensor in zip(self.input_names, inputs, strict=True)}
         outputs = self.session.run(None, feeds)
         return torch.from_numpy(outputs[0]) if len(outputs) == 1 else tuple(map(torch.from_numpy, outputs))
 
 
-def _int64_array(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Token ids (or a mask) as the int64 numpy array the graph takes, without a copy when it is one."""
+def _array(tensor: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    """`tensor` as the numpy array of `dtype` a graph input takes (a view when it already is one)."""
     array = tensor if isinstance(tensor, np.ndarray) else tensor.detach().cpu().numpy()
-    return array.astype(np.int64, copy=False)
-
-
-def _as_float_array(tensor: torch.Tensor) -> np.ndarray:
-    """A float32 numpy view of a CPU float32 tensor (a converted copy of anything else)."""
-    if tensor.dtype is torch.float32 and tensor.device.type == "cpu" and not tensor.requires_grad:
-        return tensor.numpy()
-    return tensor.detach().cpu().float().numpy()
+    return array.astype(dtype, copy=False)
 
 
 def _output_class(names: list[str]) -> Any:

@@ -25,7 +25,7 @@ from lowbit.runtimes import RUNTIMES
 from lowbit.runtimes.onnx_bert import build_bert
 from lowbit.runtimes.onnx_generate import OnnxCausalLM
 from lowbit.runtimes.onnx_llama import build_llama
-from lowbit.runtimes.onnx_modules import ExportError
+from lowbit.runtimes.onnx_modules import BLOCKS, ExportError
 from lowbit.runtimes.onnx_session import (
     OnnxRuntimeModel,
     OnnxTensorModel,
@@ -56,7 +56,7 @@ def family_of(model: nn.Module) -> str:
     return model_type
 
 
-ACTIVATION_BLOCKS = (16, 32, 64, 128)
+ACTIVATION_BLOCKS = tuple(sorted(BLOCKS))  # the MatMulNBits block lengths lowbit writes
 
 
 def export(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: int = 0,
