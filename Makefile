@@ -54,18 +54,17 @@ bench-sklearn: $(INSTALLED)
 # on a Xeon whose AMX tiles this sandbox does not grant, ggml's AMX matmul segfaults.
 LLAMACPP := llama-cpp-python==0.3.36
 WHEELS := $(HOME)/.cache/lowbit/wheels/no-amx
-LLAMACPP_WHEEL_BUILT = $$(ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl | head -1)
+LLAMACPP_WHEELS := $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-LLAMACPP_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-0.3.36-*.whl))
 bench-llamacpp: $(BENCH_INSTALLED)
 	mkdir -p $(WHEELS)
-	@if [ -z "$(LLAMACPP_WHEEL)" ]; then \
+	@if ! ls $(LLAMACPP_WHEELS) >/dev/null 2>&1; then \
 		echo "building $(LLAMACPP) (once; 15-40 minutes on 2 cores)"; \
 		CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'" \
 			CMAKE_BUILD_PARALLEL_LEVEL=2 \
 			$(BIN)/python -m pip wheel --no-cache-dir --no-deps --wheel-dir $(WHEELS) $(LLAMACPP); \
 	fi
-	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps --no-cache-dir $(LLAMACPP_WHEEL_BUILT)
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps --no-cache-dir $$(ls $(LLAMACPP_WHEELS) | head -1)
 	$(BIN)/python -m bench.smollm2
 
 bench-tune: $(BENCH_INSTALLED)
