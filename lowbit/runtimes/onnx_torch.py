@@ -28,6 +28,7 @@ and MatMul) is refused with its name.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import logging
 import platform
@@ -331,6 +332,7 @@ def build_torch(model: nn.Module, ops: dict[str, str] | None = None, accuracy_le
     return exported
 
 
+@functools.cache
 def has_vnni() -> bool:
     """Whether this CPU's int8 dot products cannot saturate on uint8 × int8 (VNNI on x86; other
     architectures have no int16 pair sums)."""
