@@ -35,13 +35,15 @@ def bench_arguments(
     return arguments
 
 
-def onnx_session(path: Path, threads: int):
-    """A peer's ONNX Runtime session, set up as lowbit's own (lowbit.runtimes.onnxruntime.session):
-    `threads` intra-op threads that stop spinning when a run returns; left spinning, they would
-    steal the cores of whatever is timed next (that more than doubled PyTorch's latency here)."""
+def onnx_session(path: Path, threads: int, fuse_skip_norm: bool = True):
+    """A peer's ONNX Runtime session: `threads` intra-op threads that spin while a run is in
+    flight and stop when it returns, as lowbit's own (lowbit.runtimes.onnxruntime.session); left
+    spinning, they would steal the cores of whatever is timed next (that more than doubled
+    PyTorch's latency here). The graph optimizer runs as ONNX Runtime's users get it, fusing
+    skip + layer norm, unless `fuse_skip_norm=False` (what lowbit's sessions do)."""
     from lowbit.runtimes.onnxruntime import session
 
-    return session(Path(path), threads=threads)
+    return session(Path(path), threads=threads, fuse_skip_norm=fuse_skip_norm)
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, names: list[str], outputs: str | list[str],

@@ -59,7 +59,8 @@ def check_graph(data: bytes, where: str) -> None:
         raise FormatError(f"{where} keeps tensors in external files; lowbit reads only the model file itself")
 
 
-def session(model: bytes | Path, threads: int | None = None, spinning: bool = False) -> Any:
+def session(model: bytes | Path, threads: int | None = None, spinning: bool = False,
+            fuse_skip_norm: bool = False) -> Any:
     """An ONNX Runtime CPU session on a serialized model, or on a model file (which may keep its
     weights in an external data file beside it); `threads` intra-op threads (torch's count by
     default).
@@ -68,6 +69,10 @@ def session(model: bytes | Path, threads: int | None = None, spinning: bool = Fa
     (`session.force_spinning_stop`): parked between ops, they cost MiniLM 30% at batch 1 (3.4 →
     2.4 ms), and left spinning after a run, they more than doubled the latency of PyTorch timed
     next to them. `spinning=True` keeps them spinning between runs too (ONNX Runtime's default).
+
+    The optimizer does not fuse a residual Add into the LayerNormalization after it: ONNX Runtime
+    1.32's fused SkipLayerNormalization is 5.7× slower than the two nodes (lowbit.runtimes.onnx_bert).
+    `fuse_skip_norm=True` lets it (ONNX Runtime's default, how a peer's graph runs for its users).
     """
     onnxruntime = require_onnxruntime()
     options = onnxruntime.SessionOptions()
@@ -75,6 +80,8 @@ def session(model: bytes | Path, threads: int | None = None, spinning: bool = Fa
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.force_spinning_stop", "0" if spinning else "1")
+    if not fuse_skip_norm:
+        options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
     options.log_severity_level = 3  # errors only: its graph warnings go to stdout and mean nothing here
     try:
         source = model if isinstance(model, bytes) else str(model)

@@ -30,6 +30,7 @@ feeds = {"input_ids": np.array([e.ids for e in encodings], np.int64),
          "token_type_ids": np.array([e.type_ids for e in encodings], np.int64)}
 options = onnxruntime.SessionOptions()
 options.intra_op_num_threads = 1
+options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
 session = onnxruntime.InferenceSession(folder + "/model.onnx", options, providers=["CPUExecutionProvider"])
 hidden = session.run(["last_hidden_state"], feeds)[0]
 mask = feeds["attention_mask"][..., None]
