@@ -1,5 +1,7 @@
 """lowbit: quantize trained models to 16, 8 and 4 bits, and measure what it costs and buys."""
 
+import logging
+
 import lowbit.report  # noqa: F401 - registers the Markdown and HTML renderers
 import lowbit.sklearn  # noqa: F401 - the public scikit-learn face, as lowbit.sklearn
 from lowbit.errors import (
@@ -24,6 +26,10 @@ from lowbit.transform.quantize import quantize
 from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
 from lowbit.tune.search import TuneResult
 from lowbit.version import __version__
+
+# A library's logger reaches the handlers its application configures; without any, nothing is
+# printed twice (what lowbit says to a person comes as a LowbitWarning or a progress line).
+logging.getLogger("lowbit").addHandler(logging.NullHandler())
 
 __all__ = [
     "__version__",

@@ -540,6 +540,9 @@ def compare_command(
     memory: Annotated[bool, typer.Option(help="Measure load time and peak RSS in subprocesses.")] = True,
     trust_pickle: _trust_pickle("original") = False,
     trust_code: TrustCode = False,
+    fallback: Annotated[bool, typer.Option(
+        help="When the quantized model cannot serve (it fails to load, needs a kernel this machine "
+             "lacks, or fails one batch), measure the original in its place, with the reason.")] = False,
 ) -> None:
     """Measure a quantized model against its original on your data: quality, speed, size, memory.
 
@@ -559,7 +562,7 @@ def compare_command(
                                  batch_sizes=tuple(batch_size or (1, 8)), max_drop=max_drop,
                                  relative=relative, samples=samples, seq_len=seq_len, runs=runs,
                                  threads=threads, memory=memory, trust_pickle=trust_pickle,
-                                 trust_code=trust_code)
+                                 trust_code=trust_code, fallback=fallback)
         _print_markdown(comparison.to_markdown())
         if json_out:
             write_text(json_out, comparison.to_json())
@@ -581,6 +584,9 @@ def bench_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     trust_pickle: _trust_pickle("file") = False,
     trust_code: TrustCode = False,
+    fallback: Annotated[str | None, typer.Option(
+        help="The original (folder, factory or model file): measured instead when the model cannot "
+             "serve (it fails to load, needs a kernel this machine lacks, or fails one batch).")] = None,
 ) -> None:
     """Latency (p50/p95/p99), throughput, size, peak memory and load time of one model.
 
@@ -595,13 +601,14 @@ def bench_command(
 
     with _user_errors():
         report = run_bench(model, tuple(batch_size or (1, 8)), seq_len, samples, threads, data,
-                           trust_pickle=trust_pickle, trust_code=trust_code)
+                           trust_pickle=trust_pickle, trust_code=trust_code, fallback=fallback)
         if as_json:
             print(json.dumps(report, indent=2, default=str))
             return
         sklearn = report["kind"].startswith("scikit-learn")
         title = report["kind"] if sklearn else f"{report['threads']} threads, {seq_len} tokens per sample"
-        table = Table(title=f"{model} ({title})")
+        measured = f"{fallback}, the original, in place of {model}" if report.get("served") else model
+        table = Table(title=f"{measured} ({title})")
         for column in ("batch", "p50 ms", "p95 ms", "p99 ms", "samples/s"):
             table.add_column(column, justify="right")
         for batch, entry in report["latency_ms"].items():

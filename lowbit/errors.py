@@ -37,6 +37,11 @@ class LowbitWarning(UserWarning):
     """Something lowbit worked around (a fallback, an unverified result) that you should know."""
 
 
+class MissingKernelWarning(LowbitWarning):
+    """A saved model names a kernel this machine lacks; it runs the slow reference kernel instead
+    (and `lowbit.load(..., fallback=ORIGINAL)` serves the original)."""
+
+
 class CalibrationError(LowbitError):
     """Calibration data is missing, empty, or does not fit the model."""
 

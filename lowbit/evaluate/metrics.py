@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,3 +105,16 @@ def speedup_interval(
     ratios = np.median(original[:runs][draws], axis=1) / np.median(quantized[:runs][draws], axis=1)
     low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)
+
+
+def is_finite(value: Any) -> bool:
+    """Whether every number in `value` (a tensor, an array, a model output, nested) is finite."""
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value).all()) if value.is_floating_point() else True
+    if isinstance(value, np.ndarray):
+        return bool(np.isfinite(value).all()) if np.issubdtype(value.dtype, np.floating) else True
+    if isinstance(value, dict):
+        return all(is_finite(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(is_finite(item) for item in value)
+    return not isinstance(value, float) or math.isfinite(value)

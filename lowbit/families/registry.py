@@ -29,6 +29,9 @@ class Family:
     load: Callable[..., Any]             # a saved lowbit model: load(path, **options)
     compare: Callable[..., Any]          # compare(original, quantized, data, **options) -> Comparison
     bench: Callable[..., dict[str, Any]]  # bench(model, **options)
+    open_original: Callable[..., Any]     # open_original(model or path, trust_pickle=, trust_code=)
+    smoke_input: Callable[[Any, Any], Any]  # smoke_input(loaded model, its path): one batch, or None
+    smoke_run: Callable[[Any, Any], bool]   # smoke_run(model, batch): whether its outputs are finite
     fallback: bool = False               # asked last: it claims whatever no other family does
 
 

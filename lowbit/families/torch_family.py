@@ -14,15 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lowbit.data.batches import call_model, tokenize
 from lowbit.errors import LowbitError
-from lowbit.evaluate.compare_models import FileMeasure, Settings, bench_model, compare_models
+from lowbit.evaluate.compare_models import DEFAULT_TEXT, FileMeasure, Settings, bench_model, compare_models
+from lowbit.evaluate.metrics import is_finite
 from lowbit.families import transformers as hf
 from lowbit.families.registry import FAMILIES, Family
 from lowbit.families.torch_folders import load, load_any, save, weights_bytes
-from lowbit.runtimes.onnx_session import OnnxRuntimeModel
+from lowbit.runtimes.onnx_session import OnnxRuntimeModel, OnnxTensorModel
 
 ModelLike = nn.Module | str | os.PathLike
 
@@ -145,5 +148,31 @@ def bench(model: ModelLike, batch_sizes: Sequence[int] = (1, 8), seq_len: int = 
         return bench_model(loaded, settings, data, find_tokenizer(path), files, path)
 
 
+SMOKE_TOKENS = 32
+
+
+def _open_original(model: ModelLike, trust_code: bool = False, **_: Any) -> nn.Module:
+    return open_model(model, trust_code)[0]
+
+
+def _smoke_input(model: nn.Module, path: Any) -> Any:
+    """One batch to check a loaded model with: a sentence in token ids when a tokenizer is saved
+    beside it, zeros of the graph's input shape for a plain model in ONNX Runtime, else None (a
+    plain module records no input shape)."""
+    tokenizer = find_tokenizer(str(path))
+    if tokenizer is not None:
+        return tokenize(tokenizer, [DEFAULT_TEXT], SMOKE_TOKENS)
+    if isinstance(model, OnnxTensorModel):
+        value = model.session.get_inputs()[0]
+        return torch.zeros([size if isinstance(size, int) else 1 for size in value.shape])
+    return None
+
+
+def _smoke_run(model: nn.Module, batch: Any) -> bool:
+    with torch.inference_mode():
+        return is_finite(call_model(model, batch))
+
+
 FAMILIES.add("torch", Family("torch", claims=lambda source: True, load=load, compare=compare, bench=bench,
+                             open_original=_open_original, smoke_input=_smoke_input, smoke_run=_smoke_run,
                              fallback=True))

@@ -69,6 +69,9 @@ def render_markdown(comparison, worst_layers: int = 10) -> str:
                  f"{_threads(settings)}, batch sizes {settings.get('batch_sizes')} "
                  f"(quality measured at batch {settings.get('quality_batch_size')}); "
                  "every figure measured in this run.")
+    if comparison.quantized.get("served") == "original":
+        lines += ["", f"**The quantized model cannot serve ({comparison.quantized['fallback_reason']}); the "
+                  "original was measured in its place.**"]
     lines += ["", "| measure | original | quantized | change |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(comparison)]
     lines += ["", "## Quality", "", "| metric | original | quantized | change | 95% interval |",

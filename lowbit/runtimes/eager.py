@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.errors import FormatError, LowbitWarning, QuantizationError
+from lowbit.errors import FormatError, MissingKernelWarning, QuantizationError
 from lowbit.nn import LayerSpec
 from lowbit.nn.registry import qmodule_for
 from lowbit.nn.rounding import attach_roundings
@@ -93,7 +93,7 @@ def check_loaded(model: nn.Module, where: str) -> None:
         swapped = module.use_available_kernels()
         if swapped:
             warnings.warn(f"{name}: this PyTorch build lacks {', '.join(swapped)}; running the (slow, exact) "
-                          "reference kernel instead", LowbitWarning, stacklevel=3)
+                          "reference kernel instead", MissingKernelWarning, stacklevel=3)
 
 
 def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
