@@ -703,6 +703,67 @@ def tune_command(
 
 
 
+@app.command("batch")
+def batch_command(
+    source: Annotated[Path, typer.Argument(
+        help="A folder of models: transformers folders, scikit-learn model files, and factories "
+        "named in its lowbit-batch.json.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Folder for the quantized models (outside SOURCE).")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Preset for torch models.")] = "w8a8-dynamic",
+    bits: Annotated[int, typer.Option(
+        callback=_bit_width, help="scikit-learn: starting width of every array (8, 16, 32).")] = 8,
+    max_drop: Annotated[float | None, typer.Option(callback=_non_negative,
+        help="Quality budget for models with data: torch models fall back to safer recipes until "
+        "the drop is at most this.")] = None,
+    data_map: Annotated[Path | None, typer.Option(
+        help='JSON {"model name": "data file"}: each model\'s evaluation data (paths relative to it).'
+    )] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Models quantized at once, in local processes.")] = 1,
+    ray: Annotated[str | None, typer.Option(
+        help="Run each model as a Ray task on the cluster at this address (host:port, or 'local').")] = None,
+    trust_pickle: _trust_pickle("file") = False,
+    retry_failed: Annotated[bool, typer.Option(help="Run again the models an earlier run failed.")] = False,
+) -> None:
+    """Quantize every model in a folder (and compare each on its data) in one command.
+
+    No failure stops the rest: each shows in the summary with its reason. Each output is written
+    atomically and recorded, so a rerun skips finished models and an interrupted batch resumes.
+    Writes OUT/batch.json. Exit code 3 when a model failed or failed its verdict.
+
+    \b
+    Examples:
+      lowbit batch ./models --out ./quantized --data-map data.json --trust-pickle
+      lowbit batch ./models --out ./quantized --workers 2
+      lowbit batch ./models --out ./quantized --ray 10.0.0.5:6379
+    """
+    from lowbit.families.batch import run_batch
+
+    def report(row) -> None:
+        said = f"{row.verdict}" if row.status == "done" else f"failed: {row.reason}"
+        errors.print(_printable(f"lowbit batch: {row.name}: {said} ({row.seconds:.0f} s)"), soft_wrap=True)
+
+    with _user_errors():
+        result = run_batch(source, out, recipe, bits, max_drop, data_map, workers, ray, trust_pickle,
+                           retry_failed, on_done=report)
+        table = Table(title=f"{source} → {out} ({result.executor})", box=box.SIMPLE)
+        for column in ("model", "verdict", "MiB", "drop", "× b1", "s"):
+            table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
+        for row in result.rows:
+            size = (f"{(row.original_bytes or 0) / 2**20:.1f}→{row.quantized_bytes / 2**20:.1f}"
+                    if row.quantized_bytes else "")
+            verdict = row.verdict if row.status == "done" else "[red]failed[/]"
+            table.add_row(escape(row.name), verdict + (" (earlier run)" if row.skipped else ""), size,
+                          f"{row.drop:.4g}" if row.drop is not None else "",
+                          f"{row.speedup:.2f}" if row.speedup else "", f"{row.seconds:.0f}")
+        console.print(table)
+        for row in result.failed:
+            console.print(_printable(f"  {row.name}: {row.reason or row.verdict}"), soft_wrap=True)
+        console.print(f"summary: {out / 'batch.json'}")
+    if result.failed:
+        raise typer.Exit(EXIT_VERDICT_FAILED)
+
+
 @app.command()
 def export(
     folder: Annotated[Path, typer.Argument(help="A lowbit model folder (a transformers model).")],

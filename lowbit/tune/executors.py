@@ -1,0 +1,199 @@
+"""Where independent pieces of work run: here, in local worker processes, or as Ray tasks.
+
+Each piece is a picklable top-level function applied to one picklable item (a trial, a model of
+a batch); it shares no state with the caller. `run_all` hands back one `Outcome` per item, in
+the items' order: the value, or the error that stopped it, with the node and process that ran
+it. A worker that dies mid-task (killed, out of memory) gets the task once more on a fresh worker;
+dying again, the task is recorded as failed with that reason and the rest go on.
+
+- "serial": one after another in this process (what `workers=1` means).
+- "processes": `workers` local processes (spawned, so no thread or lock state of the caller is
+  copied into them).
+- "ray": Ray tasks on the cluster at `address` ("local" starts a private one on this machine).
+  An address that does not answer is refused within seconds, naming the address.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.registry import Registry
+
+RETRIES = 1  # a task whose worker died runs once more
+CONNECT_SECONDS = 10.0
+
+
+@dataclass
+class Outcome:
+    """What one task gave: its value, or why it failed; where it ran; how long it took."""
+
+    value: Any = None
+    error: str | None = None
+    node: str = ""
+    attempts: int = 1
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """How to run tasks: an executor name, its worker count, and (Ray) the cluster address."""
+
+    name: str = "serial"
+    workers: int = 1
+    address: str | None = None
+
+    @property
+    def parallel(self) -> bool:
+        return self.name != "serial"
+
+
+OnDone = Callable[[int, Outcome], None]
+Runner = Callable[[Callable[[Any], Any], list[Any], ExecutorSpec, OnDone], list[Outcome]]
+EXECUTORS: Registry[Runner] = Registry("executor")
+
+
+def executor_spec(workers: int = 1, ray_address: str | None = None) -> ExecutorSpec:
+    """The executor the options ask for: Ray when an address is given, local processes for more
+    than one worker, else this process."""
+    if workers < 1:
+        raise LowbitError(f"workers must be at least 1, not {workers}")
+    if ray_address:
+        return ExecutorSpec("ray", workers, ray_address)
+    return ExecutorSpec("processes" if workers > 1 else "serial", workers)
+
+
+def run_all(task: Callable[[Any], Any], items: Sequence[Any], spec: ExecutorSpec | None = None,
+            on_done: OnDone | None = None) -> list[Outcome]:
+    """`task(item)` for every item, on the executor `spec` names; one Outcome per item, in order.
+    `on_done(index, outcome)` is called here as each finishes (to record it, show progress)."""
+    spec = spec or ExecutorSpec()
+    return EXECUTORS.get(spec.name)(task, list(items), spec, on_done or (lambda index, outcome: None))
+
+
+def node_name() -> str:
+    """Where this code runs: host and process id (and, in a Ray task, Ray's node id)."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{name} (ray node {ray.get_runtime_context().get_node_id()[:12]})"
+    except ImportError:
+        pass
+    return name
+
+
+def _timed(task: Callable[[Any], Any], item: Any) -> tuple[Any, str | None, str, float]:
+    """(value, error, node, seconds) of one task in the worker that runs it: a task's own error is
+    a result, not a crash of the worker."""
+    start = time.monotonic()
+    try:
+        return task(item), None, node_name(), time.monotonic() - start
+    except Exception as error:  # noqa: BLE001 - recorded against the item; the others go on
+        return None, f"{type(error).__name__}: {error}", node_name(), time.monotonic() - start
+
+
+def _outcome(result: tuple[Any, str | None, str, float], attempts: int) -> Outcome:
+    value, error, node, seconds = result
+    return Outcome(value, error, node, attempts, seconds)
+
+
+@EXECUTORS.register("serial")
+def _serial(task: Callable[[Any], Any], items: list[Any], _: ExecutorSpec, on_done: OnDone) -> list[Outcome]:
+    outcomes = []
+    for index, item in enumerate(items):
+        outcomes.append(_outcome(_timed(task, item), 1))
+        on_done(index, outcomes[-1])
+    return outcomes
+
+
+@EXECUTORS.register("processes")
+def _processes(task: Callable[[Any], Any], items: list[Any], spec: ExecutorSpec, on_done: OnDone
+               ) -> list[Outcome]:
+    """Local worker processes. A dead worker breaks the whole pool, so the pool is rebuilt and every
+    task that was still in flight counts one attempt."""
+    outcomes: dict[int, Outcome] = {}
+    attempts = dict.fromkeys(range(len(items)), 0)
+    context = multiprocessing.get_context("spawn")
+    while len(outcomes) < len(items):
+        pending = [index for index in range(len(items)) if index not in outcomes]
+        workers = min(spec.workers, len(pending))
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(_timed, task, items[index]): index for index in pending}
+            for index in pending:
+                attempts[index] += 1
+            for future in concurrent.futures.as_completed(futures):
+                index = futures[future]
+                try:
+                    outcomes[index] = _outcome(future.result(), attempts[index])
+                except BrokenProcessPool as error:
+                    if attempts[index] <= RETRIES:
+                        continue
+                    outcomes[index] = Outcome(error=f"its worker process died twice ({error})",
+                                              attempts=attempts[index])
+                on_done(index, outcomes[index])
+    return [outcomes[index] for index in range(len(items))]
+
+
+@EXECUTORS.register("ray")
+def _ray(task: Callable[[Any], Any], items: list[Any], spec: ExecutorSpec, on_done: OnDone) -> list[Outcome]:
+    """Ray tasks, one CPU each; Ray reruns a task whose worker died once (max_retries)."""
+    ray = connect_ray(spec.address)
+    remote = ray.remote(num_cpus=1, max_retries=RETRIES)(_timed)
+    pending = {remote.remote(task, item): index for index, item in enumerate(items)}
+    outcomes: dict[int, Outcome] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        index = pending.pop(ready[0])
+        try:
+            outcomes[index] = _outcome(ray.get(ready[0]), 1)
+        except ray.exceptions.RayError as error:  # the worker died on every attempt
+            outcomes[index] = Outcome(error=f"its Ray worker died on every attempt: {str(error)[:300]}",
+                                      attempts=1 + RETRIES)
+        on_done(index, outcomes[index])
+    return [outcomes[index] for index in range(len(items))]
+
+
+def connect_ray(address: str | None) -> Any:
+    """Ray, connected to the cluster at `address` ("local": a private one started here); an
+    address that does not answer is a LowbitError within CONNECT_SECONDS."""
+    try:
+        import ray
+    except ImportError:
+        raise LowbitError("running on Ray needs Ray: pip install 'lowbit[ray]'") from None
+    if ray.is_initialized():
+        return ray
+    if address in (None, "", "local"):
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        return ray
+    _check_answers(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except Exception as error:  # noqa: BLE001 - Ray's connection errors are of many types
+        raise LowbitError(f"cannot join the Ray cluster at {address}: {str(error)[:300]}") from None
+    return ray
+
+
+def _check_answers(address: str) -> None:
+    """Refuse a `host:port` where nothing listens, before Ray spends minutes retrying it."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise LowbitError(f"a Ray address is host:port (or 'local'), not {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS):
+            pass
+    except OSError as error:
+        raise LowbitError(f"no Ray cluster answers at {address}: {error}") from None
