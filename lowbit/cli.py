@@ -746,22 +746,31 @@ def batch_command(
     with _user_errors():
         result = run_batch(source, out, recipe, bits, max_drop, data_map, workers, ray, trust_pickle,
                            retry_failed, on_done=report)
-        table = Table(title=f"{source} → {out} ({result.executor})", box=box.SIMPLE)
-        for column in ("model", "verdict", "MiB", "drop", "× b1", "s"):
-            table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
+        table = Table(title=f"lowbit batch: {len(result.rows)} models ({result.executor})", box=box.SIMPLE)
+        for column in ("model", "verdict", "MiB", "metric", "drop", "× b1", "s"):
+            table.add_column(column, justify="left" if column in ("model", "verdict", "metric") else "right")
         for row in result.rows:
-            size = (f"{(row.original_bytes or 0) / 2**20:.1f}→{row.quantized_bytes / 2**20:.1f}"
-                    if row.quantized_bytes else "")
-            verdict = row.verdict if row.status == "done" else "[red]failed[/]"
-            table.add_row(escape(row.name), verdict + (" (earlier run)" if row.skipped else ""), size,
-                          f"{row.drop:.4g}" if row.drop is not None else "",
-                          f"{row.speedup:.2f}" if row.speedup else "", f"{row.seconds:.0f}")
+            table.add_row(*_batch_cells(row))
         console.print(table)
+        if any(row.skipped for row in result.rows):
+            console.print("  * finished by an earlier run (--retry-failed runs failed ones again)")
         for row in result.failed:
             console.print(_printable(f"  {row.name}: {row.reason or row.verdict}"), soft_wrap=True)
         console.print(f"summary: {out / 'batch.json'}")
     if result.failed:
         raise typer.Exit(EXIT_VERDICT_FAILED)
+
+
+def _batch_cells(row) -> tuple[str, ...]:
+    """One summary line: verdict (* when an earlier run made it), sizes, quality drop (relative
+    for torch models, predictions changed for scikit-learn), speed-up at batch 1, seconds."""
+    size = (f"{(row.original_bytes or 0) / 2**20:.1f}→{row.quantized_bytes / 2**20:.1f}"
+            if row.quantized_bytes else "")
+    verdict = (row.verdict if row.status == "done" else "[red]failed[/]") + ("*" if row.skipped else "")
+    drop = "" if row.drop is None else f"{row.relative_drop:.2%}" if row.relative_drop is not None \
+        else f"{row.drop:g}"
+    return (escape(row.name), verdict, size, row.metric, drop, f"{row.speedup:.2f}" if row.speedup else "",
+            f"{row.seconds:.0f}")
 
 
 @app.command()

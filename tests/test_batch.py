@@ -93,3 +93,30 @@ def test_workers_give_the_same_rows_and_say_where_each_ran(models, tmp_path, opt
     assert logistic.verdict == "pass" and logistic.node
     if "ray_address" in options:
         assert all("ray node" in row.node for row in parallel.rows)
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", "batch", *map(str, args)], capture_output=True,
+                          text=True, cwd=root, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root), "COLUMNS": "80"})
+
+
+def test_the_command_prints_a_verdict_per_model_and_exits_3_on_a_failure(models, tmp_path):
+    folder, data_map = models
+    (folder / "minilm").unlink()
+    result = _cli(folder, "--out", tmp_path / "out", "--data-map", data_map, "--trust-pickle")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:2] == ["logistic", "pass"] for line in lines if line.strip())
+    assert any("broken" in line and "failed" in line for line in lines)
+    reasons = [line for line in lines if line.startswith("  broken: ")]
+    assert reasons and all(len(line) <= 80 for line in lines if line not in reasons)
+    refused = _cli(folder, "--out", folder / "quantized")
+    assert refused.returncode == 2 and "inside the source folder" in refused.stderr

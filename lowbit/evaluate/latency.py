@@ -4,6 +4,7 @@ causal language model."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import statistics
 from collections.abc import Callable
@@ -162,8 +163,10 @@ def generation_speed(
 
 
 def _greedy_decode(model: nn.Module, output: Any, new_tokens: int) -> None:
-    """`new_tokens` greedy steps after a prefill `output`, one token at a time with the KV cache."""
-    past, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    """`new_tokens` greedy steps after a prefill `output`, one token at a time with the KV cache
+    (transformers 5 calls it `cache`, earlier versions `past_key_values`)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past, token = output[name], output.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens):
-        output = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        output = model(input_ids=token, use_cache=True, **{name: past})
+        past, token = output[name], output.logits[:, -1:].argmax(-1)

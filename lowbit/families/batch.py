@@ -74,7 +74,8 @@ class BatchRow:
     original_bytes: int | None = None
     quantized_bytes: int | None = None
     metric: str = ""
-    drop: float | None = None
+    drop: float | None = None  # in the metric's units (scikit-learn: predictions changed)
+    relative_drop: float | None = None  # a fraction of the original's value (torch models)
     speedup: float | None = None
     seconds: float = 0.0
     node: str = ""
@@ -270,7 +271,8 @@ def _quantize_torch(model: BatchModel, settings: BatchSettings) -> BatchRow:
         verdict = comparison.verdict()
         row.verdict = "pass" if verdict["passed"] else "fail"
         row.metric, row.speedup = comparison.metric, comparison.speedups.get("1")
-        row.drop = quality_drop(comparison.quality[comparison.metric])
+        entry = comparison.quality[comparison.metric]
+        row.drop, row.relative_drop = quality_drop(entry), quality_drop(entry, relative=True)
         if not verdict["passed"]:
             row.reason = "; ".join(verdict["lines"])
     return row
@@ -287,5 +289,5 @@ def _quantize_sklearn(model: BatchModel, settings: BatchSettings) -> BatchRow:
                     ("pass" if unchanged else "fail") if verified else "unchecked (no data)",
                     recipe=f"{settings.bits}-bit arrays", original_bytes=report["original_size_bytes"],
                     quantized_bytes=report["quantized_size_bytes"],
-                    metric="prediction changes" if verified else "",
+                    metric="changed" if verified else "",
                     drop=float(report["prediction_differences"]) if verified else None)
