@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -754,9 +755,11 @@ def batch_command(
         console.print(table)
         if any(row.skipped for row in result.rows):
             console.print("  * finished by an earlier run (--retry-failed runs failed ones again)")
-        for row in result.failed:
-            console.print(_printable(f"  {row.name}: {row.reason or row.verdict}"), soft_wrap=True)
-        console.print(f"summary: {out / 'batch.json'}")
+        for row in result.failed:  # wrapped at 80 columns; a path stays whole on its line
+            reason = textwrap.fill(f"{row.name}: {row.reason or row.verdict}", 80, initial_indent="  ",
+                                   subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+            console.print(_printable(reason), soft_wrap=True)
+        console.print(f"summary: {out / 'batch.json'}", soft_wrap=True)
     if result.failed:
         raise typer.Exit(EXIT_VERDICT_FAILED)
 
