@@ -631,14 +631,15 @@ def bench_command(
 
 def _tune_and_save(model, data, metric, max_drop, objective, candidates, calibration, relative, out,
                    overwrite, tokenizer=None, time_budget=None, batch_size=1, samples=256,
-                   json_out=None, html_out=None) -> None:
+                   json_out=None, html_out=None, workers=1, ray_address=None) -> None:
     """Run tune, print its report, write the reports; save the model only if the budget held."""
 
     from lowbit.tune.search import tune
 
     result = tune(model, data, metric=metric, max_drop=max_drop, objective=objective, candidates=candidates,
                   calibration=calibration, time_budget=time_budget, relative=relative,
-                  batch_size=batch_size, samples=samples, tokenizer=tokenizer)
+                  batch_size=batch_size, samples=samples, tokenizer=tokenizer, workers=workers,
+                  ray_address=ray_address)
     _print_markdown(result.to_markdown())
     if json_out:
         write_text(json_out, json.dumps(result.to_dict(), indent=2))
@@ -678,17 +679,24 @@ def tune_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    workers: Annotated[int, typer.Option(min=1,
+        help="Trials measured at once, in local processes (the choice is the serial search's).")] = 1,
+    ray: Annotated[str | None, typer.Option(
+        help="Measure the trials as Ray tasks on the cluster at this address (host:port, or "
+        "'local').")] = None,
 ) -> None:
     """Find the smallest (or fastest) quantized model within a quality budget, and save it.
 
     Tries candidates from aggressive to safe, moves the most sensitive modules to a safer scheme
     when one misses, and keeps the best that meets the budget. Exit code 4, and nothing written,
     when no quantized model meets it. --time-budget bounds the wall time: w8 runs first, and
-    the message names every candidate not tried.
+    the message names every candidate not tried. --workers and --ray measure trials in parallel;
+    latency is timed in this process while every worker is idle.
 
     \b
-    Example:
+    Examples:
       lowbit tune ./minilm --data val.jsonl --metric cosine --max-drop 0.01 --out ./q
+      lowbit tune ./minilm --data val.jsonl --max-drop 0.01 --out ./q --ray 10.0.0.5:6379
     """
     with _user_errors():
         if out.exists() and not overwrite:
@@ -699,7 +707,7 @@ def tune_command(
         names = [name.strip() for name in candidates.split(",") if name.strip()] if candidates else None
         _tune_and_save(model, data, metric, max_drop, objective, names, batches, relative, out, overwrite,
                        tokenizer=tokenizer, time_budget=time_budget, batch_size=batch_size, samples=samples,
-                       json_out=json_out, html_out=html_out)
+                       json_out=json_out, html_out=html_out, workers=workers, ray_address=ray)
 
 
 

@@ -106,3 +106,24 @@ def residual_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), Residual(), Residual(),
                          nn.Conv2d(8, 4, 1)).eval()
+
+
+class _DiesInAWorker(nn.Module):
+    """An MLP whose forward kills the process it runs in when that is a worker process (a real
+    crash, as an out-of-memory kill would be): tune's executors must retry once, then record it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tiny_mlp()
+
+    def forward(self, x):
+        import multiprocessing
+        import os
+
+        if multiprocessing.parent_process() is not None:
+            os._exit(9)
+        return self.body(x)
+
+
+def dies_in_a_worker() -> nn.Module:
+    return _DiesInAWorker().eval()

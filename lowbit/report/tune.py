@@ -4,6 +4,7 @@ sensitivity ranking (table and plot)."""
 from __future__ import annotations
 
 import html
+from collections import Counter
 
 from lowbit.report.html import _figure_png, _table
 from lowbit.report.markdown import _number
@@ -25,10 +26,15 @@ def _sensitivity_rows(block: dict, top: int) -> list[list[str]]:
 
 def _header(result) -> list[str]:
     unit = "relative " if result.relative else ""
-    return [f"{result.message}",
-            f"Budget: {result.metric} {unit}drop ≤ {result.max_drop:g}; objective: {result.objective}; "
-            f"original {result.metric} {_number(result.original_quality)}, "
-            f"{result.original_size_bytes / 2**20:.2f} MiB in memory."]
+    lines = [f"{result.message}",
+             f"Budget: {result.metric} {unit}drop ≤ {result.max_drop:g}; objective: {result.objective}; "
+             f"original {result.metric} {_number(result.original_quality)}, "
+             f"{result.original_size_bytes / 2**20:.2f} MiB in memory."]
+    if result.settings.get("executor"):
+        nodes = Counter(trial.node for trial in result.trials if trial.node)
+        where = ", ".join(f"{node} ({count})" for node, count in nodes.items())
+        lines.append(f"Trials: {result.settings['executor']}." + (f" Measured on: {where}." if where else ""))
+    return lines
 
 
 def render_markdown(result, top: int = 10) -> str:

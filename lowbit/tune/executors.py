@@ -61,7 +61,8 @@ class ExecutorSpec:
 
 
 OnDone = Callable[[int, Outcome], None]
-Runner = Callable[[Callable[[Any], Any], list[Any], ExecutorSpec, OnDone], list[Outcome]]
+Runner = Callable[[Callable[..., Any], list[Any], ExecutorSpec, OnDone, Any], list[Outcome]]
+_SHARED: dict[str, Any] = {}  # in a worker process: what its tasks share
 EXECUTORS: Registry[Runner] = Registry("executor")
 
 
@@ -75,12 +76,15 @@ def executor_spec(workers: int = 1, ray_address: str | None = None) -> ExecutorS
     return ExecutorSpec("processes" if workers > 1 else "serial", workers)
 
 
-def run_all(task: Callable[[Any], Any], items: Sequence[Any], spec: ExecutorSpec | None = None,
-            on_done: OnDone | None = None) -> list[Outcome]:
+def run_all(task: Callable[..., Any], items: Sequence[Any], spec: ExecutorSpec | None = None,
+            on_done: OnDone | None = None, shared: Any = None) -> list[Outcome]:
     """`task(item)` for every item, on the executor `spec` names; one Outcome per item, in order.
-    `on_done(index, outcome)` is called here as each finishes (to record it, show progress)."""
+    `on_done(index, outcome)` is called here as each finishes (to record it, show progress). With
+    `shared` (what every task reads: a model and its data), each task is `task(shared, item)`
+    and `shared` is sent to each worker once, not with every item."""
     spec = spec or ExecutorSpec()
-    return EXECUTORS.get(spec.name)(task, list(items), spec, on_done or (lambda index, outcome: None))
+    runner = EXECUTORS.get(spec.name)
+    return runner(task, list(items), spec, on_done or (lambda index, outcome: None), shared)
 
 
 def node_name() -> str:
@@ -96,12 +100,13 @@ def node_name() -> str:
     return name
 
 
-def _timed(task: Callable[[Any], Any], item: Any) -> tuple[Any, str | None, str, float]:
+def _timed(task: Callable[..., Any], item: Any, shared: Any = None) -> tuple[Any, str | None, str, float]:
     """(value, error, node, seconds) of one task in the worker that runs it: a task's own error is
     a result, not a crash of the worker."""
     start = time.monotonic()
     try:
-        return task(item), None, node_name(), time.monotonic() - start
+        value = task(item) if shared is None else task(shared, item)
+        return value, None, node_name(), time.monotonic() - start
     except Exception as error:  # noqa: BLE001 - recorded against the item; the others go on
         return None, f"{type(error).__name__}: {error}", node_name(), time.monotonic() - start
 
@@ -112,17 +117,26 @@ def _outcome(result: tuple[Any, str | None, str, float], attempts: int) -> Outco
 
 
 @EXECUTORS.register("serial")
-def _serial(task: Callable[[Any], Any], items: list[Any], _: ExecutorSpec, on_done: OnDone) -> list[Outcome]:
+def _serial(task: Callable[..., Any], items: list[Any], _: ExecutorSpec, on_done: OnDone,
+            shared: Any) -> list[Outcome]:
     outcomes = []
     for index, item in enumerate(items):
-        outcomes.append(_outcome(_timed(task, item), 1))
+        outcomes.append(_outcome(_timed(task, item, shared), 1))
         on_done(index, outcomes[-1])
     return outcomes
 
 
+def _install_shared(shared: Any) -> None:
+    _SHARED["value"] = shared
+
+
+def _timed_with_shared(task: Callable[..., Any], item: Any) -> tuple[Any, str | None, str, float]:
+    return _timed(task, item, _SHARED["value"])
+
+
 @EXECUTORS.register("processes")
-def _processes(task: Callable[[Any], Any], items: list[Any], spec: ExecutorSpec, on_done: OnDone
-               ) -> list[Outcome]:
+def _processes(task: Callable[..., Any], items: list[Any], spec: ExecutorSpec, on_done: OnDone,
+               shared: Any) -> list[Outcome]:
     """Local worker processes. A dead worker breaks the whole pool, so the pool is rebuilt and every
     task that was still in flight counts one attempt."""
     outcomes: dict[int, Outcome] = {}
@@ -131,8 +145,10 @@ def _processes(task: Callable[[Any], Any], items: list[Any], spec: ExecutorSpec,
     while len(outcomes) < len(items):
         pending = [index for index in range(len(items)) if index not in outcomes]
         workers = min(spec.workers, len(pending))
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(_timed, task, items[index]): index for index in pending}
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_install_shared,
+                                                    initargs=(shared,)) as pool:
+            run = _timed if shared is None else _timed_with_shared
+            futures = {pool.submit(run, task, items[index]): index for index in pending}
             for index in pending:
                 attempts[index] += 1
             for future in concurrent.futures.as_completed(futures):
@@ -149,11 +165,14 @@ def _processes(task: Callable[[Any], Any], items: list[Any], spec: ExecutorSpec,
 
 
 @EXECUTORS.register("ray")
-def _ray(task: Callable[[Any], Any], items: list[Any], spec: ExecutorSpec, on_done: OnDone) -> list[Outcome]:
-    """Ray tasks, one CPU each; Ray reruns a task whose worker died once (max_retries)."""
+def _ray(task: Callable[..., Any], items: list[Any], spec: ExecutorSpec, on_done: OnDone,
+         shared: Any) -> list[Outcome]:
+    """Ray tasks, one CPU each; Ray reruns a task whose worker died once (max_retries). `shared`
+    goes into Ray's object store once; each task gets it from there."""
     ray = connect_ray(spec.address)
     remote = ray.remote(num_cpus=1, max_retries=RETRIES)(_timed)
-    pending = {remote.remote(task, item): index for index, item in enumerate(items)}
+    reference = None if shared is None else ray.put(shared)
+    pending = {remote.remote(task, item, reference): index for index, item in enumerate(items)}
     outcomes: dict[int, Outcome] = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)

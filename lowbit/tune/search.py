@@ -42,6 +42,7 @@ from lowbit.progress import progress_bar
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.quantize import build_module, plan, quantize, set_module
 from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
+from lowbit.tune.executors import ExecutorSpec, executor_spec, node_name
 
 Objective = Literal["size", "latency"]
 DEFAULT_CANDIDATES = ("w4", "w8a8-static", "w8a8-dynamic", "w8", "fp16")
@@ -66,6 +67,8 @@ class Trial:
     speedup_ci95: list[float] | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    candidate: str = ""  # the candidate's name (the label adds the modules moved)
+    node: str = ""  # the host and process (and Ray node) that measured it
 
 
 @dataclass
@@ -216,6 +219,43 @@ def _rank_with_exact_metric(work: _Workload, recipe: Recipe, rows: list[dict[str
     return head + rows[top:]
 
 
+def measure_trial(work: _Workload, calibration: CalibrationResult | None, name: str, recipe: Recipe,
+                  moved: list[str], safer: tuple[str, Recipe] | None) -> tuple[Trial, nn.Module | None]:
+    """A candidate quantized (modules `moved` to the safer recipe, or kept float without one) and
+    scored against the original: a Trial with its quality, size and seconds, accepted when within
+    the budget (latency and the final judgement come later), and the model; pure work that any
+    executor can run. A candidate that cannot be quantized gives a Trial that says why, no model."""
+    start = time.monotonic()
+    overrides = {module: safer[1] for module in moved} if safer else {}
+    label = _label(name, moved, safer and safer[0])
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LowbitWarning)
+            model = quantize(work.model, recipe, calibration=calibration, overrides=overrides,
+                             skip=moved if safer is None else [], fallback=safer[1] if safer else None,
+                             progress=False)
+    except LowbitError as error:
+        return Trial(label, recipe.model_dump(mode="json"), math.nan, math.inf, 0, False,
+                     f"could not quantize: {error}", moved, seconds=time.monotonic() - start, candidate=name,
+                     node=node_name()), None
+    quality, drop = _score(work, model)
+    trial = Trial(label, recipe.model_dump(mode="json"), quality, drop, parameter_bytes(model),
+                  drop <= work.max_drop + BUDGET_TOLERANCE, "", moved,
+                  notes=sorted({str(warning.message) for warning in caught}), candidate=name,
+                  node=node_name())
+    trial.seconds = time.monotonic() - start
+    return trial, model
+
+
+def rank_modules(work: _Workload, calibration: CalibrationResult | None, recipe: Recipe,
+                 safer: tuple[str, Recipe], exact_top: int) -> list[dict[str, Any]]:
+    """Modules by sensitivity to `recipe` (proxy SQNR), the top `exact_top` re-ranked by the
+    exact metric: pure work that any executor can run."""
+    ranked = sensitivity(work.model, recipe, work.proxy_batches, calibration, work.proxy_reference,
+                         fallback=safer[1])
+    return _rank_with_exact_metric(work, recipe, ranked, calibration, safer[1], exact_top)
+
+
 def _label(recipe_name: str, moved: list[str], safer: str | None) -> str:
     if not moved:
         return recipe_name
@@ -314,30 +354,17 @@ class _BudgetSearch:
         return _bits(recipe) >= _bits(make_recipe(self.best[0].recipe))
 
     def _try(self, name: str, recipe: Recipe, moved: list[str], safer: tuple[str, Recipe] | None) -> Trial:
+        trial, model = self._measure(name, recipe, moved, safer)  # its seconds: the measuring
         start = time.monotonic()
-        overrides = {module: safer[1] for module in moved} if safer else {}
-        skip = moved if safer is None else []
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", LowbitWarning)
-                model = quantize(self.work.model, recipe, calibration=self.calibration, overrides=overrides,
-                                 skip=skip, fallback=safer[1] if safer else None, progress=False)
-        except LowbitError as error:
-            failed = Trial(_label(name, moved, safer and safer[0]), recipe.model_dump(mode="json"), math.nan,
-                           math.inf, 0, False, f"could not quantize: {error}", moved,
-                           seconds=time.monotonic() - start)
-            self.trials.append(failed)
-            return failed
-        quality, drop = _score(self.work, model)
-        trial = Trial(_label(name, moved, safer and safer[0]), recipe.model_dump(mode="json"), quality, drop,
-                      parameter_bytes(model), drop <= self.work.max_drop + BUDGET_TOLERANCE, "", moved,
-                      notes=sorted({str(warning.message) for warning in caught}))
+        if trial.reason:  # could not quantize
+            self.trials.append(trial)
+            return trial
         if trial.accepted and self.objective == "latency":
-            for key, value in _latency(self.work, model, self.runs).items():
+            for key, value in self._timing(trial, model).items():
                 setattr(trial, key, value)
         trial.reason = self._judge(trial)
         trial.accepted = trial.reason in ("accepted", "chosen")
-        trial.seconds = time.monotonic() - start
+        trial.seconds += time.monotonic() - start
         self.trials.append(trial)
         if trial.accepted and self._better(trial):
             if self.best is not None:
@@ -345,6 +372,19 @@ class _BudgetSearch:
             trial.reason = "chosen"
             self.best = (trial, model)
         return trial
+
+    def _measure(self, name: str, recipe: Recipe, moved: list[str], safer: tuple[str, Recipe] | None
+                 ) -> tuple[Trial, nn.Module | None]:
+        """The trial's quality and size, and its model (a parallel search measures elsewhere)."""
+        return measure_trial(self.work, self.calibration, name, recipe, moved, safer)
+
+    def _timing(self, trial: Trial, model: nn.Module | None) -> dict[str, Any]:
+        """Latency fields of an accepted trial, timed here against the original."""
+        return _latency(self.work, model, self.runs)
+
+    def _ranking(self, name: str, recipe: Recipe, safer: tuple[str, Recipe]) -> list[dict[str, Any]]:
+        """Modules most sensitive to `recipe` first, the top few re-ranked by the exact metric."""
+        return rank_modules(self.work, self.calibration, recipe, safer, self.exact_top)
 
     def _judge(self, trial: Trial) -> str:
         if not trial.accepted:
@@ -363,10 +403,7 @@ class _BudgetSearch:
 
     def _fall_back(self, name: str, recipe: Recipe, safer: tuple[str, Recipe], step) -> None:
         self.bar.update(step, description=f"sensitivity of {name}")
-        ranked = sensitivity(self.work.model, recipe, self.work.proxy_batches, self.calibration,
-                             self.work.proxy_reference, fallback=safer[1])
-        ranked = _rank_with_exact_metric(self.work, recipe, ranked, self.calibration, safer[1],
-                                         self.exact_top)
+        ranked = self._ranking(name, recipe, safer)
         self.sensitivity.append({"candidate": name, "modules": ranked})
         count = 1
         while count <= len(ranked) // 2 and self.fits():
@@ -431,6 +468,8 @@ def tune(
     strict: bool = False,
     final_comparison: bool = True,
     progress: bool = True,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> TuneResult:
     """Search `candidates` (default: w4 → w8a8-static → w8a8-dynamic → w8 → fp16) with layer
     fallback for the best model whose `metric` drops at most `max_drop` on `data`. Text data
@@ -444,11 +483,16 @@ def tune(
     skipped (and said so) when it would not, and the message names every candidate not tried.
     Returns the original model, plainly labelled, when nothing meets the budget (or raises
     AccuracyBudgetError when `strict`).
+
+    `workers` > 1 measures the trials in that many local processes, `ray_address` as Ray tasks
+    ("local" starts a Ray on this machine); the choice is the serial search's, and latency is
+    timed here with every worker idle (lowbit.tune.parallel).
     """
     if objective not in ("size", "latency"):
         raise LowbitError(f"objective must be 'size' or 'latency', not {objective!r}")
     if max_drop < 0:
         raise LowbitError("max_drop must be zero or positive")
+    spec = executor_spec(workers, ray_address)
     original = model.eval()
     kind = infer_kind(original, metric)
     dataset = as_dataset(data)
@@ -467,12 +511,29 @@ def tune(
         work = _Workload(original, task, metric, batches, reference, proxy, _primary_outputs(original, proxy),
                          _model_inputs(batches[0]), max_drop, relative)
         deadline = started + time_budget if time_budget else math.inf  # calibration counts too
-        search = _BudgetSearch(work, named, objective, shared, deadline, runs, exact_top, bar)
+        search = _search(spec, work, named, objective, shared, deadline, runs, exact_top, bar)
         search.run()
     return _result(search, work, named, original, dataset, tokenizer, strict, final_comparison, {
         "kind": kind, "samples": len(dataset), "batch_size": batch_size, "seq_len": seq_len,
         "candidates": [name for name, _ in named], "time_budget": time_budget,
-        "threads": torch.get_num_threads(), "search_seconds": time.monotonic() - started})
+        "threads": torch.get_num_threads(), "search_seconds": time.monotonic() - started,
+        "executor": _executor_note(spec)})
+
+
+def _search(spec: ExecutorSpec, *args: Any) -> _BudgetSearch:
+    if not spec.parallel:
+        return _BudgetSearch(*args)
+    from lowbit.tune.parallel import ParallelSearch  # it builds on this module
+
+    return ParallelSearch(*args, spec=spec)
+
+
+def _executor_note(spec: ExecutorSpec) -> str:
+    if not spec.parallel:
+        return "serial: every trial measured and timed in this process, one after another"
+    address = f", {spec.address}" if spec.address else ""
+    return (f"{spec.name} ({spec.workers} workers{address}); trials within budget timed in this process "
+            "between rounds, with every worker idle")
 
 
 def _result(search: _BudgetSearch, work: _Workload, named, original: nn.Module, dataset, tokenizer,
