@@ -18,7 +18,7 @@ from lowbit.errors import (
 )
 from lowbit.evaluate import estimate
 from lowbit.evaluate.comparison import Comparison
-from lowbit.families.api import bench, compare, load, save, tune
+from lowbit.families.api import batch, bench, compare, load, save, tune
 from lowbit.families.sources import load_source
 from lowbit.formats.calibration import load_calibration
 from lowbit.transform.calibrate import CalibrationResult, calibrate
@@ -48,6 +48,7 @@ __all__ = [
     "QuantizationError",
     "Recipe",
     "TuneResult",
+    "batch",
     "bench",
     "calibrate",
     "compare",

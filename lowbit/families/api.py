@@ -13,6 +13,7 @@ from torch import nn
 
 from lowbit.evaluate.compare_models import Settings
 from lowbit.evaluate.comparison import Comparison
+from lowbit.families.batch import BatchResult, run_batch
 from lowbit.families.fallback import load_with_fallback
 from lowbit.families.registry import family_of
 from lowbit.families.torch_family import ModelLike, model_tokenizer, open_model
@@ -138,3 +139,9 @@ def tune(model: ModelLike, data: Any, *args: Any, tokenizer: Any = None, trust_c
     module, path = open_model(model, trust_code)
     tokenizer = tokenizer or model_tokenizer(module, path)
     return tune_module(module, data, *args, tokenizer=tokenizer, **options)
+
+
+def batch(source: str | os.PathLike, out: str | os.PathLike, **options: Any) -> BatchResult:
+    """Every model in the folder `source` quantized into `out` (and compared where data is given),
+    failures kept in their rows, reruns resuming; see lowbit.families.batch.run_batch."""
+    return run_batch(source, out, **options)

@@ -61,9 +61,46 @@ class ExecutorSpec:
 
 
 OnDone = Callable[[int, Outcome], None]
-Runner = Callable[[Callable[..., Any], list[Any], ExecutorSpec, OnDone, Any], list[Outcome]]
 _SHARED: dict[str, Any] = {}  # in a worker process: what its tasks share
-EXECUTORS: Registry[Runner] = Registry("executor")
+
+
+class Session:
+    """An open executor: `map` runs tasks on it, as many times as needed; the workers (and what
+    they share) stay up between calls until the session closes."""
+
+    def __init__(self, spec: ExecutorSpec, shared: Any) -> None:
+        self.spec, self.shared = spec, shared
+
+    def map(self, task: Callable[..., Any], items: Sequence[Any], on_done: OnDone | None = None
+            ) -> list[Outcome]:
+        """`task(item)` (or `task(shared, item)`) for every item; one Outcome per item, in order.
+        `on_done(index, outcome)` is called here as each finishes (to record it, show progress)."""
+        outcomes: dict[int, Outcome] = {}
+
+        def done(index: int, outcome: Outcome) -> None:
+            outcomes[index] = outcome
+            if on_done:
+                on_done(index, outcome)
+
+        self._run(task, list(items), done)
+        return [outcomes[index] for index in range(len(items))]
+
+    def _run(self, task: Callable[..., Any], items: list[Any], done: OnDone) -> None:
+        for index, item in enumerate(items):
+            done(index, _outcome(_timed(task, item, self.shared), 1))
+
+    def close(self) -> None:
+        """Stop what the session started."""
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+EXECUTORS: Registry[type[Session]] = Registry("executor")
+EXECUTORS.add("serial", Session)
 
 
 def executor_spec(workers: int = 1, ray_address: str | None = None) -> ExecutorSpec:
@@ -76,15 +113,19 @@ def executor_spec(workers: int = 1, ray_address: str | None = None) -> ExecutorS
     return ExecutorSpec("processes" if workers > 1 else "serial", workers)
 
 
+def open_executor(spec: ExecutorSpec | None = None, shared: Any = None) -> Session:
+    """A session on the executor `spec` names (this process by default). With `shared` (what every
+    task reads: a model and its data), each task is `task(shared, item)` and `shared` is sent to
+    each worker once, not with every item."""
+    spec = spec or ExecutorSpec()
+    return EXECUTORS.get(spec.name)(spec, shared)
+
+
 def run_all(task: Callable[..., Any], items: Sequence[Any], spec: ExecutorSpec | None = None,
             on_done: OnDone | None = None, shared: Any = None) -> list[Outcome]:
-    """`task(item)` for every item, on the executor `spec` names; one Outcome per item, in order.
-    `on_done(index, outcome)` is called here as each finishes (to record it, show progress). With
-    `shared` (what every task reads: a model and its data), each task is `task(shared, item)`
-    and `shared` is sent to each worker once, not with every item."""
-    spec = spec or ExecutorSpec()
-    runner = EXECUTORS.get(spec.name)
-    return runner(task, list(items), spec, on_done or (lambda index, outcome: None), shared)
+    """`task(item)` for every item on a session opened for these items alone."""
+    with open_executor(spec, shared) as session:
+        return session.map(task, items, on_done)
 
 
 def node_name() -> str:
@@ -116,16 +157,6 @@ def _outcome(result: tuple[Any, str | None, str, float], attempts: int) -> Outco
     return Outcome(value, error, node, attempts, seconds)
 
 
-@EXECUTORS.register("serial")
-def _serial(task: Callable[..., Any], items: list[Any], _: ExecutorSpec, on_done: OnDone,
-            shared: Any) -> list[Outcome]:
-    outcomes = []
-    for index, item in enumerate(items):
-        outcomes.append(_outcome(_timed(task, item, shared), 1))
-        on_done(index, outcomes[-1])
-    return outcomes
-
-
 def _install_shared(shared: Any) -> None:
     _SHARED["value"] = shared
 
@@ -135,55 +166,71 @@ def _timed_with_shared(task: Callable[..., Any], item: Any) -> tuple[Any, str | 
 
 
 @EXECUTORS.register("processes")
-def _processes(task: Callable[..., Any], items: list[Any], spec: ExecutorSpec, on_done: OnDone,
-               shared: Any) -> list[Outcome]:
-    """Local worker processes. A dead worker breaks the whole pool, so the pool is rebuilt and every
-    task that was still in flight counts one attempt."""
-    outcomes: dict[int, Outcome] = {}
-    attempts = dict.fromkeys(range(len(items)), 0)
-    context = multiprocessing.get_context("spawn")
-    while len(outcomes) < len(items):
-        pending = [index for index in range(len(items)) if index not in outcomes]
-        workers = min(spec.workers, len(pending))
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_install_shared,
-                                                    initargs=(shared,)) as pool:
-            run = _timed if shared is None else _timed_with_shared
-            futures = {pool.submit(run, task, items[index]): index for index in pending}
+class _Processes(Session):
+    """Local worker processes, spawned once per session. A dead worker breaks the whole pool, so
+    the pool is rebuilt and every task that was still in flight counts one attempt."""
+
+    pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                self.spec.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_install_shared, initargs=(self.shared,))
+        return self.pool
+
+    def _run(self, task: Callable[..., Any], items: list[Any], done: OnDone) -> None:
+        attempts = dict.fromkeys(range(len(items)), 0)
+        finished: set[int] = set()
+        run = _timed if self.shared is None else _timed_with_shared
+        while len(finished) < len(items):
+            pending = [index for index in range(len(items)) if index not in finished]
+            futures = {self._pool().submit(run, task, items[index]): index for index in pending}
             for index in pending:
                 attempts[index] += 1
             for future in concurrent.futures.as_completed(futures):
                 index = futures[future]
                 try:
-                    outcomes[index] = _outcome(future.result(), attempts[index])
+                    outcome = _outcome(future.result(), attempts[index])
                 except BrokenProcessPool as error:
                     if attempts[index] <= RETRIES:
                         continue
-                    outcomes[index] = Outcome(error=f"its worker process died twice ({error})",
-                                              attempts=attempts[index])
-                on_done(index, outcomes[index])
-    return [outcomes[index] for index in range(len(items))]
+                    outcome = Outcome(error=f"its worker process died twice ({error})",
+                                      attempts=attempts[index])
+                finished.add(index)
+                done(index, outcome)
+            if len(finished) < len(items):
+                self.close()  # broken: the next pass starts a fresh pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
 
 
 @EXECUTORS.register("ray")
-def _ray(task: Callable[..., Any], items: list[Any], spec: ExecutorSpec, on_done: OnDone,
-         shared: Any) -> list[Outcome]:
+class _Ray(Session):
     """Ray tasks, one CPU each; Ray reruns a task whose worker died once (max_retries). `shared`
-    goes into Ray's object store once; each task gets it from there."""
-    ray = connect_ray(spec.address)
-    remote = ray.remote(num_cpus=1, max_retries=RETRIES)(_timed)
-    reference = None if shared is None else ray.put(shared)
-    pending = {remote.remote(task, item, reference): index for index, item in enumerate(items)}
-    outcomes: dict[int, Outcome] = {}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        index = pending.pop(ready[0])
-        try:
-            outcomes[index] = _outcome(ray.get(ready[0]), 1)
-        except ray.exceptions.RayError as error:  # the worker died on every attempt
-            outcomes[index] = Outcome(error=f"its Ray worker died on every attempt: {str(error)[:300]}",
-                                      attempts=1 + RETRIES)
-        on_done(index, outcomes[index])
-    return [outcomes[index] for index in range(len(items))]
+    goes into Ray's object store once per session; each task gets it from there."""
+
+    def __init__(self, spec: ExecutorSpec, shared: Any) -> None:
+        super().__init__(spec, shared)
+        self.ray = connect_ray(spec.address)
+        self.reference = None if shared is None else self.ray.put(shared)
+
+    def _run(self, task: Callable[..., Any], items: list[Any], done: OnDone) -> None:
+        ray = self.ray
+        remote = ray.remote(num_cpus=1, max_retries=RETRIES)(_timed)
+        pending = {remote.remote(task, item, self.reference): index for index, item in enumerate(items)}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(ready[0])
+            try:
+                outcome = _outcome(ray.get(ready[0]), 1)
+            except ray.exceptions.RayError as error:  # the worker died on every attempt
+                outcome = Outcome(error=f"its Ray worker died on every attempt: {str(error)[:300]}",
+                                  attempts=1 + RETRIES)
+            done(index, outcome)
 
 
 def connect_ray(address: str | None) -> Any:

@@ -27,13 +27,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.transform.calibrate import CalibrationResult
-from lowbit.transform.recipe import Recipe
-from lowbit.tune.executors import ExecutorSpec, Outcome, run_all
-from lowbit.tune.search import Trial, _BudgetSearch, _label, _Workload, measure_trial, rank_modules
+from lowbit.transform.recipe import Recipe, make_recipe
+from lowbit.tune.executors import ExecutorSpec, Outcome, open_executor
+from lowbit.tune.search import Trial, _bits, _BudgetSearch, _label, _Workload, measure_trial, rank_modules
 
 Key = tuple[str, tuple[str, ...]]  # (candidate name, modules moved)
 
@@ -57,10 +58,12 @@ class Shared:
     work: _Workload
     calibration: CalibrationResult | None
     exact_top: int
+    threads: int  # torch threads per worker: the caller's, shared out among the workers
 
 
 def run_unit(shared: Shared, unit: Unit) -> Any:
     """A Trial (kind "trial") or a ranking: what a worker computes and sends back."""
+    torch.set_num_threads(shared.threads)
     if unit.kind == "ranking":
         return rank_modules(shared.work, shared.calibration, unit.recipe, unit.safer, shared.exact_top)
     trial, _ = measure_trial(shared.work, shared.calibration, unit.name, unit.recipe, list(unit.moved),
@@ -85,10 +88,16 @@ class ParallelSearch(_BudgetSearch):
         self.measured: dict[Key, Trial] = {}
         self.rankings: dict[str, list[dict[str, Any]]] = {}
         self.timings: dict[Key, dict[str, Any]] = {}
+        self.rounds: list[list[float]] = []  # seconds of each unit, round by round (for projections)
+        self.session: Any = None
 
     def run(self) -> None:
         step = self.bar.add_task(f"measuring trials on {self.spec.name}", total=None)
-        self._measure_all(step)
+        threads = max(1, torch.get_num_threads() // self.spec.workers)
+        shared = Shared(self.work, self.calibration, self.exact_top, threads)
+        with open_executor(self.spec, shared) as session:
+            self.session = session
+            self._measure_all(step)
         self.bar.update(step, description="choosing")
         super().run()
         if self.best is not None and self.best[1] is None:
@@ -96,26 +105,66 @@ class ParallelSearch(_BudgetSearch):
 
     # -- the measurements, in parallel ------------------------------------------------------------
     def _measure_all(self, step: Any) -> None:
-        safer = {name: self._safer(index) for index, (name, _) in enumerate(self.candidates)}
-        self._round([Unit("trial", name, recipe, safer[name]) for name, recipe in self.candidates], step)
-        missed = [(name, recipe) for name, recipe in self.candidates
-                  if safer[name] is not None and not self.measured[(name, ())].accepted
+        self._candidates_as_they_are(step)
+        missed = [(index, name, recipe) for index, (name, recipe) in enumerate(self.candidates)
+                  if self._safer(index) is not None and not self.measured[(name, ())].accepted
                   and not self.measured[(name, ())].reason]
-        units = [Unit("ranking", name, recipe, safer[name]) for name, recipe in missed]
+        if missed and self._skipped_by_serial(missed[0][2]):  # exact for the first one only
+            missed = missed[1:]
+        units = [Unit("ranking", name, recipe, self._safer(index)) for index, name, recipe in missed]
         for unit, outcome in zip(units, self._run(units, step), strict=True):
             self.rankings[unit.name] = outcome.value if outcome.ok else []
             if not outcome.ok:
                 self.not_tried[f"{unit.name} with layer fallback"] = (
                     f"ranking its modules failed: {outcome.error}")
-        count, open_ = 1, list(missed)
+        count, open_ = 1, missed
         while open_ and not self.out_of_time():
-            open_ = [(name, recipe) for name, recipe in open_ if count <= len(self.rankings[name]) // 2]
-            units = [Unit("trial", name, recipe, safer[name], self._most_sensitive(name, count))
-                     for name, recipe in open_]
+            open_ = [item for item in open_ if count <= len(self.rankings[item[1]]) // 2]
+            units = [Unit("trial", name, recipe, self._safer(index), self._most_sensitive(name, count))
+                     for index, name, recipe in open_]
             self._round(units, step)
-            open_ = [(name, recipe) for (name, recipe), unit in zip(open_, units, strict=True)
-                     if not self._accepted(unit)]
+            open_ = [item for item, unit in zip(open_, units, strict=True) if not self._accepted(unit)]
             count *= 2
+
+    def _candidates_as_they_are(self, step: Any) -> None:
+        """Every candidate the serial search would measure as it is, `workers` at a time in the
+        serial order. A candidate is left out only when every one before it is measured and the
+        serial search would skip it (it cannot be smaller than the best so far): then the
+        decision is the serial one; otherwise it is measured (a measurement too many is dropped
+        by the replay, one too few would change it)."""
+        order = self._serial_order()
+        pending = list(order)
+        while pending:
+            wave: list[int] = []
+            for index in list(pending):
+                if len(wave) == self.spec.workers:
+                    break
+                earlier = order[: order.index(index)]
+                if all((self.candidates[i][0], ()) in self.measured for i in earlier) \
+                        and self._skipped_by_serial(self.candidates[index][1], earlier):
+                    pending.remove(index)
+                    continue
+                wave.append(index)
+            pending = [index for index in pending if index not in wave]
+            self._round([Unit("trial", *self.candidates[index], self._safer(index)) for index in wave], step)
+
+    def _serial_order(self) -> list[int]:
+        early = self._early()
+        return ([early] if early is not None else []) + [i for i in range(len(self.candidates)) if i != early]
+
+    def _skipped_by_serial(self, recipe: Recipe, earlier: list[int] | None = None) -> bool:
+        """Whether the serial search would skip `recipe`: objective size, and a best trial so far
+        (among the candidates `earlier`, as they are) with as few weight bits."""
+        if self.objective != "size":
+            return False
+        indices = range(len(self.candidates)) if earlier is None else earlier
+        best = None
+        for index in indices:
+            trial = self.measured.get((self.candidates[index][0], ()))
+            if trial is not None and trial.accepted and not trial.reason and (
+                    best is None or (trial.size_bytes, trial.drop) < (best.size_bytes, best.drop)):
+                best = trial
+        return best is not None and _bits(recipe) >= _bits(make_recipe(best.recipe))
 
     def _most_sensitive(self, name: str, count: int) -> tuple[str, ...]:
         return tuple(row["name"] for row in self.rankings[name][:count])
@@ -135,8 +184,9 @@ class ParallelSearch(_BudgetSearch):
         if not units:
             return []
         self.bar.update(step, description=f"measuring {len(units)} {units[0].kind}s on {self.spec.name}")
-        shared = Shared(self.work, self.calibration, self.exact_top)
-        return run_all(run_unit, units, self.spec, on_done=lambda *_: self.bar.advance(step), shared=shared)
+        outcomes = self.session.map(run_unit, units, on_done=lambda *_: self.bar.advance(step))
+        self.rounds.append([outcome.seconds for outcome in outcomes])
+        return outcomes
 
     def _accepted(self, unit: Unit) -> bool:
         """Whether the serial search would stop its fallback at this trial."""
@@ -164,8 +214,12 @@ class ParallelSearch(_BudgetSearch):
     def _measure(self, name: str, recipe: Recipe, moved: list[str], safer: tuple[str, Recipe] | None
                  ) -> tuple[Trial, nn.Module | None]:
         key = (name, tuple(moved))
-        if key not in self.measured:  # the serial policy asks for a trial no round measured
-            raise LowbitError(f"tune: no measurement of {name} with {len(moved)} modules moved")
+        if key not in self.measured:  # the time budget stopped the rounds before this one
+            label = _label(name, moved, safer and safer[0])
+            unmeasured = Trial(label, recipe.model_dump(mode="json"), math.nan, math.inf, 0, False,
+                               "not measured: the time budget stopped the rounds first", moved,
+                               candidate=name)
+            return unmeasured, None
         return copy.deepcopy(self.measured[key]), None
 
     def _timing(self, trial: Trial, model: nn.Module | None) -> dict[str, Any]:

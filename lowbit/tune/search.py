@@ -517,7 +517,7 @@ def tune(
         "kind": kind, "samples": len(dataset), "batch_size": batch_size, "seq_len": seq_len,
         "candidates": [name for name, _ in named], "time_budget": time_budget,
         "threads": torch.get_num_threads(), "search_seconds": time.monotonic() - started,
-        "executor": _executor_note(spec)})
+        "executor": _executor_note(spec), "rounds": getattr(search, "rounds", None)})
 
 
 def _search(spec: ExecutorSpec, *args: Any) -> _BudgetSearch:
