@@ -101,3 +101,23 @@ def test_cli_tune_with_two_workers_writes_what_serial_writes(tmp_path, inputs):
         written[len(extra)] = json.loads((out / "lowbit.json").read_text())["recipe"]
     assert written[0] == written[2]
     assert "Trials: processes (2 workers)" in result.output
+
+
+def test_candidates_the_serial_search_skips_are_not_measured():
+    candidates = ["w8", "w8a8-dynamic", "fp16"]  # once w8 passes, neither can be smaller
+    data = torch.randn(128, 64, generator=torch.Generator().manual_seed(2))
+    serial, parallel = (lowbit.tune(tiny_mlp().eval(), data, metric="agreement", max_drop=0.2,
+                                    candidates=candidates, final_comparison=False, progress=False, **options)
+                        for options in ({}, {"workers": 2}))
+    assert [trial.label for trial in serial.trials] == ["w8"] and serial.met_budget
+    assert [trial.label for trial in parallel.trials] == ["w8"] and _choice(parallel) == _choice(serial)
+    rounds = parallel.settings["rounds"]  # w8 and w8a8-dynamic at once (w8 not yet known to pass); fp16 never
+    assert len(rounds) == 1 and len(rounds[0]) == 2
+
+
+def test_a_skipped_candidate_does_not_hold_back_the_skip_of_the_next():
+    candidates = ["w8", "w8a8-dynamic", "fp16", "bf16"]  # w8 passes: the three others cannot be smaller
+    data = torch.randn(128, 64, generator=torch.Generator().manual_seed(2))
+    parallel = lowbit.tune(tiny_mlp().eval(), data, metric="agreement", max_drop=0.2, candidates=candidates,
+                           final_comparison=False, progress=False, workers=1 + 1)
+    assert [len(round_) for round_ in parallel.settings["rounds"]] == [2]  # fp16 and bf16 never measured

@@ -185,9 +185,10 @@ class _Processes(Session):
         run = _timed if self.shared is None else _timed_with_shared
         while len(finished) < len(items):
             pending = [index for index in range(len(items)) if index not in finished]
-            futures = {self._pool().submit(run, task, items[index]): index for index in pending}
+            futures = {}
             for index in pending:
                 attempts[index] += 1
+                futures[self._submit(run, task, items[index])] = index
             for future in concurrent.futures.as_completed(futures):
                 index = futures[future]
                 try:
@@ -201,6 +202,16 @@ class _Processes(Session):
                 done(index, outcome)
             if len(finished) < len(items):
                 self.close()  # broken: the next pass starts a fresh pool
+
+    def _submit(self, run: Callable[..., Any], task: Callable[..., Any], item: Any
+                ) -> concurrent.futures.Future:
+        """The task on the pool; a pool already broken gives a future that holds that error."""
+        try:
+            return self._pool().submit(run, task, item)
+        except BrokenProcessPool as error:
+            failed: concurrent.futures.Future = concurrent.futures.Future()
+            failed.set_exception(error)
+            return failed
 
     def close(self) -> None:
         if self.pool is not None:

@@ -106,9 +106,10 @@ class ParallelSearch(_BudgetSearch):
     # -- the measurements, in parallel ------------------------------------------------------------
     def _measure_all(self, step: Any) -> None:
         self._candidates_as_they_are(step)
+        first = {name: self.measured.get((name, ())) for name, _ in self.candidates}  # None: skipped
         missed = [(index, name, recipe) for index, (name, recipe) in enumerate(self.candidates)
-                  if self._safer(index) is not None and not self.measured[(name, ())].accepted
-                  and not self.measured[(name, ())].reason]
+                  if self._safer(index) is not None and first[name] is not None and not first[name].accepted
+                  and not first[name].reason]
         if missed and self._skipped_by_serial(missed[0][2]):  # exact for the first one only
             missed = missed[1:]
         units = [Unit("ranking", name, recipe, self._safer(index)) for index, name, recipe in missed]
@@ -133,16 +134,17 @@ class ParallelSearch(_BudgetSearch):
         decision is the serial one; otherwise it is measured (a measurement too many is dropped
         by the replay, one too few would change it)."""
         order = self._serial_order()
-        pending = list(order)
+        pending, skipped = list(order), set()
         while pending:
             wave: list[int] = []
             for index in list(pending):
                 if len(wave) == self.spec.workers:
                     break
                 earlier = order[: order.index(index)]
-                if all((self.candidates[i][0], ()) in self.measured for i in earlier) \
-                        and self._skipped_by_serial(self.candidates[index][1], earlier):
+                known = all(i in skipped or (self.candidates[i][0], ()) in self.measured for i in earlier)
+                if known and self._skipped_by_serial(self.candidates[index][1], earlier):
                     pending.remove(index)
+                    skipped.add(index)
                     continue
                 wave.append(index)
             pending = [index for index in pending if index not in wave]
