@@ -23,6 +23,7 @@ with one, the choice can differ from the serial search's, which spends its time 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ class Unit:
     recipe: Recipe
     safer: tuple[str, Recipe] | None
     moved: tuple[str, ...] = ()
+    threads: int = 1  # torch threads: the caller's, shared out among the units running at once
 
 
 @dataclass
@@ -58,12 +60,11 @@ class Shared:
     work: _Workload
     calibration: CalibrationResult | None
     exact_top: int
-    threads: int  # torch threads per worker: the caller's, shared out among the workers
 
 
 def run_unit(shared: Shared, unit: Unit) -> Any:
     """A Trial (kind "trial") or a ranking: what a worker computes and sends back."""
-    torch.set_num_threads(shared.threads)
+    torch.set_num_threads(unit.threads)
     if unit.kind == "ranking":
         return rank_modules(shared.work, shared.calibration, unit.recipe, unit.safer, shared.exact_top)
     trial, _ = measure_trial(shared.work, shared.calibration, unit.name, unit.recipe, list(unit.moved),
@@ -93,8 +94,7 @@ class ParallelSearch(_BudgetSearch):
 
     def run(self) -> None:
         step = self.bar.add_task(f"measuring trials on {self.spec.name}", total=None)
-        threads = max(1, torch.get_num_threads() // self.spec.workers)
-        shared = Shared(self.work, self.calibration, self.exact_top, threads)
+        shared = Shared(self.work, self.calibration, self.exact_top)
         with open_executor(self.spec, shared) as session:
             self.session = session
             self._measure_all(step)
@@ -186,6 +186,8 @@ class ParallelSearch(_BudgetSearch):
         if not units:
             return []
         self.bar.update(step, description=f"measuring {len(units)} {units[0].kind}s on {self.spec.name}")
+        threads = max(1, torch.get_num_threads() // min(self.spec.workers, len(units)))
+        units = [dataclasses.replace(unit, threads=threads) for unit in units]
         outcomes = self.session.map(run_unit, units, on_done=lambda *_: self.bar.advance(step))
         self.rounds.append([outcome.seconds for outcome in outcomes])
         return outcomes
