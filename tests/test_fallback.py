@@ -130,3 +130,20 @@ def test_compare_with_fallback_measures_the_original_in_place_of_a_broken_folder
     assert comparison.quantized["served"] == "original"
     assert comparison.quality["cosine"]["quantized"] == pytest.approx(1.0, abs=1e-5)
     assert "cannot serve" in comparison.to_markdown()
+
+
+def test_a_corrupt_scikit_learn_file_serves_the_original_estimator(tmp_path):
+    import numpy as np
+    from sklearn.neural_network import MLPClassifier
+
+    rows = np.random.default_rng(0).normal(size=(200, 20))
+    estimator = MLPClassifier((64,), max_iter=2000, random_state=0).fit(rows, rows[:, 0] > 0)
+    path = lowbit.sklearn.quantize(estimator, 8, data=rows).save(tmp_path / "m.lowbit")
+    assert lowbit.load(path, fallback=estimator).lowbit_smoke == "passed"  # a row of zeros, predicted
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.warns(LowbitWarning, match="cannot serve"):
+        served = lowbit.load(path, fallback=estimator)
+    assert served.lowbit_served == "original" and served.coefs_ is estimator.coefs_
+    assert not hasattr(estimator, "lowbit_served")  # the caller's object is not touched

@@ -17,6 +17,7 @@ model is served, and the check is reported as inconclusive.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -81,6 +82,8 @@ def _smoke_problem(family: Family, model: Any, batch: Any) -> str | None:
 
 def _open_original(family: Family, original: Any, trust_pickle: bool, trust_code: bool, path: Any,
                    reason: str) -> Any:
+    if not isinstance(original, (str, os.PathLike)):
+        return copy.copy(original)  # labelled, not the caller's object: its weights are shared, not copied
     try:
         return family.open_original(original, trust_pickle=trust_pickle, trust_code=trust_code)
     except Exception as error:  # noqa: BLE001 - said with the first reason; nothing is left to serve
