@@ -121,3 +121,16 @@ def test_a_skipped_candidate_does_not_hold_back_the_skip_of_the_next():
     parallel = lowbit.tune(tiny_mlp().eval(), data, metric="agreement", max_drop=0.2, candidates=candidates,
                            final_comparison=False, progress=False, workers=1 + 1)
     assert [len(round_) for round_ in parallel.settings["rounds"]] == [2]  # fp16 and bf16 never measured
+
+
+def test_the_executor_is_named_or_follows_from_the_options():
+    from lowbit.errors import LowbitError
+    from lowbit.tune.executors import executor_spec
+
+    assert executor_spec().name == "serial" and executor_spec(2).name == "processes"
+    assert executor_spec(2, "10.0.0.5:6379").name == "ray" and executor_spec(executor="ray").address is None
+    assert executor_spec(1, executor="processes").workers == 1
+    with pytest.raises(LowbitError, match="unknown executor 'dask'"):
+        executor_spec(executor="dask")
+    with pytest.raises(LowbitError, match="workers must be at least 1"):
+        executor_spec(0)

@@ -167,12 +167,13 @@ def _check_unique(models: list[BatchModel]) -> None:
 def run_batch(source: str | os.PathLike, out: str | os.PathLike, recipe: str = DEFAULT_RECIPE, bits: int = 8,
               max_drop: float | None = None, data_map: str | os.PathLike | None = None, workers: int = 1,
               ray_address: str | None = None, trust_pickle: bool = False, retry_failed: bool = False,
-              on_done: Callable[[BatchRow], None] | None = None) -> BatchResult:
+              on_done: Callable[[BatchRow], None] | None = None, executor: str | None = None) -> BatchResult:
     """Quantize every model in `source` into `out` (see the module docstring); returns one row per
-    model, finished ones from earlier runs included, and writes `out/batch.json`."""
+    model, finished ones from earlier runs included, and writes `out/batch.json`. `workers`,
+    `ray_address` and `executor` pick where the models run (lowbit.tune.executors.executor_spec)."""
     models = discover(source, out, data_map)
     settings = BatchSettings(recipe, bits, max_drop, trust_pickle)
-    spec = executor_spec(workers, ray_address)
+    spec = executor_spec(workers, ray_address, executor)
     state = Path(out) / STATE
     state.mkdir(parents=True, exist_ok=True)
     finished = {model.name: row for model in models if (row := _finished(state, model, retry_failed))}

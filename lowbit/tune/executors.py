@@ -103,14 +103,19 @@ EXECUTORS: Registry[type[Session]] = Registry("executor")
 EXECUTORS.add("serial", Session)
 
 
-def executor_spec(workers: int = 1, ray_address: str | None = None) -> ExecutorSpec:
-    """The executor the options ask for: Ray when an address is given, local processes for more
-    than one worker, else this process."""
+def executor_spec(workers: int = 1, ray_address: str | None = None, executor: str | None = None
+                  ) -> ExecutorSpec:
+    """The executor the options ask for: `executor` by name ("serial", "processes", "ray"; Ray
+    with no address joins the cluster RAY_ADDRESS names, else starts one here), else Ray when an
+    address is given, local processes for more than one worker, else this process."""
     if workers < 1:
         raise LowbitError(f"workers must be at least 1, not {workers}")
-    if ray_address:
-        return ExecutorSpec("ray", workers, ray_address)
-    return ExecutorSpec("processes" if workers > 1 else "serial", workers)
+    name = executor or ("ray" if ray_address else "processes" if workers > 1 else "serial")
+    if name not in EXECUTORS:
+        raise LowbitError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
+    if ray_address and name != "ray":
+        raise LowbitError(f"a Ray address is for executor 'ray', not {name!r}")
+    return ExecutorSpec(name, workers, ray_address)
 
 
 def open_executor(spec: ExecutorSpec | None = None, shared: Any = None) -> Session:
@@ -253,8 +258,9 @@ def connect_ray(address: str | None) -> Any:
         raise LowbitError("running on Ray needs Ray: pip install 'lowbit[ray]'") from None
     if ray.is_initialized():
         return ray
-    if address in (None, "", "local"):
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address in (None, "", "local"):  # RAY_ADDRESS, if set, names a cluster to join instead
+        ray.init(address=None if address is None else "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
         return ray
     _check_answers(address)
     try:

@@ -470,6 +470,7 @@ def tune(
     progress: bool = True,
     workers: int = 1,
     ray_address: str | None = None,
+    executor: str | None = None,
 ) -> TuneResult:
     """Search `candidates` (default: w4 → w8a8-static → w8a8-dynamic → w8 → fp16) with layer
     fallback for the best model whose `metric` drops at most `max_drop` on `data`. Text data
@@ -485,14 +486,15 @@ def tune(
     AccuracyBudgetError when `strict`).
 
     `workers` > 1 measures the trials in that many local processes, `ray_address` as Ray tasks
-    ("local" starts a Ray on this machine); the choice is the serial search's, and latency is
-    timed here with every worker idle (lowbit.tune.parallel).
+    ("local" starts a Ray on this machine); `executor` ("serial", "processes", "ray") names the
+    executor outright. The choice is the serial search's, and latency is timed here with every
+    worker idle (lowbit.tune.parallel).
     """
     if objective not in ("size", "latency"):
         raise LowbitError(f"objective must be 'size' or 'latency', not {objective!r}")
     if max_drop < 0:
         raise LowbitError("max_drop must be zero or positive")
-    spec = executor_spec(workers, ray_address)
+    spec = executor_spec(workers, ray_address, executor)
     original = model.eval()
     kind = infer_kind(original, metric)
     dataset = as_dataset(data)
