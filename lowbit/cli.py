@@ -191,6 +191,9 @@ def quantize(
     fallback: Annotated[str | None, typer.Option(
         help="Preset for modules the recipe cannot quantize here (a group size that does not divide "
         "their width, a kernel this machine lacks), e.g. --fallback w8.")] = None,
+    smoothing: Annotated[float | None, typer.Option(min=0.0, max=1.0,
+        help="SmoothQuant's alpha (e.g. 0.5): move activation outliers into the weights of a "
+        "Llama-style decoder before quantizing; needs --calibration.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     max_drop: Annotated[float | None, typer.Option(callback=_non_negative,
         help="Quality budget: measure on --data and fall back (layer by layer, then to safer recipes) "
@@ -239,9 +242,10 @@ def quantize(
 
 
 def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size, fallback, overwrite,
-                    max_drop, data, metric, relative, runtime, accuracy_level, activation_block, **_) -> None:
+                    max_drop, data, metric, relative, runtime, accuracy_level, activation_block, smoothing,
+                    **_) -> None:
     granularity = f"group:{group_size}" if group_size else None
-    chosen = make_recipe(recipe, granularity=granularity)
+    chosen = make_recipe(recipe, granularity=granularity, smoothing=smoothing)
     model = load_source(source, weights)
     tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
     batches = calibration_batches(calibration, tokenizer) if calibration else None

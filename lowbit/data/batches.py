@@ -24,6 +24,20 @@ def call_model(model: torch.nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def primary_tensor(output: Any) -> torch.Tensor:
+    """The tensor a model's output is judged by: itself, its logits or last hidden state, or the
+    first tensor of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise DataError(f"cannot find a tensor in the model's output ({type(output).__name__})")
+
+
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = 128, pad_to_max: bool = False) -> dict:
     """One batch of token ids for `texts`: padded to the longest (or to `max_length`, for a
     fixed shape to time), truncated at `max_length`."""

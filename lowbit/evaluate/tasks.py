@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.data.batches import call_model
+from lowbit.data.batches import call_model, primary_tensor
 from lowbit.errors import LowbitError
 from lowbit.evaluate.metrics import (
     accuracy,
@@ -65,18 +65,6 @@ class Task:
 def is_transformers_model(model: object) -> bool:
     """A Hugging Face transformers model (it has a config and can save itself)."""
     return hasattr(model, "config") and hasattr(model, "save_pretrained")
-
-def primary_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise MetricError(f"cannot find a tensor in the model's output ({type(output).__name__})")
-
 
 def mean_pooled_embedding(model: nn.Module, batch: dict) -> torch.Tensor:
     """Sentence embedding: attention-mask-weighted mean of the last hidden state."""

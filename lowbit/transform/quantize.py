@@ -34,6 +34,7 @@ from lowbit.transform.fold import (
 )
 from lowbit.transform.recipe import Recipe, make_recipe
 from lowbit.transform.sequential import quantize_blocks
+from lowbit.transform.smooth import smooth
 
 RECIPE_ATTRIBUTE = "lowbit_recipe"
 
@@ -254,6 +255,7 @@ def quantize(
         )
     source = describe_source(model)
     target = model if inplace else copy.deepcopy(model)
+    _smooth(target, recipe, calibration)
     links = _fold(target, list(specs), calibration)
     ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
     share_grids(ranges, links)
@@ -281,6 +283,16 @@ def quantize(
     setattr(target, RECIPE_ATTRIBUTE, recipe)
     target.lowbit_source = source
     return target.eval()
+
+
+def _smooth(target: nn.Module, recipe: Recipe, calibration: Any) -> None:
+    """SmoothQuant before anything is quantized, when the recipe asks (lowbit.transform.smooth)."""
+    if recipe.smoothing is None:
+        return
+    if calibration is None or isinstance(calibration, CalibrationResult):
+        raise QuantizationError("SmoothQuant measures each channel's activations: pass calibration=[batch, "
+                                "...] (CLI: --calibration FILE); a CalibrationResult holds only ranges")
+    smooth(target, list(calibration), recipe.smoothing)
 
 
 def _fold(target: nn.Module, names: list[str], calibration: Any) -> Links:

@@ -33,6 +33,7 @@ class Recipe(BaseModel):
     calibrator: str = "percentile"
     percentile: float = Field(99.99, gt=50.0, le=100.0)
     algorithm: str = "rtn"  # a name in lowbit.algorithms.ALGORITHMS
+    smoothing: float | None = Field(None, gt=0.0, lt=1.0)  # SmoothQuant's α (lowbit.transform.smooth)
     embeddings: bool = True
     skip: tuple[str, ...] = ()
     overrides: dict[str, Recipe] = Field(default_factory=dict)
