@@ -25,17 +25,27 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitWarning
 from lowbit.transform.calibrate import CalibrationResult
 from lowbit.transform.recipe import Recipe, make_recipe
 from lowbit.tune.executors import ExecutorSpec, Outcome, open_executor
-from lowbit.tune.search import Trial, _bits, _BudgetSearch, _label, _Workload, measure_trial, rank_modules
+from lowbit.tune.search import (
+    Trial,
+    _bits,
+    _BudgetSearch,
+    _label,
+    _Workload,
+    measure_trial,
+    quantize_trial,
+    rank_modules,
+)
 
 Key = tuple[str, tuple[str, ...]]  # (candidate name, modules moved)
 
@@ -207,12 +217,12 @@ class ParallelSearch(_BudgetSearch):
         return self.timings.get(key, {})
 
     def _rebuild(self, trial: Trial) -> nn.Module:
+        """The trial's model, built again here from its recipe (quantization is deterministic)."""
         index = [name for name, _ in self.candidates].index(trial.candidate)
-        rebuilt = measure_trial(self.work, self.calibration, trial.candidate, self.candidates[index][1],
-                                trial.fallback_modules, self._safer(index))[1]
-        if rebuilt is None:
-            raise LowbitError(f"tune: {trial.label} measured in a worker but cannot be rebuilt here")
-        return rebuilt
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LowbitWarning)  # the trial recorded them when measured
+            return quantize_trial(self.work, self.calibration, self.candidates[index][1],
+                                  trial.fallback_modules, self._safer(index))
 
     # -- the serial policy, replayed over the measurements ------------------------------------------
     def _measure(self, name: str, recipe: Recipe, moved: list[str], safer: tuple[str, Recipe] | None

@@ -226,14 +226,11 @@ def measure_trial(work: _Workload, calibration: CalibrationResult | None, name: 
     the budget (latency and the final judgement come later), and the model; pure work that any
     executor can run. A candidate that cannot be quantized gives a Trial that says why, no model."""
     start = time.monotonic()
-    overrides = {module: safer[1] for module in moved} if safer else {}
     label = _label(name, moved, safer and safer[0])
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LowbitWarning)
-            model = quantize(work.model, recipe, calibration=calibration, overrides=overrides,
-                             skip=moved if safer is None else [], fallback=safer[1] if safer else None,
-                             progress=False)
+            model = quantize_trial(work, calibration, recipe, moved, safer)
     except LowbitError as error:
         return Trial(label, recipe.model_dump(mode="json"), math.nan, math.inf, 0, False,
                      f"could not quantize: {error}", moved, seconds=time.monotonic() - start, candidate=name,
@@ -245,6 +242,14 @@ def measure_trial(work: _Workload, calibration: CalibrationResult | None, name: 
                   node=node_name())
     trial.seconds = time.monotonic() - start
     return trial, model
+
+
+def quantize_trial(work: _Workload, calibration: CalibrationResult | None, recipe: Recipe, moved: list[str],
+                   safer: tuple[str, Recipe] | None) -> nn.Module:
+    """The trial's model: `recipe`, with modules `moved` to the safer recipe (kept float without one)."""
+    overrides = {module: safer[1] for module in moved} if safer else {}
+    return quantize(work.model, recipe, calibration=calibration, overrides=overrides,
+                    skip=moved if safer is None else [], fallback=safer[1] if safer else None, progress=False)
 
 
 def rank_modules(work: _Workload, calibration: CalibrationResult | None, recipe: Recipe,
