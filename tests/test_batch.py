@@ -120,3 +120,21 @@ def test_the_command_prints_a_verdict_per_model_and_exits_3_on_a_failure(models,
     assert long and all(len(line.split()) <= 2 and str(tmp_path) in line for line in long)  # only paths
     refused = _cli(folder, "--out", folder / "quantized")
     assert refused.returncode == 2 and "inside the source folder" in refused.stderr
+
+
+def test_a_folder_and_a_file_of_one_name_are_refused(models, tmp_path):
+    folder, _ = models
+    (folder / "minilm.joblib").write_bytes((folder / "logistic.joblib").read_bytes())
+    with pytest.raises(LowbitError, match="both named 'minilm'"):
+        discover(folder, tmp_path / "out")
+
+
+def test_a_rerun_with_other_settings_redoes_the_models(models, tmp_path):
+    folder, data_map = models
+    (folder / "minilm").unlink()
+    (folder / "broken.joblib").unlink()
+    out = tmp_path / "out"
+    run_batch(folder, out, data_map=data_map, trust_pickle=True)
+    again = run_batch(folder, out, data_map=data_map, trust_pickle=True, recipe="w8")
+    assert not any(row.skipped for row in again.rows if row.family == "torch")
+    assert next(row for row in again.rows if row.name == "mlp").recipe == "w8"

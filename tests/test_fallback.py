@@ -74,7 +74,8 @@ def test_a_batch_that_fails_on_the_original_too_proves_nothing(tmp_path):
     mlp = tiny_mlp().eval()
     folder = tmp_path / "mlp"
     lowbit.save(lowbit.quantize(mlp, "w8", progress=False), folder)
-    served = lowbit.load(folder, skeleton=tiny_mlp(), fallback=mlp, smoke_input=torch.ones(2, 3))
+    with pytest.warns(LowbitWarning, match="fails on the original too .* proves nothing"):
+        served = lowbit.load(folder, skeleton=tiny_mlp(), fallback=mlp, smoke_input=torch.ones(2, 3))
     assert served.lowbit_served == "quantized"
     assert served.lowbit_smoke.startswith("inconclusive: it fails on the original too")
 
@@ -83,7 +84,8 @@ def test_a_plain_module_without_an_input_is_loaded_unchecked_and_says_so(tmp_pat
     mlp = tiny_mlp().eval()
     folder = tmp_path / "mlp"
     lowbit.save(lowbit.quantize(mlp, "w8", progress=False), folder)
-    served = lowbit.load(folder, skeleton=tiny_mlp(), fallback=mlp)
+    with pytest.warns(LowbitWarning, match="no input to run one batch through it"):
+        served = lowbit.load(folder, skeleton=tiny_mlp(), fallback=mlp)
     assert served.lowbit_served == "quantized" and served.lowbit_smoke.startswith("not run: no input")
     assert lowbit.load(folder, skeleton=tiny_mlp(), fallback=mlp,
                        smoke_input=torch.ones(2, 64)).lowbit_smoke == "passed"

@@ -80,6 +80,7 @@ class BatchRow:
     seconds: float = 0.0
     node: str = ""
     skipped: bool = False  # finished by an earlier run
+    settings: str = ""  # what made it (recipe, bits, budget, data): a rerun with others redoes it
 
 
 @dataclass
@@ -156,12 +157,17 @@ def _beside(folder: Path, file: str | None) -> str | None:
 
 
 def _check_unique(models: list[BatchModel]) -> None:
-    seen: dict[str, str] = {}
+    """Two models may share neither an output nor a name (their record and data-map key)."""
+    outputs: dict[str, str] = {}
+    names: dict[str, str] = {}
     for model in models:
-        if model.output in seen:
-            raise LowbitError(f"{seen[model.output]} and {model.source} would both write {model.output}; "
+        if model.output in outputs:
+            raise LowbitError(f"{outputs[model.output]} and {model.source} would both write {model.output}; "
                               "rename one of them")
-        seen[model.output] = model.source
+        if model.name in names:
+            raise LowbitError(f"{names[model.name]} and {model.source} are both named {model.name!r} in the "
+                              "batch; rename one of them")
+        outputs[model.output], names[model.name] = model.source, model.source
 
 
 def run_batch(source: str | os.PathLike, out: str | os.PathLike, recipe: str = DEFAULT_RECIPE, bits: int = 8,
@@ -176,11 +182,13 @@ def run_batch(source: str | os.PathLike, out: str | os.PathLike, recipe: str = D
     spec = executor_spec(workers, ray_address, executor)
     state = Path(out) / STATE
     state.mkdir(parents=True, exist_ok=True)
-    finished = {model.name: row for model in models if (row := _finished(state, model, retry_failed))}
+    finished = {model.name: row for model in models
+                if (row := _finished(state, model, settings, retry_failed)) is not None}
     todo = [model for model in models if model.name not in finished]
 
     def done(index: int, outcome: Outcome) -> None:
         row = _row(todo[index], outcome)
+        row.settings = _fingerprint(todo[index], settings)
         _record(state, row)
         if on_done:
             on_done(row)
@@ -192,15 +200,23 @@ def run_batch(source: str | os.PathLike, out: str | os.PathLike, recipe: str = D
     return result
 
 
-def _finished(state: Path, model: BatchModel, retry_failed: bool) -> BatchRow | None:
-    """The record of a model an earlier run finished (its output still there), or None."""
+def _finished(state: Path, model: BatchModel, settings: BatchSettings, retry_failed: bool) -> BatchRow | None:
+    """The record of a model an earlier run finished with these settings (its output, if it
+    wrote one, still there), or None."""
     row = _read_record(state, model.name, missing_ok=True)
-    if row is None or (row.status == "failed" and retry_failed):
+    if row is None or row.settings != _fingerprint(model, settings):
         return None
-    if row.status == "done" and not Path(model.output).exists():
+    if row.status == "failed" and retry_failed:
+        return None
+    if row.status == "done" and row.verdict != "refused" and not Path(model.output).exists():
         return None
     row.skipped = True
     return row
+
+
+def _fingerprint(model: BatchModel, settings: BatchSettings) -> str:
+    return json.dumps({"source": model.source, "weights": model.weights, "data": model.data,
+                       **asdict(settings)}, sort_keys=True)
 
 
 def _read_record(state: Path, name: str, missing_ok: bool = False) -> BatchRow | None:
@@ -260,7 +276,7 @@ def _quantize_torch(model: BatchModel, settings: BatchSettings) -> BatchRow:
         quantized, recipe = tuned.model, tuned.chosen.label
     else:
         quantized = lowbit.quantize(original, recipe, progress=False)
-    lowbit.save(quantized, model.output)
+    lowbit.save(quantized, model.output, overwrite=True)  # atomic; a run cut short before its record
     row = BatchRow(model.name, "torch", "done", "unchecked (no data)", recipe=recipe,
                    original_bytes=quantized.lowbit_source["bytes"],
                    quantized_bytes=folder_bytes(model.output))
@@ -283,7 +299,7 @@ def _quantize_sklearn(model: BatchModel, settings: BatchSettings) -> BatchRow:
     from lowbit.families.sklearn import quantize_model_file
 
     report = quantize_model_file(model.source, model.output, settings.bits, data=model.data,
-                                 trust_pickle=settings.trust_pickle)
+                                 trust_pickle=settings.trust_pickle, overwrite=True)
     verified = report["verified"]
     unchanged = verified and report.get("prediction_differences") == 0
     return BatchRow(model.name, "scikit-learn", "done",

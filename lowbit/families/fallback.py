@@ -28,6 +28,7 @@ from lowbit.errors import LowbitError, LowbitWarning, MissingKernelWarning
 from lowbit.families.registry import Family, family_of
 
 LOG = logging.getLogger("lowbit")
+NO_INPUT = "no input to make one batch from (pass smoke_input=)"
 
 
 def load_with_fallback(path: str | os.PathLike, original: Any, load: Callable[[], Any],
@@ -38,20 +39,33 @@ def load_with_fallback(path: str | os.PathLike, original: Any, load: Callable[[]
     model, reason = _load_checked(load)
     batch = None
     if model is not None:
-        batch = smoke_input if smoke_input is not None else family.smoke_input(model, path)
+        batch = smoke_input if smoke_input is not None else _made_input(family, model, path)
         reason = None if batch is None else _smoke_problem(family, model, batch)
     if reason is None:
-        smoke = "not run: no input to make one batch from (pass smoke_input=)" if batch is None else "passed"
-        return _label(model, "quantized", None, smoke)
+        if batch is None:
+            warnings.warn(f"{path} loaded, but lowbit has no input to run one batch through it: serving it "
+                          "unchecked (pass smoke_input=)", LowbitWarning, stacklevel=3)
+            return _label(model, "quantized", None, f"not run: {NO_INPUT}")
+        return _label(model, "quantized", None, "passed")
     fallback = _open_original(family_of(original, path), original, trust_pickle, trust_code, path, reason)
     if model is not None and _smoke_problem(family, fallback, batch) is not None:
-        LOG.warning("%s: the smoke batch fails on the original too (%s); serving the quantized model", path,
-                    reason)
+        message = (f"{path}: the one-batch check fails on the original too ({reason}), so it proves nothing: "
+                   "serving the quantized model unchecked")
+        LOG.warning(message)
+        warnings.warn(message, LowbitWarning, stacklevel=3)
         return _label(model, "quantized", None, f"inconclusive: it fails on the original too ({reason})")
     message = f"{path} cannot serve ({reason}); serving the original {_name(original)} instead"
     LOG.warning(message)
     warnings.warn(message, LowbitWarning, stacklevel=3)
     return _label(fallback, "original", reason, "failed" if model is not None else "not run: it did not load")
+
+
+def _made_input(family: Family, model: Any, path: Any) -> Any:
+    """The family's one batch for `model`, or None when it cannot make one."""
+    try:
+        return family.smoke_input(model, path)
+    except Exception:  # noqa: BLE001 - no batch is "unchecked", said as such
+        return None
 
 
 def _load_checked(load: Callable[[], Any]) -> tuple[Any, str | None]:

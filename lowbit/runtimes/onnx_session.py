@@ -71,7 +71,7 @@ def session(model: bytes | Path, threads: int | None = None, spinning: bool = Fa
     next to them. `spinning=True` keeps them spinning between runs too (ONNX Runtime's default).
 
     The optimizer does not fuse a residual Add into the LayerNormalization after it: ONNX Runtime
-    1.32's fused SkipLayerNormalization is 5.7× slower than the two nodes (lowbit.runtimes.onnx_bert).
+    1.32's fused SkipLayerNormalization is 5.7-6.6× slower than the two nodes (lowbit.runtimes.onnx_bert).
     `fuse_skip_norm=True` lets it (ONNX Runtime's default, how a peer's graph runs for its users).
     """
     onnxruntime = require_onnxruntime()

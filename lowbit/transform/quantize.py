@@ -242,6 +242,8 @@ def quantize(
     if not isinstance(model, nn.Module):
         raise QuantizationError(f"expected a torch.nn.Module, got {type(model).__name__}")
     recipe = make_recipe(recipe)
+    if calibration is not None and not isinstance(calibration, (CalibrationResult, list, tuple)):
+        calibration = list(calibration)  # read more than once (smoothing, ranges, GPTQ)
     changes = {}
     if skip:
         changes["skip"] = (*recipe.skip, *skip)

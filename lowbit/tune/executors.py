@@ -190,6 +190,8 @@ class _Processes(Session):
         run = _timed if self.shared is None else _timed_with_shared
         while len(finished) < len(items):
             pending = [index for index in range(len(items)) if index not in finished]
+            if any(attempts[index] for index in pending):  # a retry: one at a time, so a task that
+                pending = pending[:1]                      # kills its worker takes down no other
             futures = {}
             for index in pending:
                 attempts[index] += 1
@@ -203,6 +205,9 @@ class _Processes(Session):
                         continue
                     outcome = Outcome(error=f"its worker process died twice ({error})",
                                       attempts=attempts[index])
+                except Exception as error:  # noqa: BLE001 - it could not be sent (not picklable)
+                    outcome = Outcome(error=f"it could not be sent to a worker: {type(error).__name__}: "
+                                      f"{error}", attempts=attempts[index])
                 finished.add(index)
                 done(index, outcome)
             if len(finished) < len(items):
@@ -213,7 +218,7 @@ class _Processes(Session):
         """The task on the pool; a pool already broken gives a future that holds that error."""
         try:
             return self._pool().submit(run, task, item)
-        except BrokenProcessPool as error:
+        except Exception as error:  # noqa: BLE001 - a broken pool, or what pickle cannot send
             failed: concurrent.futures.Future = concurrent.futures.Future()
             failed.set_exception(error)
             return failed
@@ -231,8 +236,14 @@ class _Ray(Session):
 
     def __init__(self, spec: ExecutorSpec, shared: Any) -> None:
         super().__init__(spec, shared)
+        self.started = not _ray_running()
         self.ray = connect_ray(spec.address)
         self.reference = None if shared is None else self.ray.put(shared)
+
+    def close(self) -> None:
+        """Leave Ray as it was found: a cluster this session started (or joined) is let go."""
+        if self.started:
+            self.ray.shutdown()
 
     def _run(self, task: Callable[..., Any], items: list[Any], done: OnDone) -> None:
         ray = self.ray
@@ -247,6 +258,14 @@ class _Ray(Session):
                 outcome = Outcome(error=f"its Ray worker died on every attempt: {str(error)[:300]}",
                                   attempts=1 + RETRIES)
             done(index, outcome)
+
+
+def _ray_running() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
 
 
 def connect_ray(address: str | None) -> Any:

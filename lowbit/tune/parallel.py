@@ -13,11 +13,12 @@ on the same data:
 4. The serial policy then replays over these measurements (same order, skips and early stop);
    a trial it would not have run is dropped, one it needs is always there.
 
-Latency is never measured while a trial runs: with objective "latency", the trials within the
-budget are rebuilt here and timed against the original between rounds, when every worker is idle
-(finalists re-timed alone). The chosen model is rebuilt here from its recipe (quantization is
-deterministic). Each trial records the node that measured it. A time budget stops new rounds;
-with one, the choice can differ from the serial search's, which spends its time differently.
+Latency is never measured while a trial runs: with objective "latency", each trial within the
+budget is rebuilt here and timed once against the original between rounds, when every worker is
+idle. The chosen model is rebuilt here from its recipe (quantization is
+deterministic). Each trial records the node that measured it. A time budget stops new rounds
+(the first always runs) and the final comparison as in the serial search; with one, the choice
+can differ from the serial search's, which spends its time differently.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitWarning
+from lowbit.errors import LowbitError, LowbitWarning
 from lowbit.transform.calibrate import CalibrationResult
 from lowbit.transform.recipe import Recipe, make_recipe
 from lowbit.tune.executors import ExecutorSpec, Outcome, open_executor
@@ -101,6 +102,7 @@ class ParallelSearch(_BudgetSearch):
         self.timings: dict[Key, dict[str, Any]] = {}
         self.rounds: list[list[float]] = []  # seconds of each unit, round by round (for projections)
         self.session: Any = None
+        self.replaying = False
 
     def run(self) -> None:
         step = self.bar.add_task(f"measuring trials on {self.spec.name}", total=None)
@@ -109,7 +111,9 @@ class ParallelSearch(_BudgetSearch):
             self.session = session
             self._measure_all(step)
         self.bar.update(step, description="choosing")
+        self.replaying = True
         super().run()
+        self.replaying = False
         if self.best is not None and self.best[1] is None:
             self.best = (self.best[0], self._rebuild(self.best[0]))
 
@@ -122,6 +126,8 @@ class ParallelSearch(_BudgetSearch):
                   and not first[name].reason]
         if missed and self._skipped_by_serial(missed[0][2]):  # exact for the first one only
             missed = missed[1:]
+        if self.out_of_time():
+            missed = []  # the replay records them as not measured
         units = [Unit("ranking", name, recipe, self._safer(index)) for index, name, recipe in missed]
         for unit, outcome in zip(units, self._run(units, step), strict=True):
             self.rankings[unit.name] = outcome.value if outcome.ok else []
@@ -145,7 +151,7 @@ class ParallelSearch(_BudgetSearch):
         by the replay, one too few would change it)."""
         order = self._serial_order()
         pending, skipped = list(order), set()
-        while pending:
+        while pending and not (self.rounds and self.out_of_time()):  # the first wave always runs
             wave: list[int] = []
             for index in list(pending):
                 if len(wave) == self.spec.workers:
@@ -186,7 +192,14 @@ class ParallelSearch(_BudgetSearch):
 
     def _round(self, units: list[Unit], step: Any) -> None:
         """Measure `units` on the executor, then time the ones within budget here, alone."""
-        for unit, outcome in zip(units, self._run(units, step), strict=True):
+        outcomes = self._run(units, step)
+        unsent = [outcome.error for outcome in outcomes
+                  if (outcome.error or "").startswith("it could not be sent")]
+        if unsent and len(unsent) == len(outcomes):
+            raise LowbitError(f"tune cannot hand this model to {self.spec.name} workers ({unsent[0]}); with "
+                              "workers or Ray the model and its data must pickle, and its classes import "
+                              "in a fresh process. Run with workers=1")
+        for unit, outcome in zip(units, outcomes, strict=True):
             self.measured[(unit.name, unit.moved)] = outcome.value if outcome.ok else _failed(unit, outcome)
         if self.objective == "latency":
             for unit in units:
@@ -243,6 +256,7 @@ class ParallelSearch(_BudgetSearch):
         return self.rankings[name]
 
     def fits(self, trials: float = 1.0) -> bool:
-        """The replay follows the measurements, not the clock (the rounds kept the time budget)."""
-        return True
+        """The replay follows the measurements, not the clock (the rounds kept the time budget);
+        afterwards (the final comparison) the clock decides again."""
+        return self.replaying or super().fits(trials)
 
