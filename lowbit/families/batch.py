@@ -193,7 +193,8 @@ def run_batch(source: str | os.PathLike, out: str | os.PathLike, recipe: str = D
         if on_done:
             on_done(row)
 
-    run_all(quantize_entry, [(model, settings) for model in todo], spec, on_done=done)
+    if todo:  # a rerun with everything finished starts no workers
+        run_all(quantize_entry, [(model, settings) for model in todo], spec, on_done=done)
     rows = [finished.get(model.name) or _read_record(state, model.name) for model in models]
     result = BatchResult(rows, str(out), spec.name if not spec.parallel else f"{spec.name} ({spec.workers})")
     write_text(Path(out) / RESULT, json.dumps(result.to_dict(), indent=2))
