@@ -767,6 +767,8 @@ def batch_command(
         console.print(table)
         if any(row.skipped for row in result.rows):
             console.print("  * finished by an earlier run (--retry-failed runs failed ones again)")
+        for note in result.notes:
+            console.print(textwrap.fill(f"note: {note}", 80, subsequent_indent="  "))
         for row in result.failed:  # wrapped at 80 columns; a path stays whole on its line
             reason = textwrap.fill(f"{row.name}: {row.reason or row.verdict}", 80, initial_indent="  ",
                                    subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)

@@ -89,6 +89,7 @@ def test_workers_give_the_same_rows_and_say_where_each_ran(models, tmp_path, opt
     parallel = run_batch(folder, tmp_path / "parallel", data_map=data_map, trust_pickle=True, **options)
     statuses = [(row.name, row.status) for row in serial.rows]
     assert [(row.name, row.status) for row in parallel.rows] == statuses
+    assert "timed in the workers while up to 2 models ran at once" in parallel.notes[0]
     logistic = next(row for row in parallel.rows if row.name == "logistic")
     assert logistic.verdict == "pass" and logistic.node
     if "ray_address" in options:

@@ -197,6 +197,9 @@ def run_batch(source: str | os.PathLike, out: str | os.PathLike, recipe: str = D
         run_all(quantize_entry, [(model, settings) for model in todo], spec, on_done=done)
     rows = [finished.get(model.name) or _read_record(state, model.name) for model in models]
     result = BatchResult(rows, str(out), spec.name if not spec.parallel else f"{spec.name} ({spec.workers})")
+    if spec.parallel and todo:
+        result.notes.append(f"speed-ups were timed in the workers while up to {spec.workers} models ran at "
+                            "once (on Ray, one thread each); run with one worker for speed measured alone")
     write_text(Path(out) / RESULT, json.dumps(result.to_dict(), indent=2))
     return result
 
