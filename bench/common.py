@@ -20,14 +20,15 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def bench_arguments(
-    description: str, runs: int = 30, extra: dict[str, int] | None = None,
+    description: str, runs: int | None = 30, extra: dict[str, int] | None = None,
 ) -> argparse.Namespace:
-    """--threads and --runs, shared by every bench script, plus `extra` integer options with
-    their defaults; sets torch's thread count."""
+    """--threads and (unless `runs` is None) --runs, shared by every bench script, plus `extra`
+    integer options with their defaults; sets torch's thread count."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=runs)
+    if runs is not None:
+        parser.add_argument("--runs", type=int, default=runs)
     for option, default in (extra or {}).items():
         parser.add_argument(option, type=int, default=default)
     arguments = parser.parse_args()

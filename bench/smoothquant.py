@@ -10,13 +10,12 @@ change from fp32. Writes bench/results/smoothquant.json.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 import lowbit
-from bench.common import print_table, write_json
+from bench.common import bench_arguments, print_table, write_json
 from lowbit.data import assets
 from lowbit.families import transformers as hf
 
@@ -37,11 +36,7 @@ def perplexity(model, windows: torch.Tensor) -> float:
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_arguments(__doc__, runs=None)
     path = hf.smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tokenizer = hf.load_tokenizer(path)

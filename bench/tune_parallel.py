@@ -13,14 +13,11 @@ share them. Writes bench/results/tune-parallel.json.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import time
 
-import torch
-
 import lowbit
-from bench.common import print_table, write_json
+from bench.common import bench_arguments, print_table, write_json
 from bench.tune import minilm_task
 
 EXECUTORS = {"serial": {}, "2 processes": {"workers": 2},
@@ -45,11 +42,7 @@ def projection(result, wall: float) -> dict[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_arguments(__doc__, runs=None)
     rows, results = [], {}
     for name, options in EXECUTORS.items():
         task = minilm_task(args)

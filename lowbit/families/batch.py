@@ -101,8 +101,8 @@ class BatchResult:
 
 def discover(source: str | os.PathLike, out: str | os.PathLike, data_map: str | os.PathLike | None = None
              ) -> list[BatchModel]:
-    """Every model in `source` with its output path in `out`; refuses an `out` inside `source`
-    and two models that would write the same output."""
+    """Every model in `source` with its output path in `out`; refuses an `out` inside `source`,
+    and two models that would share an output or a name."""
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.is_dir():
         raise LowbitError(f"{source} is not a folder of models")

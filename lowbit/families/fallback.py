@@ -49,15 +49,17 @@ def load_with_fallback(path: str | os.PathLike, original: Any, load: Callable[[]
         return _label(model, "quantized", None, "passed")
     fallback = _open_original(family_of(original, path), original, trust_pickle, trust_code, path, reason)
     if model is not None and _smoke_problem(family, fallback, batch) is not None:
-        message = (f"{path}: the one-batch check fails on the original too ({reason}), so it proves nothing: "
-                   "serving the quantized model unchecked")
-        LOG.warning(message)
-        warnings.warn(message, LowbitWarning, stacklevel=3)
+        _say(f"{path}: the one-batch check fails on the original too ({reason}), so it proves nothing: "
+             "serving the quantized model unchecked")
         return _label(model, "quantized", None, f"inconclusive: it fails on the original too ({reason})")
-    message = f"{path} cannot serve ({reason}); serving the original {_name(original)} instead"
-    LOG.warning(message)
-    warnings.warn(message, LowbitWarning, stacklevel=3)
+    _say(f"{path} cannot serve ({reason}); serving the original {_name(original)} instead")
     return _label(fallback, "original", reason, "failed" if model is not None else "not run: it did not load")
+
+
+def _say(message: str) -> None:
+    """On the `lowbit` logger (for a service's logs) and as a LowbitWarning (for a person)."""
+    LOG.warning(message)
+    warnings.warn(message, LowbitWarning, stacklevel=4)
 
 
 def _made_input(family: Family, model: Any, path: Any) -> Any:
