@@ -11,7 +11,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,11 +19,37 @@ from torch import nn
 
 from lowbit.errors import LowbitWarning
 from lowbit.evaluate.latency import measure_latencies
+from lowbit.runtimes.onnx_large_inputs import int8_graph
 from lowbit.runtimes.onnx_modules import ExportError
-from lowbit.runtimes.onnxruntime import GRAPHS, export, session, wrap
+from lowbit.runtimes.onnxruntime import GRAPHS, export, open_model
 
 LOG = logging.getLogger("lowbit")
 SHAPES = ((1, 16), (8, 128))  # (batch, tokens): one short sentence, and a full batch
+# Inputs of at least 64 tokens are timed on the int8 session against MatMulNBits: below that,
+# MatMulNBits keeps every input, as its per-block int8 activations keep a 4-bit model's quality
+# (the int8 session's per-tensor ones cost MiniLM w4 0.004 of embedding cosine, 0.955 to 0.951).
+LARGE_TOKENS = 64
+
+
+def _large_shapes(positions: int) -> list[tuple[int, int]]:
+    """(batch, tokens) from LARGE_TOKENS tokens up: one sequence growing to 512 tokens (or the
+    model's positions), then batches of 2, 4 and 8 such sequences."""
+    longest = min(512, positions)
+    singles = [(1, tokens) for tokens in (64, 128, 256, 512) if tokens <= longest]
+    return singles + [(batch, longest) for batch in (2, 4, 8) if batch * longest >= LARGE_TOKENS]
+
+
+@dataclass
+class LargeInputPlan:
+    """Inputs of more than `above` tokens run on int8 matrix kernels (None: none do); `timing`
+    is what was measured to set it."""
+
+    above: int | None = None
+    timing: dict[str, list[float]] | None = None
+
+    def entry(self) -> dict[str, Any]:
+        """The fields of lowbit.json's `onnx` entry that record it."""
+        return {"large_inputs_above": self.above, "large_input_timing": self.timing}
 
 
 @dataclass
@@ -33,6 +59,7 @@ class RuntimeChoice:
     runtime: str
     graph: bytes | None
     record: dict[str, Any]
+    large_inputs: LargeInputPlan = field(default_factory=LargeInputPlan)
 
 
 def _token_batch(model: nn.Module, batch: int, tokens: int) -> dict[str, torch.Tensor]:
@@ -53,6 +80,36 @@ def _inputs(model: nn.Module, batch: int, tokens: int) -> tuple[str, tuple, dict
     example = model.lowbit_example_input
     rows = example[:1].expand(batch, *example.shape[1:]).contiguous()
     return "x".join(map(str, rows.shape)), (rows,), {}
+
+
+def plan_large_inputs(model: nn.Module, graph: bytes, threads: int | None = None,
+                      runs: int = 5) -> LargeInputPlan:
+    """Time `graph`'s MatMulNBits session against its int8 one (lowbit.runtimes.onnx_large_inputs)
+    on growing token batches: inputs larger than the last size at which the int8 session lost run
+    on it. Only encoders with MatMulNBits nodes have such a session (a causal LM decodes in one
+    session; plain models hold none), and only on CPUs with VNNI."""
+    config = getattr(model, "config", None)
+    if config is None or hasattr(model, "generate") or int8_graph(graph) is None:
+        return LargeInputPlan()
+    positions = int(getattr(config, "max_position_embeddings", 512) or 512)
+    shapes = _large_shapes(positions)
+    inputs = {batch * tokens: _token_batch(model, batch, tokens) for batch, tokens in shapes}
+    small = open_model(graph, config, threads)
+    large = open_model(graph, config, threads, large_inputs_above=0)
+    timing: dict[str, list[float]] = {"tokens": [], "matmul_nbits_ms": [], "int8_ms": []}
+    above = None
+    with torch.inference_mode():
+        for tokens, batch in inputs.items():
+            medians = measure_latencies({name: (lambda m=m, b=batch: m(**b)) for name, m in
+                                         (("nbits", small), ("int8", large))}, runs=runs, threads=threads)
+            for key, value in (("tokens", tokens), ("matmul_nbits_ms", medians["nbits"].p50),
+                               ("int8_ms", medians["int8"].p50)):
+                timing[key].append(round(float(value), 4))
+            if medians["int8"].p50 < medians["nbits"].p50:
+                above = timing["tokens"][-2] if len(timing["tokens"]) > 1 else LARGE_TOKENS - 1
+                break
+    LOG.info("inputs above %s tokens run on int8 matrix kernels", above)
+    return LargeInputPlan(None if above is None else int(above), timing)
 
 
 def _no_graph_reason(model: nn.Module) -> str | None:
@@ -78,7 +135,8 @@ def choose_runtime(model: nn.Module, accuracy_level: int = 0, shapes: Sequence[t
     except ExportError as error:
         warnings.warn(f"runtime auto keeps the torch runtime: {error}", LowbitWarning, stacklevel=3)
         return RuntimeChoice("eager", None, {"chosen": "eager", "reason": f"not exportable: {error}"})
-    in_onnxruntime = wrap(session(graph, threads), getattr(model, "config", None), len(graph))
+    plan = plan_large_inputs(model, graph, threads)
+    in_onnxruntime = open_model(graph, getattr(model, "config", None), threads, plan.above)
     contenders = {"eager": model.eval(), "onnxruntime": in_onnxruntime}
     medians: dict[str, dict[str, float]] = {name: {} for name in contenders}
     for batch, tokens in shapes:
@@ -96,4 +154,5 @@ def choose_runtime(model: nn.Module, accuracy_level: int = 0, shapes: Sequence[t
               f"{per_shape}; medians of {runs})")
     return RuntimeChoice(chosen, graph if chosen == "onnxruntime" else None,
                          {"chosen": chosen, "reason": reason, "median_ms": medians,
-                          "threads": threads or torch.get_num_threads(), "accuracy_level": accuracy_level})
+                          "threads": threads or torch.get_num_threads(), "accuracy_level": accuracy_level},
+                         plan)

@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.errors import FormatError, LowbitError
 from lowbit.families.registry import TORCH_KINDS, TorchKind, torch_kind_of
-from lowbit.families.runtime_choice import choose_runtime
+from lowbit.families.runtime_choice import RuntimeChoice, choose_runtime, plan_large_inputs
 from lowbit.families.sources import build_from_factory, load_source
 from lowbit.formats import MANIFEST, read_folder, write_folder
 from lowbit.formats.lowbit_format import read_manifest, verified_bytes
@@ -67,17 +67,18 @@ RUNTIME_NAMES = {"torch": "eager", "eager": "eager", "onnxruntime": "onnxruntime
 
 
 def _graph_for(model: nn.Module, runtime: str, accuracy_level: int,
-               activation_block: int | None) -> tuple[str, bytes | None, dict | None]:
-    """(runtime, ONNX graph or None, what `auto` measured or None) for `runtime` as asked."""
+               activation_block: int | None) -> RuntimeChoice:
+    """The runtime as asked, its ONNX graph (or None), what `auto` measured (or an empty record)
+    and, with a graph, which inputs run on int8 matrix kernels (lowbit.runtimes.onnx_large_inputs)."""
     if runtime not in RUNTIME_NAMES:
         raise LowbitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIME_NAMES)}")
     runtime = RUNTIME_NAMES[runtime]
     if runtime == "auto":
-        choice = choose_runtime(model, accuracy_level, activation_block=activation_block)
-        return choice.runtime, choice.graph, choice.record
-    graph = (onnx_export(model, accuracy_level=accuracy_level, activation_block=activation_block)
-             if runtime == "onnxruntime" else None)
-    return runtime, graph, None
+        return choose_runtime(model, accuracy_level, activation_block=activation_block)
+    if runtime != "onnxruntime":
+        return RuntimeChoice(runtime, None, {})
+    graph = onnx_export(model, accuracy_level=accuracy_level, activation_block=activation_block)
+    return RuntimeChoice(runtime, graph, {}, plan_large_inputs(model, graph))
 
 
 def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "eager",
@@ -96,12 +97,13 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, run
     manifest = build_manifest(model)
     kind = torch_kind_of(model)
     write_files = kind.write_files(model, {"recipe": manifest["recipe"]}) if kind.write_files else None
-    runtime, graph, measured = _graph_for(model, runtime, accuracy_level, activation_block)
-    manifest.update(runtime=runtime, runtime_choice=measured)
+    choice = _graph_for(model, runtime, accuracy_level, activation_block)
+    graph = choice.graph
+    manifest.update(runtime=choice.runtime, runtime_choice=choice.record or None)
     if graph is not None:
         ops = {name: op_name(module) for name, module in quantized_modules(model).items()}
         manifest["onnx"] = {"file": ONNX_FILE, "accuracy_level": accuracy_level, "ops": ops,
-                            "activation_block": activation_block}
+                            "activation_block": activation_block, **choice.large_inputs.entry()}
 
     def write_extra(staging: Path) -> None:
         if write_files is not None:

@@ -26,6 +26,7 @@ MAX_ENTRIES = 1 << 20
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+Timings = Annotated[list[float], Field(max_length=64)]
 Count = Annotated[int, Field(ge=0, le=1 << 50)]
 
 
@@ -98,6 +99,9 @@ class OnnxEntry(Strict):
     accuracy_level: int = Field(0, ge=0, le=4)
     activation_block: Literal[ACTIVATION_BLOCKS] | None = None
     ops: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
+    # inputs of more tokens (rows) than this run on int8 matrix kernels (lowbit.runtimes.onnx_large_inputs)
+    large_inputs_above: int | None = Field(None, ge=0, le=1 << 30)
+    large_input_timing: dict[Name, Timings] | None = Field(None, max_length=3)  # what set that limit
 
 
 class RoundingEntry(Strict):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import FormatError, LowbitError
+from lowbit.runtimes.onnx_large_inputs import LargeInputs
 
 
 def require_onnxruntime() -> Any:
@@ -91,15 +92,24 @@ def session(model: bytes | Path, threads: int | None = None, spinning: bool = Fa
 
 
 class OnnxRuntimeModel(nn.Module):
-    """A model that runs in an ONNX Runtime session, called like its transformers original."""
+    """A model that runs in an ONNX Runtime session, called like its transformers original. With
+    `large_inputs`, inputs of many tokens (rows) run in a second session on int8 matrix kernels
+    (lowbit.runtimes.onnx_large_inputs)."""
 
-    def __init__(self, session_: Any, config: Any = None, model_bytes: int | None = None) -> None:
+    def __init__(self, session_: Any, config: Any = None, model_bytes: int | None = None,
+                 large_inputs: LargeInputs | None = None) -> None:
         super().__init__()
         self.session = session_
         self.config = config
         self.model_bytes = model_bytes  # the graph's size: what it holds in memory, for reports
+        self.large_inputs = large_inputs
         self.input_names = [value.name for value in session_.get_inputs()]
         self.output_names = [value.name for value in session_.get_outputs()]
+
+    def session_for(self, units: int) -> Any:
+        """The session that runs an input of `units` tokens (rows)."""
+        large = self.large_inputs.session_for(units) if self.large_inputs is not None else None
+        return self.session if large is None else large
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, **_: Any) -> Any:
@@ -108,7 +118,7 @@ class OnnxRuntimeModel(nn.Module):
         defaults = {"attention_mask": np.ones_like, "token_type_ids": np.zeros_like}
         feeds = {name: _array(given[name], np.int64) if given[name] is not None else defaults[name](ids)
                  for name in self.input_names}
-        outputs = self.session.run(None, feeds)
+        outputs = self.session_for(ids.size).run(None, feeds)
         return self.output_class(**dict(zip(self.output_names, map(torch.from_numpy, outputs), strict=True)))
 
     @functools.cached_property
@@ -124,7 +134,7 @@ class OnnxTensorModel(OnnxRuntimeModel):
             raise LowbitError(f"this model takes {len(self.input_names)} tensor(s), got {len(inputs)}")
         feeds = {name: _array(tensor, np.float32)
                  for name, tensor in zip(self.input_names, inputs, strict=True)}
-        outputs = self.session.run(None, feeds)
+        outputs = self.session_for(inputs[0].shape[0]).run(None, feeds)
         return torch.from_numpy(outputs[0]) if len(outputs) == 1 else tuple(map(torch.from_numpy, outputs))
 
 

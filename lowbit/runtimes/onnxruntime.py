@@ -24,6 +24,7 @@ from lowbit.registry import Registry
 from lowbit.runtimes import RUNTIMES
 from lowbit.runtimes.onnx_bert import build_bert
 from lowbit.runtimes.onnx_generate import OnnxCausalLM
+from lowbit.runtimes.onnx_large_inputs import LargeInputs, int8_graph
 from lowbit.runtimes.onnx_llama import build_llama
 from lowbit.runtimes.onnx_modules import BLOCKS, ExportError
 from lowbit.runtimes.onnx_session import (
@@ -82,17 +83,33 @@ def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str
         raise FormatError(f"{folder} records the onnxruntime runtime but no ONNX graph")
     data = read(entry["file"])
     check_graph(data, f"{folder}/{entry['file']}")
-    return wrap(session(for_this_cpu(data)), getattr(skeleton, "config", None), len(data))
+    return open_model(for_this_cpu(data), getattr(skeleton, "config", None),
+                      large_inputs_above=entry.get("large_inputs_above"))
 
 
-def wrap(session_: Any, config: Any = None, model_bytes: int | None = None) -> OnnxRuntimeModel:
+def open_model(graph: bytes, config: Any = None, threads: int | None = None,
+               large_inputs_above: int | None = None) -> OnnxRuntimeModel:
+    """`graph` in a session of `threads` (torch's count by default), as the model class `wrap`
+    picks. With `large_inputs_above`, inputs of more tokens (rows) than that run on int8 matrix
+    kernels in a second session, opened when the first one comes (lowbit.runtimes.onnx_large_inputs)."""
+
+    def open_int8() -> Any:
+        rewritten = int8_graph(graph)
+        return None if rewritten is None else session(rewritten, threads)
+    large = None if large_inputs_above is None else LargeInputs(large_inputs_above, open_int8)
+    return wrap(session(graph, threads), config, len(graph), large)
+
+
+def wrap(session_: Any, config: Any = None, model_bytes: int | None = None,
+         large_inputs: LargeInputs | None = None) -> OnnxRuntimeModel:
     """The model class for a session: a causal LM (with `generate`) when the graph gives logits,
     a transformers encoder when it takes token ids, else a model called with tensors."""
     outputs = {value.name for value in session_.get_outputs()}
     inputs = {value.name for value in session_.get_inputs()}
     if "logits" in outputs:
         return OnnxCausalLM(session_, config, model_bytes)
-    return (OnnxRuntimeModel if "input_ids" in inputs else OnnxTensorModel)(session_, config, model_bytes)
+    kind = OnnxRuntimeModel if "input_ids" in inputs else OnnxTensorModel
+    return kind(session_, config, model_bytes, large_inputs)
 
 
 RUNTIMES.add("onnxruntime", materialize)
