@@ -23,8 +23,7 @@ from lowbit.families.sources import build_from_factory, load_source
 from lowbit.formats import MANIFEST, read_folder, write_folder
 from lowbit.formats.lowbit_format import read_manifest, verified_bytes
 from lowbit.runtimes import RUNTIMES
-from lowbit.runtimes.onnx_modules import op_name
-from lowbit.runtimes.onnxruntime import ONNX_FILE
+from lowbit.runtimes.onnxruntime import ONNX_FILE, layer_ops
 from lowbit.runtimes.onnxruntime import export as onnx_export
 from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules
 from lowbit.transform.recipe import Recipe
@@ -101,7 +100,7 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, run
     graph = choice.graph
     manifest.update(runtime=choice.runtime, runtime_choice=choice.record or None)
     if graph is not None:
-        ops = {name: op_name(module) for name, module in quantized_modules(model).items()}
+        ops = layer_ops(quantized_modules(model), model)
         manifest["onnx"] = {"file": ONNX_FILE, "accuracy_level": accuracy_level, "ops": ops,
                             "activation_block": activation_block, **choice.large_inputs.entry()}
 

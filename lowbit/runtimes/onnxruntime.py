@@ -22,11 +22,11 @@ from torch import nn
 from lowbit.errors import FormatError
 from lowbit.registry import Registry
 from lowbit.runtimes import RUNTIMES
-from lowbit.runtimes.onnx_bert import build_bert
+from lowbit.runtimes.onnx_bert import build_bert, fused_ops
 from lowbit.runtimes.onnx_generate import OnnxCausalLM
 from lowbit.runtimes.onnx_large_inputs import LargeInputs, int8_graph
 from lowbit.runtimes.onnx_llama import build_llama
-from lowbit.runtimes.onnx_modules import BLOCKS, ExportError
+from lowbit.runtimes.onnx_modules import BLOCKS, ExportError, op_name
 from lowbit.runtimes.onnx_session import (
     OnnxRuntimeModel,
     OnnxTensorModel,
@@ -42,6 +42,9 @@ GRAPHS: Registry[GraphBuilder] = Registry("ONNX graph builder")
 GRAPHS.add("bert", build_bert)
 GRAPHS.add("llama", build_llama)
 GRAPHS.add("torch", build_torch)
+# Per family, the Linears whose graph fuses them into another op than onnx_modules.op_name's default.
+FUSED_OPS: Registry[Callable[[nn.Module], dict[str, str]]] = Registry("ONNX fused-op listing")
+FUSED_OPS.add("bert", fused_ops)
 
 
 def family_of(model: nn.Module) -> str:
@@ -55,6 +58,14 @@ def family_of(model: nn.Module) -> str:
         raise ExportError(f"{type(model).__name__} ({model_type or 'not a transformers model'}) has no ONNX "
                           f"graph builder; lowbit exports {known}")
     return model_type
+
+
+def layer_ops(modules: dict[str, nn.Module], model: nn.Module) -> dict[str, str]:
+    """The ONNX op that runs each of `modules` (by name) in `model`'s graph (what `inspect` shows)."""
+    ops = {name: op_name(module) for name, module in modules.items()}
+    family = family_of(model)
+    fused = FUSED_OPS.get(family)(model) if family in FUSED_OPS else {}
+    return {name: fused.get(name, op) for name, op in ops.items()}
 
 
 ACTIVATION_BLOCKS = tuple(sorted(BLOCKS))  # the MatMulNBits block lengths lowbit writes

@@ -69,6 +69,34 @@ def test_activation_quantizing_kernels_stay_close(recipe, accuracy_level):
     assert torch.nn.functional.cosine_similarity(got, expected).min() >= 0.995
 
 
+def test_qattention_equals_matmul_split_and_multi_head_attention():
+    """w8a8-dynamic attention runs in QAttention: bit for bit what DynamicQuantizeMatMul, Split
+    and MultiHeadAttention give, padded positions masked alike."""
+    from onnx import TensorProto
+
+    from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
+    from lowbit.runtimes.onnx_modules import emit_linear, emit_quantized_attention, stacked
+
+    attention = lowbit.quantize(tiny_bert(), "w8a8-dynamic", progress=False).encoder.layer[0].attention.self
+    projection = stacked([attention.query, attention.key, attention.value])
+    graph = Graph("attention")
+    x = graph.add_input("x", TensorProto.FLOAT, ["batch", "sequence", 32])
+    mask = graph.add_input("mask", TensorProto.INT32, ["batch", "sequence"])
+    graph.add_output(emit_quantized_attention(graph, projection, x, mask, heads=2), "fused",
+                     TensorProto.FLOAT, ["batch", "sequence", 32])
+    qkv = emit_linear(graph, projection, x, "qkv", "dynamic_quantize_matmul")
+    widths = graph.constant("widths", np.array([32] * 3, np.int64))
+    parts = graph.node("Split", [qkv, widths], outputs=3, axis=-1)
+    graph.add_output(graph.node("MultiHeadAttention", [*parts, "", mask], domain=MICROSOFT, num_heads=2),
+                     "split", TensorProto.FLOAT, ["batch", "sequence", 32])
+    session = ort_runtime.session(graph.model("test").SerializeToString(), threads=1)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 7, 32)).astype(np.float32),
+             "mask": _batch()["attention_mask"].numpy().astype(np.int32)}
+    fused, split = session.run(None, feeds)
+    kept = feeds["mask"].astype(bool)
+    assert np.array_equal(fused[kept], split[kept])
+
+
 def test_saved_onnx_folder_loads_into_onnxruntime_and_is_checksummed(tmp_path):
     quantized = lowbit.quantize(tiny_bert(), "w8", progress=False)
     folder = lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime")
@@ -175,6 +203,7 @@ def test_inspect_shows_the_runtime_and_the_onnx_op_of_each_layer(tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(folder)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "DynamicQuantizeMatMul" in result.output and "GatherBlockQuantized" in result.output
+    assert "QAttention" in result.output  # query, key and value of w8a8-dynamic layers
     assert "runtime: ONNX Runtime (model.onnx, accuracy level 0)" in result.output
 
 
