@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,11 +70,17 @@ def interleaved_p50(calls: dict[str, Callable[[], object]], runs: int, block: in
     """Median milliseconds per call, in interleaved blocks: each model in turn makes one untimed
     call, then `block` timed ones, round after round, until each has `runs` timings. Outside load
     hits every model alike, and the untimed call absorbs what the previous model left behind
-    (ONNX Runtime's worker threads keep spinning for a while after a run)."""
+    (ONNX Runtime's worker threads keep spinning for a while after a run). The order is shuffled
+    every round (seeded): in a fixed order a model always follows the same one, and that costs it
+    more than one untimed call absorbs (an ONNX Runtime model timed right after another session
+    ran 2-5% slower than the same model placed elsewhere in the round, here)."""
     timings = {name: [] for name in calls}
+    order, shuffle = list(calls), random.Random(0).shuffle
     with torch.inference_mode():
         while min(len(values) for values in timings.values()) < runs:
-            for name, call in calls.items():
+            shuffle(order)
+            for name in order:
+                call = calls[name]
                 call()
                 for _ in range(block):
                     start = time.perf_counter()

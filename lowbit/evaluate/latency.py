@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,10 +64,12 @@ def measure_latencies(
     warmup: int = 3,
     threads: int | None = None,
 ) -> dict[str, LatencyStats]:
-    """Time several calls interleaved (a, b, c, a, b, c, ...), `runs` times each after warm-up.
+    """Time several calls interleaved (a, b, c, then b, c, a, ...), `runs` times each after warm-up.
 
     Interleaving spreads any outside load over every model alike, so ratios between them stay
-    fair on a busy machine. Runs under torch.inference_mode with `threads` torch threads.
+    fair on a busy machine. The order is shuffled every round (seeded): in a fixed order a model
+    always follows the same one, whose worker threads may still be spinning, and would pay for
+    it every time. Runs under torch.inference_mode with `threads` torch threads.
     """
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -77,9 +80,11 @@ def measure_latencies(
             for call in calls.values():
                 for _ in range(warmup):
                     call()
+            order, shuffle = list(calls), random.Random(0).shuffle
             for _ in range(runs):
-                for name, call in calls.items():
-                    timings[name].append(timed(call)[1] * 1000.0)
+                shuffle(order)
+                for name in order:
+                    timings[name].append(timed(calls[name])[1] * 1000.0)
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
