@@ -653,7 +653,8 @@ def _tune_and_save(model, data, metric, max_drop, objective, candidates, calibra
         errors.print(f"[bold red]budget not met:[/] {result.message} Nothing was written to {out}.",
                      highlight=False)
         raise typer.Exit(EXIT_BUDGET_MISSED)
-    folder = save(result.model, out, overwrite=overwrite)
+    folder = save(result.model, out, overwrite=overwrite, runtime=result.runtime,
+                  accuracy_level=result.accuracy_level)
     console.print(f"wrote {folder} ({_mib(folder_bytes(folder))})")
 
 

@@ -166,3 +166,22 @@ def test_a_nested_fail_is_explained_in_the_tune_report(inputs):
     lines = nested_fail_explained(result)
     assert lines and "slower than the original" in lines[0] and "objective was size" in lines[0]
     assert lines[0] in result.to_markdown()
+
+
+def test_latency_objective_times_each_runtime_and_keeps_the_faster_within_budget(minilm, wiki_sentences,
+                                                                                 tmp_path):
+    """w8a8-dynamic MiniLM: ONNX Runtime runs a sentence several times faster than PyTorch eager,
+    so tune takes it there, after measuring the metric again in it; the result saves with it."""
+    model, tokenizer, _ = minilm
+    result = lowbit.tune(model, wiki_sentences[:32], metric="cosine", max_drop=0.01, objective="latency",
+                         candidates=["w8a8-dynamic"], tokenizer=tokenizer, runs=10, final_comparison=False,
+                         progress=False)
+    trial = result.chosen
+    assert result.met_budget and trial.runtime == "onnxruntime" and trial.accuracy_level == 0
+    assert trial.speedup > 1.0 and trial.drop <= 0.01
+    assert isinstance(result.runtime_model, lowbit.runtimes.onnxruntime.OnnxRuntimeModel)
+    assert "ONNX Runtime" in result.message and "(ORT, level 0)" in result.to_markdown()
+    assert result.to_dict()["runtime"] == "onnxruntime"
+    folder = lowbit.save(result.model, tmp_path / "m", runtime=result.runtime,
+                         accuracy_level=result.accuracy_level)
+    assert json.loads((folder / "lowbit.json").read_text())["runtime"] == "onnxruntime"

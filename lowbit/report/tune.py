@@ -12,9 +12,17 @@ from lowbit.report.markdown import _number
 TRIAL_HEADER = ["trial", "quality", "drop", "MiB", "× original speed", "seconds", "outcome"]
 
 
+def _speed(trial) -> str:
+    """The trial's speed-up, and "ORT" (with its accuracy level) when ONNX Runtime ran it."""
+    if trial.speedup is None:
+        return "n/a"
+    runtime = getattr(trial, "runtime", "eager")
+    return f"{trial.speedup:.2f}" + ("" if runtime == "eager" else f" (ORT, level {trial.accuracy_level})")
+
+
 def _trial_rows(result) -> list[list[str]]:
     return [[trial.label, _number(trial.quality), _number(trial.drop), f"{trial.size_bytes / 2**20:.2f}",
-             "n/a" if trial.speedup is None else f"{trial.speedup:.2f}", f"{trial.seconds:.1f}", trial.reason]
+             _speed(trial), f"{trial.seconds:.1f}", trial.reason]
             for trial in result.trials]
 
 

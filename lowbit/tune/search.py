@@ -10,8 +10,10 @@ How it decides:
    for the top suspects), and the most sensitive 1, 2, 4, ... move to the next safer candidate
    until the budget holds.
 3. Among the trials that meet the budget, the smallest (objective "size") or the fastest at the
-   user's batch size (objective "latency", and never one slower than the original) wins. The
-   search stops early once no later candidate can beat the winner on the objective.
+   user's batch size (objective "latency", and never one slower than the original) wins. For
+   latency each accepted trial runs in PyTorch eager and, where it exports, in ONNX Runtime,
+   whose metric is measured again before it counts (lowbit.tune.runtimes). The search stops
+   early once no later candidate can beat the winner on the objective.
 4. When nothing quantized meets the budget, the original model is returned, with the closest
    trial's numbers; `strict=True` raises AccuracyBudgetError instead.
 """
@@ -43,6 +45,7 @@ from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.quantize import build_module, plan, quantize, set_module
 from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
 from lowbit.tune.executors import ExecutorSpec, executor_spec, node_name
+from lowbit.tune.runtimes import onnx_variants, runtime_fields
 
 Objective = Literal["size", "latency"]
 DEFAULT_CANDIDATES = ("w4", "w8a8-static", "w8a8-dynamic", "w8", "fp16")
@@ -69,6 +72,8 @@ class Trial:
     notes: list[str] = field(default_factory=list)
     candidate: str = ""  # the candidate's name (the label adds the modules moved)
     node: str = ""  # the host and process (and Ray node) that measured it
+    runtime: str = "eager"  # what ran it fastest within budget (objective latency; lowbit.tune.runtimes)
+    accuracy_level: int | None = None  # ONNX Runtime's MatMulNBits accuracy level, when it runs there
 
 
 @dataclass
@@ -89,6 +94,19 @@ class TuneResult:
     original_size_bytes: int
     message: str
     settings: dict[str, Any] = field(default_factory=dict)
+    runtime_model: nn.Module | None = None  # the chosen model in ONNX Runtime, when it ran faster there
+
+    @property
+    def runtime(self) -> str:
+        """The runtime to save the chosen model with: "onnxruntime" when it ran faster there."""
+        chosen = self.chosen
+        return chosen.runtime if chosen is not None else "eager"
+
+    @property
+    def accuracy_level(self) -> int:
+        """ONNX Runtime's MatMulNBits accuracy level for the chosen model (0 in PyTorch)."""
+        chosen = self.chosen
+        return (chosen.accuracy_level or 0) if chosen is not None else 0
 
     @property
     def chosen(self) -> Trial | None:
@@ -104,6 +122,7 @@ class TuneResult:
             "metric": self.metric, "max_drop": self.max_drop, "relative": self.relative,
             "original": {"quality": self.original_quality, "size_bytes": self.original_size_bytes},
             "recipe": self.recipe.model_dump(mode="json") if self.recipe else None,
+            "runtime": self.runtime, "accuracy_level": self.accuracy_level,
             "trials": [asdict(trial) for trial in self.trials],
             "sensitivity": self.sensitivity, "settings": self.settings,
             "comparison": self.comparison.to_dict() if self.comparison else None,
@@ -291,6 +310,7 @@ class _BudgetSearch:
         self.best: tuple[Trial, nn.Module] | None = None
         self.sensitivity: list[dict[str, Any]] = []
         self.not_tried: dict[str, str] = {}
+        self.runtime_models: dict[str, nn.Module] = {}  # trial label -> its model in ONNX Runtime
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
@@ -384,8 +404,23 @@ class _BudgetSearch:
         return measure_trial(self.work, self.calibration, name, recipe, moved, safer)
 
     def _timing(self, trial: Trial, model: nn.Module | None) -> dict[str, Any]:
-        """Latency fields of an accepted trial, timed here against the original."""
-        return _latency(self.work, model, self.runs)
+        """Latency fields of an accepted trial, timed here against the original in each runtime
+        that can run it (lowbit.tune.runtimes): the fastest whose metric, measured again in it,
+        stays within the budget; its quality and drop then replace PyTorch's."""
+        best = runtime_fields(None, _latency(self.work, model, self.runs))
+        notes = list(trial.notes)
+        for level, in_onnxruntime in onnx_variants(model):
+            timing = _latency(self.work, in_onnxruntime, self.runs)
+            if timing["speedup"] <= best["speedup"]:
+                continue
+            quality, drop = _score(self.work, in_onnxruntime)
+            where = f"ONNX Runtime (accuracy level {level})"
+            if drop > self.work.max_drop + BUDGET_TOLERANCE:
+                notes.append(f"{where} ran {timing['speedup']:.2f}× but dropped {drop:.4g}: over budget")
+                continue
+            best = runtime_fields(level, {**timing, "quality": quality, "drop": drop})
+            self.runtime_models[trial.label] = in_onnxruntime
+        return {**best, "notes": notes}
 
     def _ranking(self, name: str, recipe: Recipe, safer: tuple[str, Recipe]) -> list[dict[str, Any]]:
         """Modules most sensitive to `recipe` first, the top few re-ranked by the exact metric."""
@@ -562,14 +597,19 @@ def _result(search: _BudgetSearch, work: _Workload, named, original: nn.Module, 
             raise AccuracyBudgetError(message, result)
         return result
     trial, model = search.best
+    runtime_model = search.runtime_models.get(trial.label) if trial.runtime != "eager" else None
     comparison = None
     skipped_comparison = final_comparison and not search.fits(trials=0)
     if final_comparison and not skipped_comparison:
         measured = Settings(work.metric, (settings["batch_size"],), work.max_drop, work.relative,
                             samples=None, seq_len=settings["seq_len"])
-        comparison = compare_models(original, model, dataset, measured, tokenizer=tokenizer, progress=False)
+        comparison = compare_models(original, runtime_model or model, dataset, measured, tokenizer=tokenizer,
+                                    progress=False)
     message = (f"Chose {trial.label}: {work.metric} {trial.quality:.4g} (drop {trial.drop:.4g}, budget "
                f"{work.max_drop:g}), {trial.size_bytes / 2**20:.2f} MiB in memory")
+    if runtime_model is not None:
+        message += (f", run in ONNX Runtime (accuracy level {trial.accuracy_level}; save it with "
+                    f"runtime='onnxruntime', accuracy_level={trial.accuracy_level})")
     speedup = trial.speedup
     if speedup is None and comparison is not None:
         speedup = comparison.speedups.get(str(settings["batch_size"]))
@@ -580,7 +620,7 @@ def _result(search: _BudgetSearch, work: _Workload, named, original: nn.Module, 
         message += (" The final comparison was skipped to keep the time budget; measure the saved "
                     "model with lowbit compare.")
     return TuneResult(model, make_recipe(trial.recipe) if not trial.fallback_modules else _mixed_recipe(
-        trial, named), comparison, met_budget=True, message=message, **base)
+        trial, named), comparison, met_budget=True, message=message, runtime_model=runtime_model, **base)
 
 
 def _not_tried(search: _BudgetSearch) -> str:
