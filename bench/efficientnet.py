@@ -57,7 +57,8 @@ def build_contenders(fp32, calibration: torch.Tensor, threads: int, scratch: Pat
                                  ["_blocks.0._depthwise_conv"])):
         quantized = lowbit.quantize(fp32, recipe, calibration=batches, skip=skip, progress=False)
         runners[f"lowbit {label}"] = quantized
-        sizes[f"lowbit {label}"] = folder_bytes(lowbit.save(quantized, scratch / recipe / label))
+        sizes[f"lowbit {label}"] = folder_bytes(lowbit.save(quantized, scratch / recipe / label,
+                                                                       runtime="torch"))
         if skip is None:  # the same model in ONNX Runtime, saved and loaded as a user would
             folder = lowbit.save(quantized, scratch / recipe / f"{label} ort", runtime="onnxruntime")
             runners[f"lowbit {label} ORT"] = lowbit.load(folder)

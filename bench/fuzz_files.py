@@ -151,7 +151,7 @@ def _write_torch_seeds(folder: Path) -> list[dict[str, Any]]:
         model = globals()[factory.rpartition(":")[2]]()  # a factory of this file
         calibration = [torch.randn(4, *shape[1:]) for _ in range(4)] if recipe == "w8a8-static" else None
         quantized = lowbit.quantize(model, recipe, calibration=calibration, progress=False)
-        lowbit.save(quantized, folder / name)
+        lowbit.save(quantized, folder / name, runtime="torch")
         seeds.append({"format": "torch", "name": name, "path": str(folder / name), "skeleton": factory,
                       "shape": shape})
         if factory.endswith("residual_cnn"):  # and as a plain model's QDQ graph in ONNX Runtime

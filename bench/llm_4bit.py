@@ -66,7 +66,7 @@ def lowbit_rows(fp32, windows, calibration, scratch: Path) -> list[dict]:
         with PeakMemory() as memory:
             quantized = lowbit.quantize(fp32, recipe, calibration=calibration)
         seconds = time.perf_counter() - start
-        folder = lowbit.save(quantized, scratch / name.replace(" ", "-").replace(",", ""))
+        folder = lowbit.save(quantized, scratch / name.replace(" ", "-").replace(",", ""), runtime="torch")
         rows.append({"model": name, "perplexity": perplexity(lambda ids, q=quantized: q(ids).logits, windows),
                      "size_mb": folder_bytes(folder) / 1e6, "quantize_s": seconds,
                      "peak_rss_gb": memory.peak / 1e9, "rss_over_model_gb": (memory.peak - baseline) / 1e9})

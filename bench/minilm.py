@@ -72,12 +72,12 @@ def build_models(tokenizer, threads: int, scratch: Path) -> tuple[dict[str, Runn
     path = assets.minilm_path()
     fp32 = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
     quantized = lowbit.quantize(fp32, "w8a8-dynamic", progress=False)
-    lowbit.save(quantized, scratch / "lowbit")
+    lowbit.save(quantized, scratch / "lowbit", runtime="torch")
     for recipe, level in ONNX_CONTENDERS.values():  # saved and loaded as a user would
         lowbit.save(lowbit.quantize(fp32, recipe, progress=False), scratch / f"{recipe}-{level}",
                     runtime="onnxruntime", accuracy_level=level)
     gptq = lowbit.quantize(fp32, GPTQ_RECIPE, calibration=gptq_calibration(tokenizer), progress=False)
-    lowbit.save(gptq, scratch / "w4-gptq")
+    lowbit.save(gptq, scratch / "w4-gptq", runtime="torch")
     lowbit.save(gptq, scratch / "w4-gptq-ort", runtime="onnxruntime", accuracy_level=4)
     torchao = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
     torch.save(torchao.state_dict(), scratch / "torchao.pt")

@@ -167,7 +167,7 @@ def build_contenders(threads: int, scratch: Path) -> dict[str, Contender]:
     contenders = {"fp32": torch_contender(fp32, folder_bytes(path / "model.safetensors"))}
     for name, recipe in LOWBIT_RECIPES.items():
         quantized = lowbit.quantize(fp32, recipe, progress=False)
-        lowbit.save(quantized, scratch / name)
+        lowbit.save(quantized, scratch / name, runtime="torch")
         contenders[f"lowbit {name}"] = torch_contender(quantized, folder_bytes(scratch / name))
         for level, block in ONNX_VARIANTS.get(name, ()):
             folder = scratch / f"{name}-ort-{level}-{block}"

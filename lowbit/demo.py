@@ -75,7 +75,7 @@ def run_demo(
         for recipe in recipes:
             on_step(f"quantizing with {recipe}, saving and reloading")
             quantized = quantize(model, recipe, progress=False)
-            folder = save(quantized, Path(scratch) / recipe)
+            folder = save(quantized, Path(scratch) / recipe, runtime="torch")  # reloads to the same numbers
             reloaded = models[recipe] = load(folder)
             on_step(f"embedding {len(texts)} sentences with {recipe}")
             embeddings = hf.embed(reloaded, tokenizer, texts)

@@ -48,8 +48,9 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, run
     quantized scikit-learn model saves itself: `QuantizedEstimator.save(path)`.)
 
     `runtime` is what `lowbit.load` will run: "eager" (PyTorch), "onnxruntime" (the folder also
-    holds model.onnx, which plain ONNX Runtime runs without lowbit or torch) or "auto" (both timed,
-    the faster kept). For ONNX Runtime, `accuracy_level` 4 quantizes activations to int8 per
+    holds model.onnx, which plain ONNX Runtime runs without lowbit or torch) or "auto" (both
+    timed here, the faster kept and lowbit.json says why; a model that cannot be exported stays
+    in PyTorch). For ONNX Runtime, `accuracy_level` 4 quantizes activations to int8 per
     MatMulNBits block, and `activation_block` (16, 32, 64, 128) caps that block."""
     return save_torch(model, path, overwrite, runtime, accuracy_level, activation_block)
 

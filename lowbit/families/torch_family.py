@@ -71,7 +71,7 @@ def _on_disk(model: nn.Module, path: str | None, scratch: Path, name: str,
         return path, weights_bytes(path), trust_code
     folder = scratch / name
     try:
-        save(model, folder)
+        save(model, folder, runtime="eager")  # the model as the caller holds it
     except LowbitError:
         return None, None, False
     manifest = json.loads((folder / "lowbit.json").read_text())

@@ -104,3 +104,17 @@ def test_saving_records_the_measured_limit_and_a_bad_one_is_refused(tmp_path):
     edit_manifest(folder, lambda manifest: manifest["onnx"].update(large_inputs_above=-1))
     with pytest.raises(lowbit.FormatError, match="large_inputs_above"):
         lowbit.load(folder)
+
+
+def test_inspect_says_which_inputs_run_on_int8_kernels(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from tests.formats.attacker import edit_manifest
+
+    quantized = lowbit.quantize(tiny_bert(), "w4-g32", progress=False)
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="onnxruntime", accuracy_level=4)
+    edit_manifest(folder, lambda manifest: manifest["onnx"].update(large_inputs_above=63))
+    result = CliRunner().invoke(app, ["inspect", str(folder)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "inputs of more than 63 tokens run on int8 DynamicQuantizeMatMul" in result.output
