@@ -6,7 +6,7 @@ DynamicQuantizeMatMul on int8 weights and 7.4 ms for float32 MatMul (AMX int8 ke
 batch of many tokens runs in a second session whose every MatMulNBits is a DynamicQuantizeMatMul:
 each weight row dequantized from its codes and rounded once more onto an int8 grid of its own
 (symmetric, max |w| / 127; 8-bit per-channel rows land on their own integers exactly, 4-bit
-groups move by at most half an int8 step, under a sixteenth of their own step), activations
+values move by at most half an int8 step, about a sixteenth of the row's largest group step), activations
 quantized to 8 bits per tensor at run time as lowbit's w8a8-dynamic does. Only graphs whose
 MatMulNBits already quantize activations to int8 (accuracy level 4) get such a session.
 `LargeInputs` opens that session on the first input above its limit (it holds the int8 weights

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.runtimes.onnxruntime import export, open_model
 
 LOG = logging.getLogger("lowbit")
 EAGER, ONNXRUNTIME = "eager", "onnxruntime"
@@ -25,8 +26,6 @@ def onnx_variants(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
     """(accuracy level, `model` in an ONNX Runtime session) for level 0, and for level 4 when
     the graph holds MatMulNBits (elsewhere the two graphs are the same); nothing when the model
     cannot be exported or ONNX Runtime is not installed."""
-    from lowbit.runtimes.onnxruntime import export, open_model
-
     config = getattr(model, "config", None)
     for level in (0, 4):
         try:
