@@ -8,6 +8,8 @@ for a plain PyTorch model, lowbit.runtimes.onnx_torch).
 is in flight (left spinning, they more than doubled the latency of PyTorch beside them here).
 The loaded model is an `nn.Module` called as the original is: a transformers model with
 `input_ids`, `attention_mask`, ..., returning the same output class; a plain model with tensors.
+`open_model` gives it a second session for large inputs where the folder recorded one
+(lowbit.runtimes.onnx_large_inputs).
 """
 
 from __future__ import annotations
