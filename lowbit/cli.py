@@ -421,8 +421,8 @@ def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
     reason = (manifest.get("runtime_choice") or {}).get("reason")
     console.print(_printable(f"runtime: {runtime}" + (f"; chosen by auto: {reason}" if reason else "")))
     if manifest.get("runtime") == "onnxruntime" and onnx_entry.get("large_inputs_above") is not None:
-        console.print(f"inputs of more than {onnx_entry['large_inputs_above']} tokens run on int8 "
-                      "DynamicQuantizeMatMul (measured faster there when saved)")
+        console.print(f"inputs of more than {onnx_entry['large_inputs_above']} tokens: int8 "
+                      "DynamicQuantizeMatMul (measured faster)")
     quantized = sum(entry["bytes"] for entry in modules.values())
     console.print(f"{len(modules)} quantized modules, {_mib(quantized)} of quantized tensors; "
                   f"folder {_mib(folder_bytes(folder))}")

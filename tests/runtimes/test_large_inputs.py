@@ -117,4 +117,4 @@ def test_inspect_says_which_inputs_run_on_int8_kernels(tmp_path):
     edit_manifest(folder, lambda manifest: manifest["onnx"].update(large_inputs_above=63))
     result = CliRunner().invoke(app, ["inspect", str(folder)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "inputs of more than 63 tokens run on int8 DynamicQuantizeMatMul" in result.output
+    assert "inputs of more than 63 tokens: int8 DynamicQuantizeMatMul" in result.output
