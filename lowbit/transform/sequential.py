@@ -16,6 +16,7 @@ layers). Modules outside it (an LM head, embeddings) are rounded to nearest.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from lowbit.data.batches import call_model
-from lowbit.errors import CalibrationError, QuantizationError
+from lowbit.errors import CalibrationError, LowbitWarning, QuantizationError
 from lowbit.nn.kinds import set_module
 from lowbit.progress import progress_bar
 
@@ -125,6 +126,21 @@ class _Hessians:
         return {name: 2 * total / max(self.counts[name], 1) for name, total in self.sums.items()}
 
 
+def _warn_if_short(counts: dict[str, int], modules: dict[str, nn.Module]) -> None:
+    """Warn when a layer saw fewer calibration tokens than it has inputs: its Hessian is then
+    singular, and only the damping GPTQ always adds to the diagonal lets it go on; more
+    calibration text rounds better."""
+    short = {name: (counts[name], module.in_features) for name, module in modules.items()
+             if name in counts and counts[name] < module.in_features}
+    if short:
+        name, (tokens, width) = next(iter(short.items()))
+        more = f" and {len(short) - 1} more layers" if len(short) > 1 else ""
+        warnings.warn(f"calibration gave {tokens} tokens, fewer than the {width} inputs of {name}{more}: "
+                      "their Hessians are singular and GPTQ goes on only through the damping it adds "
+                      "to their diagonal; pass more calibration text to round better", LowbitWarning,
+                      stacklevel=4)
+
+
 def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], build: Build,
                     progress: bool = True) -> list[str]:
     """Replace the `names` inside the model's blocks, block by block, with `build(name, {"hessian":
@@ -148,6 +164,8 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
                     hessians.mask = mask
                     block(*args, **kwargs)
             gathered = hessians.remove()
+            if index == 0:
+                _warn_if_short(hessians.counts, modules)
             for name in inside:
                 try:
                     replacement = build(name, {"hessian": gathered.get(name)})

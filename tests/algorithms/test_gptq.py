@@ -170,3 +170,15 @@ def test_a_non_finite_hessian_is_refused_naming_the_layer():
     with pytest.raises(QuantizationError, match=r"model\.layers\.0\.mlp\.\w+_proj: .*NaN or Inf"):
         lowbit.quantize(model, lowbit.make_recipe("w4-gptq", granularity="group:32"),
                         calibration=_batches(model, 2, 0), progress=False)
+
+
+def test_calibration_shorter_than_a_layers_inputs_is_damped_with_a_warning():
+    """8 tokens for 64 inputs: every Hessian is singular; GPTQ damps it, says so, and still rounds."""
+    model = tiny_llama()
+    short = [{"input_ids": torch.randint(0, model.config.vocab_size, (1, 8),
+                                         generator=torch.Generator().manual_seed(0))}]
+    warned = r"8 tokens, fewer than the 64 inputs of model\.layers\.0\."
+    with pytest.warns(lowbit.LowbitWarning, match=warned):
+        quantized = lowbit.quantize(model, lowbit.make_recipe("w4-gptq", granularity="group:32"),
+                                    calibration=short, progress=False)
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, QLinear)
