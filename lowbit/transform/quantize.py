@@ -256,18 +256,17 @@ def quantize(
             "nothing to quantize: the model has no Linear, Conv2d or Embedding outside `skip`"
         )
     source = describe_source(model)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy_for_quantizing(model, list(specs), recipe)
     _smooth(target, recipe, calibration)
     links = _fold(target, list(specs), calibration)
     ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
     share_grids(ranges, links)
     readers = rounding_readers(ranges, sources, links)
-    modules = dict(target.named_modules())
-    storages = {name: weight_storage(modules[name]) for name in specs}
+    storages = {name: weight_storage(target.get_submodule(name)) for name in specs}
 
     def build(name: str, extra: dict | None = None) -> nn.Module:
-        return build_module(modules[name], specs[name], {**ranges.get(name, {}), **(extra or {})},
-                            recipe_for(name, recipe).algorithm)
+        return build_module(target.get_submodule(name), specs[name],
+                            {**ranges.get(name, {}), **(extra or {})}, recipe_for(name, recipe).algorithm)
 
     remaining = _quantize_with_inputs(target, specs, recipe, calibration, build, progress)
     with progress_bar(progress) as bar:
@@ -285,6 +284,20 @@ def quantize(
     setattr(target, RECIPE_ATTRIBUTE, recipe)
     target.lowbit_source = source
     return target.eval()
+
+
+def _copy_for_quantizing(model: nn.Module, names: list[str], recipe: Recipe) -> nn.Module:
+    """A deep copy of `model` in which the modules named `names`, each about to be replaced by a
+    quantized module, still hold the original's weight tensors: the float weights stay in memory
+    once (SmolLM2-135M w4-g64 peaked at 2.3 GB RSS with a full copy, 540 MB of it the copy's
+    weights). Nothing writes those tensors; quantizing reads them. SmoothQuant and batch-norm
+    folding change weights in place before they are replaced, so with either the copy is full."""
+    folds = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    if recipe.smoothing is not None or folds:
+        return copy.deepcopy(model)
+    weights = [getattr(model.get_submodule(name), "weight", None) for name in names]
+    shared = {id(weight): weight for weight in weights if isinstance(weight, torch.Tensor)}
+    return copy.deepcopy(model, memo=shared)
 
 
 def _smooth(target: nn.Module, recipe: Recipe, calibration: Any) -> None:
