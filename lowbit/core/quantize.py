@@ -123,13 +123,13 @@ def quantize_with(
 ) -> torch.Tensor:
     """Round `x` onto the grid given by `scale`/`zero_point` and clamp to the type's range."""
     blocks = to_blocks(x.detach().float(), granularity)
-    q = torch.round(blocks / scale.reshape(-1, 1))
+    q = (blocks / scale.reshape(-1, 1)).round_()  # in place from here: one temporary the size of x
     if zero_point is not None:
-        q = q + zero_point.reshape(-1, 1)
+        q.add_(zero_point.reshape(-1, 1))
     if symmetric and qtype.is_signed:
-        q = torch.clamp(q, -qtype.symmetric_qmax, qtype.symmetric_qmax)
+        q.clamp_(-qtype.symmetric_qmax, qtype.symmetric_qmax)
     else:
-        q = torch.clamp(q, qtype.qmin, qtype.qmax)
+        q.clamp_(qtype.qmin, qtype.qmax)
     return from_blocks(q.to(qtype.storage_dtype), x.shape, granularity)
 
 

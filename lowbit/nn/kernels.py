@@ -26,6 +26,10 @@ from lowbit.core.timing import repeat_seconds, timed
 from lowbit.nn.spec import LayerSpec
 
 ROW_BUCKETS = (1, 8, 32, 128, 1024)  # inputs are timed at these row counts; larger ones use the last
+# A Linear with more outputs is timed on its first TIMED_OUTPUTS: a 49k-output LM head at 1,024
+# rows allocated 200 MB per call and 630 MB in all while being timed (SmolLM2); per output, a
+# kernel's time on 8,192 outputs is the same work as on all of them
+TIMED_OUTPUTS = 8192
 ACTIVATION_QMAX = 127  # reduce_range: 7-bit activations keep int16 pair sums from saturating
 
 PREFERENCE_MARGIN = 0.05
@@ -304,12 +308,16 @@ def choose_kernels(module: torch.nn.Module) -> dict[str, str]:
     key = (spec.scheme, spec.weight, spec.granularity, spec.symmetric, module.weight_shape, tuple(candidates))
     if key not in _CHOICES:
         choice = {}
+        timed = (module.first_outputs(TIMED_OUTPUTS)
+                 if getattr(module, "out_features", 0) > TIMED_OUTPUTS and hasattr(module, "first_outputs")
+                 else module)
         with torch.inference_mode():
             for rows in ROW_BUCKETS:
                 x = torch.randn(rows, in_features)
-                timings = {name: _time_kernel(KERNELS[name], module, x) for name in candidates}
+                timings = {name: _time_kernel(KERNELS[name], timed, x) for name in candidates}
                 choice[str(rows)] = _pick(timings, preferred=candidates[1] if len(candidates) > 1 else None)
         module.kernel_cache.clear()
+        timed.kernel_cache.clear()
         _CHOICES[key] = choice
     return dict(_CHOICES[key])
 

@@ -50,6 +50,15 @@ class QLinear(QuantizedWeightMixin, nn.Module):
             module.spec = spec.with_kernels(choose_kernels(module))
         return module
 
+    def first_outputs(self, count: int) -> QLinear:
+        """A QLinear computing only the first `count` outputs, its buffers views of this one's:
+        what a very wide layer's kernels are timed on (lowbit.nn.kernels.choose_kernels)."""
+        view = QLinear(self.in_features, count, self.bias is not None, self.spec)
+        for name, buffer in self.named_buffers(recurse=False):
+            rows = buffer is not None and buffer.dim() and buffer.shape[0] == self.out_features
+            setattr(view, name, buffer[:count] if rows else buffer)
+        return view
+
     def kernel_problem(self) -> str | None:
         buckets = {str(rows) for rows in ROW_BUCKETS}
         fits = set(candidate_kernels(self, this_machine=False))

@@ -85,6 +85,15 @@ def test_kernel_choice_is_recorded_per_row_bucket_and_dispatched():
     assert torch.equal(run_kernel(module, x), expected)
 
 
+@pytest.mark.parametrize("spec", SPECS[:6], ids=lambda s: f"{s.scheme}-{s.weight}-{s.granularity}")
+def test_a_wide_layer_is_timed_on_a_view_of_its_first_outputs(spec):
+    module = QLinear.from_float(nn.Linear(128, 96), spec, (-30.0, 30.0), (-20.0, 20.0), choose_kernel=False)
+    view = module.first_outputs(32)
+    assert view.weight.data_ptr() == module.weight.data_ptr()  # a view: no copy of the weights
+    x = heavy_tailed(5, 128)
+    assert torch.equal(KERNELS["reference"](view, x), KERNELS["reference"](module, x)[:, :32])
+
+
 def test_forced_reference_kernel(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
     module = QLinear.from_float(nn.Linear(64, 64), SPECS[0])
