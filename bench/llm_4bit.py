@@ -9,6 +9,9 @@ GPTQ calibrates on --calibration sequences of 512 tokens from the end of the cor
 scored tokens never reach. lowbit rows keep the tied embedding and LM head at int8 per row (as
 llama.cpp keeps its output tensor above 4 bits); "int4 head" rows quantize it like the blocks.
 llama.cpp rows (Q4_0, Q4_K_M) appear when llama-cpp-python is installed (`make bench-llamacpp`).
+ONNX Runtime rows: the fp32 model exported as bench.smollm2 does, then quantized by
+`MatMulNBitsQuantizer` at groups of 64, asymmetric, in its calibration-free modes (its default
+block quantizer, HQQ, and RTN through Intel Neural Compressor), as its users run them.
 Writes bench/results/llm_4bit.json.
 
     .venv/bin/python -m bench.llm_4bit [--threads 2] [--tokens 4096] [--calibration 128]
@@ -25,7 +28,7 @@ import torch
 import lowbit
 from bench import llamacpp
 from bench.common import bench_arguments, print_table, write_json
-from bench.smollm2 import perplexity
+from bench.smollm2 import export_cached_step, onnx_contender, perplexity
 from lowbit.data import assets
 from lowbit.data.batches import language_model_windows
 from lowbit.evaluate import folder_bytes
@@ -92,6 +95,42 @@ def llamacpp_rows(windows, threads: int) -> list[dict]:
     return rows
 
 
+ORT_MODES = {"default": "DefaultWeightOnlyQuantConfig", "HQQ": "HQQWeightOnlyQuantConfig",
+             "RTN": "RTNWeightOnlyQuantConfig"}
+
+
+def ort_config(mode: str):
+    """MatMulNBitsQuantizer's algorithm config for `mode`, at groups of 64 where it takes one."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    config = getattr(nbits, ORT_MODES[mode])
+    if mode == "default":
+        return config(block_size=64, is_symmetric=False)
+    return config(block_size=64) if mode == "HQQ" else config()
+
+
+def ort_rows(fp32, windows, threads: int, scratch: Path) -> list[dict]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    source = export_cached_step(fp32, scratch / "fp32.onnx")
+    rows = []
+    for mode in ORT_MODES:
+        target = scratch / f"ort-{mode}.onnx"
+        start = time.perf_counter()
+        with PeakMemory() as memory:
+            quantizer = MatMulNBitsQuantizer(str(source), block_size=64, is_symmetric=False,
+                                             algo_config=ort_config(mode))
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(target))
+        seconds = time.perf_counter() - start
+        model = onnx_contender(target, fp32.config, threads)
+        rows.append({"model": f"ORT MatMulNBits {mode} g64", "perplexity": perplexity(model.logits, windows),
+                     "size_mb": target.stat().st_size / 1e6, "quantize_s": seconds,
+                     "peak_rss_gb": memory.peak / 1e9})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     args = bench_arguments(__doc__, extra={"--tokens": 4096, "--calibration": 128})
     from transformers import AutoModelForCausalLM
@@ -106,6 +145,7 @@ def main() -> None:
              "size_mb": folder_bytes(path / "model.safetensors") / 1e6}]
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
         rows += lowbit_rows(fp32, windows, calibration, Path(scratch))
+        rows += ort_rows(fp32, windows, args.threads, Path(scratch))
     rows += llamacpp_rows(windows, args.threads)
     for row in rows:
         row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"]

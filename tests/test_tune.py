@@ -185,3 +185,17 @@ def test_latency_objective_times_each_runtime_and_keeps_the_faster_within_budget
     folder = lowbit.save(result.model, tmp_path / "m", runtime=result.runtime,
                          accuracy_level=result.accuracy_level)
     assert json.loads((folder / "lowbit.json").read_text())["runtime"] == "onnxruntime"
+
+
+def test_a_gptq_candidate_is_tried_and_rounded_by_gptq(minilm, wiki_sentences):
+    """tune takes w4-gptq among its candidates: the trial's model is GPTQ's (rounded against the
+    data's first samples, block by block), not round-to-nearest's."""
+    model, tokenizer, _ = minilm
+    candidate = lowbit.make_recipe("w4-gptq", granularity="group:128")
+    result = lowbit.tune(model, wiki_sentences[:32], metric="cosine", max_drop=0.5, candidates=[candidate],
+                         tokenizer=tokenizer, final_comparison=False, progress=False)
+    assert result.met_budget and result.chosen.recipe["algorithm"] == "gptq"
+    name = "encoder.layer.0.attention.self.query"
+    rounded = result.model.get_submodule(name).quantized_weight().data
+    nearest = lowbit.quantize(model, "w4", progress=False).get_submodule(name).quantized_weight().data
+    assert not torch.equal(rounded, nearest)

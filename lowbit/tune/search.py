@@ -149,6 +149,7 @@ class _Workload:
     speed_batch: Any
     max_drop: float
     relative: bool
+    rounding_batches: list[Any]  # what a block-by-block algorithm (GPTQ) rounds against
 
 
 PROXY_TOKENS = 128
@@ -267,6 +268,8 @@ def quantize_trial(work: _Workload, calibration: CalibrationResult | None, recip
                    safer: tuple[str, Recipe] | None) -> nn.Module:
     """The trial's model: `recipe`, with modules `moved` to the safer recipe (kept float without one)."""
     overrides = {module: safer[1] for module in moved} if safer else {}
+    if ALGORITHMS.get(recipe.algorithm).needs_hessian:  # GPTQ rounds on inputs, not ranges
+        calibration = work.rounding_batches
     return quantize(work.model, recipe, calibration=calibration, overrides=overrides,
                     skip=moved if safer is None else [], fallback=safer[1] if safer else None, progress=False)
 
@@ -472,11 +475,15 @@ def _candidates(candidates: Sequence[str | Recipe] | None) -> list[tuple[str, Re
              else (f"candidate {i + 1}", make_recipe(item)) for i, item in enumerate(chosen)]
     if not named:
         raise LowbitError("give at least one candidate recipe")
-    block_by_block = [name for name, recipe in named if ALGORITHMS.get(recipe.algorithm).needs_hessian]
-    if block_by_block:  # its trials rebuild one layer at a time, with no calibration inputs to round by
-        raise LowbitError(f"tune does not try {', '.join(block_by_block)} yet: GPTQ calibrates block by "
-                          "block; run `lowbit quantize --recipe w4-gptq --calibration FILE` and compare")
     return named
+
+
+def _rounding_batches(calibration: Any, fallback_batches: list[Any]) -> list[Any]:
+    """The batches a GPTQ candidate rounds against: the calibration given, or, when there is none
+    (or only a CalibrationResult, which holds ranges and no inputs), the data's first batches."""
+    if calibration is None or isinstance(calibration, CalibrationResult):
+        return [_model_inputs(batch) for batch in fallback_batches]
+    return list(calibration)
 
 
 def _calibration(model: nn.Module, candidates: list[tuple[str, Recipe]], calibration: Any,
@@ -519,7 +526,9 @@ def tune(
     `max_drop` is absolute (0.01 = one point of accuracy) or, with `relative=True`, a fraction of
     the original's value (perplexity: an increase counts as a drop). `calibration` (batches or a
     CalibrationResult) serves every static trial; without it the first 32 samples of `data` are
-    used. `time_budget` (seconds, from the call) bounds the wall time: a cheap safe candidate
+    used. A GPTQ candidate ("w4-gptq") rounds against the calibration batches (the first 32
+    samples when there are none); its layer fallback ranks modules by round-to-nearest's error,
+    since GPTQ rounds a layer only inside its block. `time_budget` (seconds, from the call) bounds the wall time: a cheap safe candidate
     runs first, a trial starts only when the slowest so far still fits, the final comparison is
     skipped (and said so) when it would not, and the message names every candidate not tried.
     Returns the original model, plainly labelled, when nothing meets the budget (or raises
@@ -551,7 +560,8 @@ def tune(
         reference = collect_outputs(original, batches, task)
         proxy = _proxy(batches[:proxy_batches], kind)
         work = _Workload(original, task, metric, batches, reference, proxy, _primary_outputs(original, proxy),
-                         _model_inputs(batches[0]), max_drop, relative)
+                         _model_inputs(batches[0]), max_drop, relative,
+                         _rounding_batches(calibration, calibration_batches))
         deadline = started + time_budget if time_budget else math.inf  # calibration counts too
         search = _search(spec, work, named, objective, shared, deadline, runs, exact_top, bar)
         search.run()
