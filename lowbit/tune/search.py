@@ -528,9 +528,10 @@ def tune(
     CalibrationResult) serves every static trial; without it the first 32 samples of `data` are
     used. A GPTQ candidate ("w4-gptq") rounds against the calibration batches (the first 32
     samples when there are none); its layer fallback ranks modules by round-to-nearest's error,
-    since GPTQ rounds a layer only inside its block. `time_budget` (seconds, from the call) bounds the wall time: a cheap safe candidate
-    runs first, a trial starts only when the slowest so far still fits, the final comparison is
-    skipped (and said so) when it would not, and the message names every candidate not tried.
+    since GPTQ rounds a layer only inside its block. `time_budget` (seconds, from the call)
+    bounds the wall time: a cheap safe candidate runs first, a trial starts only when the slowest
+    so far still fits, the final comparison is skipped (and said so) when it would not, and the
+    message names every candidate not tried.
     Returns the original model, plainly labelled, when nothing meets the budget (or raises
     AccuracyBudgetError when `strict`).
 
