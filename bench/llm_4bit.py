@@ -117,11 +117,17 @@ def ort_rows(fp32, windows, threads: int, scratch: Path) -> list[dict]:
     for mode in ORT_MODES:
         target = scratch / f"ort-{mode}.onnx"
         start = time.perf_counter()
-        with PeakMemory() as memory:
-            quantizer = MatMulNBitsQuantizer(str(source), block_size=64, is_symmetric=False,
-                                             algo_config=ort_config(mode))
-            quantizer.process()
-            quantizer.model.save_model_to_file(str(target))
+        try:
+            with PeakMemory() as memory:
+                quantizer = MatMulNBitsQuantizer(str(source), block_size=64, is_symmetric=False,
+                                                 algo_config=ort_config(mode))
+                quantizer.process()
+                quantizer.model.save_model_to_file(str(target))
+        except Exception as error:  # noqa: BLE001 - a peer's failure is a result to report
+            failure = f"{type(error).__name__}: {error}"
+            rows.append({"model": f"ORT MatMulNBits {mode} g64", "failed": failure})
+            print(rows[-1], flush=True)
+            continue
         seconds = time.perf_counter() - start
         model = onnx_contender(target, fp32.config, threads)
         rows.append({"model": f"ORT MatMulNBits {mode} g64", "perplexity": perplexity(model.logits, windows),
@@ -148,7 +154,8 @@ def main() -> None:
         rows += ort_rows(fp32, windows, args.threads, Path(scratch))
     rows += llamacpp_rows(windows, args.threads)
     for row in rows:
-        row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"]
+        if "perplexity" in row:
+            row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"]
     print_table(f"SmolLM2-135M at 4 bits, perplexity over {args.tokens} tokens, GPTQ calibrated on "
                 f"{args.calibration} × 512 tokens, {args.threads} threads",
                 rows, [("model", "model"), ("perplexity", "perplexity"), ("perplexity_vs_fp32", "× fp32"),

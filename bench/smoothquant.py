@@ -2,7 +2,7 @@
 
 Perplexity over the first 2,048 tokens of Wikipedia extracts (4 windows of 512); calibration on
 4 × 256 tokens of other extracts (the last 40 documents). Rows: fp32, w8a8-dynamic, and
-w8a8-dynamic with `smoothing` α = 0.5 and 0.8 (lowbit.transform.smooth), each as a relative
+w8a8-dynamic with `smoothing` α = 0.3, 0.5 and 0.8 (lowbit.transform.smooth), each as a relative
 change from fp32. Writes bench/results/smoothquant.json.
 
     .venv/bin/python -m bench.smoothquant [--threads 2]
@@ -19,7 +19,7 @@ from bench.common import bench_arguments, print_table, write_json
 from lowbit.data import assets
 from lowbit.families import transformers as hf
 
-ALPHAS = (None, 0.5, 0.8)
+ALPHAS = (None, 0.3, 0.5, 0.8)
 
 
 def token_windows(tokenizer, documents, count: int, length: int) -> torch.Tensor:

@@ -45,3 +45,17 @@ def test_unknown_preset_lists_the_presets():
 def test_bad_recipe_json_is_an_error():
     with pytest.raises(InvalidRecipeError):
         Recipe.from_json("{not json")
+
+
+def test_dynamic_activation_bits_follow_the_cpu_unless_asked(monkeypatch):
+    """8-bit activations where VNNI keeps fbgemm from saturating, 7-bit elsewhere; either on
+    request; the choice is in each spec, so a reload runs the same numerics anywhere."""
+    from lowbit.transform import recipe as recipe_module
+
+    for vnni, expected in ((True, "uint8-full"), (False, "uint8")):
+        monkeypatch.setattr(recipe_module, "has_vnni", lambda vnni=vnni: vnni)
+        assert make_recipe("w8a8-dynamic").layer_spec().activation == expected
+    assert make_recipe("w8a8-dynamic", activation_bits=7).layer_spec().activation == "uint8"
+    assert make_recipe("w8a8-dynamic", activation_bits=8).layer_spec().activation == "uint8-full"
+    assert make_recipe("w8a8-static", activation_bits=8).layer_spec().activation == "uint8"
+    assert make_recipe("w8a8-dynamic").layer_spec("conv").activation is None  # weight-only convs

@@ -7,7 +7,10 @@ The choice is made per module and row bucket when the module is built, recorded 
 and saved, so `lowbit inspect` can say which kernel ran and reloads run the same one.
 
 Without AVX512-VNNI, x86 int8 kernels sum pairs of uint8 × int8 products in int16 and saturate
-(`vpmaddubsw`); activations are therefore quantized to 7 bits (0..127) — fbgemm's reduce_range.
+(`vpmaddubsw`); activations are therefore quantized to 7 bits (0..127) — fbgemm's reduce_range —
+unless the spec's activation is "uint8-full" (a dynamic Linear quantized on a CPU with VNNI, whose
+dot products sum in int32): then 8 bits, and where a file made so is loaded on a CPU without VNNI,
+the reference kernel runs instead of fbgemm (`use_available_kernels`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from lowbit.core.cpu import has_vnni
 from lowbit.core.timing import repeat_seconds, timed
 from lowbit.nn.spec import LayerSpec
 
@@ -82,7 +86,8 @@ def reference(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     scheme = module.spec.scheme
     if scheme == "dynamic":
         normalized, low, span = normalize_rows(x)
-        x = low + span * fake_quantize(normalized, 1.0 / ACTIVATION_QMAX, 0, ACTIVATION_QMAX)
+        qmax = module.spec.input_qmax
+        x = low + span * fake_quantize(normalized, 1.0 / qmax, 0, qmax)
     elif scheme == "static":
         x = static_fake_quantize(module, x, "input")
     y = F.linear(x, module.dequantized_weight(x.dtype), module.bias)
@@ -137,11 +142,12 @@ def _per_row_linear_dynamic_eager(
     packed: torch.classes.quantized.LinearPackedParamsBase,
     row_sums: torch.Tensor,
     bias: torch.Tensor | None,
+    reduce_range: bool = True,
 ) -> torch.Tensor:
     # Scripted: from Python, each of these small ops costs more in dispatch than in arithmetic.
     low = x.amin(dim=1, keepdim=True)
     span = x.amax(dim=1, keepdim=True).sub_(low).clamp_(min=1.1754943508222875e-38)
-    y = torch.ops.quantized.linear_dynamic((x - low).div_(span), packed, True)
+    y = torch.ops.quantized.linear_dynamic((x - low).div_(span), packed, reduce_range)
     offset = torch.mm(low, row_sums) if bias is None else torch.addmm(bias, low, row_sums)
     return torch.addcmul(offset, y, span)
 
@@ -156,7 +162,12 @@ def fbgemm_dynamic(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     undoing it on the output (W·x = span·W·normalized + low·W·1) gives every token its own range.
     """
     packed, row_sums = _per_row_operands(module)
-    return _per_row_linear_dynamic(x, packed, row_sums, module.bias)
+    return _per_row_linear_dynamic(x, packed, row_sums, module.bias, _reduce_range(module))
+
+
+def _reduce_range(module: torch.nn.Module) -> bool:
+    """fbgemm's 7-bit activations, unless the spec's input grid is the full 8 bits."""
+    return module.spec.input_qmax == ACTIVATION_QMAX
 
 
 def _per_row_operands(module: torch.nn.Module):
@@ -256,6 +267,8 @@ def candidate_kernels(module: torch.nn.Module, this_machine: bool = True) -> lis
     spec = module.spec
     candidates = ["reference"]
     fbgemm_ready = fbgemm_available() or not this_machine
+    if spec.activation == "uint8-full" and spec.scheme == "dynamic" and this_machine:
+        fbgemm_ready = fbgemm_ready and has_vnni()  # 8-bit activations saturate without VNNI
     if spec.scheme in ("dynamic", "static") and fbgemm_ready:
         candidates.append(f"fbgemm_{spec.scheme}")
     if spec.scheme == "dynamic":
@@ -324,7 +337,8 @@ def choose_kernels(module: torch.nn.Module) -> dict[str, str]:
 
 def _bind_fbgemm_dynamic(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     packed, row_sums = _per_row_operands(module)
-    return partial(_per_row_linear_dynamic, packed=packed, row_sums=row_sums, bias=module.bias)
+    return partial(_per_row_linear_dynamic, packed=packed, row_sums=row_sums, bias=module.bias,
+                   reduce_range=_reduce_range(module))
 
 
 # Kernels whose per-call work can be bound once: fewer Python steps on the hot path.

@@ -7,7 +7,7 @@ from torch import nn
 
 from lowbit.core import QuantizedTensor
 from lowbit.core.quantize import check_finite
-from lowbit.nn.kernels import ROW_BUCKETS, candidate_kernels, choose_kernels, fbgemm_available, run_kernel
+from lowbit.nn.kernels import ROW_BUCKETS, candidate_kernels, choose_kernels, run_kernel
 from lowbit.nn.qweight import QuantizedWeightMixin
 from lowbit.nn.registry import QModuleKind, register_qmodule
 from lowbit.nn.spec import LayerSpec
@@ -69,12 +69,12 @@ class QLinear(QuantizedWeightMixin, nn.Module):
         return None
 
     def use_available_kernels(self) -> list[str]:
-        """Swap kernels this PyTorch build lacks (fbgemm) for the reference; returns those swapped."""
-        if fbgemm_available():
-            return []
-        missing = sorted({name for name in self.spec.kernels.values() if name.startswith("fbgemm")})
+        """Swap kernels this machine cannot run for the reference: fbgemm where this PyTorch build
+        lacks it, or where 8-bit activations would saturate (no VNNI); returns those swapped."""
+        runnable = set(candidate_kernels(self))
+        missing = sorted({name for name in self.spec.kernels.values() if name not in runnable})
         if missing:
-            self.spec = self.spec.with_kernels({rows: "reference" if name.startswith("fbgemm") else name
+            self.spec = self.spec.with_kernels({rows: name if name in runnable else "reference"
                                                 for rows, name in self.spec.kernels.items()})
         return missing
 

@@ -7,10 +7,11 @@ from typing import Any
 
 SCHEMES = ("weight_only", "dynamic", "static")
 WEIGHT_TYPES = ("int8", "int4", "fp16", "bf16")
-# Activation grids of the dynamic and static schemes: "uint8" rounds a static module's input on a
-# 7-bit grid (fbgemm's int16 pair sums cannot saturate on it without VNNI) and its output on an
-# 8-bit one; "uint8-full" (static convolutions) rounds both on 8 bits and runs the exact reference
-# kernel in PyTorch (ONNX Runtime runs it with unsigned weights, which cannot saturate either).
+# Activation grids of the dynamic and static schemes: "uint8" rounds a module's input on a 7-bit
+# grid (fbgemm's int16 pair sums cannot saturate on it without VNNI) and a static one's output on
+# an 8-bit one; "uint8-full" rounds inputs on 8 bits: a static convolution's (it runs the exact
+# reference kernel in PyTorch; ONNX Runtime runs it with unsigned weights, which cannot saturate
+# either) and, on a CPU with VNNI, a dynamic Linear's (fbgemm there sums in int32 directly).
 ACTIVATIONS = ("uint8", "uint8-full")
 
 
@@ -71,11 +72,12 @@ class LayerSpec:
             return f"the {self.scheme} scheme needs symmetric int8 weights on a Linear or Conv2d"
         if kind == "conv" and self.scheme == "dynamic":
             return "convolutions are quantized weight-only or static, not dynamic"
-        if self.activation == "uint8-full" and (kind, self.scheme) != ("conv", "static"):
-            return "only a static convolution rounds its input on a full 8-bit grid"
+        if self.activation == "uint8-full" and (kind, self.scheme) not in (("conv", "static"),
+                                                                           ("linear", "dynamic")):
+            return "only a static convolution or a dynamic Linear rounds its input on a full 8-bit grid"
         return None
 
     @property
     def input_qmax(self) -> int:
-        """The top of a static module's input grid: 7 bits, or 8 ("uint8-full")."""
+        """The top of a module's input grid: 7 bits, or 8 ("uint8-full")."""
         return 255 if self.activation == "uint8-full" else 127

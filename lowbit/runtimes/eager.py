@@ -92,7 +92,8 @@ def check_loaded(model: nn.Module, where: str) -> None:
             raise FormatError(f"{where}: module {name!r}: {problem}")
         swapped = module.use_available_kernels()
         if swapped:
-            warnings.warn(f"{name}: this PyTorch build lacks {', '.join(swapped)}; running the (slow, exact) "
+            warnings.warn(f"{name}: this machine cannot run {', '.join(swapped)} (missing from this PyTorch "
+                          "build, or 8-bit activations without VNNI); running the (slow, exact) "
                           "reference kernel instead", MissingKernelWarning, stacklevel=3)
 
 

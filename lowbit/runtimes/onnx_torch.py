@@ -28,13 +28,10 @@ and MatMul) is refused with its name.
 from __future__ import annotations
 
 import copy
-import functools
 import io
 import logging
-import platform
 import warnings
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.core.cpu import has_vnni
 from lowbit.nn.qconv import QConv2d
 from lowbit.nn.qlinear import QLinear
 from lowbit.runtimes.onnx_modules import ExportError
@@ -330,19 +328,6 @@ def build_torch(model: nn.Module, ops: dict[str, str] | None = None, accuracy_le
     except onnx.checker.ValidationError as error:
         raise ExportError(f"the rewritten graph does not check: {str(error)[:200]}") from None
     return exported
-
-
-@functools.cache
-def has_vnni() -> bool:
-    """Whether this CPU's int8 dot products cannot saturate on uint8 × int8 (VNNI on x86; other
-    architectures have no int16 pair sums)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False  # unknown: take the safe weights
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def for_this_cpu(data: bytes) -> bytes:

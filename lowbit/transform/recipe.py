@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lowbit.algorithms import ALGORITHMS
 from lowbit.core import CALIBRATORS, Granularity
+from lowbit.core.cpu import has_vnni
 from lowbit.errors import InvalidRecipeError
 from lowbit.nn.spec import LayerSpec
 
@@ -34,6 +35,9 @@ class Recipe(BaseModel):
     percentile: float = Field(99.99, gt=50.0, le=100.0)
     algorithm: str = "rtn"  # a name in lowbit.algorithms.ALGORITHMS
     smoothing: float | None = Field(None, gt=0.0, lt=1.0)  # SmoothQuant's α (lowbit.transform.smooth)
+    # bits of a dynamic Linear's activations: 8 needs VNNI to run on fbgemm (7 cannot saturate
+    # without it); None takes 8 on a CPU with VNNI, else 7 (the choice is saved in each spec)
+    activation_bits: Literal[7, 8] | None = None
     embeddings: bool = True
     skip: tuple[str, ...] = ()
     overrides: dict[str, Recipe] = Field(default_factory=dict)
@@ -86,7 +90,12 @@ class Recipe(BaseModel):
         if kind == "conv" and self.scheme == "dynamic":
             return LayerSpec("weight_only", "int8", "per_channel", True)
         activation = None if self.scheme == "weight_only" else "uint8-full" if kind == "conv" else "uint8"
+        if self.scheme == "dynamic" and kind == "linear" and self._dynamic_bits() == 8:
+            activation = "uint8-full"
         return LayerSpec(self.scheme, self.weights, self.granularity, self.symmetric, activation)
+
+    def _dynamic_bits(self) -> int:
+        return self.activation_bits or (8 if has_vnni() else 7)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

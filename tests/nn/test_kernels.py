@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.nn import LayerSpec, QConv2d, QEmbedding, QLinear
+from lowbit.core.cpu import has_vnni
+from lowbit.nn import LayerSpec, QConv2d, QEmbedding, QLinear, kernels
 from lowbit.nn.kernels import KERNELS, ROW_BUCKETS, candidate_kernels, run_kernel
 
 # Tolerances, as relative Frobenius error against the dequantize-then-matmul reference:
@@ -22,6 +23,7 @@ SPECS = [
     LayerSpec("weight_only", "int4", "group:32", True),
     LayerSpec("weight_only", "fp16", "per_tensor", True),
     LayerSpec("weight_only", "bf16", "per_tensor", True),
+    LayerSpec("dynamic", "int8", "per_channel", True, "uint8-full"),  # fbgemm only where VNNI is
 ]
 
 
@@ -65,6 +67,35 @@ def test_dynamic_int8_does_not_saturate_on_extreme_inputs():
     fast = KERNELS["fbgemm_dynamic"](module, x)
     assert relative_error(fast, KERNELS["reference"](module, x)) < 1e-4
     assert relative_error(fast, linear(x).detach()) < 1e-2
+
+
+@pytest.mark.skipif(not has_vnni(), reason="8-bit activations run on fbgemm only with VNNI")
+def test_eight_bit_activations_do_not_saturate_with_vnni():
+    """With VNNI, fbgemm sums uint8 × int8 in int32: 8-bit activations at the top code and +127
+    weights (pair sums of 64,770, far above int16) come out exact."""
+    linear = nn.Linear(512, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+    module = QLinear.from_float(linear, LayerSpec("dynamic", "int8", "per_channel", True, "uint8-full"),
+                                choose_kernel=False)
+    x = torch.ones(2, 512)
+    x[:, 0] = -1e-3
+    fast = KERNELS["fbgemm_dynamic"](module, x)
+    assert relative_error(fast, KERNELS["reference"](module, x)) < 1e-4
+    assert relative_error(fast, linear(x).detach()) < 1e-2
+
+
+def test_eight_bit_activations_run_the_reference_without_vnni(monkeypatch):
+    """A file quantized with 8-bit activations on a VNNI machine, loaded on one without: fbgemm
+    would saturate, so it is neither chosen nor kept; the reference runs, with the same numerics."""
+    spec = LayerSpec("dynamic", "int8", "per_channel", True, "uint8-full")
+    module = QLinear.from_float(nn.Linear(64, 32), spec, choose_kernel=False)
+    module.spec = module.spec.with_kernels({str(rows): "fbgemm_dynamic" for rows in ROW_BUCKETS})
+    monkeypatch.setattr(kernels, "has_vnni", lambda: False)
+    assert "fbgemm_dynamic" not in candidate_kernels(module)
+    assert "fbgemm_dynamic" in candidate_kernels(module, this_machine=False)  # a file may name it
+    assert module.use_available_kernels() == ["fbgemm_dynamic"]
+    assert set(module.spec.kernels.values()) == {"reference"}
 
 
 def test_dynamic_quantizes_each_row_with_its_own_range():
