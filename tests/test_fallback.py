@@ -7,7 +7,7 @@ import torch
 
 import lowbit
 from lowbit.errors import LowbitError, LowbitWarning
-from lowbit.nn import qlinear
+from lowbit.nn import kernels
 from tests.fixtures_models import tiny_mlp
 
 
@@ -64,7 +64,7 @@ def test_a_runtime_that_is_not_installed_serves_the_original(minilm, tmp_path, m
 
 def test_a_kernel_this_machine_lacks_serves_the_original(minilm_w8a8, monkeypatch):
     folder, original = minilm_w8a8
-    monkeypatch.setattr(qlinear, "fbgemm_available", lambda: False)  # a PyTorch build without fbgemm
+    monkeypatch.setattr(kernels, "fbgemm_available", lambda: False)  # a PyTorch build without fbgemm
     with pytest.warns(LowbitWarning, match="a kernel this machine lacks: .*fbgemm"):
         served = lowbit.load(folder, fallback=original)
     assert served.lowbit_served == "original" and "fbgemm" in served.lowbit_fallback_reason

@@ -155,14 +155,6 @@ def test_padding_tokens_stay_out_of_the_hessians():
         torch.testing.assert_close(first[name], second[name])
 
 
-def test_tune_refuses_gptq_candidates_instead_of_rounding_them_to_nearest():
-    from lowbit.errors import LowbitError
-    from lowbit.tune.search import _candidates
-
-    with pytest.raises(LowbitError, match="w4-gptq"):
-        _candidates(["w8", "w4-gptq"])
-
-
 def test_a_non_finite_hessian_is_refused_naming_the_layer():
     model = tiny_llama()
     with torch.no_grad():
