@@ -95,18 +95,16 @@ def llamacpp_rows(windows, threads: int) -> list[dict]:
     return rows
 
 
-ORT_MODES = {"default": "DefaultWeightOnlyQuantConfig", "HQQ": "HQQWeightOnlyQuantConfig",
-             "RTN": "RTNWeightOnlyQuantConfig"}
+ORT_MODES = ("default", "HQQ", "RTN")
 
 
 def ort_config(mode: str):
     """MatMulNBitsQuantizer's algorithm config for `mode`, at groups of 64 where it takes one."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    config = getattr(nbits, ORT_MODES[mode])
-    if mode == "default":
-        return config(block_size=64, is_symmetric=False)
-    return config(block_size=64) if mode == "HQQ" else config()
+    return {"default": lambda: nbits.DefaultWeightOnlyQuantConfig(block_size=64, is_symmetric=False),
+            "HQQ": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=64),
+            "RTN": nbits.RTNWeightOnlyQuantConfig}[mode]()
 
 
 def ort_rows(fp32, windows, threads: int, scratch: Path) -> list[dict]:
@@ -115,7 +113,7 @@ def ort_rows(fp32, windows, threads: int, scratch: Path) -> list[dict]:
     source = export_cached_step(fp32, scratch / "fp32.onnx")
     rows = []
     for mode in ORT_MODES:
-        target = scratch / f"ort-{mode}.onnx"
+        target, label = scratch / f"ort-{mode}.onnx", f"ORT MatMulNBits {mode} g64"
         start = time.perf_counter()
         try:
             with PeakMemory() as memory:
@@ -125,12 +123,12 @@ def ort_rows(fp32, windows, threads: int, scratch: Path) -> list[dict]:
                 quantizer.model.save_model_to_file(str(target))
         except Exception as error:  # noqa: BLE001 - a peer's failure is a result to report
             failure = f"{type(error).__name__}: {error}"
-            rows.append({"model": f"ORT MatMulNBits {mode} g64", "failed": failure})
+            rows.append({"model": label, "failed": failure})
             print(rows[-1], flush=True)
             continue
         seconds = time.perf_counter() - start
         model = onnx_contender(target, fp32.config, threads)
-        rows.append({"model": f"ORT MatMulNBits {mode} g64", "perplexity": perplexity(model.logits, windows),
+        rows.append({"model": label, "perplexity": perplexity(model.logits, windows),
                      "size_mb": target.stat().st_size / 1e6, "quantize_s": seconds,
                      "peak_rss_gb": memory.peak / 1e9})
         print(rows[-1], flush=True)
