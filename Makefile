@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow lint bench bench-tune bench-sklearn bench-llamacpp clean
+.PHONY: demo test test-slow lint bench bench-tune bench-sklearn bench-llamacpp bench-gguf llamacpp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,7 @@ LLAMACPP := llama-cpp-python==0.3.36
 WHEELS := $(HOME)/.cache/lowbit/wheels/no-amx
 LLAMACPP_WHEELS := $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-bench-llamacpp: $(BENCH_INSTALLED)
+llamacpp: $(BENCH_INSTALLED)
 	mkdir -p $(WHEELS)
 	@if ! ls $(LLAMACPP_WHEELS) >/dev/null 2>&1; then \
 		echo "building $(LLAMACPP) (once; 15-40 minutes on 2 cores)"; \
@@ -65,7 +65,30 @@ bench-llamacpp: $(BENCH_INSTALLED)
 			$(BIN)/python -m pip wheel --no-cache-dir --no-deps --wheel-dir $(WHEELS) $(LLAMACPP); \
 	fi
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps --no-cache-dir $$(ls $(LLAMACPP_WHEELS) | head -1)
+
+bench-llamacpp: llamacpp
 	$(BIN)/python -m bench.smollm2
+
+# lowbit's GGUF files (Q8_0, Q4_0 by RTN and GPTQ) beside llama.cpp's own quantizer, measured in
+# llama.cpp. Its importance-matrix row needs llama.cpp's command-line tools (llama-imatrix,
+# llama-quantize), built once from the same llama.cpp source as the wheel and cached.
+LLAMACPP_TOOLS := $(HOME)/.cache/lowbit/llama.cpp-tools
+$(LLAMACPP_TOOLS)/llama-quantize: | $(BENCH_INSTALLED)
+	rm -rf $(LLAMACPP_TOOLS).build && mkdir -p $(LLAMACPP_TOOLS).build
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $(LLAMACPP_TOOLS).build $(LLAMACPP)
+	tar xzf $(LLAMACPP_TOOLS).build/*.tar.gz -C $(LLAMACPP_TOOLS).build
+	cd $(LLAMACPP_TOOLS).build/llama_cpp_python-*/vendor/llama.cpp && \
+		cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+			-DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release \
+			-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)' && \
+		cmake --build build -j 2 --target llama-imatrix llama-quantize
+	mkdir -p $(LLAMACPP_TOOLS)
+	cp $(LLAMACPP_TOOLS).build/llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-imatrix $(LLAMACPP_TOOLS)/
+	cp $(LLAMACPP_TOOLS).build/llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-quantize $(LLAMACPP_TOOLS)/
+	rm -rf $(LLAMACPP_TOOLS).build
+
+bench-gguf: llamacpp $(LLAMACPP_TOOLS)/llama-quantize
+	$(BIN)/python -m bench.gguf_export
 
 bench-tune: $(BENCH_INSTALLED)
 	$(BIN)/python -m bench.tune --model minilm --objective size

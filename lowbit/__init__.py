@@ -21,6 +21,7 @@ from lowbit.evaluate.comparison import Comparison
 from lowbit.families.api import batch, bench, compare, load, save, tune
 from lowbit.families.sources import load_source
 from lowbit.formats.calibration import load_calibration
+from lowbit.formats.gguf_file import export_gguf
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.quantize import quantize
 from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
@@ -53,6 +54,7 @@ __all__ = [
     "calibrate",
     "compare",
     "estimate",
+    "export_gguf",
     "load",
     "load_calibration",
     "load_source",

@@ -33,6 +33,7 @@ from lowbit.families.api import load, save
 from lowbit.families.registry import family_of
 from lowbit.families.sources import load_source
 from lowbit.formats.atomic import write_text
+from lowbit.formats.gguf_file import export_gguf
 from lowbit.formats.lowbit_format import check_folder, verify_files
 from lowbit.transform.quantize import quantize as quantize_model
 from lowbit.transform.quantize import quantized_modules
@@ -798,8 +799,9 @@ def _batch_cells(row) -> tuple[str, ...]:
 def export(
     folder: Annotated[Path, typer.Argument(help="A lowbit model folder (a transformers model).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The file to write; must not exist.")],
-    file_format: Annotated[str, typer.Option("--format", callback=_one_of("onnx"),
-        help="What to write: onnx.")] = "onnx",
+    file_format: Annotated[str, typer.Option("--format", callback=_one_of("onnx", "gguf"),
+        help="What to write: onnx (ONNX Runtime), or gguf (llama.cpp, Ollama, LM Studio; a Llama "
+        "model quantized with the q8_0, q4_0 or q4_0-gptq recipe).")] = "onnx",
     accuracy_level: Annotated[int, typer.Option(min=0, max=4,
         help="0: float32 compute from lowbit's dequantized weights; 4: int8 activations per block.")] = 0,
     activation_block: Annotated[int | None, typer.Option(callback=_one_of_blocks,
@@ -807,18 +809,26 @@ def export(
         "quantized per block, so smaller is more exact and slower.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
-    """Write a lowbit folder's model as one ONNX file that plain ONNX Runtime runs, with lowbit's
-    own integers, scales and zero points (MatMulNBits, DynamicQuantizeMatMul, GatherBlockQuantized).
+    """Write a lowbit folder's model as one file another runtime runs with lowbit's own integers,
+    scales and zero points: ONNX for plain ONNX Runtime (MatMulNBits, DynamicQuantizeMatMul,
+    GatherBlockQuantized), or GGUF for llama.cpp (Q8_0 and Q4_0 blocks, exactly lowbit's weights).
 
     \b
-    Example:
+    Examples:
       lowbit export ./minilm-w8 --format onnx --out minilm-w8.onnx
+      lowbit quantize ./smollm2 --recipe q4_0-gptq --calibration wiki.txt --out ./smollm2-q4
+      lowbit export ./smollm2-q4 --format gguf --out smollm2-q4_0.gguf
     """
     with _user_errors():
         from lowbit.formats.atomic import atomic_file
         from lowbit.runtimes.onnxruntime import export as onnx_export
 
         model = load(folder, runtime="torch")
+        if file_format == "gguf":
+            tensors = export_gguf(model, folder, out, overwrite=overwrite)
+            kinds = ", ".join(sorted({tensor.kind for tensor in tensors}))
+            console.print(f"wrote {out} ({_mib(out.stat().st_size)}, gguf, {len(tensors)} tensors: {kinds})")
+            return
         graph = onnx_export(model, accuracy_level=accuracy_level, activation_block=activation_block)
         with atomic_file(out, overwrite) as staging:
             staging.write_bytes(graph)

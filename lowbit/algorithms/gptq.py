@@ -55,7 +55,8 @@ def searched_grid(weight: torch.Tensor, spec: LayerSpec, importance: torch.Tenso
     best_error = _grid_error(weight, best, importance)
     scale, zero = best.scale.clone(), None if best.zero_point is None else best.zero_point.clone()
     for shrink in SHRINKS[1:]:
-        trial_scale, trial_zero = qparams_from_range(low * shrink, high * shrink, best.qtype, spec.symmetric)
+        trial_scale, trial_zero = qparams_from_range(low * shrink, high * shrink, best.qtype, spec.symmetric,
+                                                     spec.torch_scale_dtype)
         data = quantize_with(weight, trial_scale, trial_zero, best.qtype, best.granularity, spec.symmetric)
         trial = QuantizedTensor(data, trial_scale, trial_zero, best.qtype, best.granularity)
         error = _grid_error(weight, trial, importance)

@@ -71,12 +71,15 @@ def scale_shape(shape: torch.Size, granularity: Granularity) -> tuple[int, ...]:
 
 
 def qparams_from_range(
-    low: torch.Tensor, high: torch.Tensor, qtype: QType, symmetric: bool
+    low: torch.Tensor, high: torch.Tensor, qtype: QType, symmetric: bool,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point that map [low, high] (widened to include 0) onto the type's grid.
 
     Returns zero_point None in symmetric mode with a signed type (it is 0). A zero-width range
-    gets scale 1 so that all-zero tensors quantize exactly.
+    gets scale 1 so that all-zero tensors quantize exactly. With `scale_dtype` float16, each scale
+    is a float16 value (held in float32), as GGUF's blocks store it, and the zero point and the
+    integers are chosen for that scale.
     """
     low = torch.clamp(low.float(), max=0.0)
     high = torch.clamp(high.float(), min=0.0)
@@ -88,19 +91,33 @@ def qparams_from_range(
         scale = (high - low) / (qtype.qmax - qtype.qmin)
         zero_point = None
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = torch.clamp(scale, min=torch.finfo(torch.float32).tiny)
+    scale = on_scale_grid(scale, scale_dtype)
     if not symmetric:
         zero_point = torch.clamp(qtype.qmin - torch.round(low / scale), qtype.qmin, qtype.qmax)
     return scale, None if zero_point is None else zero_point.to(torch.int32)
 
 
+def on_scale_grid(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Positive scales that `scale_dtype` holds exactly (float16: its nearest value, from its
+    smallest subnormal to its largest finite), as float32."""
+    tiny, largest = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    if scale_dtype == torch.float16:
+        tiny, largest = 2.0**-24, torch.finfo(torch.float16).max
+        scale = scale.clamp(tiny, largest).to(torch.float16).float()
+    elif scale_dtype != torch.float32:
+        raise QuantizationError(f"scales are stored in float32 or float16, not {scale_dtype}")
+    return torch.clamp(scale, min=tiny, max=largest)
+
+
 def compute_qparams(
-    x: torch.Tensor, qtype: QType | str, granularity: Granularity | str, symmetric: bool
+    x: torch.Tensor, qtype: QType | str, granularity: Granularity | str, symmetric: bool,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point from the min/max of each block of `x`, shaped as `scale_shape`."""
     qtype, granularity = get_qtype(qtype), Granularity.parse(granularity)
     blocks = to_blocks(x.detach().float(), granularity)
-    scale, zero_point = qparams_from_range(blocks.amin(dim=1), blocks.amax(dim=1), qtype, symmetric)
+    scale, zero_point = qparams_from_range(blocks.amin(dim=1), blocks.amax(dim=1), qtype, symmetric,
+                                           scale_dtype)
     shape = scale_shape(x.shape, granularity)
     return scale.reshape(shape), None if zero_point is None else zero_point.reshape(shape)
 
@@ -138,8 +155,9 @@ def quantize_tensor(
     qtype: QType | str,
     granularity: Granularity | str = "per_tensor",
     symmetric: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> QuantizedTensor:
-    """Quantize `x` by round-to-nearest with scales from its own min/max."""
+    """Quantize `x` by round-to-nearest with scales from its own min/max (held in `scale_dtype`)."""
     qtype, granularity = get_qtype(qtype), Granularity.parse(granularity)
     check_finite(x)
     if qtype.is_float:
@@ -147,6 +165,6 @@ def quantize_tensor(
         if x.numel() and float(x.detach().abs().max()) > limit:
             raise QuantizationError(f"values exceed the {qtype.name} range (±{limit:g})")
         return QuantizedTensor(x.detach().to(qtype.storage_dtype), None, None, qtype, granularity)
-    scale, zero_point = compute_qparams(x, qtype, granularity, symmetric)
+    scale, zero_point = compute_qparams(x, qtype, granularity, symmetric, scale_dtype)
     data = quantize_with(x, scale, zero_point, qtype, granularity, symmetric)
     return QuantizedTensor(data, scale, zero_point, qtype, granularity)

@@ -16,7 +16,7 @@ from lowbit.core import Granularity
 from lowbit.errors import FormatError, LowbitError
 from lowbit.nn.kernels import KERNEL_NAMES, ROW_BUCKETS
 from lowbit.nn.registry import QMODULES
-from lowbit.nn.spec import ACTIVATIONS, SCHEMES, WEIGHT_TYPES
+from lowbit.nn.spec import ACTIVATIONS, SCALE_DTYPES, SCHEMES, WEIGHT_TYPES
 from lowbit.runtimes import RUNTIMES
 from lowbit.runtimes.onnxruntime import ACTIVATION_BLOCKS
 
@@ -51,6 +51,7 @@ class SpecEntry(Strict):
     symmetric: bool
     activation: Literal[ACTIVATIONS] | None = None
     kernels: dict[Literal[(*map(str, ROW_BUCKETS), "all")], Literal[KERNEL_NAMES]] = Field(max_length=8)
+    scale_dtype: Literal[tuple(SCALE_DTYPES)] = "float32"
 
     @field_validator("granularity")
     @classmethod

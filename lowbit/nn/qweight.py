@@ -26,7 +26,8 @@ def storage_qtype(spec: LayerSpec) -> str:
 def round_to_nearest(weight: torch.Tensor, spec: LayerSpec) -> QuantizedTensor:
     """`weight` on `spec`'s grid, each value rounded to the nearest level with scales (and zero
     points) from its own range: what a module stores when no algorithm rounded it."""
-    return quantize_tensor(weight, storage_qtype(spec), spec.granularity, spec.symmetric)
+    return quantize_tensor(weight, storage_qtype(spec), spec.granularity, spec.symmetric,
+                           spec.torch_scale_dtype)
 
 
 class QuantizedWeightMixin:
@@ -113,6 +114,8 @@ class QuantizedWeightMixin:
         scale = getattr(self, "weight_scale", None)
         if scale is not None and not bool(torch.isfinite(scale).all() and (scale > 0).all()):
             return "a weight scale is not a positive finite number"
+        if scale is not None and not torch.equal(scale.to(self.spec.torch_scale_dtype).float(), scale):
+            return f"a weight scale is not a {self.spec.scale_dtype} value, as the spec says"
         zero_point = getattr(self, "weight_zero_point", None)
         if zero_point is not None and zero_point.numel() and not (
                 qtype.qmin <= int(zero_point.min()) and int(zero_point.max()) <= qtype.qmax):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import torch
+
 SCHEMES = ("weight_only", "dynamic", "static")
 WEIGHT_TYPES = ("int8", "int4", "fp16", "bf16")
 # Activation grids of the dynamic and static schemes: "uint8" rounds a module's input on a 7-bit
@@ -13,6 +15,9 @@ WEIGHT_TYPES = ("int8", "int4", "fp16", "bf16")
 # reference kernel in PyTorch; ONNX Runtime runs it with unsigned weights, which cannot saturate
 # either) and, on a CPU with VNNI, a dynamic Linear's (fbgemm there sums in int32 directly).
 ACTIVATIONS = ("uint8", "uint8-full")
+# What a weight grid's scales are held in: float16 scales are what GGUF's blocks store, so a
+# model quantized with them exports to GGUF exactly (lowbit.formats.gguf)
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -21,7 +26,8 @@ class LayerSpec:
 
     `kernels` maps a row bucket (the most rows it serves, as text; "all" when one kernel serves every
     input) to a kernel name, chosen by measurement when the module is built and saved with it, so
-    a reload runs the same code and gives the same outputs.
+    a reload runs the same code and gives the same outputs. `scale_dtype` names the values the
+    weight scales may take ("float32" or "float16"; they are stored in float32 either way).
     """
 
     scheme: str
@@ -30,6 +36,7 @@ class LayerSpec:
     symmetric: bool
     activation: str | None = None
     kernels: dict[str, str] = field(default_factory=dict)
+    scale_dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +65,8 @@ class LayerSpec:
         granularity = self.granularity
         if self.scheme not in SCHEMES or self.weight not in WEIGHT_TYPES:
             return f"unknown scheme {self.scheme!r} or weight type {self.weight!r}"
+        if self.scale_dtype not in SCALE_DTYPES:
+            return f"unknown scale type {self.scale_dtype!r}; choose one of {', '.join(SCALE_DTYPES)}"
         if self.weight in ("fp16", "bf16"):
             return None if (self.scheme, granularity) == ("weight_only", "per_tensor") else \
                 "16-bit float weights are stored weight-only and per tensor"
@@ -66,8 +75,12 @@ class LayerSpec:
             if self.scheme != "weight_only" or kind == "conv" or not group or weight_shape[-1] % group:
                 return "int4 weights need weight-only groups that divide the input dimension"
             return None
+        if granularity.startswith("group:"):
+            if self.scheme != "weight_only" or kind == "conv" or weight_shape[-1] % int(granularity[6:]):
+                return "grouped int8 weights need weight-only groups that divide the input dimension"
+            return None
         if granularity not in ("per_channel", "per_tensor"):
-            return "int8 weights are per channel (along the output dimension) or per tensor"
+            return "int8 weights are per channel (along the output dimension), per tensor or per group"
         if self.scheme != "weight_only" and (not self.symmetric or kind == "embedding"):
             return f"the {self.scheme} scheme needs symmetric int8 weights on a Linear or Conv2d"
         if kind == "conv" and self.scheme == "dynamic":
@@ -76,6 +89,10 @@ class LayerSpec:
                                                                            ("linear", "dynamic")):
             return "only a static convolution or a dynamic Linear rounds its input on a full 8-bit grid"
         return None
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
 
     @property
     def input_qmax(self) -> int:

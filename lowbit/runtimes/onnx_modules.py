@@ -31,7 +31,7 @@ from lowbit.registry import Registry
 from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
 
 BLOCKS = (128, 64, 32, 16)  # block sizes MatMulNBits and GatherBlockQuantized take, largest first
-INT4_BLOCKS = (16, 32, 64, 128, 256)  # lowbit's int4 groups that are MatMulNBits blocks as they are
+GROUP_BLOCKS = (16, 32, 64, 128, 256)  # lowbit's groups (int4, int8) that are MatMulNBits blocks as they are
 
 
 class ExportError(LowbitError):
@@ -56,6 +56,8 @@ def linear_ops_for(module: nn.Module) -> list[str]:
         return ["matmul_nbits"] if _int4_block(module) else []
     if spec.weight != "int8" or not spec.symmetric:
         return []
+    if spec.granularity.startswith("group:"):  # weight-only; a group is a block as it is
+        return ["matmul_nbits"] if int(spec.granularity[6:]) in GROUP_BLOCKS else []
     blocks = ["matmul_nbits"] if _int8_block(module.in_features) else []
     if spec.scheme == "dynamic":  # activations int8 per tensor (DynamicQuantizeMatMul) or per block
         return ["dynamic_quantize_matmul", *blocks]
@@ -102,7 +104,7 @@ def _bias(graph: Graph, module: nn.Module) -> str:
 
 def _int4_block(module: nn.Module) -> int | None:
     group = int(_spec(module).granularity.split(":")[1])
-    return group if group in INT4_BLOCKS else None
+    return group if group in GROUP_BLOCKS else None
 
 
 def _int8_block(width: int, max_block: int | None = None) -> int | None:
@@ -129,20 +131,30 @@ def nbits_weights(module: nn.Module, max_block: int | None = None) -> NbitsWeigh
     width = module.weight_shape[-1]
     if spec.weight == "int4":
         group = int(spec.granularity.split(":")[1])
-        block = max_block if max_block and group > max_block and group % max_block == 0 else group
+        block = _group_block(group, max_block)
         repeat, blocks = group // block, width // block
         codes = module.weight.numpy().reshape(rows, blocks, block // 2)
         scales = np.repeat(module.weight_scale.float().numpy().reshape(rows, -1), repeat, axis=1)
         zero_points = module.weight_zero_point.numpy().astype(np.uint8).reshape(rows, -1)
         return codes, scales, _pack_nibbles(np.repeat(zero_points, repeat, axis=1)), 4, block
-    block = _int8_block(width, max_block)
-    if spec.weight != "int8" or not spec.symmetric or block is None:
+    grouped = spec.granularity.startswith("group:")
+    block = _group_block(int(spec.granularity[6:]), max_block) if grouped else _int8_block(width, max_block)
+    if spec.weight != "int8" or not spec.symmetric or block not in GROUP_BLOCKS:
         raise ExportError(f"{spec.weight} {spec.granularity} weights of width {width} have no block layout")
     blocks = width // block
     codes = (module.weight.numpy().astype(np.int16) + 128).astype(np.uint8).reshape(rows, blocks, block)
-    scale = module.weight_scale.float().numpy().reshape(-1)
-    scales = np.repeat(np.broadcast_to(scale, (rows,)).reshape(rows, 1), blocks, axis=1)
+    scale = module.weight_scale.float().numpy()
+    if grouped:  # one scale per group of each row, repeated over the blocks a group splits into
+        scales = np.repeat(scale.reshape(rows, -1), blocks // scale.reshape(rows, -1).shape[1], axis=1)
+    else:
+        scales = np.repeat(np.broadcast_to(scale.reshape(-1), (rows,)).reshape(rows, 1), blocks, axis=1)
     return codes, scales, np.full((rows, blocks), 128, np.uint8), 8, block
+
+
+def _group_block(group: int, max_block: int | None) -> int:
+    """The MatMulNBits block for weights grouped by `group`: the group, or `max_block` where that
+    divides it (the group's scale then repeats over its blocks)."""
+    return max_block if max_block and group > max_block and group % max_block == 0 else group
 
 
 @LINEAR_OPS.register("matmul_nbits")

@@ -78,10 +78,12 @@ def _check_exportable(name: str, module: nn.Module) -> None:
     spec = module.spec
     if type(module) not in WEIGHT_NODES:
         raise ExportError(f"{name!r}: a {type(module).__name__} has no ONNX form in a plain torch model here")
-    exact = spec.weight in ("fp16", "bf16") or (spec.weight == "int8" and spec.scheme != "dynamic")
+    exact = spec.weight in ("fp16", "bf16") or (spec.weight == "int8" and spec.scheme != "dynamic"
+                                                  and not spec.granularity.startswith("group:"))
     if not exact:
-        raise ExportError(f"{name!r}: a {type(module).__name__} with {spec.weight} weights in the "
-                          f"{spec.scheme} scheme has no ONNX Runtime kernel that keeps lowbit's numerics")
+        raise ExportError(f"{name!r}: a {type(module).__name__} with {spec.weight} {spec.granularity} "
+                          f"weights in the {spec.scheme} scheme has no ONNX Runtime kernel that keeps "
+                          "lowbit's numerics in a plain torch model")
 
 
 def _float_copy(model: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:

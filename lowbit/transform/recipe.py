@@ -38,6 +38,9 @@ class Recipe(BaseModel):
     # bits of a dynamic Linear's activations: 8 needs VNNI to run on fbgemm (7 cannot saturate
     # without it); None takes 8 on a CPU with VNNI, else 7 (the choice is saved in each spec)
     activation_bits: Literal[7, 8] | None = None
+    # what weight scales may be: "float16" gives the values GGUF's blocks hold, so a model
+    # quantized with them exports to llama.cpp exactly (lowbit export --format gguf)
+    scale_dtype: Literal["float32", "float16"] = "float32"
     embeddings: bool = True
     skip: tuple[str, ...] = ()
     overrides: dict[str, Recipe] = Field(default_factory=dict)
@@ -84,15 +87,17 @@ class Recipe(BaseModel):
         """The LayerSpec this recipe gives a Linear, Conv2d or Embedding module."""
         if self.weights in ("fp16", "bf16"):
             return LayerSpec("weight_only", self.weights, "per_tensor", True)
+        scales = self.scale_dtype
         if kind == "embedding":
-            granularity = self.granularity if self.weights == "int4" else "per_channel"
-            return LayerSpec("weight_only", self.weights, granularity, self.symmetric)
+            granularity = self.granularity if self.granularity.startswith("group:") else "per_channel"
+            return LayerSpec("weight_only", self.weights, granularity, self.symmetric, scale_dtype=scales)
         if kind == "conv" and self.scheme == "dynamic":
-            return LayerSpec("weight_only", "int8", "per_channel", True)
+            return LayerSpec("weight_only", "int8", "per_channel", True, scale_dtype=scales)
         activation = None if self.scheme == "weight_only" else "uint8-full" if kind == "conv" else "uint8"
         if self.scheme == "dynamic" and kind == "linear" and self._dynamic_bits() == 8:
             activation = "uint8-full"
-        return LayerSpec(self.scheme, self.weights, self.granularity, self.symmetric, activation)
+        return LayerSpec(self.scheme, self.weights, self.granularity, self.symmetric, activation,
+                         scale_dtype=scales)
 
     def _dynamic_bits(self) -> int:
         return self.activation_bits or (8 if has_vnni() else 7)
@@ -122,6 +127,14 @@ PRESETS: dict[str, dict] = {
     # sizes than 128 (SmolLM2's 576 among them)
     "w4-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",
                 "symmetric": False, "algorithm": "gptq"},
+    # llama.cpp's block types (lowbit export --format gguf): groups of 32 with float16 scales; the
+    # LM head and embedding table stay 8-bit, as llama.cpp keeps its output tensor above 4 bits
+    "q8_0": {"scheme": "weight_only", "weights": "int8", "granularity": "group:32", "scale_dtype": "float16"},
+    "q4_0": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32", "scale_dtype": "float16",
+             "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
+    "q4_0-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32",
+                  "scale_dtype": "float16", "algorithm": "gptq",
+                  "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
     "fp16": {"scheme": "weight_only", "weights": "fp16", "granularity": "per_tensor"},
     "bf16": {"scheme": "weight_only", "weights": "bf16", "granularity": "per_tensor"},
 }

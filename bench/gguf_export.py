@@ -1,0 +1,166 @@
+"""lowbit's GGUF files against llama.cpp's own quantizer, every file measured by llama.cpp itself.
+
+SmolLM2-135M: the float32 model is exported by lowbit as an F32 GGUF (the baseline) and quantized
+both ways from the same weights:
+- llama.cpp's quantizer: Q8_0, Q4_0, Q4_K_M, and Q4_K_M with an importance matrix computed by
+  llama-imatrix from the calibration text (when `make bench-gguf` has built llama.cpp's tools);
+- lowbit: `q8_0` (round-to-nearest), `q4_0` (round-to-nearest) and `q4_0-gptq` (GPTQ calibrated
+  on the same text), written by `lowbit export --format gguf`.
+Perplexity: llama.cpp's logits over the first --tokens tokens of the Wikipedia corpus (sliding
+windows of 512, stride 256, each token scored once), the same token ids for every file.
+Calibration: --calibration sequences of 512 tokens from the end of the corpus, which the scored
+tokens never reach. Decode: greedy tokens/s in llama.cpp after a 64-token prompt, median of
+--runs interleaved rounds. Writes bench/results/gguf_export.json.
+
+    .venv/bin/python -m bench.gguf_export [--threads 2] [--tokens 4096] [--calibration 128] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lowbit
+from bench import llamacpp
+from bench.common import bench_arguments, print_table, write_json
+from bench.llm_4bit import calibration_batches
+from bench.smollm2 import perplexity
+from lowbit.data import assets
+from lowbit.data.batches import language_model_windows
+from lowbit.families import transformers as hf
+
+LOWBIT_RECIPES = ("q8_0", "q4_0", "q4_0-gptq")
+LLAMACPP_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
+# llama.cpp's llama-imatrix and llama-quantize, built by `make bench-gguf`
+TOOLS = Path(os.environ.get("LOWBIT_LLAMACPP_TOOLS", Path.home() / ".cache/lowbit/llama.cpp-tools"))
+NEW_TOKENS = 64
+
+
+def llamacpp_quantize(source: Path, target: Path, kind: str, threads: int) -> float:
+    """llama.cpp's quantizer through its library (llama-cpp-python): seconds taken."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llamacpp.GGUF_TYPES[kind], threads
+    start = time.perf_counter()
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)):
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
+    return time.perf_counter() - start
+
+
+def imatrix_quantize(source: Path, target: Path, calibration_text: Path, chunks: int,
+                     threads: int) -> float | None:
+    """Q4_K_M with an importance matrix from `calibration_text`, by llama.cpp's own tools: seconds
+    taken (importance matrix and quantization), or None when the tools are not built."""
+    imatrix, quantize = TOOLS / "llama-imatrix", TOOLS / "llama-quantize"
+    if not (imatrix.is_file() and quantize.is_file()):
+        print(f"llama.cpp's tools are not in {TOOLS}: `make bench-gguf` builds them (the imatrix row)")
+        return None
+    matrix = target.with_suffix(".imatrix.gguf")
+    start = time.perf_counter()
+    subprocess.run([str(imatrix), "-m", str(source), "-f", str(calibration_text), "-o", str(matrix),
+                    "-c", "512", "--chunks", str(chunks), "-t", str(threads), "-b", "512"],
+                   check=True, capture_output=True)
+    subprocess.run([str(quantize), "--imatrix", str(matrix), str(source), str(target), "Q4_K_M",
+                    str(threads)], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def lowbit_files(fp32, folder: Path, calibration, scratch: Path) -> dict[str, dict]:
+    files = {}
+    for recipe in LOWBIT_RECIPES:
+        start = time.perf_counter()
+        quantized = lowbit.quantize(fp32, recipe, calibration=calibration if "gptq" in recipe else None)
+        seconds = time.perf_counter() - start
+        path = scratch / f"lowbit-{recipe}.gguf"
+        lowbit.export_gguf(quantized, folder, path)
+        files[f"lowbit {recipe}"] = {"path": path, "quantize_s": seconds}
+        print(f"lowbit {recipe}: quantized in {seconds:.0f} s", flush=True)
+        del quantized
+    return files
+
+
+def llamacpp_files(source: Path, calibration_text: Path, chunks: int, scratch: Path, threads: int) -> dict:
+    files = {}
+    for kind in LLAMACPP_TYPES:
+        path = scratch / f"llama.cpp-{kind}.gguf"
+        seconds = llamacpp_quantize(source, path, kind, threads)
+        files[f"llama.cpp {kind}"] = {"path": path, "quantize_s": seconds}
+    path = scratch / "llama.cpp-Q4_K_M-imatrix.gguf"
+    seconds = imatrix_quantize(source, path, calibration_text, chunks, threads)
+    if seconds is not None:
+        files["llama.cpp Q4_K_M + imatrix"] = {"path": path, "quantize_s": seconds}
+    return files
+
+
+def decode_speeds(files: dict[str, dict], prompt: torch.Tensor, threads: int,
+                  rounds: int) -> dict[str, float]:
+    """Median greedy decode tokens/s of each file over `rounds` interleaved rounds (one untimed first)."""
+    models = {name: llamacpp.LlamaCpp(entry["path"], threads, context=256) for name, entry in files.items()}
+    speeds: dict[str, list[float]] = {name: [] for name in files}
+    for round_index in range(rounds + 1):
+        for name, model in models.items():
+            _, seconds = model.timed_decode(prompt, NEW_TOKENS)
+            if round_index:
+                speeds[name].append(NEW_TOKENS / seconds)
+    return {name: float(np.median(values)) for name, values in speeds.items()}
+
+
+def main() -> None:
+    args = bench_arguments(__doc__, runs=5, extra={"--tokens": 4096, "--calibration": 128})
+    if not llamacpp.available():
+        raise SystemExit("llama.cpp is not installed: run `make bench-gguf` (it builds llama-cpp-python)")
+    from transformers import AutoModelForCausalLM
+
+    folder = hf.smollm2_path()
+    tokenizer = hf.load_tokenizer(folder)
+    texts = [document["extract"] for document in assets.wikipedia_documents()]
+    windows = language_model_windows(tokenizer, texts, 512, args.tokens)
+    calibration = calibration_batches(tokenizer, texts, args.calibration)
+    fp32 = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    torch_fp32 = perplexity(lambda ids: fp32(ids).logits, windows)
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-gguf-") as scratch_name:
+        scratch = Path(scratch_name)
+        source = scratch / "fp32.gguf"
+        lowbit.export_gguf(fp32, folder, source)
+        calibration_text = scratch / "calibration.txt"
+        calibration_text.write_text(tokenizer.decode(torch.cat([b["input_ids"][0] for b in calibration])))
+        files = {"fp32 (F32)": {"path": source, "quantize_s": 0.0}}
+        files |= llamacpp_files(source, calibration_text, args.calibration, scratch, args.threads)
+        files |= lowbit_files(fp32, folder, calibration, scratch)
+        fp32 = None  # its memory back before the files are read
+        rows = []
+        for name, entry in files.items():
+            model = llamacpp.LlamaCpp(entry["path"], args.threads)
+            rows.append({"model": name, "perplexity": perplexity(model.logits, windows),
+                         "size_mb": entry["path"].stat().st_size / 1e6, "quantize_s": entry["quantize_s"]})
+            print(rows[-1], flush=True)
+            del model
+        prompt = windows[0]["input_ids"][:, :64]
+        speeds = decode_speeds({n: e for n, e in files.items() if n != "fp32 (F32)"}, prompt, args.threads,
+                               args.runs)
+        shutil.rmtree(scratch, ignore_errors=True)
+    for row in rows:
+        row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"]
+        row["decode_tokens_per_second"] = speeds.get(row["model"])
+    print_table(f"SmolLM2-135M GGUF files in llama.cpp: perplexity over {args.tokens} tokens (PyTorch "
+                f"fp32: {torch_fp32:.3f}), calibration {args.calibration} × 512 tokens, "
+                f"{args.threads} threads",
+                rows, [("model", "file"), ("perplexity", "perplexity"), ("perplexity_vs_fp32", "× fp32"),
+                       ("size_mb", "MB"), ("quantize_s", "quantize s"),
+                       ("decode_tokens_per_second", "decode tok/s")])
+    payload = {"threads": args.threads, "tokens": args.tokens, "calibration": args.calibration,
+               "torch_fp32_perplexity": torch_fp32, "rows": rows}
+    print(f"results: {write_json('gguf_export', payload)}")
+
+
+if __name__ == "__main__":
+    main()
