@@ -37,13 +37,16 @@ INT8 = QType("int8", 8, False, torch.int8, -128, 127)
 UINT8 = QType("uint8", 8, False, torch.uint8, 0, 255)
 INT4 = QType("int4", 4, False, torch.int8, -8, 7)
 UINT4 = QType("uint4", 4, False, torch.uint8, 0, 15)
+# 5-bit values (llama.cpp's Q5_0) are held one per byte; only a GGUF file packs them
+INT5 = QType("int5", 5, False, torch.int8, -16, 15)
+UINT5 = QType("uint5", 5, False, torch.uint8, 0, 31)
 FP16 = QType("fp16", 16, True, torch.float16)
 BF16 = QType("bf16", 16, True, torch.bfloat16)
 
 # 7-bit activations for int8 kernels on CPUs without VNNI (see lowbit.nn.kernels); not a weight type.
 UINT7 = QType("uint7", 7, False, torch.uint8, 0, 127)
 
-QTYPES: dict[str, QType] = {t.name: t for t in (INT8, UINT8, INT4, UINT4, FP16, BF16)}
+QTYPES: dict[str, QType] = {t.name: t for t in (INT8, UINT8, INT5, UINT5, INT4, UINT4, FP16, BF16)}
 
 
 def get_qtype(name: str | QType) -> QType:

@@ -4,10 +4,12 @@ model written with lowbit's own integers and scales in llama.cpp's block types.
 A GGUF block type fixes its block structure, so lowbit's algorithm (RTN, GPTQ) chooses the
 integers inside exactly that structure and the file holds them unchanged:
 - Q8_0: 32 int8 values and one float16 scale, x = d·q;
+- Q5_0: 32 5-bit values and one float16 scale, x = d·(q − 16), lowbit's symmetric int5 as stored
+  (unsigned, zero point 16);
 - Q4_0: 32 4-bit values and one float16 scale, x = d·(q − 8), lowbit's symmetric int4 as stored
   (unsigned, zero point 8).
-A model quantized with `scale_dtype="float16"` and symmetric groups of 32 (the `q8_0`, `q4_0`
-and `q4_0-gptq` recipes) fits; anything else is refused with the module's name rather than
+A model quantized with `scale_dtype="float16"` and symmetric groups of 32 (the `q8_0`, `q5_0`,
+`q4_0` recipes, and their `-gptq` variants) fits; anything else is refused with the module's name rather than
 requantized, so dequantizing the file (llama.cpp, or the `gguf` package) gives exactly lowbit's
 dequantized weights. Norms and float modules are written in float32.
 
@@ -34,6 +36,7 @@ from lowbit.formats.atomic import atomic_file
 
 ARCHITECTURES = ("LlamaForCausalLM",)  # what llama.cpp's `llama` architecture holds as lowbit maps it
 BLOCK = 32  # values per block in every type lowbit writes
+GGUF_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q4_0", "q4_0-gptq")  # lowbit.transform.recipe presets
 # tokenizer.json pre-tokenizers whose splitting llama.cpp reproduces, by llama.cpp's name for it
 PRE_TOKENIZERS = {
     json.dumps({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
@@ -64,15 +67,29 @@ def _q8_0(weight: QuantizedTensor) -> np.ndarray:
     return np.concatenate([_scale_bytes(weight, rows), codes], axis=-1).reshape(rows, -1)
 
 
+def _low_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Each block's 32 values' low 4 bits, two per byte: value j low, value j + 16 high."""
+    low = codes & 0x0F
+    return low[..., : BLOCK // 2] | (low[..., BLOCK // 2:] << 4)
+
+
+def _q5_0(weight: QuantizedTensor) -> np.ndarray:
+    rows = weight.data.shape[0]
+    codes = weight.data.reshape(rows, -1, BLOCK).numpy().astype(np.uint8)  # 0..31, zero point 16
+    high_bits = np.packbits(codes >> 4, axis=-1, bitorder="little")  # bit j of 32: value j's fifth bit
+    blocks = np.concatenate([_scale_bytes(weight, rows), high_bits, _low_nibbles(codes)], axis=-1)
+    return blocks.reshape(rows, -1)
+
+
 def _q4_0(weight: QuantizedTensor) -> np.ndarray:
     rows = weight.data.shape[0]
     codes = weight.data.reshape(rows, -1, BLOCK).numpy().astype(np.uint8)  # 0..15, zero point 8
-    packed = codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2:] << 4)  # value j low, j + 16 high
-    return np.concatenate([_scale_bytes(weight, rows), packed], axis=-1).reshape(rows, -1)
+    return np.concatenate([_scale_bytes(weight, rows), _low_nibbles(codes)], axis=-1).reshape(rows, -1)
 
 
-BLOCK_TYPES = {"Q8_0": BlockType("Q8_0", "int8", _q8_0), "Q4_0": BlockType("Q4_0", "int4", _q4_0)}
-FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "F32": "ALL_F32"}
+BLOCK_TYPES = {"Q8_0": BlockType("Q8_0", "int8", _q8_0), "Q5_0": BlockType("Q5_0", "int5", _q5_0),
+               "Q4_0": BlockType("Q4_0", "int4", _q4_0)}
+FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0", "Q4_0": "MOSTLY_Q4_0", "F32": "ALL_F32"}
 
 
 @dataclass
@@ -106,8 +123,8 @@ def block_type_for(name: str, module: nn.Module) -> BlockType:
     if scale is not None and not torch.equal(scale.half().float(), scale):
         reasons.append("its scales are not float16 values")
     if reasons:
-        raise GGUFError(f"{name}: {'; '.join(reasons)}. Quantize with a GGUF recipe (q8_0, q4_0, "
-                        "q4_0-gptq) to export to GGUF")
+        raise GGUFError(f"{name}: {'; '.join(reasons)}. Quantize with a GGUF recipe "
+                        f"({', '.join(GGUF_RECIPES)}) to export to GGUF")
     return kind
 
 
@@ -115,9 +132,10 @@ def _quantized_tensor(name: str, target: str, module: nn.Module) -> GGUFTensor:
     """Module `name`'s weight as GGUF tensor `target`, in the block type that holds it exactly."""
     kind = block_type_for(name, module)
     weight = module.quantized_weight()
-    zero_point = weight.zero_point
-    if kind.weight == "int4" and (zero_point is None or not bool((zero_point == 8).all())):
-        raise GGUFError(f"{name}: Q4_0 needs lowbit's symmetric int4 (zero point 8 in every group)")
+    midpoint = 2 ** (weight.qtype.bits - 1)  # symmetric grids stored unsigned sit on it
+    if not weight.qtype.is_signed and not bool((weight.zero_point == midpoint).all()):
+        raise GGUFError(f"{name}: {kind.name} needs lowbit's symmetric {kind.weight} (zero point {midpoint} "
+                        "in every group)")
     return GGUFTensor(target, kind.name, kind.encode(weight))
 
 
@@ -151,8 +169,9 @@ def model_tensors(model: nn.Module) -> list[GGUFTensor]:
         target = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
         if target is None:
             raise GGUFError(f"{name}: llama.cpp's llama architecture has no tensor for this module")
-        found = [_quantized_tensor(name, target, module) if hasattr(module, "spec") and module.spec.weight
-                 in ("int8", "int4") else _float_tensor(target, _float_weight(module))]
+        integers = hasattr(module, "spec") and module.spec.weight not in ("fp16", "bf16")
+        found = [_quantized_tensor(name, target, module) if integers
+                 else _float_tensor(target, _float_weight(module))]
         if getattr(module, "bias", None) is not None:
             found.append(_float_tensor(target.replace(".weight", ".bias"), module.bias))
         role = target.split(".")[-2]

@@ -201,7 +201,7 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise FormatError(f"{file} is not a readable safetensors file: {error}") from None
 
 
-STORED_WEIGHT = {"int8": "I8", "int4": "U8", "fp16": "F16", "bf16": "BF16"}
+STORED_WEIGHT = {"int8": "I8", "int5": "U8", "int4": "U8", "fp16": "F16", "bf16": "BF16"}
 
 
 def _check_module_weights(manifest: dict[str, Any], headers: dict, folder: Path) -> None:

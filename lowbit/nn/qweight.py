@@ -17,10 +17,13 @@ from lowbit.core.qtypes import UINT7, UINT8
 from lowbit.core.quantize import qparams_from_range, scale_shape
 from lowbit.nn.spec import LayerSpec
 
+UNSIGNED_STORAGE = {"int4": "uint4", "int5": "uint5"}
+
 
 def storage_qtype(spec: LayerSpec) -> str:
-    """int4 weights are stored unsigned (0..15, zero point 8 when symmetric) so they pack simply."""
-    return "uint4" if spec.weight == "int4" else spec.weight
+    """int4 and int5 weights are stored unsigned (0..15 or 0..31, zero point 8 or 16 when
+    symmetric), so int4 packs simply and both read as MatMulNBits and GGUF blocks do."""
+    return UNSIGNED_STORAGE.get(spec.weight, spec.weight)
 
 
 def round_to_nearest(weight: torch.Tensor, spec: LayerSpec) -> QuantizedTensor:
@@ -104,18 +107,18 @@ class QuantizedWeightMixin:
         super()._load_from_state_dict(*args, **kwargs)
 
     def loaded_problem(self: nn.Module) -> str | None:
-        """Why tensors and spec loaded from a file cannot run (a scale that is not a positive
-        finite number, a zero point off the grid, an unknown kernel), or None. Shapes and dtypes
+        """Why tensors and spec loaded from a file cannot run (a scale off its grid, a zero point
+        off the grid, an unknown kernel), or None. Shapes and dtypes
         are the loader's to check against the skeleton first."""
         problem = self.spec.problem(self.kind, self.weight_shape)
         if problem:
             return problem
         qtype = get_qtype(storage_qtype(self.spec))
         scale = getattr(self, "weight_scale", None)
-        if scale is not None and not bool(torch.isfinite(scale).all() and (scale > 0).all()):
-            return "a weight scale is not a positive finite number"
-        if scale is not None and not torch.equal(scale.to(self.spec.torch_scale_dtype).float(), scale):
-            return f"a weight scale is not a {self.spec.scale_dtype} value, as the spec says"
+        if scale is not None:
+            problem = self._scale_problem(scale, flippable=self.spec.symmetric and not qtype.is_signed)
+            if problem:
+                return problem
         zero_point = getattr(self, "weight_zero_point", None)
         if zero_point is not None and zero_point.numel() and not (
                 qtype.qmin <= int(zero_point.min()) and int(zero_point.max()) <= qtype.qmax):
@@ -127,6 +130,16 @@ class QuantizedWeightMixin:
                 if not (side_scale > 0 and side_scale < float("inf")) or not 0 <= side_zero <= qmax:
                     return f"the {side} scale or zero point is off its grid"
         return self.kernel_problem()
+
+    def _scale_problem(self, scale: torch.Tensor, flippable: bool) -> str | None:
+        """Scales are finite and positive; negative too where they flip a symmetric grid stored
+        unsigned (lowbit.core.quantize); float16 values where the spec says so."""
+        magnitude = scale.abs() if flippable else scale
+        if not bool(torch.isfinite(scale).all() and (magnitude > 0).all()):
+            return f"a weight scale is not a {'non-zero' if flippable else 'positive'} finite number"
+        if not torch.equal(scale.to(self.spec.torch_scale_dtype).float(), scale):
+            return f"a weight scale is not a {self.spec.scale_dtype} value, as the spec says"
+        return None
 
     def kernel_problem(self) -> str | None:
         """Why the recorded kernels do not fit this module, or None (per module class)."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 SCHEMES = ("weight_only", "dynamic", "static")
-WEIGHT_TYPES = ("int8", "int4", "fp16", "bf16")
+WEIGHT_TYPES = ("int8", "int5", "int4", "fp16", "bf16")
 # Activation grids of the dynamic and static schemes: "uint8" rounds a module's input on a 7-bit
 # grid (fbgemm's int16 pair sums cannot saturate on it without VNNI) and a static one's output on
 # an 8-bit one; "uint8-full" rounds inputs on 8 bits: a static convolution's (it runs the exact
@@ -70,10 +70,10 @@ class LayerSpec:
         if self.weight in ("fp16", "bf16"):
             return None if (self.scheme, granularity) == ("weight_only", "per_tensor") else \
                 "16-bit float weights are stored weight-only and per tensor"
-        if self.weight == "int4":
+        if self.weight in ("int4", "int5"):
             group = int(granularity.split(":")[1]) if granularity.startswith("group:") else 0
             if self.scheme != "weight_only" or kind == "conv" or not group or weight_shape[-1] % group:
-                return "int4 weights need weight-only groups that divide the input dimension"
+                return f"{self.weight} weights need weight-only groups that divide the input dimension"
             return None
         if granularity.startswith("group:"):
             if self.scheme != "weight_only" or kind == "conv" or weight_shape[-1] % int(granularity[6:]):

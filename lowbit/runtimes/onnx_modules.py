@@ -52,8 +52,8 @@ def linear_ops_for(module: nn.Module) -> list[str]:
     spec = _spec(module)
     if spec is None or spec.weight in ("fp16", "bf16"):
         return ["float"]  # a float Linear, or 16-bit weights computed in float32 as lowbit does
-    if spec.weight == "int4":
-        return ["matmul_nbits"] if _int4_block(module) else []
+    if spec.weight in ("int4", "int5"):
+        return ["matmul_nbits"] if _whole_group_block(module) else []
     if spec.weight != "int8" or not spec.symmetric:
         return []
     if spec.granularity.startswith("group:"):  # weight-only; a group is a block as it is
@@ -78,7 +78,8 @@ def op_name(module: nn.Module) -> str:
         return "Conv"
     if hasattr(module, "num_embeddings"):
         spec = _spec(module)
-        return "GatherBlockQuantized" if spec is not None and spec.weight in ("int4", "int8") else "Gather"
+        quantized = spec is not None and spec.weight in ("int4", "int5", "int8")
+        return "GatherBlockQuantized" if quantized else "Gather"
     ops = linear_ops_for(module)
     return OP_NAMES[ops[0]] if ops else "none"
 
@@ -102,7 +103,8 @@ def _bias(graph: Graph, module: nn.Module) -> str:
     return "" if bias is None else graph.constant("bias", bias.detach().float().numpy())
 
 
-def _int4_block(module: nn.Module) -> int | None:
+def _whole_group_block(module: nn.Module) -> int | None:
+    """The MatMulNBits block of a grouped module's weights: its group, where that is a block size."""
     group = int(_spec(module).granularity.split(":")[1])
     return group if group in GROUP_BLOCKS else None
 
@@ -129,14 +131,18 @@ def nbits_weights(module: nn.Module, max_block: int | None = None) -> NbitsWeigh
     accuracy level 4, MatMulNBits quantizes activations per block, so smaller is more exact)."""
     spec, rows = _spec(module), module.weight.shape[0]
     width = module.weight_shape[-1]
-    if spec.weight == "int4":
+    if spec.weight in ("int4", "int5"):
         group = int(spec.granularity.split(":")[1])
         block = _group_block(group, max_block)
         repeat, blocks = group // block, width // block
-        codes = module.weight.numpy().reshape(rows, blocks, block // 2)
         scales = np.repeat(module.weight_scale.float().numpy().reshape(rows, -1), repeat, axis=1)
-        zero_points = module.weight_zero_point.numpy().astype(np.uint8).reshape(rows, -1)
-        return codes, scales, _pack_nibbles(np.repeat(zero_points, repeat, axis=1)), 4, block
+        zero_points = np.repeat(module.weight_zero_point.numpy().astype(np.uint8).reshape(rows, -1), repeat,
+                                axis=1)
+        if spec.weight == "int4":  # packed two per byte, as MatMulNBits' 4-bit blocks are
+            codes = module.weight.numpy().reshape(rows, blocks, block // 2)
+            return codes, scales, _pack_nibbles(zero_points), 4, block
+        # int5: 0..31 one per byte, an 8-bit block with the group's zero point: the same values
+        return module.weight.numpy().reshape(rows, blocks, block), scales, zero_points, 8, block
     grouped = spec.granularity.startswith("group:")
     block = _group_block(int(spec.granularity[6:]), max_block) if grouped else _int8_block(width, max_block)
     if spec.weight != "int8" or not spec.symmetric or block not in GROUP_BLOCKS:
@@ -207,7 +213,7 @@ def emit_embedding(graph: Graph, module: nn.Module, indices: str, name: str) -> 
     """Rows of `module` (a QEmbedding or a float Embedding) at `indices`: int4 and int8 tables
     stay quantized (GatherBlockQuantized); what has no block layout is dequantized once."""
     spec = _spec(module)
-    if spec is not None and spec.weight in ("int4", "int8"):
+    if spec is not None and spec.weight in ("int4", "int5", "int8"):
         try:
             codes, scales, zero_points, bits, block = nbits_weights(module)
         except ExportError:

@@ -14,7 +14,7 @@ from lowbit.errors import InvalidRecipeError
 from lowbit.nn.spec import LayerSpec
 
 Scheme = Literal["weight_only", "dynamic", "static"]
-WeightType = Literal["int8", "int4", "fp16", "bf16"]
+WeightType = Literal["int8", "int5", "int4", "fp16", "bf16"]
 
 
 class Recipe(BaseModel):
@@ -79,8 +79,8 @@ class Recipe(BaseModel):
                 raise ValueError(f"scheme {self.scheme!r} needs symmetric int8 weights")
             if self.granularity not in ("per_channel", "per_tensor"):
                 raise ValueError(f"scheme {self.scheme!r} needs per_channel or per_tensor weights")
-        if self.weights == "int4" and not self.granularity.startswith("group"):
-            raise ValueError("int4 weights need a group granularity, e.g. 'group:128'")
+        if self.weights in ("int4", "int5") and not self.granularity.startswith("group"):
+            raise ValueError(f"{self.weights} weights need a group granularity, e.g. 'group:128'")
         return self
 
     def layer_spec(self, kind: str = "linear") -> LayerSpec:
@@ -133,6 +133,11 @@ PRESETS: dict[str, dict] = {
     "q4_0": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32", "scale_dtype": "float16",
              "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
     "q4_0-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32",
+                  "scale_dtype": "float16", "algorithm": "gptq",
+                  "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
+    "q5_0": {"scheme": "weight_only", "weights": "int5", "granularity": "group:32", "scale_dtype": "float16",
+             "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
+    "q5_0-gptq": {"scheme": "weight_only", "weights": "int5", "granularity": "group:32",
                   "scale_dtype": "float16", "algorithm": "gptq",
                   "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
     "fp16": {"scheme": "weight_only", "weights": "fp16", "granularity": "per_tensor"},

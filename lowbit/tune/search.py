@@ -50,7 +50,7 @@ from lowbit.tune.runtimes import onnx_variants, runtime_fields
 Objective = Literal["size", "latency"]
 DEFAULT_CANDIDATES = ("w4", "w8a8-static", "w8a8-dynamic", "w8", "fp16")
 BUDGET_TOLERANCE = 1e-9  # 0.7575 - 0.7525 is 0.00500000000000000444 in floating point
-WEIGHT_BITS = {"int4": 4, "int8": 8, "fp16": 16, "bf16": 16}
+WEIGHT_BITS = {"int4": 4, "int5": 5, "int8": 8, "fp16": 16, "bf16": 16}
 
 
 @dataclass

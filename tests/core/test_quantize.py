@@ -36,7 +36,7 @@ def test_round_trip_error_is_at_most_half_a_step(array, qtype, granularity, symm
     x = torch.from_numpy(array)
     quantized = quantize_tensor(x, qtype, granularity, symmetric)
     error = to_blocks((quantized.dequantize() - x).abs(), quantized.granularity)
-    half_step = quantized.scale.reshape(-1, 1) / 2
+    half_step = quantized.scale.reshape(-1, 1).abs() / 2  # a symmetric int4 scale may be negative
     assert bool((error <= half_step * (1 + 1e-5) + 1e-6).all())
 
 
@@ -118,3 +118,17 @@ def test_int4_packing_round_trips_and_halves_the_bytes(values):
     packed = pack_int4(x)
     assert packed.numel() * 2 == x.numel()
     assert torch.equal(unpack_int4(packed), x)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_symmetric_int4_puts_the_largest_magnitude_on_its_extra_level(sign):
+    """Stored unsigned around 8, a symmetric int4 grid reaches -8 steps but only +7: the value of
+    largest magnitude takes the -8 level whatever its sign (a negative scale flips the grid), so
+    the step is a quarter smaller than a ±7 grid's, and a value as large on the other side still
+    fits (the step grows rather than clip it)."""
+    x = sign * torch.tensor([[1.0, -0.5, 0.25, 0.0] * 8, [1.0, -1.0, 0.5, 0.0] * 8])
+    quantized = quantize_tensor(x, "uint4", "group:32", symmetric=True)
+    assert torch.allclose(quantized.scale.abs().reshape(-1), torch.tensor([1 / 8, 1 / 7]))
+    assert float(torch.sign(quantized.scale[0, 0])) == -sign
+    assert int(quantized.data[0, 0]) == 0  # x = scale * (0 - 8): the largest magnitude, exactly
+    assert torch.equal(quantized.dequantize()[1, :2], x[1, :2])  # ±1 as ±7 steps of 1/7: not clipped

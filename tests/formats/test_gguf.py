@@ -59,7 +59,7 @@ def _read_back(path) -> dict[str, torch.Tensor]:
     return weights
 
 
-@pytest.mark.parametrize(("recipe", "block"), [("q4_0", "Q4_0"), ("q8_0", "Q8_0")])
+@pytest.mark.parametrize(("recipe", "block"), [("q4_0", "Q4_0"), ("q5_0", "Q5_0"), ("q8_0", "Q8_0")])
 def test_the_file_holds_exactly_lowbits_dequantized_weights(llama_folder, tmp_path, recipe, block):
     quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, progress=False)
     path = tmp_path / "model.gguf"
@@ -106,9 +106,10 @@ def test_the_metadata_and_tokenizer_are_llamas(llama_folder, tmp_path):
     assert len(value["tokenizer.ggml.merges"]) > 0 and value["tokenizer.ggml.eos_token_id"] == 0
 
 
-def test_llama_cpp_loads_the_file_and_computes_lowbits_logits(llama_folder, tmp_path):
+@pytest.mark.parametrize("recipe", ["q8_0", "q5_0"])
+def test_llama_cpp_loads_the_file_and_computes_lowbits_logits(llama_folder, tmp_path, recipe):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is built by `make bench-llamacpp`")
-    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), "q8_0", progress=False)
+    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, progress=False)
     path = tmp_path / "model.gguf"
     export_gguf(quantized, llama_folder, path)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
@@ -119,7 +120,7 @@ def test_llama_cpp_loads_the_file_and_computes_lowbits_logits(llama_folder, tmp_
     theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
     with torch.inference_mode():
         ours = quantized(torch.tensor([ids])).logits[0]
-    # llama.cpp rounds activations to 8 bits per block for its Q8_0 products: close, not equal
+    # llama.cpp rounds activations to 8 bits per block for its products: close, not equal
     assert torch.allclose(theirs, ours, atol=0.05, rtol=0.05), (theirs - ours).abs().max()
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
 

@@ -17,7 +17,7 @@ def _in_onnxruntime(model):
     return ort_runtime.wrap(ort_runtime.session(ort_runtime.export(model), threads=1), model.config)
 
 
-@pytest.fixture(params=[None, "w4-g32", "w8"])
+@pytest.fixture(params=[None, "w4-g32", "w8", "q4_0", "q5_0", "q8_0"])
 def models(request):
     model = tiny_llama()
     if request.param is not None:
