@@ -33,10 +33,8 @@ import torch
 import lowbit
 from bench import llamacpp
 from bench.common import bench_arguments, print_table, write_json
-from bench.llm_4bit import calibration_batches
+from bench.llm_4bit import smollm2_workload
 from bench.smollm2 import perplexity
-from lowbit.data import assets
-from lowbit.data.batches import language_model_windows
 from lowbit.families import transformers as hf
 
 LOWBIT_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q4_0", "q4_0-gptq")
@@ -120,14 +118,8 @@ def main() -> None:
     args = bench_arguments(__doc__, runs=5, extra={"--tokens": 4096, "--calibration": 128})
     if not llamacpp.available():
         raise SystemExit("llama.cpp is not installed: run `make bench-gguf` (it builds llama-cpp-python)")
-    from transformers import AutoModelForCausalLM
-
-    folder = hf.smollm2_path()
+    folder, windows, calibration, fp32 = smollm2_workload(args.tokens, args.calibration)
     tokenizer = hf.load_tokenizer(folder)
-    texts = [document["extract"] for document in assets.wikipedia_documents()]
-    windows = language_model_windows(tokenizer, texts, 512, args.tokens)
-    calibration = calibration_batches(tokenizer, texts, args.calibration)
-    fp32 = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     torch_fp32 = perplexity(lambda ids: fp32(ids).logits, windows)
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-gguf-") as scratch_name:
         scratch = Path(scratch_name)

@@ -61,6 +61,20 @@ def calibration_batches(tokenizer, texts: list[str], sequences: int) -> list[dic
     return [{"input_ids": ids[start : start + 512][None]} for start in range(0, 512 * sequences, 512)]
 
 
+def smollm2_workload(tokens: int, sequences: int) -> tuple[Path, list[dict], list[dict], torch.nn.Module]:
+    """SmolLM2's float32 folder, the scored windows of the first `tokens` Wikipedia tokens, the
+    calibration batches (`sequences` × 512 tokens from the corpus' end), and the float32 model."""
+    from transformers import AutoModelForCausalLM
+
+    path = hf.smollm2_path()
+    tokenizer = hf.load_tokenizer(path)
+    texts = [document["extract"] for document in assets.wikipedia_documents()]
+    windows = language_model_windows(tokenizer, texts, 512, tokens)
+    calibration = calibration_batches(tokenizer, texts, sequences)
+    fp32 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return path, windows, calibration, fp32
+
+
 def lowbit_rows(fp32, windows, calibration, scratch: Path) -> list[dict]:
     rows = []
     baseline = current_rss_bytes()
@@ -137,14 +151,7 @@ def ort_rows(fp32, windows, threads: int, scratch: Path) -> list[dict]:
 
 def main() -> None:
     args = bench_arguments(__doc__, extra={"--tokens": 4096, "--calibration": 128})
-    from transformers import AutoModelForCausalLM
-
-    path = hf.smollm2_path()
-    tokenizer = hf.load_tokenizer(path)
-    texts = [document["extract"] for document in assets.wikipedia_documents()]
-    windows = language_model_windows(tokenizer, texts, 512, args.tokens)
-    calibration = calibration_batches(tokenizer, texts, args.calibration)
-    fp32 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    path, windows, calibration, fp32 = smollm2_workload(args.tokens, args.calibration)
     rows = [{"model": "fp32", "perplexity": perplexity(lambda ids: fp32(ids).logits, windows),
              "size_mb": folder_bytes(path / "model.safetensors") / 1e6}]
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:

@@ -801,7 +801,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="The file to write; must not exist.")],
     file_format: Annotated[str, typer.Option("--format", callback=_one_of("onnx", "gguf"),
         help="What to write: onnx (ONNX Runtime), or gguf (llama.cpp, Ollama, LM Studio; a Llama "
-        "model quantized with the q8_0, q4_0 or q4_0-gptq recipe).")] = "onnx",
+        "model quantized with a q8_0, q5_0 or q4_0 recipe, RTN or -gptq).")] = "onnx",
     accuracy_level: Annotated[int, typer.Option(min=0, max=4,
         help="0: float32 compute from lowbit's dequantized weights; 4: int8 activations per block.")] = 0,
     activation_block: Annotated[int | None, typer.Option(callback=_one_of_blocks,
@@ -811,12 +811,14 @@ def export(
 ) -> None:
     """Write a lowbit folder's model as one file another runtime runs with lowbit's own integers,
     scales and zero points: ONNX for plain ONNX Runtime (MatMulNBits, DynamicQuantizeMatMul,
-    GatherBlockQuantized), or GGUF for llama.cpp (Q8_0 and Q4_0 blocks, exactly lowbit's weights).
+    GatherBlockQuantized), or GGUF for llama.cpp (Q8_0, Q5_0 and Q4_0 blocks, exactly lowbit's
+    weights; --accuracy-level and --activation-block are ONNX's only).
 
     \b
     Examples:
       lowbit export ./minilm-w8 --format onnx --out minilm-w8.onnx
-      lowbit quantize ./smollm2 --recipe q4_0-gptq --calibration wiki.txt --out ./smollm2-q4
+      lowbit quantize ./smollm2 --recipe q4_0-gptq --calibration wiki.txt \\
+          --out ./smollm2-q4
       lowbit export ./smollm2-q4 --format gguf --out smollm2-q4_0.gguf
     """
     with _user_errors():

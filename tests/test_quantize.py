@@ -23,13 +23,13 @@ def test_inplace_quantizes_the_model_itself(mlp):
     assert isinstance(mlp[0], QLinear)
 
 
-@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8", "w4-g32", "fp16", "bf16"])
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8", "w4-g32", "fp16", "bf16", "q8_0", "q5_0", "q4_0"])
 def test_quantized_outputs_stay_close_to_float(mlp, recipe):
     x = torch.randn(16, 64)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
     quantized = lowbit.quantize(model, recipe)
     error = (quantized(x) - model(x)).norm() / model(x).norm()
-    assert error < (0.1 if recipe.startswith("w4") else 0.02)
+    assert error < (0.1 if recipe.startswith(("w4", "q4", "q5")) else 0.02)
 
 
 def test_static_quantization_calibrates_and_runs(mlp, mlp_batches):

@@ -75,8 +75,8 @@ def plan(
             kept_float.append(name)
             continue
         spec = rule.layer_spec(kind)
-        if kind == "conv" and spec.weight not in ("int8", "fp16", "bf16"):
-            kept_float.append(name)  # int4 convolutions have no kernel: keep them in float
+        if kind == "conv" and spec.granularity.startswith("group:"):
+            kept_float.append(name)  # grouped (int4, int5, GGUF's) convolutions have no kernel: float
             continue
         smaller = _dividing_group(module, spec)
         if smaller is not None:

@@ -133,6 +133,18 @@ def test_weights_gguf_cannot_hold_are_refused_by_module_name(llama_folder, tmp_p
     assert not path.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"granularity": "group:64"}, "symmetric group:64 weights are not GGUF blocks"),
+    ({"scale_dtype": "float32"}, "its scales are not float16 values"),
+])
+def test_a_group_or_scale_a_gguf_type_does_not_allow_is_refused(llama_folder, tmp_path, changes, reason):
+    recipe = lowbit.make_recipe("q4_0", **changes)
+    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, progress=False)
+    with pytest.raises(GGUFError, match=rf"^model\.layers\.0\.self_attn\.q_proj: {reason}"):
+        export_gguf(quantized, llama_folder, tmp_path / "model.gguf")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_model_that_is_not_llama_is_refused_with_the_architectures_supported(tmp_path):
     from tests.fixtures_models import tiny_bert
 

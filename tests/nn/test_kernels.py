@@ -24,6 +24,8 @@ SPECS = [
     LayerSpec("weight_only", "fp16", "per_tensor", True),
     LayerSpec("weight_only", "bf16", "per_tensor", True),
     LayerSpec("dynamic", "int8", "per_channel", True, "uint8-full"),  # fbgemm only where VNNI is
+    LayerSpec("weight_only", "int5", "group:32", True, scale_dtype="float16"),  # GGUF's Q5_0
+    LayerSpec("weight_only", "int8", "group:32", True, scale_dtype="float16"),  # GGUF's Q8_0
 ]
 
 
