@@ -69,7 +69,7 @@ llamacpp: $(BENCH_INSTALLED)
 bench-llamacpp: llamacpp
 	$(BIN)/python -m bench.smollm2
 
-# lowbit's GGUF files (Q8_0, Q4_0 by RTN and GPTQ) beside llama.cpp's own quantizer, measured in
+# lowbit's GGUF files (Q8_0, Q5_0, Q4_0 by RTN and GPTQ) beside llama.cpp's own quantizer, measured in
 # llama.cpp. Its importance-matrix row needs llama.cpp's command-line tools (llama-imatrix,
 # llama-quantize), built once from the same llama.cpp source as the wheel and cached.
 LLAMACPP_TOOLS := $(HOME)/.cache/lowbit/llama.cpp-tools

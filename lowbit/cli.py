@@ -827,7 +827,8 @@ def export(
 
         model = load(folder, runtime="torch")
         if file_format == "gguf":
-            tensors = export_gguf(model, folder, out, overwrite=overwrite)
+            with hf.verified_tokenizer_files(folder) as tokenizer_folder:  # checked against lowbit.json
+                tensors = export_gguf(model, tokenizer_folder or folder, out, overwrite, name=folder.name)
             kinds = ", ".join(sorted({tensor.kind for tensor in tensors}))
             console.print(f"wrote {out} ({_mib(out.stat().st_size)}, gguf, {len(tensors)} tensors: {kinds})")
             return

@@ -36,6 +36,8 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
     "added_tokens.json",
+    "chat_template.jinja",  # where transformers >= 4.43 saves a chat template
+    "chat_template.json",
 )
 
 
@@ -83,10 +85,10 @@ def load_pretrained(path: str | Path) -> nn.Module:
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved beside a model, or None when the folder has none. From a lowbit
-    folder only the checksummed tokenizer files are read (see `_verified_tokenizer_files`)."""
+    folder only the checksummed tokenizer files are read (see `verified_tokenizer_files`)."""
     transformers = _transformers()
     if (Path(path) / MANIFEST).is_file():
-        with _verified_tokenizer_files(Path(path)) as verified:
+        with verified_tokenizer_files(Path(path)) as verified:
             return load_tokenizer(verified) if verified is not None else None
     try:
         return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
@@ -96,7 +98,7 @@ def load_tokenizer(path: str | Path):
 
 
 @contextmanager
-def _verified_tokenizer_files(folder: Path) -> Iterator[Path | None]:
+def verified_tokenizer_files(folder: Path) -> Iterator[Path | None]:
     """A temporary folder holding the lowbit folder's tokenizer files, each checked against its
     sha256 first: the tokenizer reads those bytes and nothing the manifest does not list."""
     manifest = verify_files(folder)

@@ -8,10 +8,10 @@ integers inside exactly that structure and the file holds them unchanged:
   (unsigned, zero point 16);
 - Q4_0: 32 4-bit values and one float16 scale, x = d·(q − 8), lowbit's symmetric int4 as stored
   (unsigned, zero point 8).
-A model quantized with `scale_dtype="float16"` and symmetric groups of 32 (the `q8_0`, `q5_0`,
-`q4_0` recipes, and their `-gptq` variants) fits; anything else is refused with the module's name rather than
-requantized, so dequantizing the file (llama.cpp, or the `gguf` package) gives exactly lowbit's
-dequantized weights. Norms and float modules are written in float32.
+A model quantized with `scale_dtype="float16"` and symmetric groups of 32 (the `q8_0`, `q5_0`
+and `q4_0` recipes, and their `-gptq` variants) fits; anything else is refused with the module's
+name rather than requantized, so dequantizing the file (llama.cpp, or the `gguf` package) gives
+exactly lowbit's dequantized weights. Norms and float modules are written in float32.
 
 The metadata follows llama.cpp's `llama` architecture; the tokenizer is a GPT-2-style byte-level
 BPE from tokenizer.json, with merges, special tokens and chat template (gguf.SpecialVocab).
@@ -53,7 +53,7 @@ class BlockType:
     """One llama.cpp block type: which lowbit weights it holds exactly, and their bytes per row."""
 
     name: str
-    weight: str  # lowbit's weight type it holds ("int8", "int4")
+    weight: str  # lowbit's weight type it holds ("int8", "int5", "int4")
     encode: Callable[[QuantizedTensor], np.ndarray]  # (rows, bytes per row)
 
 
@@ -97,7 +97,7 @@ class GGUFTensor:
     """One tensor as the file holds it: its GGUF name, type and data (bytes per row, or floats)."""
 
     name: str
-    kind: str  # "Q8_0", "Q4_0" or "F32"
+    kind: str  # a name in BLOCK_TYPES, or "F32"
     data: np.ndarray
 
 
@@ -210,11 +210,11 @@ def _rope_theta(config: Any) -> float:
     return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def _write_architecture(writer: Any, config: Any, file_type: str) -> None:
+def _write_architecture(writer: Any, config: Any, file_type: str, name: str | None) -> None:
     gguf = _gguf()
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "model")).name)
+    writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -277,17 +277,18 @@ def _file_type(tensors: list[GGUFTensor]) -> str:
 
 
 def export_gguf(model: nn.Module, tokenizer_folder: str | Path, path: str | Path,
-                overwrite: bool = False) -> list[GGUFTensor]:
+                overwrite: bool = False, name: str | None = None) -> list[GGUFTensor]:
     """Write a lowbit-quantized Llama-architecture transformers model (its tokenizer read from
-    `tokenizer_folder`, e.g. the lowbit folder it was loaded from) as a GGUF file at `path`,
-    atomically; returns the tensors written."""
+    `tokenizer_folder`, e.g. the folder it was loaded from) as a GGUF file at `path`, atomically,
+    under `name` (what llama.cpp and Ollama show; default: the model's folder name); returns the
+    tensors written."""
     gguf = _gguf()
 
     _check_architecture(model)
     tensors = model_tensors(model)
     with atomic_file(Path(path), overwrite) as staging:
         writer = gguf.GGUFWriter(staging, "llama")
-        _write_architecture(writer, model.config, _file_type(tensors))
+        _write_architecture(writer, model.config, _file_type(tensors), name)
         _write_tokenizer(writer, Path(tokenizer_folder), model.config.vocab_size)
         for tensor in tensors:
             raw = None if tensor.kind == "F32" else gguf.GGMLQuantizationType[tensor.kind]

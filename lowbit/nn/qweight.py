@@ -107,9 +107,9 @@ class QuantizedWeightMixin:
         super()._load_from_state_dict(*args, **kwargs)
 
     def loaded_problem(self: nn.Module) -> str | None:
-        """Why tensors and spec loaded from a file cannot run (a scale off its grid, a zero point
-        off the grid, an unknown kernel), or None. Shapes and dtypes
-        are the loader's to check against the skeleton first."""
+        """Why tensors and spec loaded from a file cannot run (a scale or zero point off its grid,
+        an unknown kernel), or None. Shapes and dtypes are the loader's to check against the
+        skeleton first."""
         problem = self.spec.problem(self.kind, self.weight_shape)
         if problem:
             return problem

@@ -16,7 +16,7 @@ WEIGHT_TYPES = ("int8", "int5", "int4", "fp16", "bf16")
 # either) and, on a CPU with VNNI, a dynamic Linear's (fbgemm there sums in int32 directly).
 ACTIVATIONS = ("uint8", "uint8-full")
 # What a weight grid's scales are held in: float16 scales are what GGUF's blocks store, so a
-# model quantized with them exports to GGUF exactly (lowbit.formats.gguf)
+# model quantized with them exports to GGUF exactly (lowbit.formats.gguf_file)
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 

@@ -31,7 +31,7 @@ from lowbit.registry import Registry
 from lowbit.runtimes.onnx_graph import MICROSOFT, Graph
 
 BLOCKS = (128, 64, 32, 16)  # block sizes MatMulNBits and GatherBlockQuantized take, largest first
-GROUP_BLOCKS = (16, 32, 64, 128, 256)  # lowbit's groups (int4, int8) that are MatMulNBits blocks as they are
+GROUP_BLOCKS = (16, 32, 64, 128, 256)  # lowbit's groups (int4, int5, int8) that are MatMulNBits blocks
 
 
 class ExportError(LowbitError):

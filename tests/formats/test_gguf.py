@@ -33,6 +33,7 @@ def llama_folder(tmp_path_factory):
     bpe.train_from_iterator(assets.wikipedia_sentences(200), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
                                         eos_token="<|endoftext|>")
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -162,7 +163,10 @@ def test_the_cli_exports_a_lowbit_folder_and_refuses_one_gguf_cannot_hold(llama_
         result = runner.invoke(app, ["export", str(folder), "--format", "gguf", "--out", str(out)])
         if recipe == "q4_0":
             assert result.exit_code == 0, result.output
-            assert "gguf" in result.output and (tmp_path / "q4_0.gguf").is_file()
+            assert "gguf" in result.output and out.is_file()
+            fields = gguf.GGUFReader(out).fields  # the lowbit folder kept the chat template
+            assert "message['content']" in fields["tokenizer.chat_template"].contents()
+            assert fields["general.name"].contents() == "q4_0"
         else:
             assert result.exit_code == 2 and "per_channel" in result.output, result.output
             assert not (tmp_path / "w8.gguf").exists()
