@@ -12,6 +12,8 @@ llama.cpp rows (Q4_0, Q4_K_M) appear when llama-cpp-python is installed (`make b
 ONNX Runtime rows: the fp32 model exported as bench.smollm2 does, then quantized by
 `MatMulNBitsQuantizer` at groups of 64, asymmetric, in its calibration-free modes (its default
 block quantizer, HQQ, and RTN through Intel Neural Compressor), as its users run them.
+optimum-quanto row: `quantize(model, weights=qint4)` and `freeze`, its default groups, the LM head
+(tied to the float32 embedding) left in float, saved with torch.save.
 Writes bench/results/llm_4bit.json.
 
     .venv/bin/python -m bench.llm_4bit [--threads 2] [--tokens 4096] [--calibration 128]
@@ -19,6 +21,7 @@ Writes bench/results/llm_4bit.json.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -109,6 +112,35 @@ def llamacpp_rows(windows, threads: int) -> list[dict]:
     return rows
 
 
+def quanto_rows(fp32, windows, scratch: Path) -> list[dict]:
+    """optimum-quanto as its users run it: `quantize(model, weights=qint4)` and `freeze`, int4
+    weights in its default groups, float activations, the LM head left in float (transformers'
+    quanto integration leaves the output embedding so)."""
+    try:
+        from optimum.quanto import freeze, qint4, quantize
+    except ImportError:
+        print("optimum-quanto is not installed (make bench installs it): no row for it")
+        return []
+    model = copy.deepcopy(fp32)
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        quantize(model, weights=qint4, exclude=["lm_head"])
+        freeze(model)
+    seconds = time.perf_counter() - start
+    path = scratch / "quanto.pt"  # as its users save it (torch.save; the tied float table once)
+    torch.save(model.state_dict(), path)
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False), torch.no_grad():  # quanto's tensors refuse inference mode
+            return model(ids.clone()).logits
+
+    row = {"model": "optimum-quanto qint4", "perplexity": perplexity(logits, windows),
+           "size_mb": path.stat().st_size / 1e6, "quantize_s": seconds,
+           "peak_rss_gb": memory.peak / 1e9}
+    print(row, flush=True)
+    return [row]
+
+
 ORT_MODES = ("default", "HQQ", "RTN")
 
 
@@ -157,6 +189,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
         rows += lowbit_rows(fp32, windows, calibration, Path(scratch))
         rows += ort_rows(fp32, windows, args.threads, Path(scratch))
+        rows += quanto_rows(fp32, windows, Path(scratch))
     rows += llamacpp_rows(windows, args.threads)
     for row in rows:
         if "perplexity" in row:
