@@ -27,14 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import lowbit
 from bench import llamacpp
 from bench.common import bench_arguments, print_table, write_json
 from bench.llm_4bit import smollm2_workload
-from bench.smollm2 import perplexity
+from bench.smollm2 import Contender, decode_speed, perplexity
 from lowbit.families import transformers as hf
 
 LOWBIT_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q4_0", "q4_0-gptq")
@@ -104,14 +103,12 @@ def llamacpp_files(source: Path, calibration_text: Path, chunks: int, scratch: P
 def decode_speeds(files: dict[str, dict], prompt: torch.Tensor, threads: int,
                   rounds: int) -> dict[str, float]:
     """Median greedy decode tokens/s of each file over `rounds` interleaved rounds (one untimed first)."""
-    models = {name: llamacpp.LlamaCpp(entry["path"], threads, context=256) for name, entry in files.items()}
-    speeds: dict[str, list[float]] = {name: [] for name in files}
-    for round_index in range(rounds + 1):
-        for name, model in models.items():
-            _, seconds = model.timed_decode(prompt, NEW_TOKENS)
-            if round_index:
-                speeds[name].append(NEW_TOKENS / seconds)
-    return {name: float(np.median(values)) for name, values in speeds.items()}
+    contenders = {}
+    for name, entry in files.items():
+        model = llamacpp.LlamaCpp(entry["path"], threads, context=256)
+        contenders[name] = Contender(model.logits, model.timed_decode, model.size_bytes)
+    speeds = decode_speed(contenders, prompt, rounds, NEW_TOKENS)
+    return {name: speed["decode_tokens_per_second"] for name, speed in speeds.items()}
 
 
 def main() -> None:

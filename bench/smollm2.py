@@ -197,16 +197,18 @@ def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: list[
     return math.exp(total / count)
 
 
-def decode_speed(contenders: dict[str, Contender], prompt: torch.Tensor, rounds: int) -> dict[str, dict]:
-    """Median prefill and decode tokens/s over `rounds` interleaved rounds (one untimed first)."""
+def decode_speed(contenders: dict[str, Contender], prompt: torch.Tensor, rounds: int,
+                 new_tokens: int = NEW_TOKENS) -> dict[str, dict]:
+    """Median prefill and decode tokens/s over `rounds` interleaved rounds (one untimed first), each
+    decoding `new_tokens` greedy tokens."""
     prefill = {name: [] for name in contenders}
     decode = {name: [] for name in contenders}
     for round_index in range(rounds + 1):
         for name, contender in contenders.items():
-            seconds_prefill, seconds_decode = contender.decode(prompt, NEW_TOKENS)
+            seconds_prefill, seconds_decode = contender.decode(prompt, new_tokens)
             if round_index:
                 prefill[name].append(prompt.shape[1] / seconds_prefill)
-                decode[name].append(NEW_TOKENS / seconds_decode)
+                decode[name].append(new_tokens / seconds_decode)
     return {name: {"prefill_tokens_per_second": float(np.median(prefill[name])),
                    "decode_tokens_per_second": float(np.median(decode[name]))} for name in contenders}
 

@@ -57,14 +57,16 @@ class BlockType:
     encode: Callable[[QuantizedTensor], np.ndarray]  # (rows, bytes per row)
 
 
-def _scale_bytes(weight: QuantizedTensor, rows: int) -> np.ndarray:
-    return weight.scale.reshape(rows, -1, 1).numpy().astype(np.float16).view(np.uint8)
+def _codes(weight: QuantizedTensor, dtype: type) -> np.ndarray:
+    """The integers as (rows, blocks, 32), in `dtype`."""
+    return weight.data.reshape(weight.data.shape[0], -1, BLOCK).numpy().astype(dtype)
 
 
-def _q8_0(weight: QuantizedTensor) -> np.ndarray:
+def _rows(weight: QuantizedTensor, *fields: np.ndarray) -> np.ndarray:
+    """Each block's float16 scale followed by `fields` (its other bytes), as (rows, bytes per row)."""
     rows = weight.data.shape[0]
-    codes = weight.data.reshape(rows, -1, BLOCK).numpy().astype(np.int8).view(np.uint8)
-    return np.concatenate([_scale_bytes(weight, rows), codes], axis=-1).reshape(rows, -1)
+    scales = weight.scale.reshape(rows, -1, 1).numpy().astype(np.float16).view(np.uint8)
+    return np.concatenate([scales, *fields], axis=-1).reshape(rows, -1)
 
 
 def _low_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -73,18 +75,18 @@ def _low_nibbles(codes: np.ndarray) -> np.ndarray:
     return low[..., : BLOCK // 2] | (low[..., BLOCK // 2:] << 4)
 
 
+def _q8_0(weight: QuantizedTensor) -> np.ndarray:
+    return _rows(weight, _codes(weight, np.int8).view(np.uint8))
+
+
 def _q5_0(weight: QuantizedTensor) -> np.ndarray:
-    rows = weight.data.shape[0]
-    codes = weight.data.reshape(rows, -1, BLOCK).numpy().astype(np.uint8)  # 0..31, zero point 16
+    codes = _codes(weight, np.uint8)  # 0..31, zero point 16
     high_bits = np.packbits(codes >> 4, axis=-1, bitorder="little")  # bit j of 32: value j's fifth bit
-    blocks = np.concatenate([_scale_bytes(weight, rows), high_bits, _low_nibbles(codes)], axis=-1)
-    return blocks.reshape(rows, -1)
+    return _rows(weight, high_bits, _low_nibbles(codes))
 
 
 def _q4_0(weight: QuantizedTensor) -> np.ndarray:
-    rows = weight.data.shape[0]
-    codes = weight.data.reshape(rows, -1, BLOCK).numpy().astype(np.uint8)  # 0..15, zero point 8
-    return np.concatenate([_scale_bytes(weight, rows), _low_nibbles(codes)], axis=-1).reshape(rows, -1)
+    return _rows(weight, _low_nibbles(_codes(weight, np.uint8)))  # 0..15, zero point 8
 
 
 BLOCK_TYPES = {"Q8_0": BlockType("Q8_0", "int8", _q8_0), "Q5_0": BlockType("Q5_0", "int5", _q5_0),
