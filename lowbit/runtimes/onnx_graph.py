@@ -3,6 +3,12 @@
 The graph builders of lowbit.runtimes (one file per model family) describe a model with it, op
 by op, on ONNX Runtime's fused CPU kernels (the `com.microsoft` domain); `model()` gives the
 checked ONNX model.
+
+A stored tensor goes into the graph with the bytes lowbit's tensor file holds, so that a folder
+can keep it once (lowbit.runtimes.onnx_shared): where a kernel wants another layout, small nodes
+(`joined`, `transposed`, `unsigned`) make it from those bytes, and ONNX Runtime folds them into
+one tensor when it opens the session. `fold_constants` does the same for code that reads the
+graph's weights (lowbit.runtimes.onnx_large_inputs).
 """
 
 from __future__ import annotations
@@ -40,6 +46,21 @@ class Graph:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def joined(self, hint: str, arrays: list[np.ndarray]) -> str:
+        """One tensor: `arrays` concatenated along their first axis (a Concat node over one constant
+        each, where there are several: the rows of Linears stacked into one matmul)."""
+        names = [self.constant(hint, array) for array in arrays]
+        return names[0] if len(names) == 1 else self.node("Concat", names, hint, axis=0)
+
+    def transposed(self, value: str) -> str:
+        """The matrix `value` transposed (a Linear's (out, in) weight as the (in, out) a MatMul takes)."""
+        return self.node("Transpose", [value], "transposed", perm=[1, 0])
+
+    def unsigned(self, value: str) -> str:
+        """int8 codes `value` as uint8 codes with zero point 128 (each +128: the sign bit flipped)."""
+        as_bytes = self.node("Cast", [value], "as_uint8", to=2)  # TensorProto.UINT8; modular, as C's cast
+        return self.node("BitwiseXor", [as_bytes, self.constant("sign_bit", np.array(0x80, np.uint8))])
+
     def node(self, op: str, inputs: list[str], hint: str | None = None, outputs: int = 1,
              domain: str = "", **attributes: Any) -> Any:
         """Add one node; its output name (a list of names when `outputs` > 1). An empty input name
@@ -75,3 +96,30 @@ class Graph:
         model.ir_version = min(model.ir_version, 10)
         onnx.checker.check_model(model)
         return model
+
+
+FOLDED_OPS = {"Concat", "Transpose", "Cast", "BitwiseXor", "Reshape"}  # what `Graph` adds before a kernel
+
+
+def fold_constants(model: Any) -> Any:
+    """`model` (a ModelProto, changed in place and returned) with every node of FOLDED_OPS whose
+    inputs are all stored tensors replaced by the tensor it computes, as ONNX Runtime's optimizer
+    does when it opens a session."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    stored = {tensor.name: tensor for tensor in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type not in FOLDED_OPS or not all(name in stored for name in node.input):
+            kept.append(node)
+            continue
+        feeds = {name: numpy_helper.to_array(stored[name]) for name in node.input}
+        for name, value in zip(node.output, ReferenceEvaluator(node).run(None, feeds), strict=True):
+            stored[name] = numpy_helper.from_array(np.asarray(value), name)
+    used = {name for node in kept for name in node.input} | {value.name for value in graph.output}
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(tensor for name, tensor in stored.items() if name in used)
+    return model

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.runtimes.onnx_graph import MICROSOFT
+from lowbit.runtimes.onnx_graph import MICROSOFT, fold_constants
 from lowbit.runtimes.onnx_torch import has_vnni
 
 
@@ -87,7 +87,7 @@ def int8_graph(data: bytes) -> bytes | None:
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load_model_from_string(data)
+    model = fold_constants(onnx.load_model_from_string(data))  # weights as MatMulNBits takes them
     graph = model.graph
     matmuls = [node for node in graph.node if node.op_type == "MatMulNBits"]
     if not has_vnni() or not matmuls or not all(map(_int8_activations, matmuls)):

@@ -4,12 +4,17 @@ Whatever algorithm rounded a weight, its integers go into the graph unchanged:
 
 - `matmul_nbits`: `com.microsoft.MatMulNBits`, 4 or 8 bits in blocks along the input dimension.
   int4 groups map one to one (lowbit packs two values per byte, low nibble first, as MatMulNBits
-  does). int8 per-channel weights become unsigned codes (+128, zero point 128) with the channel's
-  scale repeated over blocks. `accuracy_level` 0 computes in float32 from the dequantized weight
-  (equal to lowbit's reference); 4 quantizes activations to int8 per block, as llama.cpp does.
+  does). int8 weights become unsigned codes (+128, zero point 128; a node flips the sign bit of
+  lowbit's own bytes), per-channel scales repeated over blocks. `accuracy_level` 0 computes in
+  float32 from the dequantized weight (equal to lowbit's reference); 4 quantizes activations to
+  int8 per block, as llama.cpp does.
 - `dynamic_quantize_matmul`: `com.microsoft.DynamicQuantizeMatMul`, symmetric int8 weights and
   activations quantized to uint8 per tensor at run time (lowbit's `w8a8-dynamic`).
 - `float`: MatMul on the dequantized weight, for what neither expresses.
+
+Each weight enters the graph as the bytes lowbit stores (a Linear's (out, in) matrix, a stacked
+projection's parts one by one), with small nodes that ONNX Runtime folds when it opens the session
+(lowbit.runtimes.onnx_graph), so a folder keeps its weights once (lowbit.runtimes.onnx_shared).
 
 Embeddings gather quantized rows with `com.microsoft.GatherBlockQuantized`, so the table stays
 small in the file and in memory.
@@ -99,8 +104,9 @@ def emit_linear(graph: Graph, module: nn.Module, x: str, name: str, op: str | No
 
 
 def _bias(graph: Graph, module: nn.Module) -> str:
-    bias = getattr(module, "bias", None)
-    return "" if bias is None else graph.constant("bias", bias.detach().float().numpy())
+    if getattr(module, "bias", None) is None:
+        return ""
+    return graph.joined("bias", [part.bias.detach().float().numpy() for part in parts(module)])
 
 
 def _whole_group_block(module: nn.Module) -> int | None:
@@ -125,7 +131,8 @@ NbitsWeights = tuple[np.ndarray, np.ndarray, np.ndarray, int, int]
 
 def nbits_weights(module: nn.Module, max_block: int | None = None) -> NbitsWeights:
     """(codes, scales, zero points, bits, block size) of a QLinear or QEmbedding as MatMulNBits
-    and GatherBlockQuantized store them: codes (rows, blocks, block bytes), one float32 scale
+    and GatherBlockQuantized store them (but int8 codes signed, as lowbit stores them: see
+    `stored_codes`): codes (rows, blocks, block bytes), one float32 scale
     and one zero point per block of each row. With `max_block`, blocks are at most that long: an
     int4 group splits into blocks that repeat its scale and zero point (the same weights; at
     accuracy level 4, MatMulNBits quantizes activations per block, so smaller is more exact)."""
@@ -148,7 +155,7 @@ def nbits_weights(module: nn.Module, max_block: int | None = None) -> NbitsWeigh
     if spec.weight != "int8" or not spec.symmetric or block not in GROUP_BLOCKS:
         raise ExportError(f"{spec.weight} {spec.granularity} weights of width {width} have no block layout")
     blocks = width // block
-    codes = (module.weight.numpy().astype(np.int16) + 128).astype(np.uint8).reshape(rows, blocks, block)
+    codes = module.weight.numpy().reshape(rows, blocks, block)  # int8: `Graph.unsigned` makes them uint8
     scale = module.weight_scale.float().numpy()
     if grouped:  # one scale per group of each row, repeated over the blocks a group splits into
         scales = np.repeat(scale.reshape(rows, -1), blocks // scale.reshape(rows, -1).shape[1], axis=1)
@@ -163,30 +170,57 @@ def _group_block(group: int, max_block: int | None) -> int:
     return max_block if max_block and group > max_block and group % max_block == 0 else group
 
 
+def parts(module: nn.Module) -> list[nn.Module]:
+    """The Linears a stacked module was made of (`stacked`), or the module itself."""
+    return getattr(module, "stacked_parts", None) or [module]
+
+
+def stored_codes(graph: Graph, codes: list[np.ndarray]) -> str:
+    """Block codes (the parts of a stacked module) as MatMulNBits and GatherBlockQuantized take
+    them: uint8, signed int8 codes shifted by 128 by a node on lowbit's own bytes."""
+    joined = graph.joined("weight", codes)
+    return graph.unsigned(joined) if codes[0].dtype == np.int8 else joined
+
+
 @LINEAR_OPS.register("matmul_nbits")
 def matmul_nbits(graph: Graph, module: nn.Module, x: str, accuracy_level: int) -> str:
-    codes, scales, zero_points, bits, block = nbits_weights(module, graph.max_block)
-    inputs = [x, graph.constant("weight", codes), graph.constant("scales", scales.reshape(-1)),
-              graph.constant("zero_points", zero_points.reshape(-1)), "", _bias(graph, module)]
+    weights = [nbits_weights(part, graph.max_block) for part in parts(module)]
+    _, _, _, bits, block = weights[0]
+    inputs = [x, stored_codes(graph, [codes for codes, *_ in weights]),
+              graph.joined("scales", [scales.reshape(-1) for _, scales, *_ in weights]),
+              graph.joined("zero_points", [zero_points.reshape(-1) for _, _, zero_points, *_ in weights]),
+              "", _bias(graph, module)]
     return graph.node("MatMulNBits", inputs if inputs[-1] else inputs[:4], domain=MICROSOFT,
                       K=module.in_features, N=module.out_features, bits=bits, block_size=block,
                       accuracy_level=accuracy_level)
 
 
+def _channel_scales(module: nn.Module) -> np.ndarray:
+    """One float32 scale per output of an int8 per-channel (or per-tensor) Linear."""
+    scale = module.weight_scale.float().numpy().reshape(-1)
+    return np.ascontiguousarray(np.broadcast_to(scale, (module.out_features,)), dtype=np.float32)
+
+
+def _int8_weight(graph: Graph, module: nn.Module) -> str:
+    """The (in, out) int8 matrix DynamicQuantizeMatMul and QAttention take, from lowbit's (out, in)."""
+    return graph.transposed(graph.joined("weight", [part.weight.numpy() for part in parts(module)]))
+
+
 @LINEAR_OPS.register("dynamic_quantize_matmul")
 def dynamic_quantize_matmul(graph: Graph, module: nn.Module, x: str, _: int) -> str:
-    weight = module.weight.numpy()  # int8 (out, in), symmetric
-    scale = np.broadcast_to(module.weight_scale.float().numpy().reshape(-1), (module.out_features,))
-    inputs = [x, graph.constant("weight", np.ascontiguousarray(weight.T)),
-              graph.constant("scale", np.ascontiguousarray(scale, dtype=np.float32)),
+    scales = graph.joined("scale", [_channel_scales(part) for part in parts(module)])
+    inputs = [x, _int8_weight(graph, module), scales,
               graph.constant("zero_point", np.zeros(module.out_features, np.int8)), _bias(graph, module)]
     return graph.node("DynamicQuantizeMatMul", inputs if inputs[-1] else inputs[:4], domain=MICROSOFT)
 
 
 @LINEAR_OPS.register("float")
 def float_matmul(graph: Graph, module: nn.Module, x: str, _: int) -> str:
-    weight = module.dequantized_weight() if hasattr(module, "dequantized_weight") else module.weight
-    product = graph.node("MatMul", [x, graph.constant("weight", weight.detach().float().numpy().T.copy())])
+    def matrix(part: nn.Module) -> np.ndarray:
+        weight = part.dequantized_weight() if hasattr(part, "dequantized_weight") else part.weight
+        return weight.detach().float().numpy()
+    weight = graph.transposed(graph.joined("weight", [matrix(part) for part in parts(module)]))
+    product = graph.node("MatMul", [x, weight])
     bias = _bias(graph, module)
     return graph.node("Add", [product, bias]) if bias else product
 
@@ -200,11 +234,9 @@ def emit_quantized_attention(graph: Graph, module: nn.Module, x: str, mask: str,
     90 against 130 µs per layer here)."""
     quantized, scale, zero_point = graph.node("DynamicQuantizeLinear", [x], outputs=3)
     rows = module.out_features
-    weight_scale = np.broadcast_to(module.weight_scale.float().numpy().reshape(-1), (rows,))
-    bias = module.bias.detach().float().numpy() if module.bias is not None else np.zeros(rows, np.float32)
-    inputs = [quantized, graph.constant("weight", np.ascontiguousarray(module.weight.numpy().T)),
-              graph.constant("bias", bias), scale,
-              graph.constant("scale", np.ascontiguousarray(weight_scale, dtype=np.float32)), mask, zero_point,
+    bias = _bias(graph, module) or graph.constant("bias", np.zeros(rows, np.float32))
+    inputs = [quantized, _int8_weight(graph, module), bias, scale,
+              graph.joined("scale", [_channel_scales(part) for part in parts(module)]), mask, zero_point,
               graph.constant("zero_point", np.zeros(rows, np.int8))]
     return graph.node("QAttention", inputs, domain=MICROSOFT, num_heads=heads)
 
@@ -221,7 +253,7 @@ def emit_embedding(graph: Graph, module: nn.Module, indices: str, name: str) -> 
         if codes is not None:
             rows = module.num_embeddings
             return graph.node("GatherBlockQuantized", [
-                graph.constant("table", codes.reshape(rows, -1)), indices,
+                stored_codes(graph, [codes.reshape(rows, -1)]), indices,
                 graph.constant("table_scales", scales.astype(np.float32)),
                 graph.constant("table_zero_points", zero_points.reshape(rows, -1))],
                 domain=MICROSOFT, bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
@@ -244,6 +276,7 @@ def stacked(modules: list[nn.Module]) -> nn.Module:
     with torch.no_grad():
         for name, tensor in joined.state_dict().items():
             tensor.copy_(torch.cat([module.state_dict()[name] for module in modules]))
+    joined.stacked_parts = list(modules)  # the graph stores each part's own tensors (`parts`)
     return joined
 
 
