@@ -214,8 +214,8 @@ def quantize(
     probability_tolerance: Annotated[float, typer.Option(callback=_fraction,
         help="scikit-learn: largest allowed change of a predicted probability on --data.")] = 0.01,
     runtime: Annotated[str, typer.Option(callback=_one_of("torch", "onnxruntime", "auto"),
-        help="What runs the saved model: torch (PyTorch eager), onnxruntime (the folder also holds "
-        "model.onnx), or auto (both timed here, the faster kept; lowbit.json says why).")] = "torch",
+        help="What runs the saved model: auto (both timed here, the faster kept; lowbit.json says "
+        "why), torch (PyTorch eager), or onnxruntime (the folder also holds model.onnx).")] = "auto",
     accuracy_level: Annotated[int, typer.Option(min=0, max=4,
         help="onnxruntime: 0 computes in float32 from lowbit's dequantized weights (equal to lowbit's "
         "reference); 4 quantizes activations to int8 per block (faster, slightly less exact).")] = 0,

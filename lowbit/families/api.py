@@ -42,16 +42,17 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
                               trust_pickle, trust_code)
 
 
-def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "eager",
+def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "auto",
          accuracy_level: int = 0, activation_block: int | None = None) -> Path:
     """Save a quantized torch model as a lowbit folder: atomic, checksummed, no pickle. (A
     quantized scikit-learn model saves itself: `QuantizedEstimator.save(path)`.)
 
-    `runtime` is what `lowbit.load` will run: "eager" (PyTorch), "onnxruntime" (the folder also
-    holds model.onnx, which plain ONNX Runtime runs without lowbit or torch) or "auto" (both
-    timed here, the faster kept and lowbit.json says why; a model that cannot be exported stays
-    in PyTorch). For ONNX Runtime, `accuracy_level` 4 quantizes activations to int8 per
-    MatMulNBits block, and `activation_block` (16, 32, 64, 128) caps that block."""
+    `runtime` is what `lowbit.load` will run: "auto" (the default: both timed here, the faster
+    kept and lowbit.json says why; a model that cannot be exported stays in PyTorch), "eager"
+    or "torch" (PyTorch), or "onnxruntime" (the folder also holds model.onnx, which plain ONNX
+    Runtime runs without lowbit or torch, its weights kept once in lowbit's tensor file). For
+    ONNX Runtime, `accuracy_level` 4 quantizes activations to int8 per MatMulNBits block, and
+    `activation_block` (16, 32, 64, 128) caps that block."""
     return save_torch(model, path, overwrite, runtime, accuracy_level, activation_block)
 
 

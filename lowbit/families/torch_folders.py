@@ -21,8 +21,9 @@ from lowbit.families.registry import TORCH_KINDS, TorchKind, torch_kind_of
 from lowbit.families.runtime_choice import RuntimeChoice, choose_runtime, plan_large_inputs
 from lowbit.families.sources import build_from_factory, load_source
 from lowbit.formats import MANIFEST, read_folder, write_folder
-from lowbit.formats.lowbit_format import read_manifest, verified_bytes
+from lowbit.formats.lowbit_format import read_manifest, tensor_regions, verified_bytes
 from lowbit.runtimes import RUNTIMES
+from lowbit.runtimes.onnx_shared import StoredBytes, share_stored
 from lowbit.runtimes.onnxruntime import ONNX_FILE, layer_ops
 from lowbit.runtimes.onnxruntime import export as onnx_export
 from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules
@@ -80,16 +81,16 @@ def _graph_for(model: nn.Module, runtime: str, accuracy_level: int,
     return RuntimeChoice(runtime, graph, {}, plan_large_inputs(model, graph))
 
 
-def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "eager",
+def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, runtime: str = "auto",
          accuracy_level: int = 0, activation_block: int | None = None) -> Path:
     """Save a (quantized) model as a lowbit folder: atomic, checksummed, no pickle.
 
     A transformers model gets its config.json (with a quantization_config entry) and tokenizer
     files too, so `lowbit.load(path)` alone rebuilds it. `runtime` is what `lowbit.load` runs:
-    "eager" (or "torch"), "onnxruntime" (the folder also holds model.onnx, see
+    "auto" (both timed here, the faster kept; lowbit.json records why), "eager" (or "torch"), or
+    "onnxruntime" (the folder also holds model.onnx, its weights kept in the tensor file, see
     lowbit.runtimes.onnxruntime; `accuracy_level` 4 quantizes activations to int8 per block, of
-    at most `activation_block` inputs when given), or
-    "auto" (both timed here, the faster kept; lowbit.json records why).
+    at most `activation_block` inputs when given).
     """
     if not isinstance(model, nn.Module):
         raise LowbitError(f"lowbit.save expects a torch.nn.Module, got {type(model).__name__}")
@@ -107,8 +108,10 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, run
     def write_extra(staging: Path) -> None:
         if write_files is not None:
             write_files(staging)
-        if graph is not None:
-            (staging / ONNX_FILE).write_bytes(graph)
+        if graph is not None:  # its weights kept once, in the tensor file written before it
+            regions = [StoredBytes(*region) for region in tensor_regions(staging)]
+            shared = share_stored(graph, regions, lambda name: (staging / name).read_bytes())
+            (staging / ONNX_FILE).write_bytes(shared)
     return write_folder(path, model.state_dict(), manifest, write_extra, overwrite)
 
 

@@ -8,6 +8,8 @@
                          when large); a name transformers never loads on its own
       config.json, ...   files a family writes beside the tensors (a transformers config,
                          tokenizer files), each checksummed like the tensors
+      model.onnx         for the onnxruntime runtime: the graph, its weights kept in the tensor
+                         file (ONNX external data; lowbit.runtimes.onnx_shared)
 
 No pickle anywhere. `read_folder` checks the manifest's schema, that every file it names is a
 regular file inside the folder, and every file's size and sha256, before any tensor reaches a
@@ -64,6 +66,21 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 
 TENSOR_FILE = "model.lowbit.safetensors"  # not model.safetensors: see lowbit.families.hf_quantizer
+
+
+def tensor_regions(folder: Path) -> list[tuple[str, int, int]]:
+    """(file, offset, length) of every tensor's bytes in the tensor files of `folder`. A
+    safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's
+    `data_offsets` (from the end of the header), then the data."""
+    regions = []
+    for file in sorted(folder.glob("model.lowbit*.safetensors")):
+        with file.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        regions += [(file.name, 8 + size + entry["data_offsets"][0],
+                     entry["data_offsets"][1] - entry["data_offsets"][0])
+                    for name, entry in header.items() if name != "__metadata__"]
+    return regions
 
 
 def _shard_names(count: int) -> list[str]:

@@ -36,6 +36,7 @@ from lowbit.runtimes.onnx_session import (
     require_onnxruntime,
     session,
 )
+from lowbit.runtimes.onnx_shared import inline_stored
 from lowbit.runtimes.onnx_torch import build_torch, for_this_cpu
 
 ONNX_FILE = "model.onnx"
@@ -89,13 +90,14 @@ def export(model: nn.Module, ops: dict[str, str] | None = None, accuracy_level: 
 
 def materialize(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
                 folder: Path, read: Callable[[str], bytes]) -> nn.Module:
-    """The folder's model.onnx in a session (lowbit's tensors stay in the folder for the eager
-    runtime; this one does not need them)."""
+    """The folder's model.onnx in a session, its weights read from the folder's checked tensor
+    file (lowbit.runtimes.onnx_shared)."""
     entry = manifest.get("onnx")
     if entry is None:
         raise FormatError(f"{folder} records the onnxruntime runtime but no ONNX graph")
-    data = read(entry["file"])
-    check_graph(data, f"{folder}/{entry['file']}")
+    where = f"{folder}/{entry['file']}"
+    data = inline_stored(read(entry["file"]), read, where)
+    check_graph(data, where)
     return open_model(for_this_cpu(data), getattr(skeleton, "config", None),
                       large_inputs_above=entry.get("large_inputs_above"))
 
