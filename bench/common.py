@@ -90,8 +90,14 @@ def interleaved_p50(calls: dict[str, Callable[[], object]], runs: int, block: in
 
 
 def onnx_bytes(path: Path) -> int:
-    """An ONNX model's bytes on disk, its external-data file included."""
-    return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name))
+    """An ONNX model's bytes on disk with the external-data files it reads (a peer's
+    model.onnx.data, a lowbit folder's tensor file)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = {path} | {path.parent / entry.value for tensor in model.graph.initializer
+                      for entry in tensor.external_data if entry.key == "location"}
+    return sum(file.stat().st_size for file in files)
 
 
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:

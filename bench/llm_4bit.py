@@ -1,11 +1,11 @@
-"""4-bit SmolLM2-135M: lowbit's algorithms (round-to-nearest, GPTQ) against llama.cpp's quantizer,
+"""4-bit SmolLM2-135M: lowbit's algorithms (round-to-nearest, GPTQ, AWQ) against llama.cpp's quantizer,
 side by side on the same tokens.
 
 Measures perplexity over the first --tokens tokens of the Wikipedia corpus (sliding windows of
 512, stride 256, each token scored once), the saved file's size, the quantize time, and the peak
 RSS while quantizing (Linux's high-water mark, reset before each; the float model already loaded
 is the baseline).
-GPTQ calibrates on --calibration sequences of 512 tokens from the end of the corpus, which the
+GPTQ and AWQ calibrate on --calibration sequences of 512 tokens from the end of the corpus, which the
 scored tokens never reach. lowbit rows keep the tied embedding and LM head at int8 per row (as
 llama.cpp keeps its output tensor above 4 bits); "int4 head" rows quantize it like the blocks.
 llama.cpp rows (Q4_0, Q4_K_M) appear when llama-cpp-python is installed (`make bench-llamacpp`).
@@ -43,6 +43,7 @@ RECIPES = {
     "lowbit RTN g64, int4 head": lowbit.make_recipe("w4-g64"),
     "lowbit RTN g64": lowbit.make_recipe("w4-g64", overrides=HEAD_INT8),
     "lowbit GPTQ g64": lowbit.make_recipe("w4-gptq", overrides=HEAD_INT8),
+    "lowbit AWQ g64": lowbit.make_recipe("w4-awq", overrides=HEAD_INT8),
 }
 
 

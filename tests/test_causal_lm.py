@@ -27,7 +27,7 @@ def llama_folder(tmp_path_factory, minilm):
 
 def test_causal_lm_reloads_bit_identical_from_its_folder(llama_folder, tmp_path):
     quantized = lowbit.quantize(hf.load_pretrained(llama_folder), "w8a8-dynamic")
-    reloaded = lowbit.load(lowbit.save(quantized, tmp_path / "q"))
+    reloaded = lowbit.load(lowbit.save(quantized, tmp_path / "q", runtime="torch"))
     ids = torch.randint(0, 1000, (2, 17))
     with torch.inference_mode():
         assert torch.equal(quantized(ids).logits, reloaded(ids).logits)
@@ -38,7 +38,7 @@ def test_tied_embedding_and_head_share_one_quantized_copy(llama_folder, tmp_path
     quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, progress=False)
     embedding, head = quantized.model.embed_tokens, quantized.lm_head
     assert head.weight is embedding.weight and head.weight_scale is embedding.weight_scale
-    folder = lowbit.save(quantized, tmp_path / "tied")
+    folder = lowbit.save(quantized, tmp_path / "tied", runtime="torch")
     aliases = read_manifest(folder)["aliases"]
     assert {"lm_head.weight", "model.embed_tokens.weight"} & set(aliases)
     reloaded = lowbit.load(folder)

@@ -21,7 +21,8 @@ SENTENCES = ["The cat sat on the mat.", "Quantization makes models smaller and f
 @pytest.fixture(scope="module")
 def folder(minilm, tmp_path_factory):
     model, _, _ = minilm
-    return lowbit.save(lowbit.quantize(model, "w8a8-dynamic"), tmp_path_factory.mktemp("eco") / "minilm-w8a8")
+    return lowbit.save(lowbit.quantize(model, "w8a8-dynamic"), tmp_path_factory.mktemp("eco") / "minilm-w8a8",
+                       runtime="torch")
 
 
 def test_automodel_returns_the_model_lowbit_load_returns(folder):
@@ -107,7 +108,8 @@ def test_causal_lm_with_tied_embeddings_loads_through_automodelforcausallm(tmp_p
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    folder = lowbit.save(lowbit.quantize(LlamaForCausalLM(config).eval(), recipe), tmp_path / "lm")
+    folder = lowbit.save(lowbit.quantize(LlamaForCausalLM(config).eval(), recipe), tmp_path / "lm",
+                         runtime="torch")
     tokens = torch.tensor([[1, 17, 42, 99, 3]])
     with torch.inference_mode():
         expected = lowbit.load(folder)(tokens).logits
@@ -126,7 +128,8 @@ def test_tied_float_embeddings_stay_tied_through_transformers(tmp_path):
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     recipe = lowbit.Recipe(**{**lowbit.PRESETS["w8"], "embeddings": False, "skip": ("lm_head",)})
-    folder = lowbit.save(lowbit.quantize(LlamaForCausalLM(config).eval(), recipe), tmp_path / "lm")
+    folder = lowbit.save(lowbit.quantize(LlamaForCausalLM(config).eval(), recipe), tmp_path / "lm",
+                         runtime="torch")
     tokens = torch.tensor([[1, 17, 42, 99, 3]])
     with torch.inference_mode():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(folder)(tokens).logits,

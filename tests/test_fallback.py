@@ -15,7 +15,7 @@ from tests.fixtures_models import tiny_mlp
 def minilm_w8a8(minilm, tmp_path_factory):
     model, _, path = minilm
     folder = tmp_path_factory.mktemp("fallback") / "w8a8"
-    lowbit.save(lowbit.quantize(model, "w8a8-dynamic", progress=False), folder)
+    lowbit.save(lowbit.quantize(model, "w8a8-dynamic", progress=False), folder, runtime="torch")
     return folder, path
 
 

@@ -29,7 +29,8 @@ def saved(minilm, tmp_path_factory):
     folders = {}
     for name, recipe in {"w8a8-dynamic": "w8a8-dynamic", "w4": "w4", "w4-g32": "w4-g32"}.items():
         quantized = lowbit.quantize(model, recipe)
-        folders[name] = (quantized, lowbit.save(quantized, tmp_path_factory.mktemp("q") / name))
+        folder = lowbit.save(quantized, tmp_path_factory.mktemp("q") / name, runtime="torch")
+        folders[name] = (quantized, folder)
     return folders
 
 

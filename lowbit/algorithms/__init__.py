@@ -2,7 +2,7 @@
 one registry keyed by `Recipe.algorithm` (a new algorithm adds a file that registers itself).
 
 An algorithm rounds `(weight, spec)` to a QuantizedTensor on the spec's grid; one that
-`needs_hessian` (GPTQ) also takes the Hessian of the layer's calibration inputs, which the model
+`needs_hessian` (GPTQ, AWQ) also takes the Hessian of the layer's calibration inputs, which the model
 walk gathers block by block (lowbit.transform.sequential). The walk (lowbit.transform.quantize)
 hands the result to the quantized module, which stores it.
 """
@@ -10,18 +10,24 @@ hands the result to the quantized module, which stores it.
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from lowbit.core import QuantizedTensor
 from lowbit.registry import Registry
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """`round(weight, spec)`, or `round(weight, spec, hessian)` when `needs_hessian`."""
+    """`round(weight, spec)`, or `round(weight, spec, hessian)` when `needs_hessian`. One that
+    `scales_inputs` (AWQ) first gives, for the Linears reading one tensor, factors by which their
+    weight columns are multiplied and the tensor divided (`scales_inputs(weights, hessian, spec)`;
+    lowbit.transform.awq folds them into the model)."""
 
     round: Callable[..., QuantizedTensor]
     needs_hessian: bool = False
+    scales_inputs: Callable[..., torch.Tensor] | None = None
 
 
 ALGORITHMS: Registry[Algorithm] = Registry("weight-rounding algorithm")
 
-from lowbit.algorithms import gptq, rtn  # noqa: E402,F401 - they register themselves
+from lowbit.algorithms import awq, gptq, rtn  # noqa: E402,F401 - they register themselves

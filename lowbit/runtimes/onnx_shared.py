@@ -107,6 +107,6 @@ def inline_stored(graph: bytes, read: Callable[[str], bytes], where: str) -> byt
         data = files[location]
         offset, length = _region(tensor, len(data), where)
         tensor.raw_data = data[offset:offset + length]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.ClearField("data_location")
         del tensor.external_data[:]
     return model.SerializeToString()

@@ -23,6 +23,7 @@ from lowbit.nn.qweight import round_to_nearest
 from lowbit.nn.registry import qmodule_for
 from lowbit.nn.rounding import attach_roundings
 from lowbit.progress import progress_bar
+from lowbit.transform.awq import scale_block
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.fold import (
     Links,
@@ -33,8 +34,8 @@ from lowbit.transform.fold import (
     trace_links,
 )
 from lowbit.transform.recipe import Recipe, make_recipe
-from lowbit.transform.sequential import quantize_blocks
-from lowbit.transform.smooth import smooth
+from lowbit.transform.sequential import BeforeRounding, quantize_blocks
+from lowbit.transform.smooth import smooth, smoothing_pairs
 
 RECIPE_ATTRIBUTE = "lowbit_recipe"
 
@@ -206,6 +207,23 @@ def _static_ranges(model, specs, recipe, calibration, progress) -> tuple[dict[st
     return calibration.ranges(recipe.calibrator, static, **options), calibration.sources
 
 
+def _input_scaling(target: nn.Module, specs: dict[str, LayerSpec], recipe: Recipe) -> BeforeRounding | None:
+    """AWQ's per-block scaling (lowbit.transform.awq) when the recipe's algorithm scales inputs."""
+    search = ALGORITHMS.get(recipe.algorithm).scales_inputs
+    if search is None:
+        return None
+    if not smoothing_pairs(target):
+        warnings.warn(f"{recipe.algorithm} scales the inputs of Llama-style decoders' Linears (norm → "
+                      f"projections); {type(target).__name__} has none, so only its clipping search applies",
+                      LowbitWarning, stacklevel=4)
+        return None
+
+    def before_rounding(block: str, hessians: dict[str, torch.Tensor],
+                        run: Callable[[], torch.Tensor]) -> None:
+        scale_block(target, block, hessians, specs, search, run)
+    return before_rounding
+
+
 def _quantize_with_inputs(target: nn.Module, specs: dict[str, LayerSpec], recipe: Recipe,
                           calibration: Any, build: Callable[..., nn.Module], progress: bool) -> list[str]:
     """Quantize, block by block (lowbit.transform.sequential), the modules whose algorithm rounds
@@ -217,7 +235,8 @@ def _quantize_with_inputs(target: nn.Module, specs: dict[str, LayerSpec], recipe
         raise QuantizationError("GPTQ rounds each layer against its calibration inputs: pass calibration="
                                 "[batch, ...] (CLI: --calibration FILE); a CalibrationResult holds only "
                                 "activation ranges")
-    outside = quantize_blocks(target, needing, calibration, build, progress)
+    scaling = _input_scaling(target, specs, recipe)
+    outside = quantize_blocks(target, needing, calibration, build, progress, scaling)
     done = set(needing) - set(outside)
     return [name for name in specs if name not in done]
 
@@ -293,7 +312,7 @@ def _copy_for_quantizing(model: nn.Module, names: list[str], recipe: Recipe) -> 
     weights). Nothing writes those tensors; quantizing reads them. SmoothQuant and batch-norm
     folding change weights in place before they are replaced, so with either the copy is full."""
     folds = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
-    if recipe.smoothing is not None or folds:
+    if recipe.smoothing is not None or folds or ALGORITHMS.get(recipe.algorithm).scales_inputs is not None:
         return copy.deepcopy(model)
     weights = [getattr(model.get_submodule(name), "weight", None) for name in names]
     shared = {id(weight): weight for weight in weights if isinstance(weight, torch.Tensor)}

@@ -127,6 +127,10 @@ PRESETS: dict[str, dict] = {
     # sizes than 128 (SmolLM2's 576 among them)
     "w4-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",
                 "symmetric": False, "algorithm": "gptq"},
+    # AWQ (lowbit.algorithms.awq): activation-aware scaling folded into the model, then rounding
+    # to nearest; calibration text as for GPTQ
+    "w4-awq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",
+               "symmetric": False, "algorithm": "awq"},
     # llama.cpp's block types (lowbit export --format gguf): groups of 32 with float16 scales; the
     # LM head and embedding table stay 8-bit, as llama.cpp keeps its output tensor above 4 bits
     "q8_0": {"scheme": "weight_only", "weights": "int8", "granularity": "group:32", "scale_dtype": "float16"},

@@ -85,6 +85,13 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _first_output(block: nn.Module, call: tuple[tuple, dict]) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return _hidden(block(*call[0], **call[1]))
+    return run
+
+
 def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
     args, kwargs = call
     if args:
@@ -141,8 +148,13 @@ def _warn_if_short(counts: dict[str, int], modules: dict[str, nn.Module]) -> Non
                       stacklevel=4)
 
 
+# (block name, its Linears' Hessians, a call giving the block's output on its first input): may
+# change the float block and its Hessians before anything in it is rounded (AWQ's scaling)
+BeforeRounding = Callable[[str, dict[str, torch.Tensor], Callable[[], torch.Tensor]], Any]
+
+
 def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], build: Build,
-                    progress: bool = True) -> list[str]:
+                    progress: bool = True, before_rounding: BeforeRounding | None = None) -> list[str]:
     """Replace the `names` inside the model's blocks, block by block, with `build(name, {"hessian":
     H})`; returns the names outside the blocks, left for the caller to round without inputs."""
     batches = list(batches or [])
@@ -166,6 +178,8 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
             gathered = hessians.remove()
             if index == 0:
                 _warn_if_short(hessians.counts, modules)
+            if before_rounding is not None:
+                before_rounding(f"{prefix}.{index}", gathered, _first_output(block, calls[0]))
             for name in inside:
                 try:
                     replacement = build(name, {"hessian": gathered.get(name)})

@@ -79,7 +79,7 @@ def smooth(model: nn.Module, batches: list[Any], alpha: float) -> list[Pair]:
     maxima = input_maxima(model, [name for _, readers in pairs for name in readers], batches)
     with torch.no_grad():
         for source, readers in pairs:
-            _scale(model, source, readers, maxima, alpha)
+            fold_scale(model, source, readers, _smoothing_scale(model, readers, maxima, alpha))
     after = _outputs(model, batches[0])
     error = float((after - before).norm() / before.norm().clamp(min=1e-12))
     if not error <= TOLERANCE:
@@ -88,12 +88,19 @@ def smooth(model: nn.Module, batches: list[Any], alpha: float) -> list[Pair]:
     return pairs
 
 
-def _scale(model: nn.Module, source: str, readers: list[str], maxima: dict[str, torch.Tensor],
-           alpha: float) -> None:
+def _smoothing_scale(model: nn.Module, readers: list[str], maxima: dict[str, torch.Tensor],
+                     alpha: float) -> torch.Tensor:
+    """s = max|x|^α / max|W|^(1-α) per input channel of `readers`."""
     linears = [model.get_submodule(name) for name in readers]
     activation = torch.stack([maxima[name] for name in readers]).amax(0)
     weight = torch.stack([linear.weight.detach().abs().amax(0).float() for linear in linears]).amax(0)
-    scale = (activation.clamp(min=1e-5) ** alpha / weight.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+    return (activation.clamp(min=1e-5) ** alpha / weight.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+
+
+def fold_scale(model: nn.Module, source: str, readers: list[str], scale: torch.Tensor) -> None:
+    """Divide `source`'s output channels by `scale` and multiply the columns of the Linears
+    `readers` by it: the same float model, its activations between them divided."""
+    linears = [model.get_submodule(name) for name in readers]
     scaled = model.get_submodule(source)
     if isinstance(scaled, nn.Linear):  # its output rows (and bias) divide
         scaled.weight.div_(scale[:, None].to(scaled.weight.dtype))

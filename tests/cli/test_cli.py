@@ -54,6 +54,7 @@ def test_quantize_inspect_and_load_a_factory_model(tmp_path, weights):
     result = lowbit("quantize", FACTORY, "--weights", weights, "--recipe", "w8a8-dynamic", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "quantized 2 modules" in result.stdout
+    assert "runtime: eager (no example input" in result.stdout  # auto, the default, says why
     listing = json.loads(lowbit("inspect", out, "--json").stdout)
     assert listing["modules"]["0"]["spec"]["weight"] == "int8"
     kernel = listing["modules"]["0"]["spec"]["kernels"]["1"]

@@ -26,7 +26,7 @@ def _optimized_ops(path, tmp_path):
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath)
+    optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     return collections.Counter(node.op_type for node in optimized.graph.node)
 
 

@@ -109,7 +109,7 @@ def test_static_grids_after_folding():
 def test_a_folded_model_saves_reloads_and_calibrates_alike(tmp_path):
     model = conv_net()
     quantized = lowbit.quantize(model, "w8a8-static", calibration=batches(), progress=False)
-    folder = lowbit.save(quantized, tmp_path / "m")
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="torch")
     manifest = json.loads((folder / "lowbit.json").read_text())
     assert manifest["folded"] == {"1": "0", "4": "3", "7": "6"}
     x = batches()[0]
@@ -129,7 +129,7 @@ def test_a_folded_record_the_model_lacks_is_refused(tmp_path):
     from tests.formats.attacker import edit_manifest
 
     quantized = lowbit.quantize(conv_net(), "w8a8-static", calibration=batches(), progress=False)
-    folder = lowbit.save(quantized, tmp_path / "m")
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="torch")
     edit_manifest(folder, lambda manifest: manifest["folded"].update({"2": "0"}))  # "2" is a ReLU6
     with pytest.raises(FormatError, match="no such pair"):
         lowbit.load(folder, skeleton=conv_net())
@@ -151,7 +151,7 @@ def test_a_residual_sum_read_by_a_convolution_is_rounded_once_on_its_grid(tmp_pa
         block_output = quantized[2](quantized[1](quantized[0](x)))
         steps = block_output / scale + zero_point
         assert torch.allclose(steps, steps.round(), atol=1e-3)  # the skip path reads the rounded sum too
-        folder = lowbit.save(quantized, tmp_path / "m")
+        folder = lowbit.save(quantized, tmp_path / "m", runtime="torch")
         assert torch.equal(lowbit.load(folder, skeleton=residual_net())(x), quantized(x))
 
 
@@ -162,7 +162,7 @@ def test_a_rounding_the_model_cannot_take_is_refused(tmp_path, roundings):
     from tests.formats.attacker import edit_manifest
 
     quantized = lowbit.quantize(residual_net(), "w8a8-static", calibration=residual_batches(), progress=False)
-    folder = lowbit.save(quantized, tmp_path / "m")
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="torch")
     edit_manifest(folder, lambda manifest: manifest.update(roundings=roundings))
     with pytest.raises(FormatError):
         lowbit.load(folder, skeleton=residual_net())

@@ -71,7 +71,7 @@ def test_a_smoothed_model_saves_and_loads_with_its_recipe(tmp_path):
     model, batches = _outlier_llama(), _batches()
     quantized = lowbit.quantize(model, lowbit.make_recipe("w8a8-dynamic", smoothing=0.5), calibration=batches,
                                 progress=False)
-    lowbit.save(quantized, tmp_path / "q")
+    lowbit.save(quantized, tmp_path / "q", runtime="torch")
     loaded = lowbit.load(tmp_path / "q")
     assert loaded.lowbit_recipe.smoothing == 0.5
     assert torch.equal(_logits(loaded, batches[0]), _logits(quantized, batches[0]))
