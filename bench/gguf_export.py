@@ -77,7 +77,8 @@ def lowbit_files(fp32, folder: Path, calibration, scratch: Path) -> dict[str, di
     files = {}
     for recipe in LOWBIT_RECIPES:
         start = time.perf_counter()
-        quantized = lowbit.quantize(fp32, recipe, calibration=calibration if "gptq" in recipe else None)
+        calibrated = lowbit.make_recipe(recipe).algorithm != "rtn"  # GPTQ and AWQ read calibration text
+        quantized = lowbit.quantize(fp32, recipe, calibration=calibration if calibrated else None)
         seconds = time.perf_counter() - start
         path = scratch / f"lowbit-{recipe}.gguf"
         lowbit.export_gguf(quantized, folder, path)

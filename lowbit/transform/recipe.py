@@ -131,6 +131,8 @@ PRESETS: dict[str, dict] = {
     # to nearest; calibration text as for GPTQ
     "w4-awq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",
                "symmetric": False, "algorithm": "awq"},
+    "w4-awq-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",
+                    "symmetric": False, "algorithm": "awq-gptq"},
     # llama.cpp's block types (lowbit export --format gguf): groups of 32 with float16 scales; the
     # LM head and embedding table stay 8-bit, as llama.cpp keeps its output tensor above 4 bits
     "q8_0": {"scheme": "weight_only", "weights": "int8", "granularity": "group:32", "scale_dtype": "float16"},
@@ -144,6 +146,9 @@ PRESETS: dict[str, dict] = {
     "q4_0-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32",
                   "scale_dtype": "float16", "algorithm": "gptq",
                   "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
+    "q4_0-awq-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32",
+                      "scale_dtype": "float16", "algorithm": "awq-gptq",
+                      "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
     "fp16": {"scheme": "weight_only", "weights": "fp16", "granularity": "per_tensor"},
     "bf16": {"scheme": "weight_only", "weights": "bf16", "granularity": "per_tensor"},
 }

@@ -45,6 +45,11 @@ def llama_folder(tmp_path_factory):
     return folder
 
 
+def _calibration(count=4):
+    generator = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 200, (2, 32), generator=generator)} for _ in range(count)]
+
+
 def _rotary_rows(rows: int, heads: int) -> np.ndarray:
     """llama.cpp's row order of a Q or K projection (see lowbit.formats.gguf_file)."""
     return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
@@ -60,9 +65,12 @@ def _read_back(path) -> dict[str, torch.Tensor]:
     return weights
 
 
-@pytest.mark.parametrize(("recipe", "block"), [("q4_0", "Q4_0"), ("q5_0", "Q5_0"), ("q8_0", "Q8_0")])
+@pytest.mark.parametrize(("recipe", "block"), [("q4_0", "Q4_0"), ("q5_0", "Q5_0"), ("q8_0", "Q8_0"),
+                                              ("q4_0-awq-gptq", "Q4_0")])
 def test_the_file_holds_exactly_lowbits_dequantized_weights(llama_folder, tmp_path, recipe, block):
-    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, progress=False)
+    calibration = _calibration() if "gptq" in recipe else None
+    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, calibration=calibration,
+                                progress=False)
     path = tmp_path / "model.gguf"
     export_gguf(quantized, llama_folder, path)
     weights = _read_back(path)
@@ -107,10 +115,16 @@ def test_the_metadata_and_tokenizer_are_llamas(llama_folder, tmp_path):
     assert len(value["tokenizer.ggml.merges"]) > 0 and value["tokenizer.ggml.eos_token_id"] == 0
 
 
-@pytest.mark.parametrize("recipe", ["q8_0", "q5_0"])
+# q5_0 with AWQ: its scales folded into the norms and up_proj's rows must reach llama.cpp too
+@pytest.mark.parametrize("recipe", ["q8_0", "q5_0", {"preset": "q5_0", "algorithm": "awq"}],
+                         ids=["q8_0", "q5_0", "q5_0-awq"])
 def test_llama_cpp_loads_the_file_and_computes_lowbits_logits(llama_folder, tmp_path, recipe):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is built by `make bench-llamacpp`")
-    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, progress=False)
+    if isinstance(recipe, dict):
+        recipe = lowbit.make_recipe(recipe["preset"], algorithm=recipe["algorithm"])
+    calibration = _calibration() if isinstance(recipe, lowbit.Recipe) else None
+    quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, calibration=calibration,
+                                progress=False)
     path = tmp_path / "model.gguf"
     export_gguf(quantized, llama_folder, path)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
