@@ -42,14 +42,12 @@ def test_awq_folds_its_scales_into_a_llama_and_beats_round_to_nearest():
     test = _calibration(1, seed=1)[0]
     with torch.inference_mode():
         expected = model(**test).logits
-        errors = {}
-        for recipe in ("w4-g64", "w4-awq"):
-            quantized = lowbit.quantize(model, recipe, calibration=_calibration(), progress=False)
-            errors[recipe] = float(((quantized(**test).logits - expected) ** 2).mean())
+        quantized = {recipe: lowbit.quantize(model, recipe, calibration=_calibration(), progress=False)
+                     for recipe in ("w4-g64", "w4-awq")}
+        errors = {name: float(((q(**test).logits - expected) ** 2).mean()) for name, q in quantized.items()}
     assert errors["w4-awq"] < errors["w4-g64"]
     assert all(torch.equal(tensor, original[name]) for name, tensor in model.state_dict().items())
-    quantized = lowbit.quantize(model, "w4-awq", calibration=_calibration(), progress=False)
-    norm = quantized.model.layers[0].input_layernorm.weight
+    norm = quantized["w4-awq"].model.layers[0].input_layernorm.weight
     assert not torch.allclose(norm, model.model.layers[0].input_layernorm.weight)  # the scales went there
 
 
