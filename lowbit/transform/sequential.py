@@ -86,6 +86,7 @@ def _hidden(output: Any) -> torch.Tensor:
 
 
 def _first_output(block: nn.Module, call: tuple[tuple, dict]) -> Callable[[], torch.Tensor]:
+    """A call giving `block`'s output (its hidden states) on the arguments `call`, run now or later."""
     def run() -> torch.Tensor:
         with torch.inference_mode():
             return _hidden(block(*call[0], **call[1]))
