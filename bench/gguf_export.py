@@ -4,8 +4,9 @@ SmolLM2-135M: the float32 model is exported by lowbit as an F32 GGUF (the baseli
 both ways from the same weights:
 - llama.cpp's quantizer: Q8_0, Q4_0, Q4_K_M, and Q4_K_M with an importance matrix computed by
   llama-imatrix from the calibration text (when `make bench-gguf` has built llama.cpp's tools);
-- lowbit: `q8_0`, `q5_0` and `q4_0` (round-to-nearest), `q5_0-gptq` and `q4_0-gptq` (GPTQ
-  calibrated on the same text), written by `lowbit.export_gguf` (`lowbit export --format gguf`).
+- lowbit: `q8_0`, `q5_0` and `q4_0` (round-to-nearest), `q5_0-gptq`, `q4_0-gptq` and
+  `q4_0-awq-gptq` (GPTQ, AWQ + GPTQ, calibrated on the same text), written by
+  `lowbit.export_gguf` (`lowbit export --format gguf`).
   Q5_0 is where llama.cpp's Q4_K_M puts most of this model: its 576-wide rows are not a multiple
   of Q4_K's 256, and llama.cpp falls back to Q5_0 for them.
 Perplexity: llama.cpp's logits over the first --tokens tokens of the Wikipedia corpus (sliding
@@ -36,7 +37,7 @@ from bench.llm_4bit import smollm2_workload
 from bench.smollm2 import Contender, decode_speed, perplexity
 from lowbit.families import transformers as hf
 
-LOWBIT_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q4_0", "q4_0-gptq")
+LOWBIT_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q4_0", "q4_0-gptq", "q4_0-awq-gptq")
 LLAMACPP_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 # llama.cpp's llama-imatrix and llama-quantize, built by `make bench-gguf`
 TOOLS = Path(os.environ.get("LOWBIT_LLAMACPP_TOOLS", Path.home() / ".cache/lowbit/llama.cpp-tools"))
