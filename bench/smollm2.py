@@ -16,6 +16,7 @@ against fp32 and the best peer; writes bench/results/smollm2.json.
 from __future__ import annotations
 
 import math
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from lowbit.data.batches import language_model_windows
 from lowbit.evaluate import folder_bytes
 from lowbit.families import transformers as hf
 
-PROMPT_TOKENS, NEW_TOKENS = 64, 32
+PROMPT_TOKENS, NEW_TOKENS = 64, 64
 # lowbit models also saved for the onnxruntime runtime: (MatMulNBits accuracy level, longest block)
 # (4: int8 activations per block, as llama.cpp computes, over blocks of 16 when asked; 0: float32,
 # lowbit's exact numerics).
@@ -200,12 +201,15 @@ def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: list[
 def decode_speed(contenders: dict[str, Contender], prompt: torch.Tensor, rounds: int,
                  new_tokens: int = NEW_TOKENS) -> dict[str, dict]:
     """Median prefill and decode tokens/s over `rounds` interleaved rounds (one untimed first), each
-    decoding `new_tokens` greedy tokens."""
+    decoding `new_tokens` greedy tokens; each round in its own shuffled order, so that no contender
+    always follows the same one (PyTorch's OpenMP threads spin on a while after a call)."""
     prefill = {name: [] for name in contenders}
     decode = {name: [] for name in contenders}
     for round_index in range(rounds + 1):
-        for name, contender in contenders.items():
-            seconds_prefill, seconds_decode = contender.decode(prompt, new_tokens)
+        order = list(contenders)
+        random.Random(round_index).shuffle(order)
+        for name in order:
+            seconds_prefill, seconds_decode = contenders[name].decode(prompt, new_tokens)
             if round_index:
                 prefill[name].append(prompt.shape[1] / seconds_prefill)
                 decode[name].append(new_tokens / seconds_decode)

@@ -47,10 +47,8 @@ class _Decoder(GraphBuild):
         graph = self.graph
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
         qkv = self.linear(stacked(projections), x, f"{name}.self_attn.qkv")
-        widths = self.integers("split", *[module.out_features for module in projections])
-        query, key, value = graph.node("Split", [qkv, widths], outputs=3, axis=-1)
-        context, present_key, present_value = graph.node(
-            "GroupQueryAttention", [query, key, value, *past, *lengths, *rotary], outputs=3, domain=MICROSOFT,
+        context, present_key, present_value = graph.node(  # query, key and value packed in one input
+            "GroupQueryAttention", [qkv, "", "", *past, *lengths, *rotary], outputs=3, domain=MICROSOFT,
             num_heads=heads[0], kv_num_heads=heads[1], do_rotary=1, rotary_interleaved=0)
         return self.linear(attention.o_proj, context, f"{name}.self_attn.o_proj"), present_key, present_value
 
@@ -59,7 +57,8 @@ class _Decoder(GraphBuild):
         gate_up = self.linear(stacked([mlp.gate_proj, mlp.up_proj]), x, f"{name}.mlp.gate_up")
         widths = self.integers("split", mlp.gate_proj.out_features, mlp.up_proj.out_features)
         gate, up = graph.node("Split", [gate_up, widths], outputs=2, axis=-1)
-        activated = graph.node("Mul", [graph.node("Mul", [gate, graph.node("Sigmoid", [gate])]), up])
+        silu = graph.node("QuickGelu", [gate], domain=MICROSOFT, alpha=1.0)  # x · sigmoid(1.0 · x)
+        activated = graph.node("Mul", [silu, up])
         return self.linear(mlp.down_proj, activated, f"{name}.mlp.down_proj")
 
 
