@@ -26,10 +26,11 @@ Search = Callable[[list[torch.Tensor], torch.Tensor, LayerSpec], torch.Tensor]
 def scale_block(model: nn.Module, block: str, hessians: dict[str, torch.Tensor],
                 specs: dict[str, LayerSpec], search: Search, run: Callable[[], torch.Tensor]) -> int:
     """Fold `search`'s factors into every pair inside `block` (a dotted module name) whose readers
-    all have Hessians, updating those Hessians in place; `run()` gives the block's output. Returns
-    how many pairs were scaled."""
+    all have Hessians and specs (the Linears to scale), updating those Hessians in place; `run()`
+    gives the block's output. Returns how many pairs were scaled."""
     pairs = [(source, readers) for source, readers in smoothing_pairs(model)
-             if source.startswith(f"{block}.") and all(name in hessians for name in readers)]
+             if source.startswith(f"{block}.") and all(name in hessians and name in specs
+                                                       for name in readers)]
     if not pairs:
         return 0
     before = run().float()

@@ -218,9 +218,14 @@ def _input_scaling(target: nn.Module, specs: dict[str, LayerSpec], recipe: Recip
                       LowbitWarning, stacklevel=4)
         return None
 
+    # only Linears whose own algorithm scales inputs: an override to another algorithm keeps its
+    # columns as they are, and so does the norm or Linear feeding it
+    scaled = {name: spec for name, spec in specs.items()
+              if ALGORITHMS.get(recipe_for(name, recipe).algorithm).scales_inputs is not None}
+
     def before_rounding(block: str, hessians: dict[str, torch.Tensor],
                         run: Callable[[], torch.Tensor]) -> None:
-        scale_block(target, block, hessians, specs, search, run)
+        scale_block(target, block, hessians, scaled, search, run)
     return before_rounding
 
 

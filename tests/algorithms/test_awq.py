@@ -56,3 +56,13 @@ def test_awq_on_a_model_without_norm_projection_pairs_says_only_clipping_applies
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     with pytest.warns(LowbitWarning, match="only its clipping search applies"):
         lowbit.quantize(tiny_bert(), "w4-awq", calibration=batches, progress=False)
+
+
+def test_linears_overridden_to_an_algorithm_without_scaling_keep_their_columns():
+    """The MLP rounded by GPTQ (an override): its norm and its Linears are not scaled by AWQ."""
+    model = tiny_llama()
+    recipe = lowbit.make_recipe("w4-awq", overrides={"model.layers.*.mlp.*": "w4-gptq"})
+    quantized = lowbit.quantize(model, recipe, calibration=_calibration(), progress=False)
+    layer, original = quantized.model.layers[0], model.model.layers[0]
+    assert torch.equal(layer.post_attention_layernorm.weight, original.post_attention_layernorm.weight)
+    assert not torch.allclose(layer.input_layernorm.weight, original.input_layernorm.weight)
