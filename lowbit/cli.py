@@ -259,7 +259,10 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
         _tune_and_save(model, data, metric, max_drop, "size", candidates, batches, relative, out,
                        overwrite, tokenizer=tokenizer)
         return
-    quantized = quantize_model(model, chosen, calibration=batches, skip=skip, fallback=fallback)
+    # in place: the model was loaded for this alone, and each float module is freed as its
+    # quantized one replaces it (no second copy: AWQ and SmoothQuant would otherwise copy it whole)
+    quantized = quantize_model(model, chosen, calibration=batches, skip=skip, fallback=fallback,
+                               inplace=True)
     folder = save(quantized, out, overwrite=overwrite, runtime=runtime, accuracy_level=accuracy_level,
                   activation_block=activation_block)
     modules = quantized_modules(quantized)

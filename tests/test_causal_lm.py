@@ -8,6 +8,7 @@ import lowbit
 from lowbit.data import assets
 from lowbit.families import transformers as hf
 from lowbit.formats.lowbit_format import read_manifest
+from tests.fixtures_models import tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,16 @@ def test_tune_on_a_causal_lm_budgets_perplexity_relatively(llama_folder, tmp_pat
     trial = result.trials[0]
     assert trial.quality > 1.0 and abs(trial.drop) <= 0.01
     assert trial.drop == pytest.approx(trial.quality / result.original_quality - 1.0)
+
+
+def test_the_generation_config_is_saved_and_loaded(tmp_path):
+    """Stop tokens and sampling defaults travel with the folder, checksummed like config.json."""
+    model = tiny_llama()
+    model.generation_config.eos_token_id = [5, 7]
+    model.generation_config.max_new_tokens = 9
+    folder = lowbit.save(lowbit.quantize(model, "w8", progress=False), tmp_path / "q", runtime="torch")
+    loaded = lowbit.load(folder)
+    assert loaded.generation_config.eos_token_id == [5, 7] and loaded.generation_config.max_new_tokens == 9
+    (folder / "generation_config.json").write_text('{"max_new_tokens": 90}')
+    with pytest.raises(lowbit.LowbitError):
+        lowbit.load(folder)

@@ -112,6 +112,7 @@ def verified_tokenizer_files(folder: Path) -> Iterator[Path | None]:
         yield Path(temporary)
 
 
+GENERATION_CONFIG = "generation_config.json"
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json",
                                "config_sentence_transformers.json")
 MAX_MODULE_FILE_BYTES = 64 << 20
@@ -157,6 +158,9 @@ def write_files(model: nn.Module, quantization_config: dict[str, Any]):
         weights = tensor_files[0] if len(tensor_files) == 1 else None
         config.update(config_entries(quantization_config.get("recipe"), weights))
         (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():  # its sampling defaults and stop tokens
+            (folder / GENERATION_CONFIG).write_text(generation.to_json_string(use_diff=True))
         source = Path(str(getattr(model.config, "_name_or_path", "") or ""))
         if not source.is_dir():
             return
@@ -270,7 +274,24 @@ def build_skeleton(folder: str | Path, manifest: dict[str, Any]) -> nn.Module:
     except Exception as error:  # noqa: BLE001 - a config transformers refuses fails in many ways
         raise FormatError(f"cannot rebuild the transformers model in {folder} from its config.json: "
                           f"{type(error).__name__}: {error}") from None
+    if GENERATION_CONFIG in manifest["files"]:
+        model.generation_config = _saved_generation_config(folder, manifest, transformers)
     return model.eval()
+
+
+def _saved_generation_config(folder: Path, manifest: dict[str, Any], transformers):
+    """The generation defaults (stop tokens, sampling) saved beside the config, checksummed."""
+    path = verified_file(folder, manifest, GENERATION_CONFIG)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise FormatError(f"{path} is larger than a generation config can be")
+    values = parse_json(path.read_bytes(), str(path))
+    if not isinstance(values, dict):
+        raise FormatError(f"{path} is not a JSON object")
+    try:
+        return transformers.GenerationConfig.from_dict(values)
+    except Exception as error:  # noqa: BLE001 - transformers validates with its own error types
+        raise FormatError(f"{path}: transformers refuses this generation config: {type(error).__name__}: "
+                          f"{str(error)[:300]}") from None
 
 
 def embed(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 1) -> torch.Tensor:
