@@ -202,7 +202,8 @@ def decode_speed(contenders: dict[str, Contender], prompt: torch.Tensor, rounds:
                  new_tokens: int = NEW_TOKENS) -> dict[str, dict]:
     """Median prefill and decode tokens/s over `rounds` interleaved rounds (one untimed first), each
     decoding `new_tokens` greedy tokens; each round in its own shuffled order, so that no contender
-    always follows the same one (PyTorch's OpenMP threads spin on a while after a call)."""
+    always follows the same one (in a fixed order each ONNX Runtime row ran right after its
+    PyTorch row)."""
     prefill = {name: [] for name in contenders}
     decode = {name: [] for name in contenders}
     for round_index in range(rounds + 1):
