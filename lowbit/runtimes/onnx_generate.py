@@ -55,6 +55,16 @@ class OnnxCausalLM(OnnxRuntimeModel):
             binding.bind_ortvalue_output(PRESENT + name.removeprefix(PAST), buffer)
         return binding
 
+    def _step_logits(self, batch: int) -> Any:
+        """One (batch, 1, vocabulary) buffer that every step after the prompt writes its logits
+        into: reading it costs no new output and no wrapping of the 2 × layers cache outputs."""
+        import onnxruntime
+
+        vocabulary = self.session.get_outputs()[self.output_names.index("logits")].shape[-1]
+        if not isinstance(vocabulary, int):
+            vocabulary = int(self.config.vocab_size)
+        return onnxruntime.OrtValue.ortvalue_from_shape_and_type((batch, 1, vocabulary), np.float32)
+
     def timed_generation(self, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
         """(prefill seconds, seconds for `new_tokens` greedy steps after it), as
         lowbit.evaluate.latency.generation_speed times a PyTorch model."""
@@ -97,13 +107,18 @@ class OnnxCausalLM(OnnxRuntimeModel):
         pad = pad if pad is not None else (stops[0] if stops else 0)
         finished = np.zeros(batch, bool)
         binding = self._bind_cache(batch, length + max_new_tokens)
+        step_logits = self._step_logits(batch)
         tokens, step = [prompt], prompt
-        for _ in range(max_new_tokens):
+        for index in range(max_new_tokens):
             binding.bind_cpu_input("input_ids", step)
             binding.bind_cpu_input("attention_mask", np.ones((batch, length), np.int64))
-            binding.bind_output("logits")
+            if index == 0:  # the prompt's logits, every position: a fresh output
+                binding.bind_output("logits")
+            elif index == 1:  # one position from here on: the preallocated buffer
+                binding.bind_ortvalue_output("logits", step_logits)
             self.session.run_with_iobinding(binding)
-            logits = binding.get_outputs()[self.output_names.index("logits")].numpy()[:, -1, :]
+            logits = (binding.get_outputs()[self.output_names.index("logits")] if index == 0
+                      else step_logits).numpy()[:, -1, :]
             chosen = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
             step = np.where(finished, pad, chosen).astype(np.int64)[:, None]
             tokens.append(step)
