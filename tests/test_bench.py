@@ -15,7 +15,9 @@ def test_minilm_bench_measures_every_contender():
     subprocess.run([sys.executable, "-m", "bench.minilm", "--runs", "5"], check=True, cwd=ROOT,
                    timeout=1800)
     rows = {row["model"]: row for row in json.loads((ROOT / "bench/results/minilm.json").read_text())["rows"]}
-    assert set(rows) == {"fp32", "lowbit w8a8-dynamic", "torch.ao dynamic", "ort fp32", "ort int8",
-                         "lowbit w8 ort", "lowbit w8 ort int8-act", "lowbit w4 ort", "lowbit w4 ort int8-act"}
+    assert set(rows) == {"fp32", "lowbit w8a8-dynamic", "lowbit w8a8-dynamic ort", "torch.ao dynamic",
+                         "ort fp32", "ort int8", "ort int8, unfused norm", "lowbit w8 ort",
+                         "lowbit w8 ort int8-act", "lowbit w4 ort", "lowbit w4 ort int8-act",
+                         "lowbit w4-gptq", "lowbit w4-gptq ort int8-act"}
     assert rows["lowbit w8a8-dynamic"]["cosine"] >= 0.995 and rows["lowbit w8 ort"]["cosine"] >= 0.995
     assert all(row["b1_ms"] > 0 and row["size_mb"] > 0 for row in rows.values())
