@@ -217,15 +217,22 @@ def _config_problem(values: dict[str, Any], transformers) -> str | None:
     return None
 
 
-def _saved_config(folder: Path, manifest: dict[str, Any], transformers):
-    """The config of a lowbit folder, from the checksummed config.json's bytes alone (never
-    from code the folder ships: its auto_map is ignored), after `_config_problem`."""
-    path = verified_file(folder, manifest, "config.json")
+def _verified_json_object(folder: Path, manifest: dict[str, Any], name: str) -> tuple[Path, dict]:
+    """(path, its JSON object) of the folder's file `name`, checked against its sha256 first and
+    no larger than a config can be."""
+    path = verified_file(folder, manifest, name)
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise FormatError(f"{path} is larger than a config can be")
     values = parse_json(path.read_bytes(), str(path))
     if not isinstance(values, dict):
         raise FormatError(f"{path} is not a JSON object")
+    return path, values
+
+
+def _saved_config(folder: Path, manifest: dict[str, Any], transformers):
+    """The config of a lowbit folder, from the checksummed config.json's bytes alone (never
+    from code the folder ships: its auto_map is ignored), after `_config_problem`."""
+    path, values = _verified_json_object(folder, manifest, "config.json")
     problem = _config_problem(values, transformers)
     if problem:
         raise FormatError(f"{path}: {problem}")
@@ -281,12 +288,7 @@ def build_skeleton(folder: str | Path, manifest: dict[str, Any]) -> nn.Module:
 
 def _saved_generation_config(folder: Path, manifest: dict[str, Any], transformers):
     """The generation defaults (stop tokens, sampling) saved beside the config, checksummed."""
-    path = verified_file(folder, manifest, GENERATION_CONFIG)
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise FormatError(f"{path} is larger than a generation config can be")
-    values = parse_json(path.read_bytes(), str(path))
-    if not isinstance(values, dict):
-        raise FormatError(f"{path} is not a JSON object")
+    path, values = _verified_json_object(folder, manifest, GENERATION_CONFIG)
     try:
         return transformers.GenerationConfig.from_dict(values)
     except Exception as error:  # noqa: BLE001 - transformers validates with its own error types
