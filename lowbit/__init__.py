@@ -19,6 +19,7 @@ from lowbit.errors import (
 from lowbit.evaluate import estimate
 from lowbit.evaluate.comparison import Comparison
 from lowbit.families.api import batch, bench, compare, load, save, tune
+from lowbit.families.lazy_weights import quantize_pretrained
 from lowbit.families.sources import load_source
 from lowbit.formats.calibration import load_calibration
 from lowbit.formats.gguf_file import export_gguf
@@ -60,6 +61,7 @@ __all__ = [
     "load_source",
     "make_recipe",
     "quantize",
+    "quantize_pretrained",
     "save",
     "tune",
 ]

@@ -30,6 +30,7 @@ from lowbit.errors import LowbitError, NotSmallerError
 from lowbit.evaluate import estimate, folder_bytes
 from lowbit.families import transformers as hf
 from lowbit.families.api import load, save
+from lowbit.families.lazy_weights import quantize_pretrained
 from lowbit.families.registry import family_of
 from lowbit.families.sources import load_source
 from lowbit.formats.atomic import write_text
@@ -247,8 +248,8 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
                     **_) -> None:
     granularity = f"group:{group_size}" if group_size else None
     chosen = make_recipe(recipe, granularity=granularity, smoothing=smoothing)
-    model = load_source(source, weights)
-    tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
+    pretrained = hf.is_transformers_folder(source)
+    tokenizer = hf.load_tokenizer(source) if pretrained else None
     batches = calibration_batches(calibration, tokenizer) if calibration else None
     if max_drop is not None:
         if data is None:
@@ -256,13 +257,14 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
         from lowbit.tune.search import safer_candidates
 
         candidates = [chosen, *safer_candidates(recipe)]
-        _tune_and_save(model, data, metric, max_drop, "size", candidates, batches, relative, out,
-                       overwrite, tokenizer=tokenizer)
+        _tune_and_save(load_source(source, weights), data, metric, max_drop, "size", candidates, batches,
+                       relative, out, overwrite, tokenizer=tokenizer)
         return
-    # in place: the model was loaded for this alone, and each float module is freed as its
-    # quantized one replaces it (no second copy: AWQ and SmoothQuant would otherwise copy it whole)
-    quantized = quantize_model(model, chosen, calibration=batches, skip=skip, fallback=fallback,
-                               inplace=True)
+    options = {"calibration": batches, "skip": skip, "fallback": fallback}
+    if pretrained:  # each module's float weights read from the files as it is quantized
+        quantized = quantize_pretrained(source, chosen, **options)
+    else:  # in place: the model was loaded for this alone, each float module freed as it is replaced
+        quantized = quantize_model(load_source(source, weights), chosen, inplace=True, **options)
     folder = save(quantized, out, overwrite=overwrite, runtime=runtime, accuracy_level=accuracy_level,
                   activation_block=activation_block)
     modules = quantized_modules(quantized)

@@ -21,13 +21,15 @@ class Algorithm:
     """`round(weight, spec)`, or `round(weight, spec, hessian)` when `needs_hessian`. One that
     `scales_inputs` (AWQ) first gives, for the Linears reading one tensor, factors by which their
     weight columns are multiplied and the tensor divided (`scales_inputs(weights, hessian, spec)`;
-    lowbit.transform.awq folds them into the model)."""
+    lowbit.transform.awq folds them into the model). One with `float_zero_points` gets specs whose
+    asymmetric int4 grids take any float zero point (LayerSpec.zero_point)."""
 
     round: Callable[..., QuantizedTensor]
     needs_hessian: bool = False
     scales_inputs: Callable[..., torch.Tensor] | None = None
+    float_zero_points: bool = False  # its asymmetric int4 grids have float zero points (HQQ)
 
 
 ALGORITHMS: Registry[Algorithm] = Registry("weight-rounding algorithm")
 
-from lowbit.algorithms import awq, gptq, rtn  # noqa: E402,F401 - they register themselves
+from lowbit.algorithms import awq, gptq, hqq, rtn  # noqa: E402,F401 - they register themselves

@@ -14,6 +14,8 @@ from lowbit.core.granularity import Granularity
 from lowbit.core.qtypes import QType, get_qtype
 from lowbit.errors import QuantizationError
 
+ROUNDED_AT_ONCE = 1 << 22  # elements `quantize_with` rounds per step (a 16 MB float temporary)
+
 
 @dataclass
 class QuantizedTensor:
@@ -141,8 +143,11 @@ def compute_qparams(
 
 
 def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
-    """Refuse NaN/Inf early: they would silently poison every scale computed from them."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    """Refuse NaN/Inf early: they would silently poison every scale computed from them. (Checked a
+    chunk at a time: `isfinite` of a whole tensor takes twice its size in temporaries.)"""
+    flat = x.detach().reshape(-1)
+    if x.is_floating_point() and not all(bool(torch.isfinite(flat[start:start + ROUNDED_AT_ONCE]).all())
+                                         for start in range(0, flat.numel(), ROUNDED_AT_ONCE)):
         raise QuantizationError(
             f"{what} contains NaN or Inf values; fix the model's weights before quantizing"
         )
@@ -158,14 +163,23 @@ def quantize_with(
 ) -> torch.Tensor:
     """Round `x` onto the grid given by `scale`/`zero_point` and clamp to the type's range."""
     blocks = to_blocks(x.detach().float(), granularity)
-    q = (blocks / scale.reshape(-1, 1)).round_()  # in place from here: one temporary the size of x
-    if zero_point is not None:
-        q.add_(zero_point.reshape(-1, 1))
-    if symmetric and qtype.is_signed:
-        q.clamp_(-qtype.symmetric_qmax, qtype.symmetric_qmax)
-    else:
-        q.clamp_(qtype.qmin, qtype.qmax)
-    return from_blocks(q.to(qtype.storage_dtype), x.shape, granularity)
+    scales = scale.reshape(-1, 1)
+    zeros = None if zero_point is None else zero_point.reshape(-1, 1)
+    low, high = ((-qtype.symmetric_qmax, qtype.symmetric_qmax) if symmetric and qtype.is_signed
+                 else (qtype.qmin, qtype.qmax))
+    out = torch.empty(blocks.shape, dtype=qtype.storage_dtype)
+    rows = max(1, ROUNDED_AT_ONCE // max(blocks.shape[1], 1))
+    for start in range(0, blocks.shape[0], rows):  # one float temporary of a chunk, not of all of x
+        end = start + rows
+        q = blocks[start:end] / scales[start:end]
+        if zeros is not None and zeros.is_floating_point():  # a float zero point (HQQ's): round after
+            q.add_(zeros[start:end]).round_()
+        elif zeros is not None:
+            q.round_().add_(zeros[start:end])
+        else:
+            q.round_()
+        out[start:end] = q.clamp_(low, high)
+    return from_blocks(out, x.shape, granularity)
 
 
 def quantize_tensor(

@@ -83,6 +83,28 @@ def load_pretrained(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def empty_pretrained(path: str | Path) -> nn.Module:
+    """The transformers model in `path` built from its config.json with its parameters on the
+    meta device (lowbit.families.lazy_weights reads them); named and configured as
+    `load_pretrained` would name it, so its saved folder copies the same tokenizer and config."""
+    transformers = _transformers()
+    folder = Path(path)
+    if not is_transformers_folder(folder):
+        raise ModelLoadError(f"{folder} is not a transformers model folder (no config.json)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True,
+                                                         trust_remote_code=False)
+        config._name_or_path = str(folder)
+        with _parameters_on_meta():
+            model = _model_class(config)(config)
+        model.tie_weights()  # on meta each parameter was registered anew, which untied them
+        if (folder / GENERATION_CONFIG).is_file():
+            model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    except Exception as error:
+        raise ModelLoadError(f"cannot build the transformers model in {folder}: {error}") from error
+    return model.eval()
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved beside a model, or None when the folder has none. From a lowbit
     folder only the checksummed tokenizer files are read (see `verified_tokenizer_files`)."""

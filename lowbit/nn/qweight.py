@@ -53,7 +53,8 @@ class QuantizedWeightMixin:
         self.register_buffer("weight_scale", torch.ones(scales))
         has_zero_point = not (spec.symmetric and qtype.is_signed)
         if has_zero_point:
-            self.register_buffer("weight_zero_point", torch.zeros(scales, dtype=torch.int32))
+            dtype = torch.float32 if spec.zero_point == "float" else torch.int32
+            self.register_buffer("weight_zero_point", torch.zeros(scales, dtype=dtype))
 
     def _store_weight(self: nn.Module, weight: torch.Tensor, rounded: QuantizedTensor | None = None) -> None:
         """Store a weight an algorithm already rounded (lowbit.algorithms), or else round this
@@ -120,7 +121,10 @@ class QuantizedWeightMixin:
             if problem:
                 return problem
         zero_point = getattr(self, "weight_zero_point", None)
-        if zero_point is not None and zero_point.numel() and not (
+        if zero_point is not None and zero_point.is_floating_point():
+            if not bool(torch.isfinite(zero_point).all()):
+                return "a weight zero point is NaN or infinite"
+        elif zero_point is not None and zero_point.numel() and not (
                 qtype.qmin <= int(zero_point.min()) and int(zero_point.max()) <= qtype.qmax):
             return f"a weight zero point lies outside {qtype.name}'s range"
         if self.spec.scheme == "static":

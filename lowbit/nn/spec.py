@@ -18,6 +18,9 @@ ACTIVATIONS = ("uint8", "uint8-full")
 # What a weight grid's scales are held in: float16 scales are what GGUF's blocks store, so a
 # model quantized with them exports to GGUF exactly (lowbit.formats.gguf_file)
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# What an asymmetric grid's zero points are: integers on the grid (round-to-nearest, GPTQ, AWQ),
+# or any float (HQQ optimises them; x = (q - z) · scale all the same)
+ZERO_POINTS = ("int", "float")
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,8 @@ class LayerSpec:
     `kernels` maps a row bucket (the most rows it serves, as text; "all" when one kernel serves every
     input) to a kernel name, chosen by measurement when the module is built and saved with it, so
     a reload runs the same code and gives the same outputs. `scale_dtype` names the values the
-    weight scales may take ("float32" or "float16"; they are stored in float32 either way).
+    weight scales may take ("float32" or "float16"; they are stored in float32 either way);
+    `zero_point` whether an asymmetric int4 grid's zero points are integers or floats (HQQ).
     """
 
     scheme: str
@@ -37,6 +41,7 @@ class LayerSpec:
     activation: str | None = None
     kernels: dict[str, str] = field(default_factory=dict)
     scale_dtype: str = "float32"
+    zero_point: str = "int"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +72,9 @@ class LayerSpec:
             return f"unknown scheme {self.scheme!r} or weight type {self.weight!r}"
         if self.scale_dtype not in SCALE_DTYPES:
             return f"unknown scale type {self.scale_dtype!r}; choose one of {', '.join(SCALE_DTYPES)}"
+        if self.zero_point not in ZERO_POINTS or (self.zero_point == "float" and (
+                self.weight != "int4" or self.symmetric or not granularity.startswith("group:"))):
+            return "float zero points are for asymmetric int4 groups only"
         if self.weight in ("fp16", "bf16"):
             return None if (self.scheme, granularity) == ("weight_only", "per_tensor") else \
                 "16-bit float weights are stored weight-only and per tensor"

@@ -143,6 +143,9 @@ def nbits_weights(module: nn.Module, max_block: int | None = None) -> NbitsWeigh
         block = _group_block(group, max_block)
         repeat, blocks = group // block, width // block
         scales = np.repeat(module.weight_scale.float().numpy().reshape(rows, -1), repeat, axis=1)
+        if spec.zero_point == "float":  # HQQ's: MatMulNBits takes them as float32, one per block
+            zero_points = np.repeat(module.weight_zero_point.numpy().reshape(rows, -1), repeat, axis=1)
+            return module.weight.numpy().reshape(rows, blocks, block // 2), scales, zero_points, 4, block
         zero_points = np.repeat(module.weight_zero_point.numpy().astype(np.uint8).reshape(rows, -1), repeat,
                                 axis=1)
         if spec.weight == "int4":  # packed two per byte, as MatMulNBits' 4-bit blocks are
@@ -250,7 +253,7 @@ def emit_embedding(graph: Graph, module: nn.Module, indices: str, name: str) -> 
             codes, scales, zero_points, bits, block = nbits_weights(module)
         except ExportError:
             codes = None
-        if codes is not None:
+        if codes is not None and zero_points.dtype == np.uint8:  # (its zero points are the codes' type)
             rows = module.num_embeddings
             return graph.node("GatherBlockQuantized", [
                 stored_codes(graph, [codes.reshape(rows, -1)]), indices,

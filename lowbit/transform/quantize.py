@@ -34,7 +34,7 @@ from lowbit.transform.fold import (
     trace_links,
 )
 from lowbit.transform.recipe import Recipe, make_recipe
-from lowbit.transform.sequential import BeforeRounding, quantize_blocks
+from lowbit.transform.sequential import BeforeRounding, WeightReader, quantize_blocks
 from lowbit.transform.smooth import smooth, smoothing_pairs
 
 RECIPE_ATTRIBUTE = "lowbit_recipe"
@@ -162,7 +162,10 @@ WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_zero_point")
 
 
 def weight_storage(module: nn.Module) -> tuple[int, tuple[int, ...]]:
-    return module.weight.data_ptr(), tuple(module.weight.shape)
+    """Where a module's weight lives: tied modules give the same (a weight still on the meta device,
+    not read yet, has no memory: the parameter itself tells tied ones apart)."""
+    weight = module.weight
+    return (id(weight) if weight.is_meta else weight.data_ptr()), tuple(weight.shape)
 
 
 def share_tied_weights(model: nn.Module, storages: dict[str, tuple[int, tuple[int, ...]]]) -> None:
@@ -230,7 +233,8 @@ def _input_scaling(target: nn.Module, specs: dict[str, LayerSpec], recipe: Recip
 
 
 def _quantize_with_inputs(target: nn.Module, specs: dict[str, LayerSpec], recipe: Recipe,
-                          calibration: Any, build: Callable[..., nn.Module], progress: bool) -> list[str]:
+                          calibration: Any, build: Callable[..., nn.Module], progress: bool,
+                          weights: WeightReader | None) -> list[str]:
     """Quantize, block by block (lowbit.transform.sequential), the modules whose algorithm rounds
     against their calibration inputs (GPTQ); returns the names still to quantize."""
     needing = [name for name in specs if ALGORITHMS.get(recipe_for(name, recipe).algorithm).needs_hessian]
@@ -241,7 +245,7 @@ def _quantize_with_inputs(target: nn.Module, specs: dict[str, LayerSpec], recipe
                                 "[batch, ...] (CLI: --calibration FILE); a CalibrationResult holds only "
                                 "activation ranges")
     scaling = _input_scaling(target, specs, recipe)
-    outside = quantize_blocks(target, needing, calibration, build, progress, scaling)
+    outside = quantize_blocks(target, needing, calibration, build, progress, scaling, weights)
     done = set(needing) - set(outside)
     return [name for name in specs if name not in done]
 
@@ -255,6 +259,7 @@ def quantize(
     inplace: bool = False,
     progress: bool = True,
     fallback: Recipe | str | None = None,
+    weights: WeightReader | None = None,
 ) -> nn.Module:
     """Return a quantized copy of `model` (the model itself when `inplace`).
 
@@ -262,6 +267,9 @@ def quantize(
     Recipe; `skip` lists module-name globs kept in float; `overrides` maps globs to other recipes;
     `fallback` is the recipe for modules the recipe cannot quantize here (see `plan`).
     `calibration` is a list of batches or a `CalibrationResult` from `lowbit.calibrate`.
+    `weights` reads the parameters of a model built on the meta device as each module (each block,
+    for GPTQ and AWQ) is quantized: the model is then quantized in place, one module's float
+    weights in memory at a time (`lowbit.quantize_pretrained` builds both from a folder).
     """
     if not isinstance(model, nn.Module):
         raise QuantizationError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -279,8 +287,10 @@ def quantize(
         raise QuantizationError(
             "nothing to quantize: the model has no Linear, Conv2d or Embedding outside `skip`"
         )
-    source = describe_source(model)
-    target = model if inplace else _copy_for_quantizing(model, list(specs), recipe)
+    if weights is not None and _reads_whole_model(model, specs, recipe):
+        weights.load_all()
+    source = describe_source(model) if weights is None else None
+    target = model if inplace or weights is not None else _copy_for_quantizing(model, list(specs), recipe)
     _smooth(target, recipe, calibration)
     links = _fold(target, list(specs), calibration)
     ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
@@ -289,10 +299,12 @@ def quantize(
     storages = {name: weight_storage(target.get_submodule(name)) for name in specs}
 
     def build(name: str, extra: dict | None = None) -> nn.Module:
+        if weights is not None:
+            weights.load([name])
         return build_module(target.get_submodule(name), specs[name],
                             {**ranges.get(name, {}), **(extra or {})}, recipe_for(name, recipe).algorithm)
 
-    remaining = _quantize_with_inputs(target, specs, recipe, calibration, build, progress)
+    remaining = _quantize_with_inputs(target, specs, recipe, calibration, build, progress, weights)
     with progress_bar(progress) as bar:
         step = bar.add_task(f"quantizing {len(remaining)} modules", total=len(remaining))
         for name in remaining:
@@ -306,8 +318,17 @@ def quantize(
     if example is not None:
         target.lowbit_example_input = example
     setattr(target, RECIPE_ATTRIBUTE, recipe)
-    target.lowbit_source = source
+    target.lowbit_source = source if weights is None else weights.source()
     return target.eval()
+
+
+def _reads_whole_model(model: nn.Module, specs: dict[str, LayerSpec], recipe: Recipe) -> bool:
+    """Whether quantizing runs the whole float model before rounding anything (SmoothQuant's and
+    static ranges' calibration, tracing convolutions to fold), so it cannot read weights module by
+    module."""
+    modules = dict(model.named_modules())
+    return (recipe.smoothing is not None or any(spec.scheme == "static" for spec in specs.values())
+            or any(isinstance(modules[name], nn.Conv2d) for name in specs))
 
 
 def _copy_for_quantizing(model: nn.Module, names: list[str], recipe: Recipe) -> nn.Module:

@@ -88,16 +88,19 @@ class Recipe(BaseModel):
         if self.weights in ("fp16", "bf16"):
             return LayerSpec("weight_only", self.weights, "per_tensor", True)
         scales = self.scale_dtype
+        zeros = ("float" if ALGORITHMS.get(self.algorithm).float_zero_points and self.weights == "int4"
+                 and not self.symmetric else "int")
         if kind == "embedding":
             granularity = self.granularity if self.granularity.startswith("group:") else "per_channel"
-            return LayerSpec("weight_only", self.weights, granularity, self.symmetric, scale_dtype=scales)
+            return LayerSpec("weight_only", self.weights, granularity, self.symmetric, scale_dtype=scales,
+                             zero_point=zeros if granularity.startswith("group:") else "int")
         if kind == "conv" and self.scheme == "dynamic":
             return LayerSpec("weight_only", "int8", "per_channel", True, scale_dtype=scales)
         activation = None if self.scheme == "weight_only" else "uint8-full" if kind == "conv" else "uint8"
         if self.scheme == "dynamic" and kind == "linear" and self._dynamic_bits() == 8:
             activation = "uint8-full"
         return LayerSpec(self.scheme, self.weights, self.granularity, self.symmetric, activation,
-                         scale_dtype=scales)
+                         scale_dtype=scales, zero_point=zeros)
 
     def _dynamic_bits(self) -> int:
         return self.activation_bits or (8 if has_vnni() else 7)
@@ -127,6 +130,9 @@ PRESETS: dict[str, dict] = {
     # sizes than 128 (SmolLM2's 576 among them)
     "w4-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",
                 "symmetric": False, "algorithm": "gptq"},
+    # HQQ (lowbit.algorithms.hqq): calibration-free, float zero points optimised per group
+    "w4-hqq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",
+               "symmetric": False, "algorithm": "hqq"},
     # AWQ (lowbit.algorithms.awq): activation-aware scaling folded into the model, then rounding
     # to nearest; calibration text as for GPTQ
     "w4-awq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:64",

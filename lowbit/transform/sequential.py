@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -33,6 +33,21 @@ Inputs = list[tuple[tuple, dict]]  # positional and keyword arguments of one cal
 
 
 CACHE_ARGUMENTS = frozenset({"cache", "past_key_values", "past_key_value", "layer_past"})
+
+
+class WeightReader(Protocol):
+    """Float weights read on demand (lowbit.families.lazy_weights): the model's parameters sit on
+    the meta device until `load` names their modules; `release` puts them back there."""
+
+    def load(self, modules: Iterable[str]) -> None: ...
+
+    def load_all(self) -> None: ...
+
+    def release(self, modules: Iterable[str]) -> None: ...
+
+    def source(self) -> dict[str, Any]:
+        """`describe_source` of the float model, once every parameter has been read."""
+        ...
 
 
 class _Stop(Exception):
@@ -154,21 +169,38 @@ def _warn_if_short(counts: dict[str, int], modules: dict[str, nn.Module]) -> Non
 BeforeRounding = Callable[[str, dict[str, torch.Tensor], Callable[[], torch.Tensor]], Any]
 
 
+def _outside(model: nn.Module, prefix: str) -> list[str]:
+    """The modules holding parameters of their own outside the blocks under `prefix`."""
+    return [name for name, module in model.named_modules()
+            if name != prefix and not name.startswith(f"{prefix}.") and next(module.parameters(False), None) is not None]
+
+
 def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], build: Build,
-                    progress: bool = True, before_rounding: BeforeRounding | None = None) -> list[str]:
+                    progress: bool = True, before_rounding: BeforeRounding | None = None,
+                    weights: WeightReader | None = None) -> list[str]:
     """Replace the `names` inside the model's blocks, block by block, with `build(name, {"hessian":
-    H})`; returns the names outside the blocks, left for the caller to round without inputs."""
+    H})`; returns the names outside the blocks, left for the caller to round without inputs.
+    With `weights` (parameters on the meta device, read on demand), the modules outside the blocks
+    are read only to run the calibration batches up to the first block, and each block just before
+    it runs: one block's float weights in memory at a time."""
     batches = list(batches or [])
     if not batches:
         raise CalibrationError("calibration data is empty; GPTQ needs a few representative batches "
                                "(e.g. 32-128 sequences)")
     prefix, blocks = find_blocks(model, names)
     masks = [batch.get("attention_mask") if isinstance(batch, dict) else None for batch in batches]
+    outside = _outside(model, prefix)
+    if weights is not None:
+        weights.load(outside)
     with torch.inference_mode():
         calls = _first_block_inputs(model, blocks[0], batches)
+    if weights is not None:
+        weights.release(outside)
     with progress_bar(progress) as bar:
         task = bar.add_task(f"calibrating {len(blocks)} blocks", total=len(blocks))
         for index, block in enumerate(blocks):
+            if weights is not None:
+                weights.load([f"{prefix}.{index}"])
             inside = [name for name in names if name.startswith(f"{prefix}.{index}.")]
             modules = {name: model.get_submodule(name) for name in inside}
             hessians = _Hessians(block, {n: m for n, m in modules.items() if hasattr(m, "in_features")})

@@ -1,0 +1,217 @@
+"""A transformers model whose float weights stay in their safetensors files until a module needs
+them: quantizing it holds one module's (or, for GPTQ and AWQ, one block's) float weights at a time,
+so a model larger than memory is quantized from its shards (lowbit.transform.quantize's
+`weights`). The quantized modules are a fraction of the model's size and are saved as usual.
+
+The model is built from config.json with its parameters on the meta device (their buffers, such as
+rotary frequencies, computed by the model's code); each parameter is read, as float32, from the
+file that holds its tensor when `load` names its module, and its digest is recorded so that the
+saved folder describes the same source as a whole-model load would.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.core.digest import digest_entries, tensor_entry
+from lowbit.core.quantize import check_finite
+from lowbit.evaluate.memory import release_freed_memory
+from lowbit.errors import LowbitWarning, ModelLoadError, QuantizationError
+from lowbit.families import transformers as hf
+from lowbit.transform.quantize import quantize
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 << 20
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: the safetensors file holding it}, from the shards' index or the single file."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ModelLoadError(f"{index} is not a safetensors index: {error}") from None
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: weight_map is not an object")
+        files = {}
+        for key, name in weight_map.items():
+            path = folder / str(name)
+            if Path(str(name)).name != name or not path.is_file():
+                raise ModelLoadError(f"{index} names {name!r} for {key!r}, which is not a file in {folder}")
+            files[key] = path
+        return files
+    single = folder / SINGLE_FILE
+    if not single.is_file():
+        raise ModelLoadError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE} to read weights from")
+    return dict.fromkeys(_keys(single), single)
+
+
+def _keys(path: Path) -> list[str]:
+    return list(_header(path)[1])
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+Stored = tuple[torch.dtype, tuple[int, ...], int, int]  # dtype, shape, first and end byte
+
+
+@functools.lru_cache(maxsize=8)
+def _header(path: Path) -> tuple[int, dict[str, Stored]]:
+    """(where the data starts, {tensor name: its dtype, shape and byte range}) of a safetensors
+    file: an 8-byte little-endian header length, a JSON header, then the data. Each range is
+    checked against the file's size and the tensor's dtype and shape."""
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"a {length}-byte header")
+            header = json.loads(handle.read(length))
+        start, size, stored = 8 + length, path.stat().st_size, {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            dtype, shape, (first, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+            if not (0 <= first <= end and start + end <= size
+                    and end - first == torch.Size(shape).numel() * dtype.itemsize):
+                raise ValueError(f"{key}'s bytes {first}..{end} do not fit its shape or the file")
+            stored[key] = (dtype, shape, first, end)
+        return start, stored
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read into fresh memory (not memory-mapped: the file's
+    pages never count towards the process's memory)."""
+    start, stored = _header(path)
+    dtype, shape, first, end = stored[key]
+    tensor = torch.empty(shape, dtype=dtype)
+    with path.open("rb") as handle:
+        handle.seek(start + first)
+        if handle.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - first:
+            raise ModelLoadError(f"{path} is truncated: {key} is cut short")
+    return tensor
+
+
+class LazyWeights:
+    """The float parameters of `model` (on the meta device), read from `files` module by module."""
+
+    def __init__(self, model: nn.Module, files: dict[str, Path]) -> None:
+        self.model, self.files = model, files
+        self.names: dict[int, list[str]] = {}  # a parameter on meta (tied ones share it) -> its names
+        self.read: dict[int, list[str]] = {}  # the same for parameters read from the files
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(parameter), []).append(name)
+        missing = [names[0] for names in self.names.values() if not any(name in files for name in names)]
+        expected = {name for names in self.names.values() for name in names}
+        unexpected = sorted(set(files) - expected)
+        if missing or unexpected:
+            raise ModelLoadError(
+                "the safetensors files do not hold this model's parameters under their names "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        state = model.state_dict(keep_vars=True)
+        self.entries: dict[str, tuple[str, str]] = {  # state-dict name -> (its description, sha256)
+            name: tensor_entry(tensor) for name, tensor in state.items() if not tensor.is_meta}
+        self.order = list(state)
+        self.bytes = sum(_float_bytes(tensor) for tensor in state.values())
+        self.parameters = sum(parameter.numel() for parameter in model.parameters())
+
+    def load(self, modules: Iterable[str]) -> None:
+        """Read the parameters of the named modules (and of their submodules) still on meta,
+        first handing back to the system what the modules quantized before them freed."""
+        unread = {id(parameter): parameter for prefix in modules  # a tied parameter once
+                  for parameter in self.model.get_submodule(prefix).parameters() if parameter.is_meta}
+        if unread:
+            release_freed_memory()
+        for parameter in unread.values():
+            self._read(parameter)
+
+    def load_all(self) -> None:
+        self.load([""])
+
+    def release(self, modules: Iterable[str]) -> None:
+        """Put the read parameters of the named modules back on meta, to be read again when next
+        needed (an embedding and LM head GPTQ needs only before the first block and at the end)."""
+        for prefix in modules:
+            for parameter in list(self.model.get_submodule(prefix).parameters()):
+                names = self.read.pop(id(parameter), None)
+                if names is not None:
+                    meta = nn.Parameter(parameter.to("meta"), requires_grad=False)
+                    self.names[id(meta)] = names
+                    self._put(names, parameter, meta)
+
+    def source(self) -> dict[str, Any]:
+        """The float model's description (lowbit.transform.quantize.describe_source), once every
+        parameter has been read."""
+        self.load_all()
+        return {"class": type(self.model).__name__,
+                "parameters": self.parameters,
+                "bytes": self.bytes,
+                "sha256": digest_entries((name, *self.entries[name]) for name in sorted(self.order))}
+
+    def _read(self, parameter: nn.Parameter) -> None:
+        names = self.names.pop(id(parameter))
+        key = next(name for name in names if name in self.files)
+        tensor = read_tensor(self.files[key], key)
+        if tuple(tensor.shape) != tuple(parameter.shape):
+            raise ModelLoadError(f"{key} in {self.files[key].name} has shape {tuple(tensor.shape)}; "
+                                 f"the model's config gives {tuple(parameter.shape)}")
+        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        try:
+            check_finite(tensor, f"parameter {key!r}")
+        except QuantizationError as error:
+            raise ModelLoadError(str(error)) from None
+        loaded, entry = nn.Parameter(tensor, requires_grad=False), tensor_entry(tensor)
+        self._put(names, parameter, loaded)
+        self.read[id(loaded)] = names
+        self.entries.update(dict.fromkeys(names, entry))
+
+    def _put(self, names: list[str], old: nn.Parameter, new: nn.Parameter) -> None:
+        """`new` in place of `old` wherever a module still holds `old` (not in a module that a
+        quantized one has replaced by now)."""
+        for name in names:
+            owner, _, attribute = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            if module._parameters.get(attribute) is old:
+                module._parameters[attribute] = new
+
+
+def _float_bytes(tensor: torch.Tensor) -> int:
+    """Bytes the tensor takes once loaded (parameters as float32, as a whole-model load makes them)."""
+    size = 4 if tensor.is_floating_point() else tensor.element_size()
+    return tensor.numel() * size
+
+
+def open_lazily(folder: str | Path) -> tuple[nn.Module, LazyWeights]:
+    """The transformers model in `folder` with its parameters on meta, and what reads them."""
+    folder = Path(folder)
+    files = weight_files(folder)
+    model = hf.empty_pretrained(folder)
+    return model, LazyWeights(model, files)
+
+
+def quantize_pretrained(folder: str | Path, recipe: Any = "w8a8-dynamic", **options: Any) -> nn.Module:
+    """`lowbit.quantize` of the transformers model in `folder`, its weights read from their
+    safetensors files (sharded or not) only as each module, or each block for GPTQ and AWQ, is
+    quantized: peak memory is about the quantized model plus one block, not the float model.
+    (SmoothQuant and static recipes run the whole float model first, so they read it all.)
+    A checkpoint whose tensor names differ from the model's is loaded whole, with a warning."""
+    try:
+        model, weights = open_lazily(folder)
+    except ModelLoadError as error:
+        if "do not hold this model's parameters" not in str(error):
+            raise
+        warnings.warn(f"{error}: loading the whole model instead", LowbitWarning, stacklevel=2)
+        return quantize(hf.load_pretrained(folder), recipe, inplace=True, **options)
+    return quantize(model, recipe, weights=weights, **options)

@@ -1,0 +1,138 @@
+"""Quantizing a transformers folder module by module from its safetensors shards
+(lowbit.quantize_pretrained, and `lowbit quantize` on a folder): the same result as a whole-model
+load, and a process whose memory is capped below the float model's size still quantizes it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import ModelLoadError
+from lowbit.families import transformers as hf
+from lowbit.families.lazy_weights import open_lazily
+
+
+def _llama(folder, layers, hidden, intermediate, vocab, shard):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    return _llama(tmp_path_factory.mktemp("sharded"), 3, 64, 128, 500, "100KB")
+
+
+def _same_state(a, b):
+    first, second = a.state_dict(), b.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("recipe", ["w4-g32", "w8", "w8a8-dynamic"])
+def test_read_module_by_module_equals_a_whole_load(sharded, recipe):
+    assert len(list(sharded.glob("model-*.safetensors"))) > 3
+    lazy = lowbit.quantize_pretrained(sharded, recipe, progress=False)
+    whole = lowbit.quantize(hf.load_pretrained(sharded), recipe, progress=False)
+    assert _same_state(lazy, whole)
+    assert lazy.lowbit_source == whole.lowbit_source  # the same source digest, read a tensor at a time
+    assert lazy.lm_head.weight is lazy.model.embed_tokens.weight  # tied: stored once
+    ids = torch.randint(0, 500, (2, 11))
+    with torch.inference_mode():
+        assert torch.equal(lazy(ids).logits, whole(ids).logits)
+
+
+def test_gptq_reads_one_block_at_a_time_and_equals_a_whole_load(sharded):
+    calibration = [torch.randint(0, 500, (2, 96), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model, weights = open_lazily(sharded)
+    seen = []
+    load = weights.load
+    weights.load = lambda modules: (seen.append(list(modules)), load(modules))
+    lazy = lowbit.quantize(model, "w4-gptq", calibration=calibration, weights=weights, progress=False)
+    whole = lowbit.quantize(hf.load_pretrained(sharded), "w4-gptq", calibration=calibration, progress=False)
+    assert _same_state(lazy, whole)
+    blocks = [modules for modules in seen if modules and modules[0].startswith("model.layers.")
+              and modules[0].count(".") == 2]
+    assert blocks == [["model.layers.0"], ["model.layers.1"], ["model.layers.2"]]
+    assert not any(parameter.is_meta for parameter in lazy.parameters())
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused(sharded, tmp_path):
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in sharded.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="model.layers.1.mlp.up_proj.weight"):
+        open_lazily(broken)
+
+
+def test_a_truncated_shard_is_refused(sharded, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in sharded.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    last = sorted(broken.glob("model-*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        lowbit.quantize_pretrained(broken, "w8", progress=False)
+
+
+# Quantizes a folder in a process whose address space is capped at what it uses after a warm-up
+# run (imports, first kernels) plus BUDGET bytes: the float model does not fit in that budget.
+CAPPED = textwrap.dedent("""
+    import resource, sys
+    import torch
+    import lowbit
+    from lowbit.families import transformers as hf
+    torch.set_num_threads(1)
+    warm, big, out, mode, budget = sys.argv[1:6]
+
+    def run(folder, target):
+        if mode == "lazy":
+            model = lowbit.quantize_pretrained(folder, "w4-g64", progress=False)
+        else:
+            model = lowbit.quantize(hf.load_pretrained(folder), "w4-g64", inplace=True, progress=False)
+        lowbit.save(model, target, runtime="torch")
+
+    run(warm, out + "-warm")
+    size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + int(budget), resource.RLIM_INFINITY))
+    try:
+        run(big, out)
+    except Exception as error:  # a MemoryError, or one that wraps a failed allocation or mmap
+        if isinstance(error, MemoryError) or "Cannot allocate memory" in repr(error.__cause__ or error):
+            sys.exit(3)
+        raise
+""")
+
+
+def test_a_model_larger_than_the_memory_cap_is_quantized_shard_by_shard(tmp_path):
+    # 8 blocks of hidden 384: 20M parameters, 80 MB in float32, in 10 MB shards; the cap leaves
+    # half of that over what a warm-up on a one-block model left the process using
+    big = _llama(tmp_path / "big", 8, 384, 1536, 8192, "10MB")
+    warm = _llama(tmp_path / "warm", 1, 384, 1536, 8192, "10MB")
+    budget = sum(path.stat().st_size for path in big.glob("*.safetensors")) // 2
+
+    def capped(mode):
+        command = [sys.executable, "-c", CAPPED, str(warm), str(big), str(tmp_path / mode), mode, str(budget)]
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+
+    runs = {mode: capped(mode) for mode in ("whole", "lazy")}
+    errors = {mode: run.communicate(timeout=300)[1] for mode, run in runs.items()}
+    assert runs["whole"].returncode == 3, errors["whole"][-2000:]  # the cap is real: a whole load fails
+    assert runs["lazy"].returncode == 0, errors["lazy"][-2000:]
+    expected = lowbit.quantize_pretrained(big, "w4-g64", progress=False)
+    assert _same_state(lowbit.load(tmp_path / "lazy"), expected)
