@@ -43,6 +43,7 @@ RECIPES = {
     "lowbit RTN g64, int4 head": lowbit.make_recipe("w4-g64"),
     "lowbit RTN g64": lowbit.make_recipe("w4-g64", overrides=HEAD_INT8),
     "lowbit GPTQ g64": lowbit.make_recipe("w4-gptq", overrides=HEAD_INT8),
+    "lowbit HQQ g64": lowbit.make_recipe("w4-hqq", overrides=HEAD_INT8),
     "lowbit AWQ g64": lowbit.make_recipe("w4-awq", overrides=HEAD_INT8),
 }
 
