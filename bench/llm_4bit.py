@@ -14,9 +14,13 @@ ONNX Runtime rows: the fp32 model exported as bench.smollm2 does, then quantized
 block quantizer, HQQ, and RTN through Intel Neural Compressor), as its users run them.
 optimum-quanto row: `quantize(model, weights=qint4)` and `freeze`, its default groups, the LM head
 (tied to the float32 embedding) left in float, saved with torch.save.
+Decode speed: greedy tokens per second after a 64-token prompt, the median of --runs interleaved
+rounds in shuffled order (bench.smollm2.decode_speed); lowbit rows decode from their folder saved
+for ONNX Runtime with int8 activations (`runtime="onnxruntime", accuracy_level=4`), the fp32 and
+quanto models in PyTorch, ONNX Runtime's with its cached-step graph, llama.cpp's in llama.cpp.
 Writes bench/results/llm_4bit.json.
 
-    .venv/bin/python -m bench.llm_4bit [--threads 2] [--tokens 4096] [--calibration 128]
+    .venv/bin/python -m bench.llm_4bit [--threads 2] [--tokens 4096] [--calibration 128] [--runs 3]
 """
 
 from __future__ import annotations
@@ -31,7 +35,16 @@ import torch
 import lowbit
 from bench import llamacpp
 from bench.common import bench_arguments, print_table, write_json
-from bench.smollm2 import export_cached_step, onnx_contender, perplexity
+from bench.smollm2 import (
+    PROMPT_TOKENS,
+    Contender,
+    decode_speed,
+    export_cached_step,
+    lowbit_onnx_contender,
+    onnx_contender,
+    perplexity,
+    torch_contender,
+)
 from lowbit.data import assets
 from lowbit.data.batches import language_model_windows
 from lowbit.evaluate import folder_bytes
@@ -80,7 +93,7 @@ def smollm2_workload(tokens: int, sequences: int) -> tuple[Path, list[dict], lis
     return path, windows, calibration, fp32
 
 
-def lowbit_rows(fp32, windows, calibration, scratch: Path) -> list[dict]:
+def lowbit_rows(fp32, windows, calibration, scratch: Path, contenders: dict[str, Contender]) -> list[dict]:
     rows = []
     baseline = current_rss_bytes()
     for name, recipe in RECIPES.items():
@@ -89,6 +102,9 @@ def lowbit_rows(fp32, windows, calibration, scratch: Path) -> list[dict]:
             quantized = lowbit.quantize(fp32, recipe, calibration=calibration)
         seconds = time.perf_counter() - start
         folder = lowbit.save(quantized, scratch / name.replace(" ", "-").replace(",", ""), runtime="torch")
+        served = lowbit.save(quantized, folder.with_name(folder.name + "-ort"), runtime="onnxruntime",
+                             accuracy_level=4)
+        contenders[name] = lowbit_onnx_contender(served)
         rows.append({"model": name, "perplexity": perplexity(lambda ids, q=quantized: q(ids).logits, windows),
                      "size_mb": folder_bytes(folder) / 1e6, "quantize_s": seconds,
                      "peak_rss_gb": memory.peak / 1e9, "rss_over_model_gb": (memory.peak - baseline) / 1e9})
@@ -97,7 +113,7 @@ def lowbit_rows(fp32, windows, calibration, scratch: Path) -> list[dict]:
     return rows
 
 
-def llamacpp_rows(windows, threads: int) -> list[dict]:
+def llamacpp_rows(windows, threads: int, contenders: dict[str, Contender]) -> list[dict]:
     if not llamacpp.available():
         print("llama.cpp is not installed: `make bench-llamacpp` builds it and adds its rows")
         return []
@@ -107,6 +123,7 @@ def llamacpp_rows(windows, threads: int) -> list[dict]:
         path = llamacpp.quantized_gguf(kind, threads)
         seconds = time.perf_counter() - start  # 0 when the file was already cached
         model = llamacpp.LlamaCpp(path, threads)
+        contenders[f"llama.cpp {kind}"] = Contender(model.logits, model.timed_decode, model.size_bytes)
         rows.append({"model": f"llama.cpp {kind}", "size_mb": path.stat().st_size / 1e6,
                      "perplexity": perplexity(model.logits, windows),
                      "quantize_s": seconds})
@@ -114,7 +131,7 @@ def llamacpp_rows(windows, threads: int) -> list[dict]:
     return rows
 
 
-def quanto_rows(fp32, windows, scratch: Path) -> list[dict]:
+def quanto_rows(fp32, windows, scratch: Path, contenders: dict[str, Contender]) -> list[dict]:
     """optimum-quanto as its users run it: `quantize(model, weights=qint4)` and `freeze`, int4
     weights in its default groups, float activations, the LM head left in float (transformers'
     quanto integration leaves the output embedding so)."""
@@ -136,6 +153,14 @@ def quanto_rows(fp32, windows, scratch: Path) -> list[dict]:
         with torch.inference_mode(False), torch.no_grad():  # quanto's tensors refuse inference mode
             return model(ids.clone()).logits
 
+    plain = torch_contender(model, path.stat().st_size)
+
+    def decode(prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+        with torch.inference_mode(False), torch.no_grad():
+            return plain.decode(prompt.clone(), new_tokens)
+
+    contenders["optimum-quanto qint4"] = Contender(logits, decode, plain.size_bytes)
+
     row = {"model": "optimum-quanto qint4", "perplexity": perplexity(logits, windows),
            "size_mb": path.stat().st_size / 1e6, "quantize_s": seconds,
            "peak_rss_gb": memory.peak / 1e9}
@@ -155,7 +180,7 @@ def ort_config(mode: str):
             "RTN": nbits.RTNWeightOnlyQuantConfig}[mode]()
 
 
-def ort_rows(fp32, windows, threads: int, scratch: Path) -> list[dict]:
+def ort_rows(fp32, windows, threads: int, scratch: Path, contenders: dict[str, Contender]) -> list[dict]:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     source = export_cached_step(fp32, scratch / "fp32.onnx")
@@ -175,7 +200,7 @@ def ort_rows(fp32, windows, threads: int, scratch: Path) -> list[dict]:
             print(rows[-1], flush=True)
             continue
         seconds = time.perf_counter() - start
-        model = onnx_contender(target, fp32.config, threads)
+        model = contenders[label] = onnx_contender(target, fp32.config, threads)
         rows.append({"model": label, "perplexity": perplexity(model.logits, windows),
                      "size_mb": target.stat().st_size / 1e6, "quantize_s": seconds,
                      "peak_rss_gb": memory.peak / 1e9})
@@ -184,23 +209,29 @@ def ort_rows(fp32, windows, threads: int, scratch: Path) -> list[dict]:
 
 
 def main() -> None:
-    args = bench_arguments(__doc__, extra={"--tokens": 4096, "--calibration": 128})
+    args = bench_arguments(__doc__, runs=3, extra={"--tokens": 4096, "--calibration": 128})
     path, windows, calibration, fp32 = smollm2_workload(args.tokens, args.calibration)
+    size = folder_bytes(path / "model.safetensors")
     rows = [{"model": "fp32", "perplexity": perplexity(lambda ids: fp32(ids).logits, windows),
-             "size_mb": folder_bytes(path / "model.safetensors") / 1e6}]
+             "size_mb": size / 1e6}]
+    contenders = {"fp32": torch_contender(fp32, size)}
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
-        rows += lowbit_rows(fp32, windows, calibration, Path(scratch))
-        rows += ort_rows(fp32, windows, args.threads, Path(scratch))
-        rows += quanto_rows(fp32, windows, Path(scratch))
-    rows += llamacpp_rows(windows, args.threads)
+        rows += lowbit_rows(fp32, windows, calibration, Path(scratch), contenders)
+        rows += ort_rows(fp32, windows, args.threads, Path(scratch), contenders)
+        rows += quanto_rows(fp32, windows, Path(scratch), contenders)
+        rows += llamacpp_rows(windows, args.threads, contenders)
+        with torch.inference_mode():
+            speeds = decode_speed(contenders, windows[0]["input_ids"][:, :PROMPT_TOKENS], args.runs)
     for row in rows:
         if "perplexity" in row:
             row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"]
+        if row["model"] in speeds:
+            row["decode_tokens_per_second"] = speeds[row["model"]]["decode_tokens_per_second"]
     print_table(f"SmolLM2-135M at 4 bits, perplexity over {args.tokens} tokens, GPTQ calibrated on "
                 f"{args.calibration} × 512 tokens, {args.threads} threads",
                 rows, [("model", "model"), ("perplexity", "perplexity"), ("perplexity_vs_fp32", "× fp32"),
                        ("size_mb", "MB"), ("quantize_s", "quantize s"), ("peak_rss_gb", "peak RSS GB"),
-                       ("rss_over_model_gb", "RSS over fp32 GB")])
+                       ("rss_over_model_gb", "RSS over fp32 GB"), ("decode_tokens_per_second", "decode tok/s")])
     payload = {"threads": args.threads, "tokens": args.tokens, "calibration": args.calibration, "rows": rows}
     print(f"results: {write_json('llm_4bit', payload)}")
 

@@ -188,14 +188,40 @@ def stored_codes(graph: Graph, codes: list[np.ndarray]) -> str:
 @LINEAR_OPS.register("matmul_nbits")
 def matmul_nbits(graph: Graph, module: nn.Module, x: str, accuracy_level: int) -> str:
     weights = [nbits_weights(part, graph.max_block) for part in parts(module)]
-    _, _, _, bits, block = weights[0]
+    _, _, zero_points, bits, block = weights[0]
+    fractions = None
+    if zero_points.dtype != np.uint8:  # float zero points (HQQ's): see `_float_zero_points`
+        weights, fractions = _float_zero_points(weights)
     inputs = [x, stored_codes(graph, [codes for codes, *_ in weights]),
               graph.joined("scales", [scales.reshape(-1) for _, scales, *_ in weights]),
               graph.joined("zero_points", [zero_points.reshape(-1) for _, _, zero_points, *_ in weights]),
               "", _bias(graph, module)]
-    return graph.node("MatMulNBits", inputs if inputs[-1] else inputs[:4], domain=MICROSOFT,
-                      K=module.in_features, N=module.out_features, bits=bits, block_size=block,
-                      accuracy_level=accuracy_level)
+    product = graph.node("MatMulNBits", inputs if inputs[-1] else inputs[:4], domain=MICROSOFT,
+                         K=module.in_features, N=module.out_features, bits=bits, block_size=block,
+                         accuracy_level=accuracy_level)
+    if fractions is None:
+        return product
+    sums = graph.node("MatMul", [x, graph.constant("block_sums", _block_sums(module.in_features, block))])
+    return graph.node("Sub", [product, graph.node("MatMul", [sums, graph.constant("zero_fractions", fractions)])])
+
+
+def _float_zero_points(weights: list[NbitsWeights]) -> tuple[list[NbitsWeights], np.ndarray]:
+    """MatMulNBits with float zero points dequantizes every call (20× slower here), so a float zero
+    point z splits into its nearest grid level n, which the kernel takes, and the rest: (q − z)·s =
+    (q − n)·s − (z − n)·s. The rest is one value per block of each output; the graph subtracts
+    x's block sums times it (two small matmuls). Returns the weights with packed integer zero
+    points, and the rests as a (blocks, outputs) matrix."""
+    split, fractions = [], []
+    for codes, scales, zero_points, bits, block in weights:
+        nearest = np.clip(np.rint(zero_points), 0, 15)
+        split.append((codes, scales, _pack_nibbles(nearest.astype(np.uint8)), bits, block))
+        fractions.append(((zero_points - nearest) * scales).astype(np.float32))
+    return split, np.concatenate(fractions, axis=0).T.copy()
+
+
+def _block_sums(width: int, block: int) -> np.ndarray:
+    """(width, blocks) of ones where input k lies in block b: x @ it sums x over each block."""
+    return np.kron(np.eye(width // block, dtype=np.float32), np.ones((block, 1), np.float32))
 
 
 def _channel_scales(module: nn.Module) -> np.ndarray:
