@@ -231,7 +231,8 @@ def main() -> None:
                 f"{args.calibration} × 512 tokens, {args.threads} threads",
                 rows, [("model", "model"), ("perplexity", "perplexity"), ("perplexity_vs_fp32", "× fp32"),
                        ("size_mb", "MB"), ("quantize_s", "quantize s"), ("peak_rss_gb", "peak RSS GB"),
-                       ("rss_over_model_gb", "RSS over fp32 GB"), ("decode_tokens_per_second", "decode tok/s")])
+                       ("rss_over_model_gb", "RSS over fp32 GB"),
+                       ("decode_tokens_per_second", "decode tok/s")])
     payload = {"threads": args.threads, "tokens": args.tokens, "calibration": args.calibration, "rows": rows}
     print(f"results: {write_json('llm_4bit', payload)}")
 

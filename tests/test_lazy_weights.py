@@ -52,7 +52,8 @@ def test_read_module_by_module_equals_a_whole_load(sharded, recipe):
 
 
 def test_gptq_reads_one_block_at_a_time_and_equals_a_whole_load(sharded):
-    calibration = [torch.randint(0, 500, (2, 96), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibration = [torch.randint(0, 500, (2, 96), generator=torch.Generator().manual_seed(seed))
+                   for seed in range(2)]
     model, weights = open_lazily(sharded)
     seen = []
     load = weights.load

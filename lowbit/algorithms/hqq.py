@@ -25,6 +25,7 @@ import torch
 
 from lowbit.algorithms import ALGORITHMS, Algorithm
 from lowbit.core import Granularity, QuantizedTensor
+from lowbit.core.qtypes import get_qtype
 from lowbit.core.quantize import (
     ROUNDED_AT_ONCE,
     check_finite,
@@ -33,7 +34,6 @@ from lowbit.core.quantize import (
     scale_shape,
     to_blocks,
 )
-from lowbit.core.qtypes import get_qtype
 from lowbit.nn.qweight import round_to_nearest, storage_qtype
 from lowbit.nn.spec import LayerSpec
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from lowbit.core.digest import digest_entries, tensor_entry
 from lowbit.core.quantize import check_finite
-from lowbit.evaluate.memory import release_freed_memory
 from lowbit.errors import LowbitWarning, ModelLoadError, QuantizationError
+from lowbit.evaluate.memory import release_freed_memory
 from lowbit.families import transformers as hf
 from lowbit.transform.quantize import quantize
 

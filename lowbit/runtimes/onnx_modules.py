@@ -202,7 +202,8 @@ def matmul_nbits(graph: Graph, module: nn.Module, x: str, accuracy_level: int) -
     if fractions is None:
         return product
     sums = graph.node("MatMul", [x, graph.constant("block_sums", _block_sums(module.in_features, block))])
-    return graph.node("Sub", [product, graph.node("MatMul", [sums, graph.constant("zero_fractions", fractions)])])
+    correction = graph.node("MatMul", [sums, graph.constant("zero_fractions", fractions)])
+    return graph.node("Sub", [product, correction])
 
 
 def _float_zero_points(weights: list[NbitsWeights]) -> tuple[list[NbitsWeights], np.ndarray]:

@@ -172,7 +172,8 @@ BeforeRounding = Callable[[str, dict[str, torch.Tensor], Callable[[], torch.Tens
 def _outside(model: nn.Module, prefix: str) -> list[str]:
     """The modules holding parameters of their own outside the blocks under `prefix`."""
     return [name for name, module in model.named_modules()
-            if name != prefix and not name.startswith(f"{prefix}.") and next(module.parameters(False), None) is not None]
+            if name != prefix and not name.startswith(f"{prefix}.")
+            and next(module.parameters(False), None) is not None]
 
 
 def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], build: Build,
