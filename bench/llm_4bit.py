@@ -94,7 +94,7 @@ def smollm2_workload(tokens: int, sequences: int) -> tuple[Path, list[dict], lis
 
 
 def lowbit_rows(fp32, windows, calibration, scratch: Path, contenders: dict[str, Contender]) -> list[dict]:
-    rows = []
+    rows, served = [], {}
     baseline = current_rss_bytes()
     for name, recipe in RECIPES.items():
         start = time.perf_counter()
@@ -102,14 +102,15 @@ def lowbit_rows(fp32, windows, calibration, scratch: Path, contenders: dict[str,
             quantized = lowbit.quantize(fp32, recipe, calibration=calibration)
         seconds = time.perf_counter() - start
         folder = lowbit.save(quantized, scratch / name.replace(" ", "-").replace(",", ""), runtime="torch")
-        served = lowbit.save(quantized, folder.with_name(folder.name + "-ort"), runtime="onnxruntime",
-                             accuracy_level=4)
-        contenders[name] = lowbit_onnx_contender(served)
+        served[name] = lowbit.save(quantized, folder.with_name(folder.name + "-ort"), runtime="onnxruntime",
+                                   accuracy_level=4)
         rows.append({"model": name, "perplexity": perplexity(lambda ids, q=quantized: q(ids).logits, windows),
                      "size_mb": folder_bytes(folder) / 1e6, "quantize_s": seconds,
                      "peak_rss_gb": memory.peak / 1e9, "rss_over_model_gb": (memory.peak - baseline) / 1e9})
         print(rows[-1], flush=True)
         del quantized
+    # loaded only now, so that no row's peak memory holds the sessions of the rows before it
+    contenders.update({name: lowbit_onnx_contender(folder) for name, folder in served.items()})
     return rows
 
 

@@ -51,6 +51,13 @@ def test_read_module_by_module_equals_a_whole_load(sharded, recipe):
         assert torch.equal(lazy(ids).logits, whole(ids).logits)
 
 
+def test_a_real_bert_checkpoint_with_a_saved_buffer_reads_as_a_whole_load_does(minilm):
+    model, _, path = minilm  # its file holds embeddings.position_ids, a buffer transformers ignores
+    lazy = lowbit.quantize_pretrained(path, "w8a8-dynamic", progress=False)
+    whole = lowbit.quantize(model, "w8a8-dynamic", progress=False)
+    assert _same_state(lazy, whole) and lazy.lowbit_source == whole.lowbit_source
+
+
 def test_gptq_reads_one_block_at_a_time_and_equals_a_whole_load(sharded):
     calibration = [torch.randint(0, 500, (2, 96), generator=torch.Generator().manual_seed(seed))
                    for seed in range(2)]

@@ -11,7 +11,6 @@ saved folder describes the same source as a whole-model load would.
 
 from __future__ import annotations
 
-import functools
 import json
 import warnings
 from collections.abc import Iterable
@@ -66,7 +65,11 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 Stored = tuple[torch.dtype, tuple[int, ...], int, int]  # dtype, shape, first and end byte
 
 
-@functools.lru_cache(maxsize=8)
+class NamesDifferError(ModelLoadError):
+    """The checkpoint's tensor names are not the model's parameter names (an older naming that
+    transformers' own loader renames): it is loaded whole instead."""
+
+
 def _header(path: Path) -> tuple[int, dict[str, Stored]]:
     """(where the data starts, {tensor name: its dtype, shape and byte range}) of a safetensors
     file: an 8-byte little-endian header length, a JSON header, then the data. Each range is
@@ -91,10 +94,10 @@ def _header(path: Path) -> tuple[int, dict[str, Stored]]:
         raise ModelLoadError(f"{path} is not a readable safetensors file: {error}") from None
 
 
-def read_tensor(path: Path, key: str) -> torch.Tensor:
-    """One tensor of a safetensors file, read into fresh memory (not memory-mapped: the file's
-    pages never count towards the process's memory)."""
-    start, stored = _header(path)
+def read_tensor(path: Path, key: str, header: tuple[int, dict[str, Stored]] | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file (whose `_header` may be given), read into fresh memory (not
+    memory-mapped: the file's pages never count towards the process's memory)."""
+    start, stored = header or _header(path)
     dtype, shape, first, end = stored[key]
     tensor = torch.empty(shape, dtype=dtype)
     with path.open("rb") as handle:
@@ -111,16 +114,20 @@ class LazyWeights:
         self.model, self.files = model, files
         self.names: dict[int, list[str]] = {}  # a parameter on meta (tied ones share it) -> its names
         self.read: dict[int, list[str]] = {}  # the same for parameters read from the files
+        self.headers: dict[Path, tuple[int, dict[str, Stored]]] = {}  # each file's, read once
         for name, parameter in model.named_parameters(remove_duplicate=False):
             self.names.setdefault(id(parameter), []).append(name)
         missing = [names[0] for names in self.names.values() if not any(name in files for name in names)]
-        expected = {name for names in self.names.values() for name in names}
+        buffers = dict(model.named_buffers(remove_duplicate=False))  # a checkpoint may hold them
+        expected = {name for names in self.names.values() for name in names} | set(buffers)
         unexpected = sorted(set(files) - expected)
         if missing or unexpected:
-            raise ModelLoadError(
+            raise NamesDifferError(
                 "the safetensors files do not hold this model's parameters under their names "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         state = model.state_dict(keep_vars=True)
+        for name in buffers.keys() & state.keys() & files.keys():  # saved buffers (a norm's running
+            state[name] = self._read_buffer(name)  # statistics) are read now, as a whole load does
         self.entries: dict[str, tuple[str, str]] = {  # state-dict name -> (its description, sha256)
             name: tensor_entry(tensor) for name, tensor in state.items() if not tensor.is_meta}
         self.order = list(state)
@@ -160,10 +167,23 @@ class LazyWeights:
                 "bytes": self.bytes,
                 "sha256": digest_entries((name, *self.entries[name]) for name in sorted(self.order))}
 
+    def _read_buffer(self, name: str) -> torch.Tensor:
+        owner, _, attribute = name.rpartition(".")
+        module = self.model.get_submodule(owner)
+        saved = read_tensor(self.files[name], name)
+        if saved.shape != module._buffers[attribute].shape:
+            raise ModelLoadError(f"{name} has shape {tuple(saved.shape)}; the model's config gives "
+                                 f"{tuple(module._buffers[attribute].shape)}")
+        module._buffers[attribute] = saved.float() if saved.is_floating_point() else saved
+        return module._buffers[attribute]
+
     def _read(self, parameter: nn.Parameter) -> None:
         names = self.names.pop(id(parameter))
         key = next(name for name in names if name in self.files)
-        tensor = read_tensor(self.files[key], key)
+        path = self.files[key]
+        if path not in self.headers:
+            self.headers[path] = _header(path)
+        tensor = read_tensor(path, key, self.headers[path])
         if tuple(tensor.shape) != tuple(parameter.shape):
             raise ModelLoadError(f"{key} in {self.files[key].name} has shape {tuple(tensor.shape)}; "
                                  f"the model's config gives {tuple(parameter.shape)}")
@@ -209,9 +229,7 @@ def quantize_pretrained(folder: str | Path, recipe: Any = "w8a8-dynamic", **opti
     A checkpoint whose tensor names differ from the model's is loaded whole, with a warning."""
     try:
         model, weights = open_lazily(folder)
-    except ModelLoadError as error:
-        if "do not hold this model's parameters" not in str(error):
-            raise
+    except NamesDifferError as error:
         warnings.warn(f"{error}: loading the whole model instead", LowbitWarning, stacklevel=2)
         return quantize(hf.load_pretrained(folder), recipe, inplace=True, **options)
     return quantize(model, recipe, weights=weights, **options)
