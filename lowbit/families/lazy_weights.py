@@ -22,14 +22,14 @@ from torch import nn
 
 from lowbit.core.digest import digest_entries, tensor_entry
 from lowbit.core.quantize import check_finite
-from lowbit.errors import LowbitWarning, ModelLoadError, QuantizationError
+from lowbit.errors import FormatError, LowbitWarning, ModelLoadError, QuantizationError
 from lowbit.evaluate.memory import release_freed_memory
 from lowbit.families import transformers as hf
+from lowbit.formats.safetensors_layout import Layout, layout, read_tensor
 from lowbit.transform.quantize import quantize
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 << 20
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -56,13 +56,7 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 
 def _keys(path: Path) -> list[str]:
-    return list(_header(path)[1])
-
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-Stored = tuple[torch.dtype, tuple[int, ...], int, int]  # dtype, shape, first and end byte
+    return list(_layout(path)[1])
 
 
 class NamesDifferError(ModelLoadError):
@@ -70,41 +64,11 @@ class NamesDifferError(ModelLoadError):
     transformers' own loader renames): it is loaded whole instead."""
 
 
-def _header(path: Path) -> tuple[int, dict[str, Stored]]:
-    """(where the data starts, {tensor name: its dtype, shape and byte range}) of a safetensors
-    file: an 8-byte little-endian header length, a JSON header, then the data. Each range is
-    checked against the file's size and the tensor's dtype and shape."""
+def _layout(path: Path) -> Layout:
     try:
-        with path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if length > MAX_HEADER_BYTES:
-                raise ValueError(f"a {length}-byte header")
-            header = json.loads(handle.read(length))
-        start, size, stored = 8 + length, path.stat().st_size, {}
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            dtype, shape, (first, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
-            if not (0 <= first <= end and start + end <= size
-                    and end - first == torch.Size(shape).numel() * dtype.itemsize):
-                raise ValueError(f"{key}'s bytes {first}..{end} do not fit its shape or the file")
-            stored[key] = (dtype, shape, first, end)
-        return start, stored
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ModelLoadError(f"{path} is not a readable safetensors file: {error}") from None
-
-
-def read_tensor(path: Path, key: str, header: tuple[int, dict[str, Stored]] | None = None) -> torch.Tensor:
-    """One tensor of a safetensors file (whose `_header` may be given), read into fresh memory (not
-    memory-mapped: the file's pages never count towards the process's memory)."""
-    start, stored = header or _header(path)
-    dtype, shape, first, end = stored[key]
-    tensor = torch.empty(shape, dtype=dtype)
-    with path.open("rb") as handle:
-        handle.seek(start + first)
-        if handle.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - first:
-            raise ModelLoadError(f"{path} is truncated: {key} is cut short")
-    return tensor
+        return layout(path)
+    except FormatError as error:
+        raise ModelLoadError(str(error)) from None
 
 
 class LazyWeights:
@@ -114,7 +78,7 @@ class LazyWeights:
         self.model, self.files = model, files
         self.names: dict[int, list[str]] = {}  # a parameter on meta (tied ones share it) -> its names
         self.read: dict[int, list[str]] = {}  # the same for parameters read from the files
-        self.headers: dict[Path, tuple[int, dict[str, Stored]]] = {}  # each file's, read once
+        self.layouts: dict[Path, Layout] = {}  # each file's, read once
         for name, parameter in model.named_parameters(remove_duplicate=False):
             self.names.setdefault(id(parameter), []).append(name)
         missing = [names[0] for names in self.names.values() if not any(name in files for name in names)]
@@ -167,27 +131,31 @@ class LazyWeights:
                 "bytes": self.bytes,
                 "sha256": digest_entries((name, *self.entries[name]) for name in sorted(self.order))}
 
+    def _tensor(self, key: str, shape: torch.Size) -> torch.Tensor:
+        """The file's tensor `key`, checked against the `shape` the config gives, floats as float32
+        (as a whole load makes them)."""
+        path = self.files[key]
+        if path not in self.layouts:
+            self.layouts[path] = _layout(path)
+        try:
+            tensor = read_tensor(path, key, self.layouts[path])
+        except FormatError as error:
+            raise ModelLoadError(str(error)) from None
+        if tuple(tensor.shape) != tuple(shape):
+            raise ModelLoadError(f"{key} in {path.name} has shape {tuple(tensor.shape)}; "
+                                 f"the model's config gives {tuple(shape)}")
+        return tensor.float() if tensor.is_floating_point() else tensor
+
     def _read_buffer(self, name: str) -> torch.Tensor:
         owner, _, attribute = name.rpartition(".")
         module = self.model.get_submodule(owner)
-        saved = read_tensor(self.files[name], name)
-        if saved.shape != module._buffers[attribute].shape:
-            raise ModelLoadError(f"{name} has shape {tuple(saved.shape)}; the model's config gives "
-                                 f"{tuple(module._buffers[attribute].shape)}")
-        module._buffers[attribute] = saved.float() if saved.is_floating_point() else saved
+        module._buffers[attribute] = self._tensor(name, module._buffers[attribute].shape)
         return module._buffers[attribute]
 
     def _read(self, parameter: nn.Parameter) -> None:
         names = self.names.pop(id(parameter))
         key = next(name for name in names if name in self.files)
-        path = self.files[key]
-        if path not in self.headers:
-            self.headers[path] = _header(path)
-        tensor = read_tensor(path, key, self.headers[path])
-        if tuple(tensor.shape) != tuple(parameter.shape):
-            raise ModelLoadError(f"{key} in {self.files[key].name} has shape {tuple(tensor.shape)}; "
-                                 f"the model's config gives {tuple(parameter.shape)}")
-        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        tensor = self._tensor(key, parameter.shape)
         try:
             check_finite(tensor, f"parameter {key!r}")
         except QuantizationError as error:

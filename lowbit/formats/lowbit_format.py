@@ -34,6 +34,7 @@ from lowbit.errors import ChecksumError, FormatError
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.manifest import MAX_MANIFEST_BYTES, parse_json, validate_manifest
 from lowbit.formats.members import file_sha256, member, read_member, verify_member
+from lowbit.formats.safetensors_layout import layout
 
 MANIFEST = "lowbit.json"
 FORMAT_VERSION = 2
@@ -69,17 +70,12 @@ TENSOR_FILE = "model.lowbit.safetensors"  # not model.safetensors: see lowbit.fa
 
 
 def tensor_regions(folder: Path) -> list[tuple[str, int, int]]:
-    """(file, offset, length) of every tensor's bytes in the tensor files of `folder`. A
-    safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's
-    `data_offsets` (from the end of the header), then the data."""
+    """(file, offset, length) of every tensor's bytes in the tensor files of `folder`
+    (lowbit.formats.safetensors_layout)."""
     regions = []
     for file in sorted(folder.glob("model.lowbit*.safetensors")):
-        with file.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        regions += [(file.name, 8 + size + entry["data_offsets"][0],
-                     entry["data_offsets"][1] - entry["data_offsets"][0])
-                    for name, entry in header.items() if name != "__metadata__"]
+        start, stored = layout(file)
+        regions += [(file.name, start + first, end - first) for *_, first, end in stored.values()]
     return regions
 
 

@@ -63,10 +63,7 @@ def dequantized_rows(node: Any, tensors: dict[str, np.ndarray]) -> np.ndarray:
         zero_points = np.full((rows, blocks), 1 << (bits - 1), np.float32)
     else:
         stored = tensors[given].reshape(rows, -1)
-        if stored.dtype != np.uint8:  # float zero points (HQQ's), one per block
-            zero_points = stored[:, :blocks].astype(np.float32)
-        else:
-            zero_points = (_nibbles(stored) if bits == 4 else stored)[:, :blocks].astype(np.float32)
+        zero_points = (_nibbles(stored) if bits == 4 else stored)[:, :blocks].astype(np.float32)
     weight = (values - zero_points[..., None]) * scales[..., None]
     return weight.reshape(rows, -1)[:, :width]
 

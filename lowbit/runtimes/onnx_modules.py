@@ -143,14 +143,13 @@ def nbits_weights(module: nn.Module, max_block: int | None = None) -> NbitsWeigh
         block = _group_block(group, max_block)
         repeat, blocks = group // block, width // block
         scales = np.repeat(module.weight_scale.float().numpy().reshape(rows, -1), repeat, axis=1)
-        if spec.zero_point == "float":  # HQQ's: MatMulNBits takes them as float32, one per block
-            zero_points = np.repeat(module.weight_zero_point.numpy().reshape(rows, -1), repeat, axis=1)
-            return module.weight.numpy().reshape(rows, blocks, block // 2), scales, zero_points, 4, block
-        zero_points = np.repeat(module.weight_zero_point.numpy().astype(np.uint8).reshape(rows, -1), repeat,
-                                axis=1)
+        floats = spec.zero_point == "float"  # HQQ's: float32, one per block, not packed
+        zero_points = module.weight_zero_point.numpy()
+        zero_points = np.repeat((zero_points if floats else zero_points.astype(np.uint8)).reshape(rows, -1),
+                                repeat, axis=1)
         if spec.weight == "int4":  # packed two per byte, as MatMulNBits' 4-bit blocks are
             codes = module.weight.numpy().reshape(rows, blocks, block // 2)
-            return codes, scales, _pack_nibbles(zero_points), 4, block
+            return codes, scales, zero_points if floats else _pack_nibbles(zero_points), 4, block
         # int5: 0..31 one per byte, an 8-bit block with the group's zero point: the same values
         return module.weight.numpy().reshape(rows, blocks, block), scales, zero_points, 8, block
     grouped = spec.granularity.startswith("group:")
