@@ -2,6 +2,7 @@
 
 import logging
 
+import lowbit.qat  # noqa: F401 - quantization-aware training, as lowbit.qat
 import lowbit.report  # noqa: F401 - registers the Markdown and HTML renderers
 import lowbit.sklearn  # noqa: F401 - the public scikit-learn face, as lowbit.sklearn
 from lowbit.errors import (
@@ -24,6 +25,7 @@ from lowbit.families.sources import load_source
 from lowbit.formats.calibration import load_calibration
 from lowbit.formats.gguf_file import export_gguf
 from lowbit.transform.calibrate import CalibrationResult, calibrate
+from lowbit.transform.distill import distill
 from lowbit.transform.quantize import quantize
 from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
 from lowbit.tune.search import TuneResult
@@ -54,6 +56,7 @@ __all__ = [
     "bench",
     "calibrate",
     "compare",
+    "distill",
     "estimate",
     "export_gguf",
     "load",

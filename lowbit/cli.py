@@ -844,6 +844,76 @@ def export(
 
 
 @app.command()
+def qat(
+    source: Annotated[str, typer.Argument(help="A transformers folder, or package.module:factory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write; must not exist.")],
+    data: Annotated[Path, typer.Option(
+        help="Training inputs, no labels needed: .txt/.jsonl text, or .safetensors inputs.")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help=f"Preset: {', '.join(PRESETS)}.")] = "w4",
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps to train for.")] = None,
+    time_budget: Annotated[float | None, typer.Option(callback=_positive,
+        help="Seconds to train for (with --steps: whichever ends first).")] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        help="Calibration data for the static scheme's activation grids (w8a8-static).")] = None,
+    learn_scales: Annotated[bool, typer.Option(
+        help="Train each weight scale too (LSQ), instead of taking it from the weight's range.")] = False,
+    lr: Annotated[float, typer.Option(callback=_positive,
+        help="Adam's learning rate at the start; it decays linearly to zero over the budget.")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts or inputs per training step.")] = 32,
+    skip: Annotated[list[str] | None, typer.Option(
+        help="Module-name glob to keep in float (repeatable), e.g. --skip 'pooler*'.")] = None,
+    weights: Annotated[Path | None, typer.Option(
+        help="safetensors weights for a package.module:factory source.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    runtime: Annotated[str, typer.Option(callback=_one_of("torch", "onnxruntime", "auto"),
+        help="What runs the saved model: auto, torch or onnxruntime (as for quantize).")] = "auto",
+) -> None:
+    """Quantization-aware training: the float model teaches its quantized copy on --data (no
+    labels: it matches the float model's outputs), then the copy is saved as a lowbit folder,
+    as quantize saves one. Give a budget: --steps, --time-budget, or both.
+
+    \b
+    Examples:
+      lowbit qat ./minilm --recipe w4 --data sentences.txt --time-budget 600 --out ./minilm-w4-qat
+      lowbit qat ./minilm --recipe w8a8-static --calibration calib.jsonl --data train.jsonl \\
+          --steps 300 --out ./minilm-w8a8-qat
+    """
+    with _user_errors():
+        from lowbit.data.batches import as_dataset, tensor_batches
+        from lowbit.transform import distill as distillation
+        from lowbit.transform import qat as training
+
+        if out.exists() and not overwrite:
+            raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+        if steps is None and time_budget is None:
+            raise LowbitError("give a training budget: --steps N, --time-budget SECONDS, or both")
+        teacher = load_source(source, weights).eval()
+        tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
+        dataset = as_dataset(data)
+        inputs = dataset.texts if dataset.texts is not None else tensor_batches(dataset.inputs, batch_size)
+        batches = calibration_batches(calibration, tokenizer) if calibration else None
+        prepared = training.prepare(teacher, make_recipe(recipe), calibration=batches,
+                                    learn_scales=learn_scales, skip=skip)
+        result = distillation.distill(prepared, teacher, inputs, steps=steps, time_budget=time_budget,
+                                      tokenizer=tokenizer, lr=lr, batch_size=batch_size)
+        quantized = training.convert(prepared)
+        folder = save(quantized, out, overwrite=overwrite, runtime=runtime)
+        _print_training(result)
+        console.print(f"wrote {folder} ({_mib(folder_bytes(folder))}, {recipe}, "
+                      f"{len(quantized_modules(quantized))} quantized modules)")
+
+
+def _print_training(result) -> None:
+    """Steps, time and the loss curve at ten points (all of it is in lowbit.json)."""
+    points = result.curve[:: max(1, len(result.curve) // 10)]
+    if result.curve and points[-1] != result.curve[-1]:
+        points.append(result.curve[-1])
+    rows = [(str(step), f"{seconds:.0f}", f"{loss:.4g}") for step, seconds, loss in points]
+    console.print(_table(f"distillation ({result.loss} loss): {result.steps} steps in {result.seconds:.0f} s",
+                         ["step", "seconds", "loss"], rows, whole={"step"}))
+
+
+@app.command()
 def recipes() -> None:
     """List the named recipe presets."""
     rows = [(name, make_recipe(name).model_dump_json(exclude={"skip", "overrides"})) for name in PRESETS]

@@ -18,7 +18,7 @@ LAYERS = [  # (layer, the folders and files that hold it), in DESIGN.md's order
     ("decide", ["tune"]),
     ("files", ["formats"]),
     ("families", ["families", "sklearn.py"]),
-    ("faces", ["cli.py", "demo.py", "report", "__init__.py"]),
+    ("faces", ["cli.py", "demo.py", "report", "qat.py", "__init__.py"]),
 ]
 
 

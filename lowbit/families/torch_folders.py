@@ -59,6 +59,7 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
         "roundings": {name: {"scale": scale, "zero_point": zero_point}
                       for name, (scale, zero_point) in getattr(model, "lowbit_roundings", {}).items()},
         "comparison": getattr(model, "lowbit_comparison", None),
+        "training": getattr(model, "lowbit_training", None),
         "runtime": "eager",
     }
 
@@ -168,6 +169,7 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
     if manifest["recipe"] is not None:
         setattr(model, RECIPE_ATTRIBUTE, Recipe.model_validate(manifest["recipe"]))
     model.lowbit_source = manifest["source"]
+    model.lowbit_training = manifest.get("training")
     model.lowbit_manifest = manifest
     return model.eval()
 

@@ -124,6 +124,7 @@ class Manifest(Strict):
     folded: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)  # {batch norm: conv}
     roundings: dict[Name, RoundingEntry] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     comparison: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None  # what quantization-aware training did (lowbit.qat)
     runtime: str = "eager"
     onnx: OnnxEntry | None = None
     runtime_choice: dict[str, Any] | None = None  # what `runtime="auto"` measured, and why it chose

@@ -1,0 +1,155 @@
+"""Quantization-aware training: `prepare` puts a FakeQuant (lowbit.nn.fake_quant) where the recipe
+would put a quantized module, the user (or `lowbit.distill`) trains, and `convert` gives the same
+quantized modules, file format and runtimes as post-training quantization.
+
+As in torch.ao's and NNCF's QAT, the model trains on the rounding it will run with; batch norms
+before convolutions are folded first (lowbit.transform.fold), so what trains is what converts.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lowbit.errors import LowbitWarning, QuantizationError
+from lowbit.nn import LayerSpec
+from lowbit.nn.fake_quant import FakeQuant
+from lowbit.nn.kinds import set_module
+from lowbit.nn.registry import qmodule_for
+from lowbit.progress import progress_bar
+from lowbit.transform.quantize import (
+    RECIPE_ATTRIBUTE,
+    _example_input,
+    _fold,
+    _static_ranges,
+    describe_source,
+    plan,
+    quantized_modules,
+    share_tied_weights,
+    weight_storage,
+)
+from lowbit.transform.recipe import Recipe, make_recipe
+
+QAT_ATTRIBUTE = "lowbit_qat"
+
+
+@dataclass
+class Prepared:
+    """What `prepare` recorded on the model for `convert`: the recipe, the float source it
+    started from, the batch norms it folded, and what training did (lowbit.distill adds to it)."""
+
+    recipe: Recipe
+    source: dict[str, Any]
+    folded: dict[str, str]
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def refuse_integer_modules(model: nn.Module, doing: str) -> None:
+    """A converted model holds integers that cannot learn: say so before anything changes."""
+    converted = list(quantized_modules(model))
+    if converted:
+        raise QuantizationError(
+            f"cannot {doing}: the model holds quantized (integer) modules, e.g. {converted[0]!r}, "
+            "which cannot train; prepare the float model (lowbit.qat.prepare), train it, then convert")
+
+
+def prepare(
+    model: nn.Module,
+    recipe: Recipe | str | dict | None = "w8a8-dynamic",
+    calibration: Iterable[Any] | None = None,
+    learn_scales: bool = False,
+    skip: Iterable[str] | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """A copy of `model` (the model itself when `inplace`) whose modules the recipe quantizes
+    train on their quantized numerics; `convert` turns it into the quantized model.
+
+    The static scheme needs `calibration` batches for its activation grids, as `lowbit.quantize`
+    does. `learn_scales` makes each weight scale a parameter (LSQ) instead of taking it from the
+    weight's range at every step. Train the result with your own loop, or with `lowbit.distill`.
+    """
+    if not isinstance(model, nn.Module):
+        raise QuantizationError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    refuse_integer_modules(model, "prepare this model for quantization-aware training")
+    if getattr(model, QAT_ATTRIBUTE, None) is not None:
+        raise QuantizationError("this model is already prepared for quantization-aware training")
+    recipe = make_recipe(recipe, skip=(*make_recipe(recipe).skip, *skip) if skip else None)
+    _warn_ignored(recipe)
+    specs, _ = plan(model, recipe)
+    if not specs:
+        raise QuantizationError("nothing to train: the model has no Linear, Conv2d or Embedding "
+                                "outside `skip`")
+    calibration = list(calibration) if calibration is not None else None
+    source = describe_source(model)
+    target = model if inplace else copy.deepcopy(model)
+    links = _fold(target, list(specs), calibration)
+    ranges, _ = _static_ranges(target, specs, recipe, calibration, progress)
+    for name, spec in specs.items():
+        grids = ranges.get(name, {})
+        set_module(target, name, FakeQuant(target.get_submodule(name), spec, learn_scales,
+                                           grids.get("input"), grids.get("output")))
+    setattr(target, QAT_ATTRIBUTE, Prepared(recipe, source, dict(links.batch_norms)))
+    example = _example_input(calibration)
+    if example is not None:
+        target.lowbit_example_input = example
+    return target
+
+
+def _warn_ignored(recipe: Recipe) -> None:
+    """Training learns its own rounding: a post-training algorithm or smoothing does not apply."""
+    if recipe.algorithm != "rtn" or recipe.smoothing is not None:
+        warnings.warn(f"quantization-aware training learns its own rounding, so the recipe's "
+                      f"{recipe.algorithm!r} algorithm and smoothing do not apply; the weights start "
+                      "from round-to-nearest", LowbitWarning, stacklevel=3)
+
+
+def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuant]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, FakeQuant)}
+
+
+def prepared_state(model: nn.Module) -> Prepared:
+    """What `prepare` recorded, or a clear error for a model it never saw."""
+    state = getattr(model, QAT_ATTRIBUTE, None)
+    if not isinstance(state, Prepared) or not fake_quant_modules(model):
+        raise QuantizationError("this model was never prepared for quantization-aware training: call "
+                                "lowbit.qat.prepare(model, recipe) first, train, then convert")
+    return state
+
+
+def convert(model: nn.Module, progress: bool = True) -> nn.Module:
+    """The quantized model a prepared (and trained) model imitates: a new model with the same
+    quantized modules, file format and runtimes as `lowbit.quantize` gives; `model` is kept."""
+    state = prepared_state(model)
+    target = copy.deepcopy(model)
+    fakes = fake_quant_modules(target)
+    storages = {name: weight_storage(fake.float_module) for name, fake in fakes.items()}
+    with progress_bar(progress) as bar:
+        step = bar.add_task(f"converting {len(fakes)} modules", total=len(fakes))
+        for name, fake in fakes.items():
+            set_module(target, name, quantized_module(fake))
+            bar.advance(step)
+    share_tied_weights(target, storages)
+    delattr(target, QAT_ATTRIBUTE)
+    setattr(target, RECIPE_ATTRIBUTE, state.recipe)
+    target.lowbit_source = state.source
+    target.lowbit_folded = dict(state.folded)
+    target.lowbit_training = dict(state.training) or None
+    return target.eval()
+
+
+def quantized_module(fake: FakeQuant) -> nn.Module:
+    """The quantized module of one trained FakeQuant: its integers exactly as it trained on them."""
+    float_module = fake.float_module
+    kind = qmodule_for(float_module)
+    return kind.build(float_module, fake.spec, {"weight": fake.rounded(), **fake.ranges})
+
+
+def specs_of(model: nn.Module) -> dict[str, LayerSpec]:
+    """The spec each FakeQuant of a prepared model trains on."""
+    return {name: fake.spec for name, fake in fake_quant_modules(model).items()}
