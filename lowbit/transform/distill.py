@@ -93,7 +93,7 @@ def judged_output(output: Any) -> tuple[torch.Tensor, str]:
 
 @dataclass
 class DistillResult:
-    """What distillation did: steps, seconds, the loss at the start and the end, and the loss
+    """What distillation did: steps, seconds, which loss ("kl", "embedding", "mse"), and the loss
     curve (step, seconds, mean loss since the previous point), at most CURVE_POINTS points."""
 
     steps: int
@@ -114,7 +114,7 @@ def distill(
     time_budget: float | None = None,
     tokenizer: Any = None,
     lr: float = 5e-5,
-    batch_size: int = 32,
+    batch_size: int = 16,
     max_length: int = 128,
     loss: str = "auto",
     seed: int = 0,
@@ -139,9 +139,8 @@ def distill(
     if not parameters:
         raise DistillationError("the student has no trainable parameters")
     optimizer = torch.optim.Adam(parameters, lr=lr)
-    result = _train(student, batches, outputs, LOSSES.get(chosen), optimizer, lr, steps, time_budget,
-                    seed, progress)
-    result.loss = chosen
+    result = _train(student, batches, outputs, chosen, optimizer, lr, _Budget(steps, time_budget), seed,
+                    progress)
     state = getattr(student, QAT_ATTRIBUTE, None)
     if state is not None:
         state.training = result.to_dict()
@@ -197,12 +196,11 @@ def _check_outputs(student: nn.Module, teacher: _Teacher, batch: Any, loss: str)
     return chosen
 
 
-def _train(student: nn.Module, batches: list[Any], teacher: _Teacher, loss_fn: Loss,
-           optimizer: torch.optim.Optimizer, lr: float, steps: int | None, time_budget: float | None,
-           seed: int, progress: bool) -> DistillResult:
+def _train(student: nn.Module, batches: list[Any], teacher: _Teacher, loss: str,
+           optimizer: torch.optim.Optimizer, lr: float, budget: _Budget, seed: int,
+           progress: bool) -> DistillResult:
     generator = torch.Generator().manual_seed(seed)
-    budget = _Budget(steps, time_budget)
-    curve = _Curve()
+    loss_fn, curve = LOSSES.get(loss), _Curve()
     was_training = student.training
     student.eval()
     try:
@@ -223,7 +221,7 @@ def _train(student: nn.Module, batches: list[Any], teacher: _Teacher, loss_fn: L
                         break
     finally:
         student.train(was_training)
-    return DistillResult(budget.step, budget.seconds(), "", curve.finish(budget))
+    return DistillResult(budget.step, budget.seconds(), loss, curve.finish(budget))
 
 
 class _Budget:

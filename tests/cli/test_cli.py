@@ -40,7 +40,7 @@ def assert_refused(result, message, *not_created):
 def test_help_explains_with_an_example_and_fits_80_columns():
     """Every command's --help has an example on a line of its own, and at 80 columns no option
     name is cut (click's plain layout wraps, it never truncates)."""
-    for command in ("quantize", "inspect", "compare", "bench", "tune", "estimate", "demo"):
+    for command in ("quantize", "inspect", "compare", "bench", "tune", "estimate", "demo", "qat"):
         result = subprocess.run([sys.executable, "-m", "lowbit.cli", command, "--help"], capture_output=True,
                                 text=True, env={**os.environ, "COLUMNS": "80"}, timeout=120)
         assert result.returncode == 0, result.stderr
@@ -76,6 +76,27 @@ def test_static_quantize_with_calibration_file(tmp_path, weights):
                     "--calibration", data, "--out", out)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "lowbit.json").read_text())["recipe"]["scheme"] == "static"
+
+
+def test_qat_trains_and_saves_a_folder_with_its_loss_curve(tmp_path, weights):
+    data = tmp_path / "train.safetensors"
+    save_file({"input": torch.randn(64, 64)}, data)
+    out = tmp_path / "qat"
+    result = lowbit("qat", FACTORY, "--weights", weights, "-r", "w4-g32", "--data", data, "--steps", 6,
+                    "--batch-size", 16, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "6 steps" in result.stdout and "loss" in result.stdout
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["training"]["steps"] == 6 and manifest["training"]["loss"] == "kl"
+    assert manifest["recipe"]["weights"] == "int4"
+
+
+def test_qat_without_a_budget_is_refused(tmp_path, weights):
+    data = tmp_path / "train.safetensors"
+    save_file({"input": torch.randn(8, 64)}, data)
+    out = tmp_path / "qat"
+    assert_refused(lowbit("qat", FACTORY, "--weights", weights, "--data", data, "--out", out),
+                   "budget", out)
 
 
 def test_estimate_is_labelled_an_estimate(weights):
