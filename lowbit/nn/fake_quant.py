@@ -71,12 +71,16 @@ class FakeQuant(nn.Module):
         y = functional_call(self.float_module, {"weight": self.fake_weight()}, (x,))
         return self._static("output", y) if self.spec.scheme == "static" else y
 
-    def _static(self, side: str, x: torch.Tensor) -> torch.Tensor:
-        """Round onto the calibrated grid of the static scheme's input (7 or 8 bits) or output (8)."""
+    def grid(self, side: str) -> tuple[float, int, int]:
+        """The static scheme's calibrated grid of the "input" (7 or 8 bits) or "output" (8 bits):
+        scale, zero point and top, as the quantized module will hold them."""
         low, high = self.ranges[side]
         qtype = UINT8 if side == "output" or self.spec.input_qmax == UINT8.qmax else UINT7
         scale, zero_point = qparams_from_range(torch.tensor(low), torch.tensor(high), qtype, symmetric=False)
-        return fake_quantize_tensor(x, float(scale), int(zero_point), qtype.qmax)
+        return float(scale), int(zero_point), qtype.qmax
+
+    def _static(self, side: str, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_tensor(x, *self.grid(side))
 
     def rounded(self) -> QuantizedTensor:
         """The weight's integers, scales and zero points as the quantized module stores them."""

@@ -16,6 +16,8 @@ import importlib
 import torch
 from torch import nn
 
+from lowbit.core.fake_quant import fake_quantize_tensor
+
 GRID_MAX = 255
 
 
@@ -32,6 +34,31 @@ class OutputRounding:
         grid = (self.scale, self.zero_point, 0, GRID_MAX, torch.uint8)
         rounded = ops.dequantize_per_tensor(ops.quantize_per_tensor(output.float(), *grid), *grid)
         return rounded.to(output.dtype)
+
+
+class FakeOutputRounding(OutputRounding):
+    """The same rounding for quantization-aware training (lowbit.transform.qat): equal values,
+    with the gradient passed straight through inside the grid."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return output
+        return fake_quantize_tensor(output, self.scale, self.zero_point, GRID_MAX)
+
+
+def attach_fake_roundings(model: nn.Module, roundings: dict[str, tuple[float, int]]) -> None:
+    """Round the named modules' outputs as `attach_roundings` will, differentiably, for training."""
+    modules = dict(model.named_modules())
+    for name, (scale, zero_point) in roundings.items():
+        modules[name].register_forward_hook(FakeOutputRounding(scale, zero_point))
+
+
+def detach_fake_roundings(model: nn.Module) -> None:
+    """Remove what `attach_fake_roundings` attached (a converted model takes the real ones)."""
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, FakeOutputRounding):
+                del module._forward_hooks[key]
 
 
 def attach_roundings(model: nn.Module, roundings: dict[str, tuple[float, int]]) -> nn.Module:

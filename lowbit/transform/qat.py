@@ -21,7 +21,9 @@ from lowbit.nn import LayerSpec
 from lowbit.nn.fake_quant import FakeQuant
 from lowbit.nn.kinds import set_module
 from lowbit.nn.registry import qmodule_for
+from lowbit.nn.rounding import attach_fake_roundings, attach_roundings, detach_fake_roundings
 from lowbit.progress import progress_bar
+from lowbit.transform.fold import rounding_readers, share_grids
 from lowbit.transform.quantize import (
     RECIPE_ATTRIBUTE,
     _example_input,
@@ -41,11 +43,13 @@ QAT_ATTRIBUTE = "lowbit_qat"
 @dataclass
 class Prepared:
     """What `prepare` recorded on the model for `convert`: the recipe, the float source it
-    started from, the batch norms it folded, and what training did (lowbit.distill adds to it)."""
+    started from, the batch norms it folded, the module outputs it rounds (lowbit.nn.rounding)
+    and what training did (lowbit.distill adds to it)."""
 
     recipe: Recipe
     source: dict[str, Any]
     folded: dict[str, str]
+    roundings: dict[str, tuple[float, int]] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,12 +93,16 @@ def prepare(
     source = describe_source(model)
     target = model if inplace else copy.deepcopy(model)
     links = _fold(target, list(specs), calibration)
-    ranges, _ = _static_ranges(target, specs, recipe, calibration, progress)
+    ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
+    share_grids(ranges, links)  # the grids post-training quantization gives (lowbit.transform.fold)
+    readers = rounding_readers(ranges, sources, links)
     for name, spec in specs.items():
         grids = ranges.get(name, {})
         set_module(target, name, FakeQuant(target.get_submodule(name), spec, learn_scales,
                                            grids.get("input"), grids.get("output")))
-    setattr(target, QAT_ATTRIBUTE, Prepared(recipe, source, dict(links.batch_norms)))
+    roundings = {source: target.get_submodule(reader).grid("input")[:2] for source, reader in readers.items()}
+    attach_fake_roundings(target, roundings)
+    setattr(target, QAT_ATTRIBUTE, Prepared(recipe, source, dict(links.batch_norms), roundings))
     example = _example_input(calibration)
     if example is not None:
         target.lowbit_example_input = example
@@ -135,6 +143,8 @@ def convert(model: nn.Module, progress: bool = True) -> nn.Module:
             set_module(target, name, quantized_module(fake))
             bar.advance(step)
     share_tied_weights(target, storages)
+    detach_fake_roundings(target)
+    attach_roundings(target, state.roundings)
     delattr(target, QAT_ATTRIBUTE)
     setattr(target, RECIPE_ATTRIBUTE, state.recipe)
     target.lowbit_source = state.source

@@ -12,7 +12,7 @@ from lowbit.errors import QuantizationError
 from lowbit.nn.fake_quant import FakeQuant
 from lowbit.qat import DistillationError
 from lowbit.transform.quantize import quantized_modules
-from tests.fixtures_models import tied_lm, tiny_cnn, tiny_mlp
+from tests.fixtures_models import residual_net, tied_lm, tiny_cnn, tiny_mlp
 
 RECIPES = ["w4", "w4-g32", "w4-hqq", "q4_0", "w8", "w8a8-dynamic", "w8a8-static", "fp16", "bf16"]
 
@@ -64,6 +64,21 @@ def test_fake_quant_conv_equals_the_converted_convolution(monkeypatch):
     calibration = _calibration((3, 8, 8))
     prepared = lowbit.qat.prepare(tiny_cnn().eval(), "w8a8-static", calibration=calibration, progress=False)
     _same_outputs(prepared, lowbit.qat.convert(prepared, progress=False), calibration[1], tolerance=1e-5)
+
+
+@pytest.mark.parametrize("factory", [tiny_cnn, residual_net])
+def test_static_convolutions_train_on_the_grids_post_training_quantization_gives(factory, monkeypatch):
+    """Folded batch norms, shared grids and rounding points (lowbit.transform.fold) as in
+    `lowbit.quantize`: untrained, the prepared model, its conversion and post-training
+    quantization agree."""
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    model, calibration = factory().eval(), _calibration((3, 8, 8))
+    prepared = lowbit.qat.prepare(model, "w8a8-static", calibration=calibration, progress=False)
+    converted = lowbit.qat.convert(prepared, progress=False)
+    ptq = lowbit.quantize(model, "w8a8-static", calibration=calibration, progress=False)
+    assert converted.lowbit_roundings == ptq.lowbit_roundings and converted.lowbit_folded == ptq.lowbit_folded
+    _same_outputs(prepared, converted, calibration[1], tolerance=1e-5)
+    _same_outputs(ptq, converted, calibration[1], tolerance=1e-5)
 
 
 def test_distillation_recovers_what_rounding_lost():
