@@ -183,10 +183,15 @@ class _Teacher:
 
 
 def _check_outputs(student: nn.Module, teacher: _Teacher, batch: Any, loss: str) -> str:
-    """The loss to use; refuses a teacher and student whose outputs differ in shape."""
-    expected = teacher(0, batch)
-    with torch.no_grad():
-        got, suited = judged_output(call_model(student, batch))
+    """The loss to use; refuses data the models cannot run on, and a teacher and student whose
+    outputs differ in shape."""
+    try:
+        expected = teacher(0, batch)
+        with torch.no_grad():
+            got, suited = judged_output(call_model(student, batch))
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DistillationError(f"the models cannot run on the first training batch: {first}") from None
     if got.shape != expected.shape:
         raise DistillationError(f"the teacher's output has shape {tuple(expected.shape)} but the "
                                 f"student's has {tuple(got.shape)}: distillation needs the same model "

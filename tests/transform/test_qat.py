@@ -137,6 +137,13 @@ def test_teacher_and_student_outputs_that_differ_are_refused():
     assert all(torch.equal(state[k], v) for k, v in prepared.state_dict().items())
 
 
+def test_data_the_model_cannot_run_on_is_refused():
+    model = tiny_mlp().eval()
+    prepared = lowbit.qat.prepare(model, "w8", progress=False)
+    with pytest.raises(DistillationError, match="cannot run on the first training batch"):
+        lowbit.qat.distill(prepared, model, [torch.randn(4, 63)], steps=1, progress=False)
+
+
 @pytest.mark.parametrize("budget", [{}, {"steps": 0}, {"time_budget": -1.0}])
 def test_a_missing_or_empty_budget_is_refused(budget):
     model = tiny_mlp().eval()
