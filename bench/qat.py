@@ -10,9 +10,10 @@ its fake-quantized copy on 2,000 Wikipedia first sentences (documents 256-2,255 
 topic-interleaved corpus, no labels) for --budget seconds. Judged by the cosine of mean-pooled
 embeddings to fp32 on two held-out sets: the 256 sentences bench.minilm scores (documents 0-255)
 and 256 others (documents 5,000-5,255). "recovered" is the share of the post-training loss
-(1 − cosine) that training wins back. Writes bench/results/qat.json.
+(1 − cosine) that training wins back. The same for w8a8-static (calibrated on the first 256
+training sentences; --static-budget seconds). Writes bench/results/qat.json.
 
-    .venv/bin/python -m bench.qat [--budget 720] [--batch-size 16] [--threads 2]
+    .venv/bin/python -m bench.qat [--budget 720] [--static-budget 600] [--batch-size 16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def recovered(ptq: float, trained: float) -> float:
     return (trained - ptq) / (1.0 - ptq) if ptq < 1.0 else float("nan")
 
 
-def minilm_rows(recipe: str, budget: int, batch_size: int) -> list[dict]:
+def minilm_rows(recipes: dict[str, int], batch_size: int) -> list[dict]:
+    """Post-training and QAT rows of each recipe ({recipe: seconds of distillation}); a static
+    recipe calibrates on the first 256 training sentences."""
     from transformers import AutoModel
 
     path = assets.minilm_path()
@@ -44,23 +47,27 @@ def minilm_rows(recipe: str, budget: int, batch_size: int) -> list[dict]:
     fp32 = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
     held_out = {name: assets.wikipedia_sentences(*place) for name, place in HELD_OUT.items()}
     references = {name: hf.embed(fp32, tokenizer, texts) for name, texts in held_out.items()}
+    train = assets.wikipedia_sentences(*TRAIN)
+    calibration = [hf.tokenize(tokenizer, train[start : start + 16]) for start in range(0, 256, 16)]
 
     def scores(model) -> dict[str, float]:
         return {name: mean_cosine(references[name], hf.embed(model, tokenizer, texts))
                 for name, texts in held_out.items()}
 
-    ptq = scores(lowbit.quantize(fp32, recipe, progress=False))
-    start = time.perf_counter()
-    prepared = lowbit.qat.prepare(fp32, recipe)
-    result = lowbit.qat.distill(prepared, fp32, assets.wikipedia_sentences(*TRAIN), tokenizer=tokenizer,
-                                time_budget=budget, batch_size=batch_size)
-    trained = scores(lowbit.qat.convert(prepared))
-    minutes = (time.perf_counter() - start) / 60
-    rows = [{"model": "MiniLM", "recipe": recipe, "method": "post-training (RTN)", **ptq},
-            {"model": "MiniLM", "recipe": recipe, "method": "QAT + distillation", **trained,
-             "recovered": recovered(ptq["cosine"], trained["cosine"]),
-             "recovered, re-check": recovered(ptq["cosine, re-check"], trained["cosine, re-check"]),
-             "steps": result.steps, "minutes": minutes, "curve": result.curve}]
+    rows = []
+    for recipe, budget in recipes.items():
+        ptq = scores(lowbit.quantize(fp32, recipe, calibration=calibration, progress=False))
+        start = time.perf_counter()
+        prepared = lowbit.qat.prepare(fp32, recipe, calibration=calibration)
+        result = lowbit.qat.distill(prepared, fp32, train, tokenizer=tokenizer, time_budget=budget,
+                                    batch_size=batch_size)
+        trained = scores(lowbit.qat.convert(prepared))
+        minutes = (time.perf_counter() - start) / 60
+        rows += [{"model": "MiniLM", "recipe": recipe, "method": "post-training", **ptq},
+                 {"model": "MiniLM", "recipe": recipe, "method": "QAT + distillation", **trained,
+                  "recovered": recovered(ptq["cosine"], trained["cosine"]),
+                  "recovered, re-check": recovered(ptq["cosine, re-check"], trained["cosine, re-check"]),
+                  "steps": result.steps, "minutes": minutes, "curve": result.curve}]
     return rows
 
 
@@ -132,15 +139,18 @@ def mnist_rows(recipe: str = "w8a8-static") -> list[dict]:
 
 
 def main() -> None:
-    args = bench_arguments(__doc__, runs=None, extra={"--budget": 720, "--batch-size": 16})
-    rows = mnist_rows() + minilm_rows("w4", args.budget, args.batch_size)
+    args = bench_arguments(__doc__, runs=None, extra={"--budget": 720, "--static-budget": 600,
+                                                      "--batch-size": 16})
+    rows = mnist_rows() + minilm_rows({"w4": args.budget, "w8a8-static": args.static_budget},
+                                      args.batch_size)
     print_table(f"QAT + distillation vs post-training, {args.threads} threads, measured now", rows,
                 [("model", "model"), ("recipe", "recipe"), ("method", "method"), ("accuracy", "accuracy"),
                  ("cosine", "cosine"),
                  ("recovered", "recovered"), ("cosine, re-check", "cosine (re-check)"),
                  ("recovered, re-check", "recovered (re-check)"), ("steps", "steps"),
                  ("minutes", "minutes")])
-    payload = {"threads": args.threads, "budget_s": args.budget, "batch_size": args.batch_size, "rows": rows}
+    payload = {"threads": args.threads, "budget_s": args.budget, "static_budget_s": args.static_budget,
+               "batch_size": args.batch_size, "rows": rows}
     print(f"results: {write_json('qat', payload)}")
 
 

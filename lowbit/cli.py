@@ -406,7 +406,8 @@ def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
     modules = manifest.get("modules", {})
     if as_json:
         print(json.dumps({"recipe": manifest.get("recipe"), "modules": modules,
-                          "folder_bytes": folder_bytes(folder)}, indent=2))
+                          "training": manifest.get("training"), "folder_bytes": folder_bytes(folder)},
+                         indent=2))
         return
     onnx_ops = (manifest.get("onnx") or {}).get("ops") if manifest.get("runtime") == "onnxruntime" else None
     rows = [(name, entry["type"].removeprefix("Q"), entry["spec"]["scheme"],
@@ -432,6 +433,11 @@ def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
     quantized = sum(entry["bytes"] for entry in modules.values())
     console.print(f"{len(modules)} quantized modules, {_mib(quantized)} of quantized tensors; "
                   f"folder {_mib(folder_bytes(folder))}")
+    training = manifest.get("training")
+    if training and training.get("curve"):
+        first, last = training["curve"][0][2], training["curve"][-1][2]
+        console.print(f"trained after quantizing: {training.get('method')}, {training.get('steps')} steps in "
+                      f"{training.get('seconds')} s, {training.get('loss')} loss {first:.4g} -> {last:.4g}")
     if verify:
         console.print("every file matches its recorded sha256")
 

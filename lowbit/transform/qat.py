@@ -17,7 +17,6 @@ from typing import Any
 from torch import nn
 
 from lowbit.errors import LowbitWarning, QuantizationError
-from lowbit.nn import LayerSpec
 from lowbit.nn.fake_quant import FakeQuant
 from lowbit.nn.kinds import set_module
 from lowbit.nn.registry import qmodule_for
@@ -159,7 +158,3 @@ def quantized_module(fake: FakeQuant) -> nn.Module:
     kind = qmodule_for(float_module)
     return kind.build(float_module, fake.spec, {"weight": fake.rounded(), **fake.ranges})
 
-
-def specs_of(model: nn.Module) -> dict[str, LayerSpec]:
-    """The spec each FakeQuant of a prepared model trains on."""
-    return {name: fake.spec for name, fake in fake_quant_modules(model).items()}

@@ -89,6 +89,8 @@ def test_qat_trains_and_saves_a_folder_with_its_loss_curve(tmp_path, weights):
     manifest = json.loads((out / "lowbit.json").read_text())
     assert manifest["training"]["steps"] == 6 and manifest["training"]["loss"] == "kl"
     assert manifest["recipe"]["weights"] == "int4"
+    inspected = lowbit("inspect", out)
+    assert inspected.returncode == 0 and "trained after quantizing: distillation, 6 steps" in inspected.stdout
 
 
 def test_qat_without_a_budget_is_refused(tmp_path, weights):
