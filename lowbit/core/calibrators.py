@@ -14,7 +14,7 @@ import torch
 
 from lowbit.core.histogram import Histogram
 from lowbit.core.qtypes import QType, get_qtype
-from lowbit.core.quantize import qparams_from_range
+from lowbit.core.quantize import grid_bounds, qparams_from_range
 from lowbit.errors import CalibrationError
 
 Range = tuple[float, float]
@@ -103,10 +103,7 @@ def expected_squared_error(
     )
     scale = float(scale)
     offset = 0.0 if zero_point is None else float(zero_point)
-    if symmetric and qtype.is_signed:
-        qmin, qmax = -qtype.symmetric_qmax, qtype.symmetric_qmax
-    else:
-        qmin, qmax = qtype.qmin, qtype.qmax
+    qmin, qmax = grid_bounds(qtype, symmetric)
     lowest, highest = (qmin - offset) * scale, (qmax - offset) * scale
     centers = histogram.centers()
     clipped = torch.clamp(centers, lowest, highest)

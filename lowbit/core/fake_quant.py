@@ -12,7 +12,7 @@ import torch
 
 from lowbit.core.granularity import Granularity
 from lowbit.core.qtypes import QType
-from lowbit.core.quantize import from_blocks, on_scale_grid, to_blocks
+from lowbit.core.quantize import from_blocks, grid_bounds, on_scale_grid, to_blocks
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +40,7 @@ def fake_quantize(
     blocks = to_blocks(x.float(), granularity)
     scales = scale.reshape(-1, 1)
     zeros = None if zero_point is None else zero_point.reshape(-1, 1).to(blocks.dtype)
-    low, high = ((-qtype.symmetric_qmax, qtype.symmetric_qmax) if symmetric and qtype.is_signed
-                 else (qtype.qmin, qtype.qmax))
+    low, high = grid_bounds(qtype, symmetric)
     q = blocks / scales
     if zeros is not None and zero_point.is_floating_point():  # a float zero point: round after adding
         q = round_ste(q + zeros)

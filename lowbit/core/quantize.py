@@ -153,6 +153,14 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
         )
 
 
+def grid_bounds(qtype: QType, symmetric: bool) -> tuple[int, int]:
+    """The lowest and highest integer a grid uses: ±symmetric_qmax for a symmetric signed grid
+    (no −128 for int8), else the type's whole range."""
+    if symmetric and qtype.is_signed:
+        return -qtype.symmetric_qmax, qtype.symmetric_qmax
+    return qtype.qmin, qtype.qmax
+
+
 def quantize_with(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -165,8 +173,7 @@ def quantize_with(
     blocks = to_blocks(x.detach().float(), granularity)
     scales = scale.reshape(-1, 1)
     zeros = None if zero_point is None else zero_point.reshape(-1, 1)
-    low, high = ((-qtype.symmetric_qmax, qtype.symmetric_qmax) if symmetric and qtype.is_signed
-                 else (qtype.qmin, qtype.qmax))
+    low, high = grid_bounds(qtype, symmetric)
     out = torch.empty(blocks.shape, dtype=qtype.storage_dtype)
     rows = max(1, ROUNDED_AT_ONCE // max(blocks.shape[1], 1))
     for start in range(0, blocks.shape[0], rows):  # one float temporary of a chunk, not of all of x
