@@ -916,8 +916,8 @@ def _print_training(result) -> None:
     if result.curve and points[-1] != result.curve[-1]:
         points.append(result.curve[-1])
     rows = [(str(step), f"{seconds:.0f}", f"{loss:.4g}") for step, seconds, loss in points]
-    console.print(_table(f"distillation ({result.loss} loss): {result.steps} steps in {result.seconds:.0f} s",
-                         ["step", "seconds", "loss"], rows, whole={"step"}))
+    console.print(f"distillation ({result.loss} loss): {result.steps} steps in {result.seconds:.0f} s")
+    console.print(_table("loss curve", ["step", "seconds", "loss"], rows, whole={"step"}))
 
 
 @app.command()
