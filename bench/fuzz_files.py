@@ -57,6 +57,15 @@ def tiny_mlp():
     return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
+def wide_mlp():
+    """Wide enough (8,192 weights) for a pruned layer to be stored as bitmask and kept values."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4))
+
+
 def tiny_cnn():
     import torch
     from torch import nn
@@ -145,10 +154,13 @@ def _write_torch_seeds(folder: Path) -> list[dict[str, Any]]:
              "mlp-w4": ("bench.fuzz_files:tiny_mlp", "w4-g32", [3, 32]),
              "cnn-static": ("bench.fuzz_files:tiny_cnn", "w8a8-static", [2, 3, 6, 6]),
              "tied-w8": ("bench.fuzz_files:tied_lm", "w8", "ids"),
-             "residual-static": ("bench.fuzz_files:residual_cnn", "w8a8-static", [2, 3, 8, 8])}
+             "residual-static": ("bench.fuzz_files:residual_cnn", "w8a8-static", [2, 3, 8, 8]),
+             "pruned-w8": ("bench.fuzz_files:wide_mlp", "w8", [2, 64])}
     seeds = []
     for name, (factory, recipe, shape) in plain.items():
         model = globals()[factory.rpartition(":")[2]]()  # a factory of this file
+        if name.startswith("pruned"):  # its weights stored as bitmask and kept values
+            model = lowbit.prune(model, 0.6)
         calibration = [torch.randn(4, *shape[1:]) for _ in range(4)] if recipe == "w8a8-static" else None
         quantized = lowbit.quantize(model, recipe, calibration=calibration, progress=False)
         lowbit.save(quantized, folder / name, runtime="torch")

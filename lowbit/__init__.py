@@ -15,6 +15,7 @@ from lowbit.errors import (
     LowbitError,
     LowbitWarning,
     ModelLoadError,
+    PruningError,
     QuantizationError,
 )
 from lowbit.evaluate import estimate
@@ -26,6 +27,7 @@ from lowbit.formats.calibration import load_calibration
 from lowbit.formats.gguf_file import export_gguf
 from lowbit.transform.calibrate import CalibrationResult, calibrate
 from lowbit.transform.distill import distill
+from lowbit.transform.prune import prune
 from lowbit.transform.quantize import quantize
 from lowbit.transform.recipe import PRESETS, Recipe, make_recipe
 from lowbit.tune.search import TuneResult
@@ -49,6 +51,7 @@ __all__ = [
     "LowbitError",
     "LowbitWarning",
     "ModelLoadError",
+    "PruningError",
     "QuantizationError",
     "Recipe",
     "TuneResult",
@@ -63,6 +66,7 @@ __all__ = [
     "load_calibration",
     "load_source",
     "make_recipe",
+    "prune",
     "quantize",
     "quantize_pretrained",
     "save",

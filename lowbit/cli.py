@@ -35,7 +35,8 @@ from lowbit.families.registry import family_of
 from lowbit.families.sources import load_source
 from lowbit.formats.atomic import write_text
 from lowbit.formats.gguf_file import export_gguf
-from lowbit.formats.lowbit_format import check_folder, verify_files
+from lowbit.formats.lowbit_format import check_folder, read_manifest, verify_files
+from lowbit.transform.prune import PATTERNS
 from lowbit.transform.quantize import quantize as quantize_model
 from lowbit.transform.quantize import quantized_modules
 from lowbit.transform.recipe import PRESETS, make_recipe
@@ -406,7 +407,8 @@ def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
     modules = manifest.get("modules", {})
     if as_json:
         print(json.dumps({"recipe": manifest.get("recipe"), "modules": modules,
-                          "training": manifest.get("training"), "folder_bytes": folder_bytes(folder)},
+                          "training": manifest.get("training"), "pruning": manifest.get("pruning"),
+                          "sparse": manifest.get("sparse"), "folder_bytes": folder_bytes(folder)},
                          indent=2))
         return
     onnx_ops = (manifest.get("onnx") or {}).get("ops") if manifest.get("runtime") == "onnxruntime" else None
@@ -438,6 +440,8 @@ def _inspect_torch(folder: Path, as_json: bool, verify: bool) -> None:
         first, last = training["curve"][0][2], training["curve"][-1][2]
         console.print(f"trained after quantizing: {training.get('method')}, {training.get('steps')} steps in "
                       f"{training.get('seconds')} s, {training.get('loss')} loss {first:.4g} -> {last:.4g}")
+    if manifest.get("pruning"):
+        console.print(_pruning_line(manifest["pruning"], len(manifest.get("sparse") or {})))
     if verify:
         console.print("every file matches its recorded sha256")
 
@@ -908,6 +912,85 @@ def qat(
         _print_training(result)
         console.print(f"wrote {folder} ({_mib(folder_bytes(folder))}, {recipe}, "
                       f"{len(quantized_modules(quantized))} quantized modules)")
+
+
+@app.command()
+def prune(
+    source: Annotated[str, typer.Argument(help="A transformers folder, or package.module:factory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write; must not exist.")],
+    sparsity: Annotated[float, typer.Option(
+        help="Share of each weight row set to zero, in [0, 1); 2:4 is always 0.5.")] = 0.5,
+    pattern: Annotated[str, typer.Option(callback=_one_of(*PATTERNS),
+        help="unstructured (any values of a row) or 2:4 (two of every four inputs).")] = "unstructured",
+    recipe: Annotated[str, typer.Option("--recipe", "-r",
+        help="Preset to quantize with after pruning; symmetric int8 (w8) keeps the zeros.")] = "w8",
+    calibration: Annotated[Path | None, typer.Option(
+        help="Inputs that score the weights (Wanda: |W| x ||X||) and calibrate a static recipe; "
+             "default: the first 256 of --data; without either, weights are scored by magnitude.")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Distillation inputs, no labels needed: .txt/.jsonl text, or .safetensors inputs.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Distillation steps after pruning.")] = None,
+    time_budget: Annotated[float | None, typer.Option(callback=_positive,
+        help="Seconds of distillation after pruning (with --steps: whichever ends first).")] = None,
+    lr: Annotated[float, typer.Option(callback=_positive,
+        help="Adam's learning rate at the start of distillation; it decays linearly to zero.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts or inputs per distillation step.")] = 16,
+    skip: Annotated[list[str] | None, typer.Option(
+        help="Module-name glob to leave dense and in float (repeatable), e.g. --skip 'pooler*'.")] = None,
+    weights: Annotated[Path | None, typer.Option(
+        help="safetensors weights for a package.module:factory source.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Prune, quantize and save a model whose pruned weights are stored as a bitmask and their
+    kept values: a smaller file. This CPU has no sparse kernel, so it is not faster. With --data
+    and a budget (--steps, --time-budget), the float model first teaches the pruned, quantized
+    copy what pruning lost (as qat does).
+
+    \b
+    Examples:
+      lowbit prune ./minilm --sparsity 0.5 --calibration calib.txt --out ./minilm-sparse
+      lowbit prune ./minilm --data sentences.txt --time-budget 900 --out ./minilm-sparse-kd
+    """
+    with _user_errors():
+        from lowbit.data.batches import as_dataset, tensor_batches
+        from lowbit.transform import distill as distillation
+        from lowbit.transform import prune as pruning
+        from lowbit.transform import qat as training
+
+        if out.exists() and not overwrite:
+            raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+        if (steps is not None or time_budget is not None) and data is None:
+            raise LowbitError("distillation needs --data (inputs the float model teaches on)")
+        if data is not None and steps is None and time_budget is None:
+            raise LowbitError("give --data a budget: --steps N, --time-budget SECONDS, or both")
+        teacher = load_source(source, weights).eval()
+        tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
+        scoring = calibration or data
+        batches = calibration_batches(scoring, tokenizer)[:32] if scoring else None
+        pruned = pruning.prune(teacher, sparsity, pattern, calibration=batches, skip=skip)
+        result = None
+        if data is None:
+            quantized = quantize_model(pruned, make_recipe(recipe), calibration=batches, skip=skip)
+        else:
+            dataset = as_dataset(data)
+            inputs = dataset.texts if dataset.texts is not None else tensor_batches(dataset.inputs,
+                                                                                    batch_size)
+            prepared = training.prepare(pruned, make_recipe(recipe), calibration=batches, skip=skip)
+            result = distillation.distill(prepared, teacher, inputs, steps=steps, time_budget=time_budget,
+                                          tokenizer=tokenizer, lr=lr, batch_size=batch_size)
+            quantized = training.convert(prepared)
+        folder = save(quantized, out, overwrite=overwrite, runtime="torch")
+        if result is not None:
+            _print_training(result)
+        console.print(_pruning_line(pruned.lowbit_pruning, len(read_manifest(folder)["sparse"])))
+        console.print(f"wrote {folder} ({_mib(folder_bytes(folder))}, {recipe}, "
+                      f"{len(quantized_modules(quantized))} quantized modules)")
+
+
+def _pruning_line(record: dict, stored_sparse: int) -> str:
+    return (f"pruned: {len(record['modules'])} modules, {record['pattern']} {record['sparsity']:.0%} by "
+            f"{record['criterion']}; {stored_sparse} tensors stored as bitmask + kept values (no sparse "
+            "kernel here: smaller, not faster)")
 
 
 def _print_training(result) -> None:

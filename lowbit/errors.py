@@ -56,3 +56,8 @@ class ChecksumError(FormatError):
 
 class ModelLoadError(LowbitError):
     """A source model (folder, factory, weights file) cannot be found or built."""
+
+
+class PruningError(LowbitError):
+    """A pruning request cannot be met: a sparsity outside [0, 1), an unknown pattern, or a 2:4
+    pattern on rows whose length is not a multiple of 4."""

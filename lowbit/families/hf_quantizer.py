@@ -142,6 +142,9 @@ def _make_classes(auto: ModuleType) -> None:
             manifest = verify_files(folder)  # every file's size and sha256, as lowbit.load checks
             if (manifest["files"].get(TENSOR_FILE) or {}).get("tensors") is None:
                 raise FormatError(f"{folder}: the manifest does not list {TENSOR_FILE} as its tensors")
+            if manifest["sparse"]:
+                raise FormatError(f"{folder} stores pruned weights as bitmask and kept values, which "
+                                  "transformers cannot read; load it with lowbit.load(path)")
             # Whatever runtime lowbit.load picks (the manifest's `runtime`), the folder holds the
             # quantized tensors, and inside transformers they run on PyTorch.
             self.folder, self.manifest = folder, manifest

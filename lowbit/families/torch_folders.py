@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.errors import FormatError, LowbitError
+from lowbit.errors import FormatError, LowbitError, LowbitWarning
 from lowbit.families.registry import TORCH_KINDS, TorchKind, torch_kind_of
 from lowbit.families.runtime_choice import RuntimeChoice, choose_runtime, plan_large_inputs
 from lowbit.families.sources import build_from_factory, load_source
@@ -26,6 +27,7 @@ from lowbit.runtimes import RUNTIMES
 from lowbit.runtimes.onnx_shared import StoredBytes, share_stored
 from lowbit.runtimes.onnxruntime import ONNX_FILE, layer_ops
 from lowbit.runtimes.onnxruntime import export as onnx_export
+from lowbit.transform.prune import PRUNING_ATTRIBUTE
 from lowbit.transform.quantize import RECIPE_ATTRIBUTE, quantized_modules
 from lowbit.transform.recipe import Recipe
 from lowbit.version import __version__
@@ -60,6 +62,7 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
                       for name, (scale, zero_point) in getattr(model, "lowbit_roundings", {}).items()},
         "comparison": getattr(model, "lowbit_comparison", None),
         "training": getattr(model, "lowbit_training", None),
+        "pruning": getattr(model, PRUNING_ATTRIBUTE, None),
         "runtime": "eager",
     }
 
@@ -113,7 +116,21 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, run
             regions = [StoredBytes(*region) for region in tensor_regions(staging)]
             shared = share_stored(graph, regions, lambda name: (staging / name).read_bytes())
             (staging / ONNX_FILE).write_bytes(shared)
-    return write_folder(path, model.state_dict(), manifest, write_extra, overwrite)
+    sparse = _store_sparse(model, graph is not None)
+    return write_folder(path, model.state_dict(), manifest, write_extra, overwrite, sparse=sparse)
+
+
+def _store_sparse(model: nn.Module, has_graph: bool) -> bool:
+    """A pruned model's weights are stored as bitmask and kept values (lowbit.formats.sparse),
+    except where ONNX Runtime reads them whole from the tensor file: then say so."""
+    if getattr(model, PRUNING_ATTRIBUTE, None) is None:
+        return False
+    if has_graph:
+        warnings.warn("the pruned weights are stored whole, since the onnxruntime runtime reads them "
+                      "from the tensor file; save with runtime='torch' (CLI: --runtime torch) for the "
+                      "smaller sparse file", LowbitWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _skeleton(manifest: dict[str, Any], folder: Path, skeleton: Skeleton, trust_code: bool) -> nn.Module:
@@ -170,6 +187,7 @@ def load(path: str | os.PathLike, skeleton: Skeleton = None, trust_code: bool = 
         setattr(model, RECIPE_ATTRIBUTE, Recipe.model_validate(manifest["recipe"]))
     model.lowbit_source = manifest["source"]
     model.lowbit_training = manifest.get("training")
+    setattr(model, PRUNING_ATTRIBUTE, manifest.get("pruning"))
     model.lowbit_manifest = manifest
     return model.eval()
 

@@ -35,6 +35,7 @@ from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.manifest import MAX_MANIFEST_BYTES, parse_json, validate_manifest
 from lowbit.formats.members import file_sha256, member, read_member, verify_member
 from lowbit.formats.safetensors_layout import layout
+from lowbit.formats.sparse import decode_sparse, encode_sparse, stored_names
 
 MANIFEST = "lowbit.json"
 FORMAT_VERSION = 2
@@ -104,12 +105,16 @@ def write_folder(
     write_extra: Callable[[Path], None] | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    sparse: bool = False,
 ) -> Path:
     """Write tensors, the family's files and the manifest into a staging folder beside `path`,
     then swap it into place (lowbit.formats.atomic): a failure at any point leaves `path` as it
-    was; an existing folder is replaced only when `overwrite` is set."""
+    was; an existing folder is replaced only when `overwrite` is set. With `sparse`, each
+    mostly-zero tensor is stored as a bitmask and its kept values where that is smaller
+    (lowbit.formats.sparse)."""
     with atomic_folder(path, overwrite) as staging:
         unique, aliases = deduplicate(tensors)
+        unique, sparse_record = encode_sparse(unique) if sparse else (unique, {})
         files = {}
         shards = _shards(unique, max_shard_bytes)
         for name, shard in zip(_shard_names(len(shards)), shards, strict=True):
@@ -120,7 +125,7 @@ def write_folder(
             write_extra(staging)
         files.update(_other_files(staging, files))
         full_manifest = {"format": "lowbit", "format_version": FORMAT_VERSION, **manifest,
-                         "files": files, "aliases": aliases}
+                         "sparse": sparse_record, "files": files, "aliases": aliases}
         (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=False))
     return Path(path)
 
@@ -164,13 +169,19 @@ def _check_recipe(manifest: dict[str, Any], folder: Path) -> None:
 
 
 def _check_tensor_names(manifest: dict[str, Any]) -> None:
-    """Aliases point at stored tensors, and no tensor is stored twice."""
+    """Aliases point at stored tensors, no tensor is stored twice, and each sparse tensor's mask
+    and values are stored (and it is not stored whole too)."""
     stored: set[str] = set()
     for entry in manifest["files"].values():
         names = set(entry["tensors"] or ())
         if stored & names:
             raise FormatError(f"the manifest stores tensor {sorted(stored & names)[0]!r} twice")
         stored |= names
+    for name in manifest["sparse"]:
+        parts = set(stored_names(name))
+        if not parts <= stored or name in stored:
+            raise FormatError(f"the manifest's sparse tensor {name!r} is not stored as a mask and values")
+        stored = (stored - parts) | {name}
     for alias, canonical in manifest["aliases"].items():
         if canonical not in stored or alias in stored:
             raise FormatError(f"the manifest's alias {alias!r} -> {canonical!r} does not name one "
@@ -198,6 +209,8 @@ def check_folder(path: str | os.PathLike) -> dict[str, Any]:
             if set(header) != set(entry["tensors"]):
                 raise FormatError(f"{file} does not hold the tensors the manifest lists")
             headers.update(header)
+    for name, entry in manifest["sparse"].items():
+        headers[name] = (entry["dtype"], tuple(entry["shape"]))
     for alias, canonical in manifest["aliases"].items():
         headers[alias] = headers[canonical]
     _check_module_weights(manifest, headers, folder)
@@ -287,6 +300,9 @@ def read_tensors(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tens
         if set(loaded) != set(entry["tensors"]):
             raise FormatError(f"{file} does not hold the tensors the manifest lists")
         tensors.update(loaded)
+    for name, entry in manifest["sparse"].items():
+        mask, values = (tensors.pop(part) for part in stored_names(name))
+        tensors[name] = decode_sparse(name, mask, values, entry)
     for alias, canonical in manifest["aliases"].items():
         tensors[alias] = tensors[canonical]
     return tensors

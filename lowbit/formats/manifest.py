@@ -19,6 +19,7 @@ from lowbit.nn.registry import QMODULES
 from lowbit.nn.spec import ACTIVATIONS, SCALE_DTYPES, SCHEMES, WEIGHT_TYPES, ZERO_POINTS
 from lowbit.runtimes import RUNTIMES
 from lowbit.runtimes.onnxruntime import ACTIVATION_BLOCKS
+from lowbit.transform.prune import PATTERNS
 
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_DEPTH = 64
@@ -113,6 +114,29 @@ class RoundingEntry(Strict):
     zero_point: int = Field(ge=0, le=255)
 
 
+class SparseEntry(Strict):
+    """A tensor stored as a bitmask and its kept values (lowbit.formats.sparse)."""
+
+    dtype: Literal["I8", "U8", "I32", "F32", "F16", "BF16"]
+    shape: list[Count] = Field(min_length=1, max_length=8)
+    kept: Count
+
+
+class PruningEntry(Strict):
+    """What lowbit.prune did: its pattern, the sparsity asked, what scored the weights, and each
+    module's share of zeros."""
+
+    pattern: str
+    sparsity: float = Field(ge=0, lt=1)
+    criterion: Literal["magnitude", "wanda"]
+    modules: dict[Name, Annotated[float, Field(ge=0, le=1)]] = Field(max_length=MAX_ENTRIES)
+
+    @field_validator("pattern")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return PATTERNS.known(value)
+
+
 class Manifest(Strict):
     format: Literal["lowbit"]
     format_version: int
@@ -125,6 +149,8 @@ class Manifest(Strict):
     roundings: dict[Name, RoundingEntry] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     comparison: dict[str, Any] | None = None
     training: dict[str, Any] | None = None  # what quantization-aware training did (lowbit.qat)
+    pruning: PruningEntry | None = None
+    sparse: dict[Name, SparseEntry] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     runtime: str = "eager"
     onnx: OnnxEntry | None = None
     runtime_choice: dict[str, Any] | None = None  # what `runtime="auto"` measured, and why it chose

@@ -24,6 +24,7 @@ from lowbit.data.batches import call_model, text_batches
 from lowbit.errors import LowbitError
 from lowbit.progress import progress_bar
 from lowbit.registry import Registry
+from lowbit.transform.prune import keep_pruned_zeros
 from lowbit.transform.qat import QAT_ATTRIBUTE, refuse_integer_modules
 
 LOG = logging.getLogger("lowbit")
@@ -124,7 +125,8 @@ def distill(
     `teacher`'s outputs on `data`, for `steps` optimizer steps or `time_budget` seconds, whichever
     ends first; no labels are used. `data` is a list of batches (dicts of tensors or tensors), or
     of texts with `tokenizer`. The student trains in eval mode (no dropout: it matches the
-    teacher's deterministic outputs); the result is also recorded for `lowbit.qat.convert`.
+    teacher's deterministic outputs); the result is also recorded for `lowbit.qat.convert`. A
+    pruned student's zeros stay zero (lowbit.prune).
     """
     refuse_integer_modules(student, "distill into this model")
     if steps is None and time_budget is None:
@@ -140,7 +142,7 @@ def distill(
         raise DistillationError("the student has no trainable parameters")
     optimizer = torch.optim.Adam(parameters, lr=lr)
     result = _train(student, batches, outputs, chosen, optimizer, lr, _Budget(steps, time_budget), seed,
-                    progress)
+                    progress, after_step=keep_pruned_zeros(student))
     state = getattr(student, QAT_ATTRIBUTE, None)
     if state is not None:
         state.training = result.to_dict()
@@ -203,7 +205,7 @@ def _check_outputs(student: nn.Module, teacher: _Teacher, batch: Any, loss: str)
 
 def _train(student: nn.Module, batches: list[Any], teacher: _Teacher, loss: str,
            optimizer: torch.optim.Optimizer, lr: float, budget: _Budget, seed: int,
-           progress: bool) -> DistillResult:
+           progress: bool, after_step: Callable[[], None]) -> DistillResult:
     generator = torch.Generator().manual_seed(seed)
     loss_fn, curve = LOSSES.get(loss), _Curve()
     was_training = student.training
@@ -220,6 +222,7 @@ def _train(student: nn.Module, batches: list[Any], teacher: _Teacher, loss: str,
                     optimizer.zero_grad(set_to_none=True)
                     value.backward()
                     optimizer.step()
+                    after_step()
                     budget.step += 1
                     curve.add(budget, float(value.detach()), bar, task)
                     if budget.spent():

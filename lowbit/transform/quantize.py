@@ -40,17 +40,17 @@ from lowbit.transform.smooth import smooth, smoothing_pairs
 RECIPE_ATTRIBUTE = "lowbit_recipe"
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches_glob(name: str, pattern: str) -> bool:
     """Glob on the dotted module name; a pattern also covers the submodules of what it names."""
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
 
 
 def recipe_for(name: str, recipe: Recipe) -> Recipe | None:
     """The recipe that applies to one module name: None when skipped, else the first override."""
-    if any(_matches(name, pattern) for pattern in recipe.skip):
+    if any(matches_glob(name, pattern) for pattern in recipe.skip):
         return None
     for pattern, override in recipe.overrides.items():
-        if _matches(name, pattern):
+        if matches_glob(name, pattern):
             return override
     return recipe
 

@@ -101,6 +101,37 @@ def test_qat_without_a_budget_is_refused(tmp_path, weights):
                    "budget", out)
 
 
+def test_prune_distills_and_saves_a_smaller_sparse_folder(tmp_path, weights):
+    data = tmp_path / "train.safetensors"
+    save_file({"input": torch.randn(64, 64)}, data)
+    dense, out = tmp_path / "dense", tmp_path / "pruned"
+    assert lowbit("quantize", FACTORY, "--weights", weights, "-r", "w8", "--runtime", "torch",
+                  "--out", dense).returncode == 0
+    result = lowbit("prune", FACTORY, "--weights", weights, "--sparsity", 0.6, "--data", data,
+                    "--steps", 4, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "4 steps" in result.stdout and "smaller, not faster" in result.stdout
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["pruning"]["criterion"] == "wanda" and manifest["pruning"]["sparsity"] == 0.6
+    assert list(manifest["sparse"]) == ["0.weight"] and manifest["training"]["steps"] == 4
+    stored = {folder: (folder / "model.lowbit.safetensors").stat().st_size for folder in (dense, out)}
+    assert stored[out] < 0.75 * stored[dense]
+    inspected = lowbit("inspect", out)
+    assert inspected.returncode == 0 and "pruned: 2 modules, unstructured 60% by wanda" in inspected.stdout
+
+
+@pytest.mark.parametrize(("source", "extra", "message"), [
+    ("mlp", ["--sparsity", 1.5], "[0, 1)"),
+    ("mlp", ["--pattern", "4:8"], "not one of unstructured, 2:4"),
+    ("mlp", ["--steps", 3], "needs --data"),
+    ("tests.fixtures_models:tiny_cnn", ["--pattern", "2:4"], "multiple of 4 inputs; '0' has 27"),
+])
+def test_prune_refuses_bad_requests(tmp_path, weights, source, extra, message):
+    out = tmp_path / "pruned"
+    given = [FACTORY, "--weights", weights] if source == "mlp" else [source]
+    assert_refused(lowbit("prune", *given, *extra, "--out", out), message, out)
+
+
 def test_estimate_is_labelled_an_estimate(weights):
     result = lowbit("estimate", FACTORY, "--weights", weights, "--json")
     assert result.returncode == 0
