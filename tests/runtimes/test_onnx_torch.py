@@ -54,13 +54,18 @@ def test_a_static_conv_net_runs_on_qlinearconv_within_one_output_step(tmp_path):
 def test_the_same_numbers_as_unsigned_weights_on_a_cpu_without_vnni(tmp_path, monkeypatch):
     quantized = lowbit.quantize(conv_net(), "w8a8-static", calibration=batches(), progress=False)
     graph = ort_runtime.export(quantized)
+    vnni = onnx_torch.has_vnni()
     monkeypatch.setattr(onnx_torch, "has_vnni", lambda: False)
     unsigned = onnx_torch.for_this_cpu(graph)
     assert unsigned != graph
-    x = batches()[0].numpy()
-    signed_out = ort_runtime.session(graph, threads=1).run(None, {"input": x})[0]
-    unsigned_out = ort_runtime.session(unsigned, threads=1).run(None, {"input": x})[0]
-    assert abs(signed_out - unsigned_out).max() <= 1e-6
+    x = batches()[0]
+    unsigned_out = ort_runtime.session(unsigned, threads=1).run(None, {"input": x.numpy()})[0]
+    with torch.inference_mode():  # lowbit's reference, within one output step as on QLinearConv
+        steps = _output_steps(quantized, quantized(x), torch.from_numpy(unsigned_out))
+    assert float(steps.max()) <= 1.0 + 1e-3 and float((steps > 0.5).float().mean()) < 0.01
+    if vnni:  # signed weights saturate in ONNX Runtime without VNNI; with it, both are exact
+        signed_out = ort_runtime.session(graph, threads=1).run(None, {"input": x.numpy()})[0]
+        assert abs(signed_out - unsigned_out).max() <= 1e-6
 
 
 def test_a_near_dead_channel_keeps_its_bias(tmp_path):
