@@ -654,7 +654,7 @@ def bench_command(
 
 def _tune_and_save(model, data, metric, max_drop, objective, candidates, calibration, relative, out,
                    overwrite, tokenizer=None, time_budget=None, batch_size=1, samples=256,
-                   json_out=None, html_out=None, workers=1, ray_address=None) -> None:
+                   json_out=None, html_out=None, workers=1, ray_address=None, distill_fallback=True) -> None:
     """Run tune, print its report, write the reports; save the model only if the budget held."""
 
     from lowbit.tune.search import tune
@@ -662,7 +662,7 @@ def _tune_and_save(model, data, metric, max_drop, objective, candidates, calibra
     result = tune(model, data, metric=metric, max_drop=max_drop, objective=objective, candidates=candidates,
                   calibration=calibration, time_budget=time_budget, relative=relative,
                   batch_size=batch_size, samples=samples, tokenizer=tokenizer, workers=workers,
-                  ray_address=ray_address)
+                  ray_address=ray_address, distill_fallback=distill_fallback)
     _print_markdown(result.to_markdown())
     if json_out:
         write_text(json_out, json.dumps(result.to_dict(), indent=2))
@@ -708,13 +708,17 @@ def tune_command(
     ray: Annotated[str | None, typer.Option(
         help="Measure the trials as Ray tasks on the cluster at this address (host:port, or "
         "'local').")] = None,
+    distill: Annotated[bool, typer.Option(
+        help="When no candidate meets the budget, distil the closest one in the time left "
+        "(needs --time-budget; trains on half of --data, judged on the other half).")] = True,
 ) -> None:
     """Find the smallest (or fastest) quantized model within a quality budget, and save it.
 
     Tries candidates from aggressive to safe, moves the most sensitive modules to a safer scheme
     when one misses, and keeps the best that meets the budget. Exit code 4, and nothing written,
     when no quantized model meets it. --time-budget bounds the wall time: w8 runs first, and
-    the message names every candidate not tried. --workers and --ray measure trials in parallel;
+    the message names every candidate not tried; when nothing meets the budget, the closest
+    candidate is distilled in the time left. --workers and --ray measure trials in parallel;
     latency is timed in this process while every worker is idle.
 
     \b
@@ -731,7 +735,8 @@ def tune_command(
         names = [name.strip() for name in candidates.split(",") if name.strip()] if candidates else None
         _tune_and_save(model, data, metric, max_drop, objective, names, batches, relative, out, overwrite,
                        tokenizer=tokenizer, time_budget=time_budget, batch_size=batch_size, samples=samples,
-                       json_out=json_out, html_out=html_out, workers=workers, ray_address=ray)
+                       json_out=json_out, html_out=html_out, workers=workers, ray_address=ray,
+                       distill_fallback=distill)
 
 
 

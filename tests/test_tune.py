@@ -61,6 +61,28 @@ def test_nothing_within_budget_returns_the_original_and_says_so(inputs):
     assert raised.value.result.trials
 
 
+def test_when_nothing_meets_the_budget_the_closest_candidate_is_distilled_and_judged_on_held_out_data():
+    torch.manual_seed(1)
+    model, data = tiny_mlp().eval(), torch.randn(256, 64)
+    result = lowbit.tune(model, data, metric="agreement", max_drop=0.06, candidates=["w4-g32"],
+                         time_budget=20, final_comparison=False, progress=False)
+    post_training, distilled = result.trials
+    assert post_training.label == "w4-g32" and not post_training.accepted  # drop 0.09 measured here
+    assert distilled.label == "w4-g32 + distillation" and distilled.drop < post_training.drop
+    assert "on the first 128 samples; judged on the other 128" in distilled.notes[0]
+    assert result.met_budget and result.chosen is distilled
+    assert "Chose w4-g32 + distillation" in result.message
+    assert result.model.lowbit_training["method"] == "distillation"
+    assert not hasattr(model, "lowbit_training")  # the original is untouched
+
+
+def test_distillation_is_not_tried_without_a_time_budget_and_the_report_says_so(inputs):
+    result = lowbit.tune(tiny_mlp().eval(), torch.randn(64, 64), metric="agreement", max_drop=0.0,
+                         candidates=["w4-g32"], final_comparison=False, progress=False)
+    assert [trial.label for trial in result.trials] == ["w4-g32"]
+    assert "w4-g32 + distillation (distillation runs only within a time budget" in result.message
+
+
 def test_latency_objective_never_chooses_a_candidate_slower_than_the_original(inputs):
     result = lowbit.tune(tiny_mlp().eval(), torch.randn(128, 64), metric="agreement", max_drop=0.5,
                          objective="latency", candidates=["w8a8-dynamic", "w8", "fp16"],

@@ -38,10 +38,14 @@ class Dataset:
         return len(self.texts) if self.texts is not None else int(self.inputs.shape[0])
 
     def head(self, count: int) -> Dataset:
-        labels = None if self.labels is None else self.labels[:count]
+        return self.part(0, count)
+
+    def part(self, start: int, stop: int | None = None) -> Dataset:
+        """Samples `start` to `stop` (to the end when None), with their labels."""
+        labels = None if self.labels is None else self.labels[start:stop]
         if self.texts is not None:
-            return Dataset(texts=self.texts[:count], labels=labels)
-        return Dataset(inputs=self.inputs[:count], labels=labels)
+            return Dataset(texts=self.texts[start:stop], labels=labels)
+        return Dataset(inputs=self.inputs[start:stop], labels=labels)
 
 
 def _labels(values: list[Any]) -> np.ndarray | None:

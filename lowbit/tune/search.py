@@ -24,7 +24,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -383,12 +383,18 @@ class _BudgetSearch:
 
     def _try(self, name: str, recipe: Recipe, moved: list[str], safer: tuple[str, Recipe] | None) -> Trial:
         trial, model = self._measure(name, recipe, moved, safer)  # its seconds: the measuring
+        return self.consider(trial, model, self._timing)
+
+    def consider(self, trial: Trial, model: nn.Module | None,
+                 timing: Callable[[Trial, nn.Module | None], dict[str, Any]]) -> Trial:
+        """Judge a measured trial (timed first with `timing` when the objective is latency and it
+        is within budget), record it, and keep it if it is the best so far."""
         start = time.monotonic()
         if trial.reason:  # could not quantize
             self.trials.append(trial)
             return trial
         if trial.accepted and self.objective == "latency":
-            for key, value in self._timing(trial, model).items():
+            for key, value in timing(trial, model).items():
                 setattr(trial, key, value)
         trial.reason = self._judge(trial)
         trial.accepted = trial.reason in ("accepted", "chosen")
@@ -518,6 +524,7 @@ def tune(
     workers: int = 1,
     ray_address: str | None = None,
     executor: str | None = None,
+    distill_fallback: bool = True,
 ) -> TuneResult:
     """Search `candidates` (default: w4 → w8a8-static → w8a8-dynamic → w8 → fp16) with layer
     fallback for the best model whose `metric` drops at most `max_drop` on `data`. Text data
@@ -539,6 +546,10 @@ def tune(
     ("local" starts a Ray on this machine); `executor` ("serial", "processes", "ray") names the
     executor outright. The choice is the serial search's, and latency is timed here with every
     worker idle (lowbit.tune.parallel).
+
+    When no candidate meets the budget and a time budget is left, the closest candidate is
+    distilled (the original teaching it on the first half of `data`) and judged on the second
+    half as one more trial (lowbit.tune.distilled); `distill_fallback=False` turns that off.
     """
     if objective not in ("size", "latency"):
         raise LowbitError(f"objective must be 'size' or 'latency', not {objective!r}")
@@ -566,7 +577,13 @@ def tune(
         deadline = started + time_budget if time_budget else math.inf  # calibration counts too
         search = _search(spec, work, named, objective, shared, deadline, runs, exact_top, bar)
         search.run()
-    return _result(search, work, named, original, dataset, tokenizer, strict, final_comparison, {
+        judged_on = None
+        if search.best is None and distill_fallback:
+            from lowbit.tune.distilled import distillation_fallback  # it builds on this module
+
+            judged_on = distillation_fallback(search, work, dataset, tokenizer, batch_size, seq_len, progress)
+    compared_on = judged_on if judged_on is not None and search.best is not None else dataset
+    return _result(search, work, named, original, compared_on, tokenizer, strict, final_comparison, {
         "kind": kind, "samples": len(dataset), "batch_size": batch_size, "seq_len": seq_len,
         "candidates": [name for name, _ in named], "time_budget": time_budget,
         "threads": torch.get_num_threads(), "search_seconds": time.monotonic() - started,
