@@ -58,6 +58,7 @@ def build_manifest(model: nn.Module) -> dict[str, Any]:
         "recipe": None if recipe is None else recipe.model_dump(mode="json"),
         "modules": modules,
         "folded": getattr(model, "lowbit_folded", {}),
+        "fused": getattr(model, "lowbit_fused", {}),
         "roundings": {name: {"scale": scale, "zero_point": zero_point}
                       for name, (scale, zero_point) in getattr(model, "lowbit_roundings", {}).items()},
         "comparison": getattr(model, "lowbit_comparison", None),

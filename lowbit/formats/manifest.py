@@ -146,6 +146,8 @@ class Manifest(Strict):
     recipe: dict[str, Any] | None = None
     modules: dict[Name, ModuleEntry] = Field(max_length=MAX_ENTRIES)
     folded: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)  # {batch norm: conv}
+    # {module: [low, high]} of the clamping activation fused into its static output grid (high None: ReLU)
+    fused: dict[Name, tuple[float, float | None]] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     roundings: dict[Name, RoundingEntry] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     comparison: dict[str, Any] | None = None
     training: dict[str, Any] | None = None  # what quantization-aware training did (lowbit.qat)

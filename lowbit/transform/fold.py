@@ -19,6 +19,7 @@ transformers) folds nothing; the reason is logged.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -156,25 +157,31 @@ def folded_structure(model: nn.Module, batch_norms: dict[str, str]) -> nn.Module
 
 
 def links_for(model: nn.Module, names: list[str]) -> Links:
-    """The folds for quantizing the named modules: traced only when one of them is a Conv2d (no
-    other model has a batch norm or a convolution to fold)."""
+    """The folds for quantizing the named modules: traced only when one of them is a Conv2d or
+    the model has a clamping activation module (no other model has a batch norm, a convolution or
+    an activation to fold)."""
     modules = dict(model.named_modules())
-    if not any(isinstance(modules.get(name), nn.Conv2d) for name in names):
+    convolutions = any(isinstance(modules.get(name), nn.Conv2d) for name in names)
+    if not convolutions and not any(clamp_range(module) is not None for module in modules.values()):
         return Links()
     return trace_links(model)
 
 
-def share_grids(ranges: dict[str, dict], links: Links) -> None:
+def share_grids(ranges: dict[str, dict], links: Links) -> dict[str, list[float]]:
     """Static ranges (in place) after fusing: an output range clamped to its fused activation's
     interval, and a convolution reading a quantized module's output on that module's output grid
-    (both 8-bit: a static convolution's input grid is, lowbit.nn.spec)."""
+    (both 8-bit: a static convolution's input grid is, lowbit.nn.spec). Returns the activations
+    fused, {module: [low, high or None]}, for lowbit.json."""
+    fused = {}
     for name, (low, high) in links.activations.items():
         if name in ranges:
             start, end = (float(value) for value in ranges[name]["output"])
             ranges[name]["output"] = (min(max(start, low), high), max(min(end, high), low))
+            fused[name] = [low, high if math.isfinite(high) else None]  # None: unbounded (ReLU)
     for consumer, producer in links.producers.items():
         if consumer in ranges and producer in ranges:
             ranges[consumer]["input"] = ranges[producer]["output"]
+    return fused
 
 
 def rounding_readers(ranges: dict[str, dict], sources: dict[str, str], links: Links) -> dict[str, str]:

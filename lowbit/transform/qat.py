@@ -42,12 +42,14 @@ QAT_ATTRIBUTE = "lowbit_qat"
 @dataclass
 class Prepared:
     """What `prepare` recorded on the model for `convert`: the recipe, the float source it
-    started from, the batch norms it folded, the module outputs it rounds (lowbit.nn.rounding)
+    started from, the batch norms it folded, the activations it fused into output grids, the
+    module outputs it rounds (lowbit.nn.rounding)
     and what training did (lowbit.distill adds to it)."""
 
     recipe: Recipe
     source: dict[str, Any]
     folded: dict[str, str]
+    fused: dict[str, list[float | None]]
     roundings: dict[str, tuple[float, int]] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -93,7 +95,7 @@ def prepare(
     target = model if inplace else copy.deepcopy(model)
     links = _fold(target, list(specs), calibration)
     ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
-    share_grids(ranges, links)  # the grids post-training quantization gives (lowbit.transform.fold)
+    fused = share_grids(ranges, links)  # the grids post-training quantization gives (lowbit.transform.fold)
     readers = rounding_readers(ranges, sources, links)
     for name, spec in specs.items():
         grids = ranges.get(name, {})
@@ -101,7 +103,7 @@ def prepare(
                                            grids.get("input"), grids.get("output")))
     roundings = {source: target.get_submodule(reader).grid("input")[:2] for source, reader in readers.items()}
     attach_fake_roundings(target, roundings)
-    setattr(target, QAT_ATTRIBUTE, Prepared(recipe, source, dict(links.batch_norms), roundings))
+    setattr(target, QAT_ATTRIBUTE, Prepared(recipe, source, dict(links.batch_norms), fused, roundings))
     example = _example_input(calibration)
     if example is not None:
         target.lowbit_example_input = example
@@ -147,7 +149,7 @@ def convert(model: nn.Module, progress: bool = True) -> nn.Module:
     delattr(target, QAT_ATTRIBUTE)
     setattr(target, RECIPE_ATTRIBUTE, state.recipe)
     target.lowbit_source = state.source
-    target.lowbit_folded = dict(state.folded)
+    target.lowbit_folded, target.lowbit_fused = dict(state.folded), dict(state.fused)
     target.lowbit_training = dict(state.training) or None
     return target.eval()
 

@@ -294,7 +294,7 @@ def quantize(
     _smooth(target, recipe, calibration)
     links = _fold(target, list(specs), calibration)
     ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
-    share_grids(ranges, links)
+    fused = share_grids(ranges, links)
     readers = rounding_readers(ranges, sources, links)
     storages = {name: weight_storage(target.get_submodule(name)) for name in specs}
 
@@ -313,7 +313,7 @@ def quantize(
     share_tied_weights(target, storages)
     attach_roundings(target, {source: _input_grid(target.get_submodule(reader))
                               for source, reader in readers.items()})
-    target.lowbit_folded = dict(links.batch_norms)
+    target.lowbit_folded, target.lowbit_fused = dict(links.batch_norms), fused
     example = _example_input(calibration)
     if example is not None:
         target.lowbit_example_input = example

@@ -112,6 +112,7 @@ def test_a_folded_model_saves_reloads_and_calibrates_alike(tmp_path):
     folder = lowbit.save(quantized, tmp_path / "m", runtime="torch")
     manifest = json.loads((folder / "lowbit.json").read_text())
     assert manifest["folded"] == {"1": "0", "4": "3", "7": "6"}
+    assert manifest["fused"] == {"0": [0.0, 6.0], "3": [0.0, 6.0]}  # ReLU6s in the output grids
     x = batches()[0]
     with torch.no_grad():
         expected = quantized(x)
@@ -123,6 +124,17 @@ def test_a_folded_model_saves_reloads_and_calibrates_alike(tmp_path):
         for result in (calibration, load_calibration(path, model)):
             again = lowbit.quantize(model, "w8a8-static", calibration=result, progress=False)
             assert torch.equal(again(x), expected)
+
+
+def test_a_linear_and_its_relu_share_one_output_grid_recorded_in_lowbit_json(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    quantized = lowbit.quantize(model, "w8a8-static", calibration=data, progress=False)
+    assert int(quantized[0].output_zero_point) == 0  # no level spent below ReLU's 0
+    folder = lowbit.save(quantized, tmp_path / "m", runtime="torch")
+    assert json.loads((folder / "lowbit.json").read_text())["fused"] == {"0": [0.0, None]}
+    prepared = lowbit.qat.prepare(model, "w8a8-static", calibration=data, progress=False)
+    assert lowbit.qat.convert(prepared, progress=False).lowbit_fused == {"0": [0.0, None]}
 
 
 def test_a_folded_record_the_model_lacks_is_refused(tmp_path):
