@@ -29,10 +29,8 @@ from pathlib import Path
 
 import lowbit
 from bench.common import bench_arguments, print_table, write_json
-from bench.qat import HELD_OUT, TRAIN, recovered
-from lowbit.data import assets
-from lowbit.evaluate import folder_bytes, mean_cosine
-from lowbit.families import transformers as hf
+from bench.qat import minilm_setup, recovered
+from lowbit.evaluate import folder_bytes
 
 TENSOR_FILE = "model.lowbit.safetensors"
 
@@ -54,19 +52,9 @@ def ratios(stored: dict[str, int], dense: dict[str, int]) -> dict[str, float]:
 
 def main() -> None:
     args = bench_arguments(__doc__, runs=None, extra={"--budget": 900, "--batch-size": 16})
-    from transformers import AutoModel
-
-    path = assets.minilm_path()
-    tokenizer = hf.load_tokenizer(path)
-    fp32 = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
-    held_out = {name: assets.wikipedia_sentences(*place) for name, place in HELD_OUT.items()}
-    references = {name: hf.embed(fp32, tokenizer, texts) for name, texts in held_out.items()}
-    train = assets.wikipedia_sentences(*TRAIN)
-    calibration = [hf.tokenize(tokenizer, train[start : start + 16]) for start in range(0, 256, 16)]
-
-    def scores(model) -> dict[str, float]:
-        return {name: mean_cosine(references[name], hf.embed(model, tokenizer, texts))
-                for name, texts in held_out.items()}
+    setup = minilm_setup()
+    fp32, tokenizer, train, calibration, scores = (setup.fp32, setup.tokenizer, setup.train,
+                                                   setup.calibration, setup.scores)
 
     with tempfile.TemporaryDirectory() as scratch:
         plain = lowbit.quantize(fp32, "w8", progress=False)

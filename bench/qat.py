@@ -19,6 +19,8 @@ training sentences; --static-budget seconds). Writes bench/results/qat.json.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -37,9 +39,19 @@ def recovered(ptq: float, trained: float) -> float:
     return (trained - ptq) / (1.0 - ptq) if ptq < 1.0 else float("nan")
 
 
-def minilm_rows(recipes: dict[str, int], batch_size: int) -> list[dict]:
-    """Post-training and QAT rows of each recipe ({recipe: seconds of distillation}); a static
-    recipe calibrates on the first 256 training sentences."""
+@dataclass
+class MiniLMSetup:
+    """fp32 MiniLM, its tokenizer, the training sentences, calibration batches (the first 256 of
+    them) and `scores(model)`: the embedding cosine to fp32 on each held-out set."""
+
+    fp32: torch.nn.Module
+    tokenizer: object
+    train: list[str]
+    calibration: list[dict]
+    scores: Callable[[torch.nn.Module], dict[str, float]]
+
+
+def minilm_setup() -> MiniLMSetup:
     from transformers import AutoModel
 
     path = assets.minilm_path()
@@ -54,6 +66,15 @@ def minilm_rows(recipes: dict[str, int], batch_size: int) -> list[dict]:
         return {name: mean_cosine(references[name], hf.embed(model, tokenizer, texts))
                 for name, texts in held_out.items()}
 
+    return MiniLMSetup(fp32, tokenizer, train, calibration, scores)
+
+
+def minilm_rows(recipes: dict[str, int], batch_size: int) -> list[dict]:
+    """Post-training and QAT rows of each recipe ({recipe: seconds of distillation}); a static
+    recipe calibrates on the first 256 training sentences."""
+    setup = minilm_setup()
+    fp32, tokenizer, train, calibration, scores = (setup.fp32, setup.tokenizer, setup.train,
+                                                   setup.calibration, setup.scores)
     rows = []
     for recipe, budget in recipes.items():
         ptq = scores(lowbit.quantize(fp32, recipe, calibration=calibration, progress=False))
