@@ -67,7 +67,13 @@ def share_stored(graph: bytes, regions: Iterable[StoredBytes], read: Callable[[s
 
 
 def _reference(tensor: Any) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
+    """An external tensor's key/value entries as text (protobuf hands an entry that is not valid
+    UTF-8 over as bytes; decoded, it names no file of the folder and is refused as such)."""
+    return {_text(entry.key): _text(entry.value) for entry in tensor.external_data}
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
 
 
 def _region(tensor: Any, size: int, where: str) -> tuple[int, int]:
