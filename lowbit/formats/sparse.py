@@ -28,6 +28,7 @@ DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "F32": torch.
 CODES = {dtype: code for code, dtype in DTYPES.items()}
 SMALLEST = 4096  # values: a smaller tensor is not worth an entry
 LEAST_ZEROS = 0.2  # share of zeros below which a tensor is not tried
+MOST_VALUES = 1 << 40  # a record claiming more is refused before anything is inflated
 
 
 def encode_sparse(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -72,7 +73,7 @@ def decode_sparse(name: str, mask: torch.Tensor, values: torch.Tensor, entry: di
     """Sparse tensor `name` rebuilt from its stored mask and values, after checking each against
     its record; anything that does not fit is a FormatError."""
     dtype, count, kept = DTYPES[entry["dtype"]], math.prod(entry["shape"]), entry["kept"]
-    if kept > count:
+    if count > MOST_VALUES or kept > count:
         raise FormatError(f"sparse tensor {name!r} records {kept:,} kept values of {count:,}")
     bits = np.unpackbits(np.frombuffer(_inflated(name, "mask", mask, (count + 7) // 8), dtype=np.uint8),
                          count=count).astype(bool)

@@ -45,6 +45,7 @@ def _deflated(data: bytes) -> torch.Tensor:
     (lambda mask, values, entry: (values, mask, entry), "keeps|kept|bytes|inflate"),
     (lambda mask, values, entry: (mask, values, {**entry, "shape": [64, 129]}), "bytes its record"),
     (lambda mask, values, entry: (mask, values, {**entry, "kept": 10**12}), "keeps|kept"),
+    (lambda mask, values, entry: (mask, values, {**entry, "shape": [2**50] * 8}), "kept values of"),
     (lambda mask, values, entry: (mask.view(torch.int8), values, entry), "deflated byte string"),
     (lambda mask, values, entry: (torch.cat([mask, mask]), values, entry), "bytes its record promises"),
     (lambda mask, values, entry: (_deflated(b"\xff" * 10**6), values, {**entry, "shape": [8, 8], "kept": 10}),
