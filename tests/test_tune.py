@@ -61,13 +61,15 @@ def test_nothing_within_budget_returns_the_original_and_says_so(inputs):
     assert raised.value.result.trials
 
 
-def test_when_nothing_meets_the_budget_the_closest_candidate_is_distilled_and_judged_on_held_out_data():
+def test_when_nothing_meets_the_budget_the_closest_candidate_is_distilled_and_judged_on_held_out_data(
+        monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")  # the numerics it trains on (lowbit.nn.fake_quant)
     torch.manual_seed(1)
     model, data = tiny_mlp().eval(), torch.randn(256, 64)
     result = lowbit.tune(model, data, metric="agreement", max_drop=0.06, candidates=["w4-g32"],
                          time_budget=20, final_comparison=False, progress=False)
     post_training, distilled = result.trials
-    assert post_training.label == "w4-g32" and not post_training.accepted  # drop 0.09 measured here
+    assert post_training.label == "w4-g32" and not post_training.accepted
     assert distilled.label == "w4-g32 + distillation" and distilled.drop < post_training.drop
     assert "on the first 128 samples; judged on the other 128" in distilled.notes[0]
     assert result.met_budget and result.chosen is distilled
