@@ -895,7 +895,7 @@ def qat(
           --steps 300 --out ./minilm-w8a8-qat
     """
     with _user_errors():
-        from lowbit.data.batches import as_dataset, tensor_batches
+        from lowbit.data.batches import as_dataset, training_inputs
         from lowbit.transform import distill as distillation
         from lowbit.transform import qat as training
 
@@ -906,7 +906,7 @@ def qat(
         teacher = load_source(source, weights).eval()
         tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
         dataset = as_dataset(data)
-        inputs = dataset.texts if dataset.texts is not None else tensor_batches(dataset.inputs, batch_size)
+        inputs = training_inputs(dataset, batch_size)
         batches = calibration_batches(calibration, tokenizer) if calibration else None
         prepared = training.prepare(teacher, make_recipe(recipe), calibration=batches,
                                     learn_scales=learn_scales, skip=skip)
@@ -957,7 +957,7 @@ def prune(
       lowbit prune ./minilm --data sentences.txt --time-budget 900 --out ./minilm-sparse-kd
     """
     with _user_errors():
-        from lowbit.data.batches import as_dataset, tensor_batches
+        from lowbit.data.batches import as_dataset, training_inputs
         from lowbit.transform import distill as distillation
         from lowbit.transform import prune as pruning
         from lowbit.transform import qat as training
@@ -977,9 +977,7 @@ def prune(
         if data is None:
             quantized = quantize_model(pruned, make_recipe(recipe), calibration=batches, skip=skip)
         else:
-            dataset = as_dataset(data)
-            inputs = dataset.texts if dataset.texts is not None else tensor_batches(dataset.inputs,
-                                                                                    batch_size)
+            inputs = training_inputs(as_dataset(data), batch_size)
             prepared = training.prepare(pruned, make_recipe(recipe), calibration=batches, skip=skip)
             result = distillation.distill(prepared, teacher, inputs, steps=steps, time_budget=time_budget,
                                           tokenizer=tokenizer, lr=lr, batch_size=batch_size)

@@ -126,6 +126,12 @@ def tensor_batches(inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(torch.split(inputs, batch_size))
 
 
+def training_inputs(dataset: Dataset, batch_size: int) -> list[str] | list[torch.Tensor]:
+    """What lowbit.distill trains on: the texts as they are (it tokenizes them), or the inputs
+    in batches of `batch_size`."""
+    return dataset.texts if dataset.texts is not None else tensor_batches(dataset.inputs, batch_size)
+
+
 def calibration_batches(
     path: str | Path, tokenizer: Any = None, batch_size: int = 8, max_length: int = 128
 ) -> list[Any]:

@@ -17,7 +17,7 @@ import time
 import warnings
 from typing import Any
 
-from lowbit.data.batches import task_batches, tensor_batches
+from lowbit.data.batches import task_batches, training_inputs
 from lowbit.data.datasets import Dataset
 from lowbit.errors import LowbitError, LowbitWarning
 from lowbit.evaluate.size import parameter_bytes
@@ -56,9 +56,8 @@ def distillation_fallback(search: _BudgetSearch, work: _Workload, dataset: Datas
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LowbitWarning)  # the candidate's trial recorded them
             prepared = prepare(work.model, recipe, calibration=work.rounding_batches, progress=False)
-            data = train.texts if train.texts is not None else tensor_batches(train.inputs, 16)
-            result = distill(prepared, work.model, data, time_budget=max(seconds, 1.0), tokenizer=tokenizer,
-                             lr=LEARNING_RATE, max_length=seq_len, progress=progress)
+            result = distill(prepared, work.model, training_inputs(train, 16), time_budget=max(seconds, 1.0),
+                             tokenizer=tokenizer, lr=LEARNING_RATE, max_length=seq_len, progress=progress)
             model = convert(prepared, progress=False)
     except LowbitError as error:
         search.not_tried[name] = f"could not distill: {error}"
