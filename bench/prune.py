@@ -2,10 +2,12 @@
 and file size against plain w8, on held-out data.
 
 Every Linear and embedding table is pruned to 50% (unstructured: half of each row; 2:4: two of
-every four inputs), scored by Wanda's |W| x ||X|| on the first 256 training sentences, then
+every four inputs) by SparseGPT on the first --calibration training sentences (each Linear's
+kept weights updated to make up for the pruned ones; the embedding tables by magnitude), then
 quantized w8 (int8 per channel, symmetric, so the zeros stay zero). "post-training" is that
-model as it is; "+ distillation" is the float model teaching the pruned, fake-quantized copy on
-2,000 Wikipedia first sentences (documents 256-2,255, no labels) for --budget seconds. Judged by
+model as it is, beside Wanda's one-shot pruning (|W| x ||X||, no update) for reference;
+"+ distillation" is the float model teaching the SparseGPT-pruned, fake-quantized copy on 2,000
+Wikipedia first sentences (documents 256-2,255, no labels) for --budget seconds. Judged by
 the cosine of mean-pooled embeddings to fp32 on 256 held-out sentences (documents 0-255) and 256
 others (documents 5,000-5,255); "recovered" is the share of the post-training loss (1 − cosine)
 that distillation wins back.
@@ -17,7 +19,7 @@ whole folder (tokenizer files included). For reference, plain w8's tensor file d
 a pruned model runs the same dense int8 kernels, so it is smaller, not faster. Writes
 bench/results/prune.json.
 
-    .venv/bin/python -m bench.prune [--budget 900] [--batch-size 16] [--threads 2]
+    .venv/bin/python -m bench.prune [--budget 900] [--batch-size 16] [--calibration 1024] [--threads 2]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import lowbit
 from bench.common import bench_arguments, print_table, write_json
 from bench.qat import minilm_setup, recovered
 from lowbit.evaluate import folder_bytes
+from lowbit.families import transformers as hf
 
 TENSOR_FILE = "model.lowbit.safetensors"
 
@@ -51,10 +54,12 @@ def ratios(stored: dict[str, int], dense: dict[str, int]) -> dict[str, float]:
 
 
 def main() -> None:
-    args = bench_arguments(__doc__, runs=None, extra={"--budget": 900, "--batch-size": 16})
+    args = bench_arguments(__doc__, runs=None,
+                           extra={"--budget": 900, "--batch-size": 16, "--calibration": 1024})
     setup = minilm_setup()
-    fp32, tokenizer, train, calibration, scores = (setup.fp32, setup.tokenizer, setup.train,
-                                                   setup.calibration, setup.scores)
+    fp32, tokenizer, train, scores = setup.fp32, setup.tokenizer, setup.train, setup.scores
+    calibration = [hf.tokenize(tokenizer, train[start : start + 16])
+                   for start in range(0, args.calibration, 16)]
 
     with tempfile.TemporaryDirectory() as scratch:
         plain = lowbit.quantize(fp32, "w8", progress=False)
@@ -62,10 +67,15 @@ def main() -> None:
         deflated = len(zlib.compress((Path(scratch) / "w8" / TENSOR_FILE).read_bytes(), 9))
         rows = [{"model": "w8 (dense)", "method": "post-training", **scores(plain), **dense}]
         for pattern in ("unstructured", "2:4"):
-            pruned = lowbit.prune(fp32, 0.5, pattern, calibration=calibration)
             model = f"50% {pattern} + w8"
+            wanda = lowbit.prune(fp32, 0.5, pattern, calibration=calibration, criterion="wanda")
+            rows.append({"model": model, "method": "Wanda, post-training",
+                         **scores(lowbit.quantize(wanda, "w8", progress=False))})
+            start = time.perf_counter()
+            pruned = lowbit.prune(fp32, 0.5, pattern, calibration=calibration, criterion="sparsegpt")
             ptq = scores(lowbit.quantize(pruned, "w8", progress=False))
-            rows.append({"model": model, "method": "post-training", **ptq})
+            rows.append({"model": model, "method": "SparseGPT, post-training", **ptq,
+                         "minutes": (time.perf_counter() - start) / 60})
             start = time.perf_counter()
             prepared = lowbit.qat.prepare(pruned, "w8", progress=False)
             result = lowbit.distill(prepared, fp32, train, tokenizer=tokenizer, time_budget=args.budget,
@@ -73,8 +83,8 @@ def main() -> None:
             converted = lowbit.qat.convert(prepared, progress=False)
             minutes = (time.perf_counter() - start) / 60
             trained, stored = scores(converted), sizes(converted, Path(scratch) / pattern.replace(":", "of"))
-            rows.append({"model": model, "method": "+ distillation", **trained, **recoveries(ptq, trained),
-                         **stored, **ratios(stored, dense),
+            rows.append({"model": model, "method": "SparseGPT + distillation", **trained,
+                         **recoveries(ptq, trained), **stored, **ratios(stored, dense),
                          "steps": result.steps, "minutes": minutes, "curve": result.curve})
     print_table(f"50% pruning + int8 vs plain w8, MiniLM, {args.threads} threads, measured now", rows,
                 [("model", "model"), ("method", "method"), ("cosine", "cosine"), ("recovered", "recovered"),
@@ -84,6 +94,7 @@ def main() -> None:
     print(f"plain w8's tensor file deflated whole (zlib 9): {share:.3f} of it. No sparse kernel on this "
           "CPU: pruned models run the dense int8 kernels (smaller, not faster).")
     payload = {"threads": args.threads, "budget_s": args.budget, "batch_size": args.batch_size,
+               "calibration_sentences": args.calibration,
                "w8_tensor_file_deflated_bytes": deflated, "rows": rows}
     print(f"results: {write_json('prune', payload)}")
 

@@ -36,7 +36,7 @@ from lowbit.families.sources import load_source
 from lowbit.formats.atomic import write_text
 from lowbit.formats.gguf_file import export_gguf
 from lowbit.formats.lowbit_format import check_folder, read_manifest, verify_files
-from lowbit.transform.prune import PATTERNS
+from lowbit.transform.prune import CRITERIA, PATTERNS
 from lowbit.transform.quantize import quantize as quantize_model
 from lowbit.transform.quantize import quantized_modules
 from lowbit.transform.recipe import PRESETS, make_recipe
@@ -130,9 +130,10 @@ def _bit_width(value: int) -> int:
 
 
 def _one_of(*choices: str):
-    """A callback that accepts only `choices` (this typer has no choice type for plain strings)."""
-    def check(value: str) -> str:
-        if value not in choices:
+    """A callback that accepts only `choices`, or an unset option (this typer has no choice type for
+    plain strings)."""
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in choices:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
         return value
     return check
@@ -872,6 +873,8 @@ def qat(
         help="Calibration data for the static scheme's activation grids (w8a8-static).")] = None,
     learn_scales: Annotated[bool, typer.Option(
         help="Train each weight scale too (LSQ), instead of taking it from the weight's range.")] = False,
+    learn_ranges: Annotated[bool, typer.Option(
+        help="Train the static scheme's activation ranges too, from their calibrated values.")] = False,
     lr: Annotated[float, typer.Option(callback=_positive,
         help="Adam's learning rate at the start; it decays linearly to zero over the budget.")] = 5e-5,
     batch_size: Annotated[int, typer.Option(min=1, help="Texts or inputs per training step.")] = 16,
@@ -909,7 +912,7 @@ def qat(
         inputs = training_inputs(dataset, batch_size)
         batches = calibration_batches(calibration, tokenizer) if calibration else None
         prepared = training.prepare(teacher, make_recipe(recipe), calibration=batches,
-                                    learn_scales=learn_scales, skip=skip)
+                                    learn_scales=learn_scales, learn_ranges=learn_ranges, skip=skip)
         result = distillation.distill(prepared, teacher, inputs, steps=steps, time_budget=time_budget,
                                       tokenizer=tokenizer, lr=lr, batch_size=batch_size)
         quantized = training.convert(prepared)
@@ -927,6 +930,10 @@ def prune(
         help="Share of each weight row set to zero, in [0, 1); 2:4 is always 0.5.")] = 0.5,
     pattern: Annotated[str, typer.Option(callback=_one_of(*PATTERNS),
         help="unstructured (any values of a row) or 2:4 (two of every four inputs).")] = "unstructured",
+    criterion: Annotated[str | None, typer.Option(callback=_one_of(*CRITERIA),
+        help="What goes: magnitude; wanda (|W| x ||X|| on calibration inputs); sparsegpt (as wanda's "
+             "data, and the kept weights updated to make up for the pruned ones: least lost, slower; "
+             "transformer blocks only). Default: wanda with calibration inputs, else magnitude.")] = None,
     recipe: Annotated[str, typer.Option("--recipe", "-r",
         help="Preset to quantize with after pruning; symmetric int8 (w8) keeps the zeros.")] = "w8",
     calibration: Annotated[Path | None, typer.Option(
@@ -972,7 +979,8 @@ def prune(
         tokenizer = hf.load_tokenizer(source) if hf.is_transformers_folder(source) else None
         scoring = calibration or data
         batches = calibration_batches(scoring, tokenizer)[:32] if scoring else None
-        pruned = pruning.prune(teacher, sparsity, pattern, calibration=batches, skip=skip)
+        pruned = pruning.prune(teacher, sparsity, pattern, calibration=batches, skip=skip,
+                               criterion=criterion)
         result = None
         if data is None:
             quantized = quantize_model(pruned, make_recipe(recipe), calibration=batches, skip=skip)

@@ -79,7 +79,7 @@ def _column_grid(grid: QuantizedTensor, rows: int, columns: int) -> tuple[torch.
     return scale.reshape(rows, columns), zero.reshape(rows, columns)
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of the damped Hessian's inverse, in float64 for stability."""
     if not bool(torch.isfinite(hessian).all()):
         raise QuantizationError("the calibration inputs give a Hessian with NaN or Inf values")
@@ -109,7 +109,7 @@ def gptq(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor) -> Quanti
     hessian[dead, dead] = 1.0  # they may not be zero later (the reference zeroes their weights)
     order = torch.argsort(hessian.diagonal(), descending=True)
     work, scale, zero = work[:, order], scale[:, order].double(), zero[:, order].double()
-    factor = _inverse_hessian_factor(hessian[order][:, order])
+    factor = inverse_hessian_factor(hessian[order][:, order])
     codes = torch.empty(rows, columns, dtype=torch.float64)
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)

@@ -70,3 +70,16 @@ def fake_quantize_tensor(x: torch.Tensor, scale: float, zero_point: int, qmax: i
     output), its gradient passed inside the grid."""
     q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax)
     return (q - zero_point) * scale
+
+
+def fake_quantize_range(x: torch.Tensor, bounds: torch.Tensor, qmax: int) -> torch.Tensor:
+    """`x` onto the unsigned grid [0, qmax] that `qparams_from_range` sets over `bounds` (low,
+    high; widened to include 0) and back: the values `fake_quantize_tensor` gives on that grid,
+    with gradients reaching the bounds too (through the scale, as LSQ's, and through the zero
+    point and the ends values are clamped to), so a static grid can learn its range."""
+    low, high = torch.clamp(bounds[0], max=0.0), torch.clamp(bounds[1], min=0.0)
+    scale = (high - low) / qmax
+    scale = on_scale_grid_ste(torch.where(scale != 0, scale, torch.ones_like(scale)), torch.float32)
+    zero_point = torch.clamp(-round_ste(low / scale), 0, qmax)
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax)
+    return (q - zero_point) * scale

@@ -19,7 +19,7 @@ from lowbit.nn.registry import QMODULES
 from lowbit.nn.spec import ACTIVATIONS, SCALE_DTYPES, SCHEMES, WEIGHT_TYPES, ZERO_POINTS
 from lowbit.runtimes import RUNTIMES
 from lowbit.runtimes.onnxruntime import ACTIVATION_BLOCKS
-from lowbit.transform.prune import PATTERNS
+from lowbit.transform.prune import CRITERIA, PATTERNS
 
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_DEPTH = 64
@@ -128,13 +128,18 @@ class PruningEntry(Strict):
 
     pattern: str
     sparsity: float = Field(ge=0, lt=1)
-    criterion: Literal["magnitude", "wanda"]
+    criterion: str
     modules: dict[Name, Annotated[float, Field(ge=0, le=1)]] = Field(max_length=MAX_ENTRIES)
 
     @field_validator("pattern")
     @classmethod
     def _registered(cls, value: str) -> str:
         return PATTERNS.known(value)
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, value: str) -> str:
+        return CRITERIA.known(value)
 
 
 class Manifest(Strict):

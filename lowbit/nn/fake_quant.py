@@ -4,8 +4,12 @@ quantized module it will become.
 Its forward rounds the weight (and, for the dynamic and static schemes, the input and output) as
 the quantized module's reference kernel does (lowbit.nn.kernels.reference), with gradients
 passed straight through the rounding (lowbit.core.fake_quant). With `learn_scales` the weight
-scales are parameters too (LSQ). `rounded()` gives the integers the quantized module stores, so
-a trained FakeQuant converts to exactly the module it imitated.
+scales are parameters too (LSQ); the static scheme's activation ranges named in `learn_ranges`
+("input", "output") are too, each end moving in steps of RANGE_RATE x its calibrated span per
+unit of its parameter (Adam's steps are about the learning rate whatever the gradient, and the
+weights' learning rate would barely move a range). `rounded()` and `ranges` give the integers
+and ranges the quantized module stores, so a trained FakeQuant converts to exactly the module it
+imitated.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch.func import functional_call
 from lowbit.core import Granularity, QuantizedTensor, get_qtype
 from lowbit.core.fake_quant import (
     fake_quantize,
+    fake_quantize_range,
     fake_quantize_rows,
     fake_quantize_tensor,
     on_scale_grid_ste,
@@ -27,6 +32,7 @@ from lowbit.nn.qweight import round_to_nearest, storage_qtype
 from lowbit.nn.spec import LayerSpec
 
 Range = tuple[float, float]
+RANGE_RATE = 20.0  # a learned range end moves by this x its calibrated span per unit of its parameter
 
 
 class FakeQuant(nn.Module):
@@ -34,12 +40,16 @@ class FakeQuant(nn.Module):
     it with its weight, and its activations where `spec` rounds them, fake-quantized."""
 
     def __init__(self, module: nn.Module, spec: LayerSpec, learn_scales: bool = False,
-                 input_range: Range | None = None, output_range: Range | None = None) -> None:
+                 input_range: Range | None = None, output_range: Range | None = None,
+                 learn_ranges: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.float_module, self.spec = module, spec
         self.qtype = get_qtype(storage_qtype(spec))
         self.granularity = Granularity.parse(spec.granularity)
-        self.ranges = {"input": input_range, "output": output_range}
+        self.calibrated = {"input": input_range, "output": output_range}
+        learned = [side for side in learn_ranges
+                   if spec.scheme == "static" and self.calibrated[side] is not None]
+        self.range_steps = nn.ParameterDict({side: nn.Parameter(torch.zeros(2)) for side in learned})
         scale = zero_point = None
         if learn_scales and not self.qtype.is_float:
             scale, zero_point = self._weight_qparams()
@@ -71,15 +81,33 @@ class FakeQuant(nn.Module):
         y = functional_call(self.float_module, {"weight": self.fake_weight()}, (x,))
         return self._static("output", y) if self.spec.scheme == "static" else y
 
+    def bounds(self, side: str) -> torch.Tensor:
+        """(low, high) of a learned static range, differentiable in its parameter."""
+        low, high = self.calibrated[side]
+        start = torch.tensor([low, high], dtype=torch.float32)
+        return start + RANGE_RATE * (high - low) * self.range_steps[side]
+
+    @property
+    def ranges(self) -> dict[str, Range | None]:
+        """The static scheme's "input" and "output" ranges as they stand (calibrated, or learned
+        since), as the quantized module is built with them."""
+        learned = {side: tuple(float(end) for end in self.bounds(side).detach()) for side in self.range_steps}
+        return {**self.calibrated, **learned}
+
     def grid(self, side: str) -> tuple[float, int, int]:
-        """The static scheme's calibrated grid of the "input" (7 or 8 bits) or "output" (8 bits):
-        scale, zero point and top, as the quantized module will hold them."""
+        """The static scheme's grid of the "input" (7 or 8 bits) or "output" (8 bits): scale, zero
+        point and top, as the quantized module will hold them."""
         low, high = self.ranges[side]
-        qtype = UINT8 if side == "output" or self.spec.input_qmax == UINT8.qmax else UINT7
-        scale, zero_point = qparams_from_range(torch.tensor(low), torch.tensor(high), qtype, symmetric=False)
-        return float(scale), int(zero_point), qtype.qmax
+        scale, zero_point = qparams_from_range(torch.tensor(low), torch.tensor(high), self._grid_type(side),
+                                               symmetric=False)
+        return float(scale), int(zero_point), self._grid_type(side).qmax
+
+    def _grid_type(self, side: str):
+        return UINT8 if side == "output" or self.spec.input_qmax == UINT8.qmax else UINT7
 
     def _static(self, side: str, x: torch.Tensor) -> torch.Tensor:
+        if side in self.range_steps:
+            return fake_quantize_range(x, self.bounds(side), self._grid_type(side).qmax)
         return fake_quantize_tensor(x, *self.grid(side))
 
     def rounded(self) -> QuantizedTensor:
@@ -94,5 +122,6 @@ class FakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         learned = "learned" if self.weight_scale is not None else "from each weight's range"
+        ranges = f", learned ranges={'+'.join(self.range_steps)}" if len(self.range_steps) else ""
         return (f"scheme={self.spec.scheme}, weight={self.spec.weight}, "
-                f"granularity={self.spec.granularity}, scales={learned}")
+                f"granularity={self.spec.granularity}, scales={learned}{ranges}")

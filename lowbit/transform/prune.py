@@ -1,11 +1,16 @@
 """Pruning: weights set to zero before quantizing, to make a model's file smaller.
 
-What goes is what scores lowest: a weight's magnitude |W|, or with calibration batches Wanda's
-|W| x ||X|| (Sun et al., 2023: the magnitude times the L2 norm of the input it multiplies, so a
-small weight on a loud input is kept). Two patterns, behind a registry keyed by name:
+Two registries, keyed by name. A pattern says which zeros are allowed:
 - "unstructured": in each row (an output's weights), the `sparsity` share scoring lowest become 0;
 - "2:4": in each run of four consecutive inputs of a row, the two scoring lowest become 0 (the
   semi-structured pattern some GPUs run faster; 50% by construction).
+A criterion says which weights score lowest, and whether the kept ones change:
+- "magnitude": |W|, no data needed;
+- "wanda": |W| x ||X|| on calibration batches (Sun et al., 2023: the magnitude times the L2 norm
+  of the input it multiplies, so a small weight on a loud input is kept);
+- "sparsegpt": on calibration batches, block by block, each Linear pruned by SparseGPT
+  (lowbit.algorithms.sparsegpt), whose kept weights are updated to make up for the pruned ones
+  (lowbit.transform.prune_sparsegpt).
 
 Linear, Conv2d and Embedding weights are pruned (a convolution's row is its flattened
 in-channels x kernel). The zeros stay zero through `lowbit.distill` (it puts them back after each
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,11 +38,20 @@ from lowbit.transform.quantize import matches_glob
 
 PRUNING_ATTRIBUTE = "lowbit_pruning"
 
-# pattern name -> (scores of a weight's values as rows of inputs, sparsity) -> mask of those kept
-PATTERNS: Registry[Callable[[torch.Tensor, float], torch.Tensor]] = Registry("pruning pattern")
+
+@dataclass(frozen=True)
+class Pattern:
+    """`keep(scores, sparsity)`: the mask of the values kept, given their scores as rows of
+    inputs. `window`: the fewest consecutive inputs of a row the rule can be applied to on its own
+    (4 for 2:4; None when it needs whole rows), which lets SparseGPT choose as it goes."""
+
+    keep: Callable[[torch.Tensor, float], torch.Tensor]
+    window: int | None = None
 
 
-@PATTERNS.register("unstructured")
+PATTERNS: Registry[Pattern] = Registry("pruning pattern")
+
+
 def lowest_in_each_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep all but the `sparsity` share of each row's values scoring lowest (ties broken by
     position, so exactly that share goes)."""
@@ -47,13 +62,40 @@ def lowest_in_each_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
-@PATTERNS.register("2:4")
 def two_of_four(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the two values scoring highest in every run of four inputs of a row."""
     groups = scores.reshape(-1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(1, groups.topk(2, dim=1).indices, True)
     return keep.reshape(scores.shape)
+
+
+PATTERNS.add("unstructured", Pattern(lowest_in_each_row))
+PATTERNS.add("2:4", Pattern(two_of_four, window=4))
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """One pruning's parameters, as the criteria receive them: the modules by name, the pattern,
+    the sparsity, the calibration batches (None for magnitude) and whether to show progress."""
+
+    names: list[str]
+    pattern: Pattern
+    sparsity: float
+    calibration: list[Any] | None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """`prune(model, pruning)` sets the model's weights to zero in place; `needs_data` says it
+    scores on calibration batches."""
+
+    prune: Callable[[nn.Module, Pruning], None]
+    needs_data: bool
+
+
+CRITERIA: Registry[Criterion] = Registry("pruning criterion")
 
 
 def prune(
@@ -63,13 +105,19 @@ def prune(
     calibration: Iterable[Any] | None = None,
     skip: Iterable[str] | None = None,
     inplace: bool = False,
+    criterion: str | None = None,
+    progress: bool = True,
 ) -> nn.Module:
     """A copy of `model` (the model itself when `inplace`) whose Linear, Conv2d and Embedding
     weights outside the `skip` globs are pruned to `sparsity` with `pattern` ("unstructured" or
-    "2:4", which is 50% sparse), by magnitude, or by Wanda's |W| x ||X|| when `calibration`
-    batches are given (far less lost). What was pruned is recorded in `model.lowbit_pruning` and,
-    after quantizing, in lowbit.json. Quantize it with a symmetric recipe ("w8") to keep the zeros."""
-    mask_of = _checked_pattern(pattern, sparsity)
+    "2:4", which is 50% sparse). `criterion` chooses what goes: "magnitude", "wanda" (|W| x ||X||
+    on `calibration`; far less lost) or "sparsegpt" (Wanda's data, and the kept weights updated to
+    make up for the pruned ones; least lost, slowest); by default "wanda" with calibration batches,
+    else "magnitude". What was pruned is recorded in `model.lowbit_pruning` and, after quantizing,
+    in lowbit.json. Quantize it with a symmetric recipe ("w8") to keep the zeros."""
+    rule = _checked_pattern(pattern, sparsity)
+    criterion = criterion or ("magnitude" if calibration is None else "wanda")
+    method = _checked_criterion(criterion, calibration)
     if not isinstance(model, nn.Module):
         raise PruningError(f"expected a torch.nn.Module, got {type(model).__name__}")
     refuse_integer_modules(model, "prune this model")
@@ -78,19 +126,44 @@ def prune(
         raise PruningError("nothing to prune: the model has no Linear, Conv2d or Embedding outside `skip`")
     if pattern == "2:4":
         _check_divisible(model, weights)
-    norms = _input_norms(model, weights, calibration) if calibration is not None else {}
+    batches = None if calibration is None else list(calibration)
+    if batches is not None and not batches:
+        raise PruningError("the calibration batches are empty: pass some, or none to prune by magnitude")
     target = model if inplace else copy.deepcopy(model)
-    pruned = {}
+    method.prune(target, Pruning(weights, rule, sparsity, batches if method.needs_data else None, progress))
+    pruned = {name: _zero_share(target.get_submodule(name).weight) for name in weights}
+    setattr(target, PRUNING_ATTRIBUTE, {"pattern": pattern, "sparsity": 0.5 if pattern == "2:4" else sparsity,
+                                        "criterion": criterion, "modules": pruned})
+    return target
+
+
+def prune_by_scores(model: nn.Module, names: Iterable[str], pruning: Pruning,
+                    norms: dict[str, torch.Tensor]) -> None:
+    """Zero the lowest-scoring weights of the named modules: |W|, times the input norms where
+    `norms` has the module's (Wanda)."""
     with torch.no_grad():
-        for name in weights:
-            module = target.get_submodule(name)
+        for name in names:
+            module = model.get_submodule(name)
             rows = module.weight.reshape(module.weight.shape[0], -1)
             scores = rows.abs() * _input_weight(module, norms.get(name))
-            module.weight.copy_((rows * mask_of(scores, sparsity)).reshape(module.weight.shape))
-            pruned[name] = round(float((module.weight == 0).float().mean()), 4)
-    setattr(target, PRUNING_ATTRIBUTE, {"pattern": pattern, "sparsity": 0.5 if pattern == "2:4" else sparsity,
-                                        "criterion": "wanda" if norms else "magnitude", "modules": pruned})
-    return target
+            kept = rows * pruning.pattern.keep(scores, pruning.sparsity)
+            module.weight.copy_(kept.reshape(module.weight.shape))
+
+
+def _zero_share(weight: torch.Tensor) -> float:
+    return round(float((weight == 0).float().mean()), 4)
+
+
+def _by_magnitude(model: nn.Module, pruning: Pruning) -> None:
+    prune_by_scores(model, pruning.names, pruning, {})
+
+
+def _by_wanda(model: nn.Module, pruning: Pruning) -> None:
+    prune_by_scores(model, pruning.names, pruning, _input_norms(model, pruning.names, pruning.calibration))
+
+
+CRITERIA.add("magnitude", Criterion(_by_magnitude, needs_data=False))
+CRITERIA.add("wanda", Criterion(_by_wanda, needs_data=True))
 
 
 def _input_norms(model: nn.Module, names: list[str], batches: Iterable[Any]) -> dict[str, torch.Tensor]:
@@ -110,17 +183,13 @@ def _input_norms(model: nn.Module, names: list[str], batches: Iterable[Any]) -> 
                if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)}
     handles = [module.register_forward_pre_hook(record(name, isinstance(module, nn.Linear)))
                for name, module in readers.items()]
-    count = 0
     try:
         with torch.inference_mode():
             for batch in batches:
                 call_model(model, batch)
-                count += 1
     finally:
         for handle in handles:
             handle.remove()
-    if not count:
-        raise PruningError("the calibration batches are empty: pass some, or none to prune by magnitude")
     return {name: total.sqrt() for name, total in squares.items()}
 
 
@@ -134,7 +203,7 @@ def _input_weight(module: nn.Module, norms: torch.Tensor | None) -> torch.Tensor
     return norms.reshape(1, -1)
 
 
-def _checked_pattern(pattern: str, sparsity: float) -> Callable[[torch.Tensor, float], torch.Tensor]:
+def _checked_pattern(pattern: str, sparsity: float) -> Pattern:
     if pattern not in PATTERNS:
         raise PruningError(f"unknown pruning pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0 <= sparsity < 1:
@@ -142,6 +211,16 @@ def _checked_pattern(pattern: str, sparsity: float) -> Callable[[torch.Tensor, f
     if pattern == "2:4" and sparsity != 0.5:
         raise PruningError(f"the 2:4 pattern prunes exactly half of each weight; got sparsity {sparsity}")
     return PATTERNS.get(pattern)
+
+
+def _checked_criterion(criterion: str, calibration: Iterable[Any] | None) -> Criterion:
+    if criterion not in CRITERIA:
+        raise PruningError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    method = CRITERIA.get(criterion)
+    if method.needs_data and calibration is None:
+        raise PruningError(f"the {criterion} criterion scores weights on calibration batches: pass "
+                           "calibration=[batch, ...] (CLI: --calibration FILE), or use 'magnitude'")
+    return method
 
 
 def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -181,3 +260,6 @@ def keep_pruned_zeros(model: nn.Module) -> Callable[[], None]:
             for weight, mask in zeros:
                 weight.masked_fill_(mask, 0)
     return restore
+
+
+from lowbit.transform import prune_sparsegpt  # noqa: E402,F401 - registers the "sparsegpt" criterion

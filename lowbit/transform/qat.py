@@ -22,7 +22,7 @@ from lowbit.nn.kinds import set_module
 from lowbit.nn.registry import qmodule_for
 from lowbit.nn.rounding import attach_fake_roundings, attach_roundings, detach_fake_roundings
 from lowbit.progress import progress_bar
-from lowbit.transform.fold import rounding_readers, share_grids
+from lowbit.transform.fold import Links, rounding_readers, share_grids
 from lowbit.transform.quantize import (
     RECIPE_ATTRIBUTE,
     _example_input,
@@ -71,13 +71,17 @@ def prepare(
     skip: Iterable[str] | None = None,
     inplace: bool = False,
     progress: bool = True,
+    learn_ranges: bool = False,
 ) -> nn.Module:
     """A copy of `model` (the model itself when `inplace`) whose modules the recipe quantizes
     train on their quantized numerics; `convert` turns it into the quantized model.
 
     The static scheme needs `calibration` batches for its activation grids, as `lowbit.quantize`
     does. `learn_scales` makes each weight scale a parameter (LSQ) instead of taking it from the
-    weight's range at every step. Train the result with your own loop, or with `lowbit.distill`.
+    weight's range at every step; `learn_ranges` makes the static scheme's activation ranges
+    parameters too, starting from their calibrated values (those shared with another module, by
+    fusion or a common input, stay as calibrated). Train the result with your own loop, or with
+    `lowbit.distill`.
     """
     if not isinstance(model, nn.Module):
         raise QuantizationError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -97,10 +101,13 @@ def prepare(
     ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
     fused = share_grids(ranges, links)  # the grids post-training quantization gives (lowbit.transform.fold)
     readers = rounding_readers(ranges, sources, links)
+    shared = _shared_grids(links, sources, fused) if learn_ranges else set()
+    _check_learnable(learn_ranges, ranges)
     for name, spec in specs.items():
         grids = ranges.get(name, {})
+        learned = tuple(side for side in ("input", "output") if learn_ranges and (name, side) not in shared)
         set_module(target, name, FakeQuant(target.get_submodule(name), spec, learn_scales,
-                                           grids.get("input"), grids.get("output")))
+                                           grids.get("input"), grids.get("output"), learned))
     roundings = {source: target.get_submodule(reader).grid("input")[:2] for source, reader in readers.items()}
     attach_fake_roundings(target, roundings)
     setattr(target, QAT_ATTRIBUTE, Prepared(recipe, source, dict(links.batch_norms), fused, roundings))
@@ -108,6 +115,22 @@ def prepare(
     if example is not None:
         target.lowbit_example_input = example
     return target
+
+
+def _shared_grids(links: Links, sources: dict[str, str], fused: dict) -> set[tuple[str, str]]:
+    """(module, "input" or "output") of each static grid another module shares (a producer's
+    output read on its consumer's input grid, convolutions reading one tensor, an output fused
+    with its activation): such a grid cannot move for one of them alone."""
+    shared = {(name, "output") for name in fused} | {(conv, "input") for conv in sources}
+    for consumer, producer in links.producers.items():
+        shared |= {(consumer, "input"), (producer, "output")}
+    return shared
+
+
+def _check_learnable(learn_ranges: bool, ranges: dict[str, dict]) -> None:
+    if learn_ranges and not ranges:
+        raise QuantizationError("learn_ranges trains the static scheme's activation ranges; this recipe "
+                                "quantizes no activations statically (use e.g. 'w8a8-static')")
 
 
 def _warn_ignored(recipe: Recipe) -> None:

@@ -124,6 +124,8 @@ def test_prune_distills_and_saves_a_smaller_sparse_folder(tmp_path, weights):
     ("mlp", ["--sparsity", 1.5], "[0, 1)"),
     ("mlp", ["--pattern", "4:8"], "not one of unstructured, 2:4"),
     ("mlp", ["--steps", 3], "needs --data"),
+    ("mlp", ["--criterion", "sparsegpt"], "calibration batches"),
+    ("mlp", ["--criterion", "obs"], "not one of magnitude, wanda, sparsegpt"),
     ("tests.fixtures_models:tiny_cnn", ["--pattern", "2:4"], "multiple of 4 inputs; '0' has 27"),
 ])
 def test_prune_refuses_bad_requests(tmp_path, weights, source, extra, message):

@@ -59,6 +59,40 @@ def test_learned_scales_train_and_convert_to_the_same_numerics(monkeypatch):
     _same_outputs(prepared, lowbit.qat.convert(prepared, progress=False), batch, tolerance=1e-6)
 
 
+def test_learned_ranges_train_and_convert_to_the_same_numerics(monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    model, calibration = tiny_mlp().eval(), _calibration((64,))
+    prepared = lowbit.qat.prepare(model, "w8a8-static", calibration=calibration, learn_ranges=True,
+                                  progress=False)
+    fakes = [m for m in prepared.modules() if isinstance(m, FakeQuant)]
+    # the first Linear's output grid is fused with the ReLU after it (lowbit.transform.fold): kept
+    assert [set(fake.range_steps) for fake in fakes] == [{"input"}, {"input", "output"}]
+    before = [fake.ranges for fake in fakes]
+    _same_outputs(prepared, lowbit.qat.convert(prepared, progress=False), calibration[1], tolerance=1e-6)
+    lowbit.qat.distill(prepared, model, calibration, steps=5, lr=1e-2, loss="mse", progress=False)
+    assert [fake.ranges for fake in fakes] != before  # learned
+    _same_outputs(prepared, lowbit.qat.convert(prepared, progress=False), calibration[1], tolerance=1e-6)
+
+
+def test_shared_static_grids_stay_as_calibrated_when_ranges_learn(monkeypatch):
+    """A grid two modules share (a producer's output read on its consumer's input grid) cannot move
+    for one alone: it stays as post-training quantization sets it."""
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    model, calibration = residual_net().eval(), _calibration((3, 8, 8))
+    prepared = lowbit.qat.prepare(model, "w8a8-static", calibration=calibration, learn_ranges=True,
+                                  progress=False)
+    fakes = {name: m for name, m in prepared.named_modules() if isinstance(m, FakeQuant)}
+    assert any("output" not in fake.range_steps for fake in fakes.values())
+    lowbit.qat.distill(prepared, model, calibration, steps=3, lr=1e-2, loss="mse", progress=False)
+    converted = lowbit.qat.convert(prepared, progress=False)
+    _same_outputs(prepared, converted, calibration[1], tolerance=1e-5)
+
+
+def test_learning_ranges_without_static_grids_is_refused():
+    with pytest.raises(QuantizationError, match="activation ranges"):
+        lowbit.qat.prepare(tiny_mlp(), "w4", learn_ranges=True, progress=False)
+
+
 def test_fake_quant_conv_equals_the_converted_convolution(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
     calibration = _calibration((3, 8, 8))

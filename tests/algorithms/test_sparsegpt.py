@@ -1,0 +1,100 @@
+"""SparseGPT (lowbit.algorithms.sparsegpt, and lowbit.prune's "sparsegpt" criterion): the pattern
+kept exactly, a lower output error than pruning by magnitude or Wanda at the same sparsity, plain
+magnitude pruning where the inputs are uncorrelated, and the block-by-block walk on a real
+transformers model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.algorithms.gptq import BLOCK
+from lowbit.algorithms.sparsegpt import sparsegpt
+from lowbit.errors import PruningError
+from lowbit.transform.prune import PATTERNS, lowest_in_each_row
+from tests.fixtures_models import tiny_llama, tiny_mlp
+
+
+def _layer(seed: int = 0, columns: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and correlated calibration inputs of uneven loudness per channel."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(32, columns, generator=generator)
+    mixing = torch.randn(columns, columns, generator=generator) * 0.3
+    loudness = torch.rand(columns, generator=generator) * 3 + 0.1
+    inputs = (torch.randn(2048, columns, generator=generator) @ mixing) * loudness
+    return weight, inputs
+
+
+def _hessian(inputs: torch.Tensor) -> torch.Tensor:
+    return 2 * inputs.T @ inputs / inputs.shape[0]
+
+
+def _output_error(weight: torch.Tensor, pruned: torch.Tensor, inputs: torch.Tensor) -> float:
+    return float(((inputs @ (weight - pruned).T) ** 2).mean())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_keeps_the_pattern_and_loses_less_than_magnitude_or_wanda(pattern):
+    weight, inputs = _layer()
+    rule = PATTERNS.get(pattern)
+    pruned = sparsegpt(weight, _hessian(inputs), 0.5, rule.keep, rule.window or BLOCK)
+    zeros = pruned == 0
+    if pattern == "2:4":
+        assert bool((zeros.reshape(-1, 4).sum(dim=1) == 2).all())
+    else:  # half of each row, in each block of columns
+        assert bool((zeros.reshape(32, -1, BLOCK).sum(dim=2) == BLOCK // 2).all())
+    magnitude = weight * rule.keep(weight.abs(), 0.5)
+    wanda = weight * rule.keep(weight.abs() * inputs.norm(dim=0), 0.5)
+    error = _output_error(weight, pruned, inputs)
+    assert error < 0.8 * _output_error(weight, wanda, inputs) < 0.8 * _output_error(weight, magnitude, inputs)
+    assert not torch.equal(pruned[~zeros], weight[~zeros])  # the kept weights made up for the rest
+
+
+def test_on_uncorrelated_inputs_of_equal_loudness_it_is_magnitude_pruning():
+    weight, _ = _layer()
+    pruned = sparsegpt(weight, 2 * torch.eye(weight.shape[1]), 0.5, lowest_in_each_row)
+    blocks = weight.split(BLOCK, dim=1)
+    expected = torch.cat([block * lowest_in_each_row(block.abs(), 0.5) for block in blocks], dim=1)
+    torch.testing.assert_close(pruned, expected)
+
+
+def test_inputs_never_seen_in_calibration_do_not_break_it():
+    weight, inputs = _layer()
+    inputs[:, :9] = 0
+    pruned = sparsegpt(weight, _hessian(inputs), 0.5, lowest_in_each_row)
+    assert torch.isfinite(pruned).all()
+    assert float((pruned == 0).float().mean()) == 0.5
+
+
+def _batches(model, count: int, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 32), generator=generator)}
+            for _ in range(count)]
+
+
+def test_pruning_a_llama_block_by_block_is_closer_to_float_than_wanda():
+    model = tiny_llama()
+    for parameter in model.parameters():  # trained-like weights: heavier tails than the init
+        parameter.data += 0.05 * torch.randn_like(parameter).pow(3)
+    calibration, [held_out] = _batches(model, 8, 0), _batches(model, 1, 1)
+    with torch.inference_mode():
+        reference = model(**held_out).logits
+    errors = {}
+    for criterion in ("wanda", "sparsegpt"):
+        pruned = lowbit.prune(model, 0.5, calibration=calibration, criterion=criterion, progress=False)
+        with torch.inference_mode():
+            errors[criterion] = float(((pruned(**held_out).logits - reference) ** 2).mean())
+        assert pruned.lowbit_pruning["criterion"] == criterion
+        assert set(pruned.lowbit_pruning["modules"].values()) == {0.5}
+    assert errors["sparsegpt"] < 0.8 * errors["wanda"]
+    torch.testing.assert_close(model(**held_out).logits, reference)  # the model itself untouched
+
+
+def test_sparsegpt_needs_calibration_and_blocks():
+    with pytest.raises(PruningError, match="calibration"):
+        lowbit.prune(tiny_llama(), criterion="sparsegpt")
+    with pytest.raises(PruningError, match="wanda"):  # no nn.ModuleList of blocks in an MLP
+        lowbit.prune(tiny_mlp(), calibration=[torch.randn(4, 64)], criterion="sparsegpt", progress=False)
+    with pytest.raises(PruningError, match="unknown pruning criterion"):
+        lowbit.prune(tiny_mlp(), criterion="obs")
