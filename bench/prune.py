@@ -1,13 +1,16 @@
 """Pruning + int8 with distillation (lowbit.prune, lowbit.distill) on all-MiniLM-L6-v2: quality
 and file size against plain w8, on held-out data.
 
-Every Linear and embedding table is pruned to 50% (unstructured: half of each row; 2:4: two of
-every four inputs) by SparseGPT on the first --calibration training sentences (each Linear's
+Half of the weights of the Linears and embedding tables are pruned (unstructured: by row; 2:4: two
+of every four inputs) by SparseGPT on the first --calibration training sentences (each Linear's
 kept weights updated to make up for the pruned ones; the embedding tables by magnitude), then
-quantized w8 (int8 per channel, symmetric, so the zeros stay zero). "post-training" is that
-model as it is, beside Wanda's one-shot pruning (|W| x ||X||, no update) for reference;
-"+ distillation" is the float model teaching the SparseGPT-pruned, fake-quantized copy on 2,000
-Wikipedia first sentences (documents 256-2,255, no labels) for --budget seconds. Judged by
+quantized w8 (int8 per channel, symmetric, so the zeros stay zero). Unstructured, the embedding
+tables lose --embedding-percent of each row and the Linears what makes half of all these weights
+(0: half of every row everywhere, also measured); 2:4 is half of every row by construction.
+"post-training" is that model as it is, beside Wanda's one-shot pruning (|W| x ||X||, no update,
+half of every row) for reference; "+ distillation" is the float model teaching the pruned,
+fake-quantized copy on 2,000 Wikipedia first sentences (documents 256-2,255, no labels) for
+--budget seconds. "zeros" is the share of zeros measured in all those weights of the model. Judged by
 the cosine of mean-pooled embeddings to fp32 on 256 held-out sentences (documents 0-255) and 256
 others (documents 5,000-5,255); "recovered" is the share of the post-training loss (1 − cosine)
 that distillation wins back.
@@ -19,7 +22,8 @@ whole folder (tokenizer files included). For reference, plain w8's tensor file d
 a pruned model runs the same dense int8 kernels, so it is smaller, not faster. Writes
 bench/results/prune.json.
 
-    .venv/bin/python -m bench.prune [--budget 900] [--batch-size 16] [--calibration 1024] [--threads 2]
+    .venv/bin/python -m bench.prune [--budget 900] [--batch-size 16] [--calibration 1024]
+                                    [--embedding-percent 60] [--threads 2]
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from bench.common import bench_arguments, print_table, write_json
 from bench.qat import minilm_setup, recovered
 from lowbit.evaluate import folder_bytes
 from lowbit.families import transformers as hf
+from lowbit.nn.kinds import module_kind
+from lowbit.transform.quantize import quantized_modules
 
 TENSOR_FILE = "model.lowbit.safetensors"
 
@@ -48,14 +54,65 @@ def recoveries(ptq: dict[str, float], trained: dict[str, float]) -> dict[str, fl
             "recovered, re-check": recovered(ptq["cosine, re-check"], trained["cosine, re-check"])}
 
 
+def zero_share(model) -> float:
+    """Share of zeros in the weights of the model's Linears and embedding tables (float or
+    quantized: a quantized module's integer weight is zero where its float one was pruned)."""
+    modules = [*quantized_modules(model).values(),
+               *(module for module in model.modules() if module_kind(module) in ("linear", "embedding"))]
+    weights = [module.weight for module in modules]
+    return sum(int((weight == 0).sum()) for weight in weights) / sum(weight.numel() for weight in weights)
+
+
+def linear_share(model, embedding_share: float) -> float:
+    """The share of every Linear's weights to prune so that, with `embedding_share` of the
+    embedding tables', half of all their weights go."""
+    counts = {"linear": 0, "embedding": 0}
+    for module in model.modules():
+        if module_kind(module) in counts:
+            counts[module_kind(module)] += module.weight.numel()
+    return (0.5 * sum(counts.values()) - embedding_share * counts["embedding"]) / counts["linear"]
+
+
+def shares(pattern: str, model, embedding_percent: int) -> dict:
+    """prune's sparsity and overrides for `pattern`: unstructured with --embedding-percent."""
+    if pattern == "2:4" or not embedding_percent:
+        return {"sparsity": 0.5}
+    embedding_share = embedding_percent / 100
+    return {"sparsity": round(linear_share(model, embedding_share), 4),
+            "overrides": {"embeddings*": embedding_share}}
+
+
 def ratios(stored: dict[str, int], dense: dict[str, int]) -> dict[str, float]:
     return {"tensor file / w8": stored["tensor file bytes"] / dense["tensor file bytes"],
             "folder / w8": stored["folder bytes"] / dense["folder bytes"]}
 
 
+def post_training_rows(setup, pattern: str, calibration: list, embedding_percent: int):
+    """Rows of Wanda's and SparseGPT's one-shot pruning (each allocation), and the SparseGPT-pruned
+    float model the last allocation gives, with its post-training scores, to distil."""
+    model, scores = f"50% {pattern} + w8", setup.scores
+    wanda = lowbit.prune(setup.fp32, 0.5, pattern, calibration=calibration, criterion="wanda")
+    wanda = lowbit.quantize(wanda, "w8", progress=False)
+    rows = [{"model": model, "method": "Wanda, post-training", **scores(wanda), "zeros": zero_share(wanda)}]
+    allocations = {"half of every row": {"sparsity": 0.5}}
+    harder = shares(pattern, setup.fp32, embedding_percent)
+    if harder != allocations["half of every row"]:
+        allocations[f"embeddings {embedding_percent}%, Linears {harder['sparsity']:.1%}"] = harder
+    for allocation, chosen in allocations.items():
+        start = time.perf_counter()
+        pruned = lowbit.prune(setup.fp32, pattern=pattern, calibration=calibration, criterion="sparsegpt",
+                              **chosen)
+        quantized = lowbit.quantize(pruned, "w8", progress=False)
+        ptq = scores(quantized)
+        rows.append({"model": model, "method": f"SparseGPT ({allocation}), post-training", **ptq,
+                     "zeros": zero_share(quantized), "minutes": (time.perf_counter() - start) / 60})
+    return rows, pruned, ptq, allocation
+
+
 def main() -> None:
     args = bench_arguments(__doc__, runs=None,
-                           extra={"--budget": 900, "--batch-size": 16, "--calibration": 1024})
+                           extra={"--budget": 900, "--batch-size": 16, "--calibration": 1024,
+                                  "--embedding-percent": 60})
     setup = minilm_setup()
     fp32, tokenizer, train, scores = setup.fp32, setup.tokenizer, setup.train, setup.scores
     calibration = [hf.tokenize(tokenizer, train[start : start + 16])
@@ -67,15 +124,9 @@ def main() -> None:
         deflated = len(zlib.compress((Path(scratch) / "w8" / TENSOR_FILE).read_bytes(), 9))
         rows = [{"model": "w8 (dense)", "method": "post-training", **scores(plain), **dense}]
         for pattern in ("unstructured", "2:4"):
-            model = f"50% {pattern} + w8"
-            wanda = lowbit.prune(fp32, 0.5, pattern, calibration=calibration, criterion="wanda")
-            rows.append({"model": model, "method": "Wanda, post-training",
-                         **scores(lowbit.quantize(wanda, "w8", progress=False))})
-            start = time.perf_counter()
-            pruned = lowbit.prune(fp32, 0.5, pattern, calibration=calibration, criterion="sparsegpt")
-            ptq = scores(lowbit.quantize(pruned, "w8", progress=False))
-            rows.append({"model": model, "method": "SparseGPT, post-training", **ptq,
-                         "minutes": (time.perf_counter() - start) / 60})
+            pruned_rows, pruned, ptq, allocation = post_training_rows(setup, pattern, calibration,
+                                                                      args.embedding_percent)
+            rows += pruned_rows
             start = time.perf_counter()
             prepared = lowbit.qat.prepare(pruned, "w8", progress=False)
             result = lowbit.distill(prepared, fp32, train, tokenizer=tokenizer, time_budget=args.budget,
@@ -83,18 +134,20 @@ def main() -> None:
             converted = lowbit.qat.convert(prepared, progress=False)
             minutes = (time.perf_counter() - start) / 60
             trained, stored = scores(converted), sizes(converted, Path(scratch) / pattern.replace(":", "of"))
-            rows.append({"model": model, "method": "SparseGPT + distillation", **trained,
-                         **recoveries(ptq, trained), **stored, **ratios(stored, dense),
-                         "steps": result.steps, "minutes": minutes, "curve": result.curve})
+            rows.append({"model": f"50% {pattern} + w8", "method": f"SparseGPT ({allocation}) + distillation",
+                         **trained, **recoveries(ptq, trained), "zeros": zero_share(converted), **stored,
+                         **ratios(stored, dense), "steps": result.steps, "minutes": minutes,
+                         "curve": result.curve})
     print_table(f"50% pruning + int8 vs plain w8, MiniLM, {args.threads} threads, measured now", rows,
                 [("model", "model"), ("method", "method"), ("cosine", "cosine"), ("recovered", "recovered"),
-                 ("cosine, re-check", "cosine (re-check)"), ("tensor file / w8", "file / w8"),
-                 ("folder / w8", "folder / w8"), ("steps", "steps"), ("minutes", "minutes")])
+                 ("cosine, re-check", "cosine (re-check)"), ("zeros", "zeros"),
+                 ("tensor file / w8", "file / w8"), ("folder / w8", "folder / w8"), ("steps", "steps"),
+                 ("minutes", "minutes")])
     share = deflated / dense["tensor file bytes"]
     print(f"plain w8's tensor file deflated whole (zlib 9): {share:.3f} of it. No sparse kernel on this "
           "CPU: pruned models run the dense int8 kernels (smaller, not faster).")
     payload = {"threads": args.threads, "budget_s": args.budget, "batch_size": args.batch_size,
-               "calibration_sentences": args.calibration,
+               "calibration_sentences": args.calibration, "embedding_percent": args.embedding_percent,
                "w8_tensor_file_deflated_bytes": deflated, "rows": rows}
     print(f"results: {write_json('prune', payload)}")
 

@@ -148,6 +148,23 @@ def _one_of_blocks(value: int | None) -> int | None:
     return value
 
 
+def _share_overrides(values: list[str] | None) -> list[tuple[str, float]] | None:
+    """--override GLOB=SHARE, each parsed to (glob, share); the share's range is prune's to check."""
+    if not values:
+        return values
+    parsed = []
+    for value in values:
+        glob, _, share = value.rpartition("=")
+        try:
+            number = float(share)
+        except ValueError:
+            number = None
+        if not glob or number is None:
+            raise typer.BadParameter(f"{value!r} is not GLOB=SHARE, e.g. 'embeddings*=0.6'")
+        parsed.append((glob, number))
+    return parsed
+
+
 def _preset_list(value: str | None) -> str | None:
     if value is not None and not [name for name in value.split(",") if name.strip()]:
         raise typer.BadParameter("name at least one preset, e.g. w8a8-dynamic,w8")
@@ -930,6 +947,10 @@ def prune(
         help="Share of each weight row set to zero, in [0, 1); 2:4 is always 0.5.")] = 0.5,
     pattern: Annotated[str, typer.Option(callback=_one_of(*PATTERNS),
         help="unstructured (any values of a row) or 2:4 (two of every four inputs).")] = "unstructured",
+    override: Annotated[list[str] | None, typer.Option(callback=_share_overrides,
+        help="GLOB=SHARE: another sparsity for the modules the glob matches (repeatable), e.g. "
+             "--override 'embeddings*=0.6' with --sparsity 0.39: half of MiniLM's weights, the "
+             "embedding tables (which lose little to it) pruned hardest.")] = None,
     criterion: Annotated[str | None, typer.Option(callback=_one_of(*CRITERIA),
         help="What goes: magnitude; wanda (|W| x ||X|| on calibration inputs); sparsegpt (as wanda's "
              "data, and the kept weights updated to make up for the pruned ones: least lost, slower; "
@@ -980,7 +1001,7 @@ def prune(
         scoring = calibration or data
         batches = calibration_batches(scoring, tokenizer)[:32] if scoring else None
         pruned = pruning.prune(teacher, sparsity, pattern, calibration=batches, skip=skip,
-                               criterion=criterion)
+                               criterion=criterion, overrides=dict(override or []))
         result = None
         if data is None:
             quantized = quantize_model(pruned, make_recipe(recipe), calibration=batches, skip=skip)
@@ -999,8 +1020,9 @@ def prune(
 
 
 def _pruning_line(record: dict, stored_sparse: int) -> str:
-    return (f"pruned: {len(record['modules'])} modules, {record['pattern']} {record['sparsity']:.0%} by "
-            f"{record['criterion']}; {stored_sparse} tensors stored as bitmask + kept values (no sparse "
+    others = "".join(f", {glob} {share:.0%}" for glob, share in (record.get("overrides") or {}).items())
+    return (f"pruned: {len(record['modules'])} modules, {record['pattern']} {record['sparsity']:.0%}{others} "
+            f"by {record['criterion']}; {stored_sparse} tensors stored as bitmask + kept values (no sparse "
             "kernel here: smaller, not faster)")
 
 

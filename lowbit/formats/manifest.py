@@ -123,13 +123,14 @@ class SparseEntry(Strict):
 
 
 class PruningEntry(Strict):
-    """What lowbit.prune did: its pattern, the sparsity asked, what scored the weights, and each
-    module's share of zeros."""
+    """What lowbit.prune did: its pattern, the sparsity asked (and asked of the modules some globs
+    match), what scored the weights, and each module's share of zeros."""
 
     pattern: str
     sparsity: float = Field(ge=0, lt=1)
     criterion: str
     modules: dict[Name, Annotated[float, Field(ge=0, le=1)]] = Field(max_length=MAX_ENTRIES)
+    overrides: dict[Name, Annotated[float, Field(ge=0, lt=1)]] = Field(default_factory=dict, max_length=64)
 
     @field_validator("pattern")
     @classmethod

@@ -76,14 +76,18 @@ PATTERNS.add("2:4", Pattern(two_of_four, window=4))
 
 @dataclass(frozen=True)
 class Pruning:
-    """One pruning's parameters, as the criteria receive them: the modules by name, the pattern,
-    the sparsity, the calibration batches (None for magnitude) and whether to show progress."""
+    """One pruning's parameters, as the criteria receive them: the share to prune of each module
+    by name, the pattern, the calibration batches (None for magnitude) and whether to show
+    progress."""
 
-    names: list[str]
+    sparsities: dict[str, float]
     pattern: Pattern
-    sparsity: float
     calibration: list[Any] | None
     progress: bool = True
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sparsities)
 
 
 @dataclass(frozen=True)
@@ -107,15 +111,20 @@ def prune(
     inplace: bool = False,
     criterion: str | None = None,
     progress: bool = True,
+    overrides: dict[str, float] | None = None,
 ) -> nn.Module:
     """A copy of `model` (the model itself when `inplace`) whose Linear, Conv2d and Embedding
     weights outside the `skip` globs are pruned to `sparsity` with `pattern` ("unstructured" or
     "2:4", which is 50% sparse). `criterion` chooses what goes: "magnitude", "wanda" (|W| x ||X||
     on `calibration`; far less lost) or "sparsegpt" (Wanda's data, and the kept weights updated to
     make up for the pruned ones; least lost, slowest); by default "wanda" with calibration batches,
-    else "magnitude". What was pruned is recorded in `model.lowbit_pruning` and, after quantizing,
-    in lowbit.json. Quantize it with a symmetric recipe ("w8") to keep the zeros."""
+    else "magnitude". `overrides` maps module-name globs to another sparsity for the modules they
+    match (the first that matches): {"embeddings*": 0.6} prunes a transformer's embedding tables,
+    which lose little to it, harder than its Linears. What was pruned is recorded in
+    `model.lowbit_pruning` and, after quantizing, in lowbit.json. Quantize it with a symmetric
+    recipe ("w8") to keep the zeros."""
     rule = _checked_pattern(pattern, sparsity)
+    overrides = _checked_overrides(pattern, dict(overrides or {}))
     criterion = criterion or ("magnitude" if calibration is None else "wanda")
     method = _checked_criterion(criterion, calibration)
     if not isinstance(model, nn.Module):
@@ -130,11 +139,16 @@ def prune(
     if batches is not None and not batches:
         raise PruningError("the calibration batches are empty: pass some, or none to prune by magnitude")
     target = model if inplace else copy.deepcopy(model)
-    method.prune(target, Pruning(weights, rule, sparsity, batches if method.needs_data else None, progress))
+    sparsities = {name: _sparsity_for(name, sparsity, overrides) for name in weights}
+    method.prune(target, Pruning(sparsities, rule, batches if method.needs_data else None, progress))
     pruned = {name: _zero_share(target.get_submodule(name).weight) for name in weights}
     setattr(target, PRUNING_ATTRIBUTE, {"pattern": pattern, "sparsity": 0.5 if pattern == "2:4" else sparsity,
-                                        "criterion": criterion, "modules": pruned})
+                                        "criterion": criterion, "modules": pruned, "overrides": overrides})
     return target
+
+
+def _sparsity_for(name: str, sparsity: float, overrides: dict[str, float]) -> float:
+    return next((share for pattern, share in overrides.items() if matches_glob(name, pattern)), sparsity)
 
 
 def prune_by_scores(model: nn.Module, names: Iterable[str], pruning: Pruning,
@@ -146,7 +160,7 @@ def prune_by_scores(model: nn.Module, names: Iterable[str], pruning: Pruning,
             module = model.get_submodule(name)
             rows = module.weight.reshape(module.weight.shape[0], -1)
             scores = rows.abs() * _input_weight(module, norms.get(name))
-            kept = rows * pruning.pattern.keep(scores, pruning.sparsity)
+            kept = rows * pruning.pattern.keep(scores, pruning.sparsities[name])
             module.weight.copy_(kept.reshape(module.weight.shape))
 
 
@@ -206,11 +220,23 @@ def _input_weight(module: nn.Module, norms: torch.Tensor | None) -> torch.Tensor
 def _checked_pattern(pattern: str, sparsity: float) -> Pattern:
     if pattern not in PATTERNS:
         raise PruningError(f"unknown pruning pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0 <= sparsity < 1:
-        raise PruningError(f"sparsity must be a share of the weights in [0, 1), got {sparsity!r}")
+    _check_share(sparsity)
     if pattern == "2:4" and sparsity != 0.5:
         raise PruningError(f"the 2:4 pattern prunes exactly half of each weight; got sparsity {sparsity}")
     return PATTERNS.get(pattern)
+
+
+def _check_share(share: object, where: str = "") -> None:
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < 1:
+        raise PruningError(f"sparsity must be a share of the weights in [0, 1), got {share!r}{where}")
+
+
+def _checked_overrides(pattern: str, overrides: dict[str, float]) -> dict[str, float]:
+    if overrides and pattern == "2:4":
+        raise PruningError("the 2:4 pattern prunes exactly half of every weight: it takes no overrides")
+    for glob, share in overrides.items():
+        _check_share(share, f" for {glob!r}")
+    return {glob: float(share) for glob, share in overrides.items()}
 
 
 def _checked_criterion(criterion: str, calibration: Iterable[Any] | None) -> Criterion:

@@ -31,8 +31,8 @@ def prune_blocks(model: nn.Module, pruning: Pruning) -> None:
             prune_by_scores(model, [name], pruning, {})
         else:
             with torch.no_grad():
-                module.weight.copy_(sparsegpt(module.weight, hessian, pruning.sparsity, pruning.pattern.keep,
-                                              window))
+                module.weight.copy_(sparsegpt(module.weight, hessian, pruning.sparsities[name],
+                                              pruning.pattern.keep, window))
         return module
 
     try:

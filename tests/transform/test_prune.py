@@ -50,6 +50,12 @@ def test_with_calibration_a_small_weight_on_a_loud_input_is_kept():
     assert pruned.lowbit_pruning["criterion"] == "wanda"
 
 
+def test_overrides_prune_the_modules_their_globs_match_to_their_own_share():
+    pruned = lowbit.prune(tiny_mlp(), 0.5, overrides={"2": 0.25, "*": 0.75})  # the first match wins
+    assert pruned.lowbit_pruning["modules"] == {"0": 0.75, "2": 0.25}
+    assert pruned.lowbit_pruning["overrides"] == {"2": 0.25, "*": 0.75}
+
+
 def test_two_of_four_keeps_the_two_largest_of_every_four_inputs():
     model = tiny_mlp()
     before = _weights(model)
@@ -143,6 +149,10 @@ def test_two_of_four_on_rows_not_divisible_by_four_is_refused_naming_the_module(
     (lambda m: lowbit.prune(m, skip=["*"]), PruningError, "nothing to prune"),
     (lambda m: lowbit.prune(lowbit.quantize(m, "w8", progress=False)), QuantizationError, "integer"),
     (lambda m: lowbit.prune("model.pt"), PruningError, "torch.nn.Module"),
+    (lambda m: lowbit.prune(m, pattern="2:4", overrides={"0": 0.7}), PruningError, "no overrides"),
+    (lambda m: lowbit.prune(m, overrides={"0": 1.0}), PruningError, r"got 1.0 for '0'"),
+    (lambda m: lowbit.prune(m, criterion="wanda"), PruningError, "calibration batches"),
+    (lambda m: lowbit.prune(m, calibration=[]), PruningError, "calibration batches are empty"),
 ])
 def test_other_bad_pruning_requests_are_refused(call, error, message):
     with pytest.raises(error, match=message):
