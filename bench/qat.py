@@ -11,7 +11,8 @@ topic-interleaved corpus, no labels) for --budget seconds. Judged by the cosine 
 embeddings to fp32 on two held-out sets: the 256 sentences bench.minilm scores (documents 0-255)
 and 256 others (documents 5,000-5,255). "recovered" is the share of the post-training loss
 (1 − cosine) that training wins back. The same for w8a8-static (calibrated on the first 256
-training sentences; --static-budget seconds). Writes bench/results/qat.json.
+training sentences; --static-budget seconds), whose activation ranges train too (learn_ranges).
+A budget of 0 leaves that recipe out. Writes bench/results/qat.json.
 
     .venv/bin/python -m bench.qat [--budget 720] [--static-budget 600] [--batch-size 16] [--threads 2]
 """
@@ -79,13 +80,15 @@ def minilm_rows(recipes: dict[str, int], batch_size: int) -> list[dict]:
     for recipe, budget in recipes.items():
         ptq = scores(lowbit.quantize(fp32, recipe, calibration=calibration, progress=False))
         start = time.perf_counter()
-        prepared = lowbit.qat.prepare(fp32, recipe, calibration=calibration)
+        static = lowbit.make_recipe(recipe).scheme == "static"
+        prepared = lowbit.qat.prepare(fp32, recipe, calibration=calibration, learn_ranges=static)
         result = lowbit.qat.distill(prepared, fp32, train, tokenizer=tokenizer, time_budget=budget,
                                     batch_size=batch_size)
         trained = scores(lowbit.qat.convert(prepared))
         minutes = (time.perf_counter() - start) / 60
         rows += [{"model": "MiniLM", "recipe": recipe, "method": "post-training", **ptq},
-                 {"model": "MiniLM", "recipe": recipe, "method": "QAT + distillation", **trained,
+                 {"model": "MiniLM", "recipe": recipe, **trained,
+                  "method": "QAT (learned ranges) + distillation" if static else "QAT + distillation",
                   "recovered": recovered(ptq["cosine"], trained["cosine"]),
                   "recovered, re-check": recovered(ptq["cosine, re-check"], trained["cosine, re-check"]),
                   "steps": result.steps, "minutes": minutes, "curve": result.curve}]
@@ -162,7 +165,8 @@ def mnist_rows(recipe: str = "w8a8-static") -> list[dict]:
 def main() -> None:
     args = bench_arguments(__doc__, runs=None, extra={"--budget": 720, "--static-budget": 600,
                                                       "--batch-size": 16})
-    rows = mnist_rows() + minilm_rows({"w4": args.budget, "w8a8-static": args.static_budget},
+    budgets = {"w4": args.budget, "w8a8-static": args.static_budget}
+    rows = mnist_rows() + minilm_rows({recipe: budget for recipe, budget in budgets.items() if budget > 0},
                                       args.batch_size)
     print_table(f"QAT + distillation vs post-training, {args.threads} threads, measured now", rows,
                 [("model", "model"), ("recipe", "recipe"), ("method", "method"), ("accuracy", "accuracy"),
