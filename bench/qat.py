@@ -14,7 +14,7 @@ and 256 others (documents 5,000-5,255). "recovered" is the share of the post-tra
 training sentences; --static-budget seconds), whose activation ranges train too (learn_ranges).
 A budget of 0 leaves that recipe out. Writes bench/results/qat.json.
 
-    .venv/bin/python -m bench.qat [--budget 720] [--static-budget 600] [--batch-size 16] [--threads 2]
+    .venv/bin/python -m bench.qat [--budget 720] [--static-budget 1200] [--batch-size 16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def mnist_rows(recipe: str = "w8a8-static") -> list[dict]:
 
 
 def main() -> None:
-    args = bench_arguments(__doc__, runs=None, extra={"--budget": 720, "--static-budget": 600,
+    args = bench_arguments(__doc__, runs=None, extra={"--budget": 720, "--static-budget": 1200,
                                                       "--batch-size": 16})
     budgets = {"w4": args.budget, "w8a8-static": args.static_budget}
     rows = mnist_rows() + minilm_rows({recipe: budget for recipe, budget in budgets.items() if budget > 0},
