@@ -90,6 +90,21 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def trained_like_llama():
+    """tiny_llama with heavier-tailed weights than the init, as trained ones are."""
+    model = tiny_llama()
+    for parameter in model.parameters():
+        parameter.data += 0.05 * torch.randn_like(parameter).pow(3)
+    return model
+
+
+def token_batches(model, count: int, seed: int) -> list[dict]:
+    """`count` batches of two random 32-token sequences from the model's vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 32), generator=generator)}
+            for _ in range(count)]
+
+
 class Residual(nn.Module):
     """An inverted-residual block between two convolutions: the sum is another module's output."""
 

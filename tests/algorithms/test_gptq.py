@@ -12,7 +12,7 @@ from lowbit.errors import QuantizationError
 from lowbit.nn import QLinear
 from lowbit.nn.qweight import round_to_nearest
 from lowbit.nn.spec import LayerSpec
-from tests.fixtures_models import tiny_llama
+from tests.fixtures_models import tiny_llama, token_batches, trained_like_llama
 
 SPECS = [LayerSpec("weight_only", "int4", "group:32", False),
          LayerSpec("weight_only", "int4", "group:32", True),
@@ -79,17 +79,9 @@ def test_a_hessian_with_nan_is_refused():
         gptq(weight, SPECS[0], hessian)
 
 
-def _batches(model, count: int, seed: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 32), generator=generator)}
-            for _ in range(count)]
-
-
 def test_block_by_block_gptq_on_a_llama_is_closer_to_float_than_round_to_nearest():
-    model = tiny_llama()
-    for parameter in model.parameters():  # trained-like weights: heavier tails than the init
-        parameter.data += 0.05 * torch.randn_like(parameter).pow(3)
-    calibration, [held_out] = _batches(model, 8, 0), _batches(model, 1, 1)
+    model = trained_like_llama()
+    calibration, [held_out] = token_batches(model, 8, 0), token_batches(model, 1, 1)
     reference = model(**held_out).logits
     recipe = lowbit.make_recipe("w4-gptq", granularity="group:32")
     errors = {}
@@ -120,7 +112,7 @@ def test_shared_input_products_equal_each_linears_own_hessian():
         for name in names]
     hessians = _Hessians(block, {name: block.get_submodule(name) for name in names})
     with torch.inference_mode():
-        for batch in _batches(model, 3, 2):
+        for batch in token_batches(model, 3, 2):
             model(**batch)
     gathered = hessians.remove()
     for handle in handles:
@@ -161,7 +153,7 @@ def test_a_non_finite_hessian_is_refused_naming_the_layer():
         model.model.layers[0].post_attention_layernorm.weight[0] = float("inf")  # layer 0's MLP sees inf
     with pytest.raises(QuantizationError, match=r"model\.layers\.0\.mlp\.\w+_proj: .*NaN or Inf"):
         lowbit.quantize(model, lowbit.make_recipe("w4-gptq", granularity="group:32"),
-                        calibration=_batches(model, 2, 0), progress=False)
+                        calibration=token_batches(model, 2, 0), progress=False)
 
 
 def test_calibration_shorter_than_a_layers_inputs_is_damped_with_a_warning():

@@ -13,7 +13,7 @@ from lowbit.algorithms.gptq import BLOCK
 from lowbit.algorithms.sparsegpt import sparsegpt
 from lowbit.errors import PruningError
 from lowbit.transform.prune import PATTERNS, lowest_in_each_row
-from tests.fixtures_models import tiny_llama, tiny_mlp
+from tests.fixtures_models import tiny_llama, tiny_mlp, token_batches, trained_like_llama
 
 
 def _layer(seed: int = 0, columns: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,19 +67,11 @@ def test_inputs_never_seen_in_calibration_do_not_break_it():
     assert float((pruned == 0).float().mean()) == 0.5
 
 
-def _batches(model, count: int, seed: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 32), generator=generator)}
-            for _ in range(count)]
-
-
 def test_pruning_a_llama_block_by_block_is_closer_to_float_than_wanda():
-    model = tiny_llama()
-    for parameter in model.parameters():  # trained-like weights: heavier tails than the init
-        parameter.data += 0.05 * torch.randn_like(parameter).pow(3)
+    model = trained_like_llama()
     table = model.model.embed_tokens.weight  # correlated token states, as a trained model's are
     table.data = torch.randn(table.shape[0], 12) @ torch.randn(12, table.shape[1]) + 0.1 * table.data
-    calibration, [held_out] = _batches(model, 8, 0), _batches(model, 1, 1)
+    calibration, [held_out] = token_batches(model, 8, 0), token_batches(model, 1, 1)
     with torch.inference_mode():
         reference = model(**held_out).logits
     errors = {}
