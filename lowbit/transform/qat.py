@@ -21,6 +21,7 @@ from lowbit.nn.fake_quant import FakeQuant
 from lowbit.nn.kinds import set_module
 from lowbit.nn.registry import qmodule_for
 from lowbit.nn.rounding import attach_fake_roundings, attach_roundings, detach_fake_roundings
+from lowbit.nn.spec import LayerSpec
 from lowbit.progress import progress_bar
 from lowbit.transform.fold import Links, rounding_readers, share_grids
 from lowbit.transform.quantize import (
@@ -94,6 +95,7 @@ def prepare(
     if not specs:
         raise QuantizationError("nothing to train: the model has no Linear, Conv2d or Embedding "
                                 "outside `skip`")
+    _check_learnable(learn_ranges, specs)
     calibration = list(calibration) if calibration is not None else None
     source = describe_source(model)
     target = model if inplace else copy.deepcopy(model)
@@ -102,7 +104,6 @@ def prepare(
     fused = share_grids(ranges, links)  # the grids post-training quantization gives (lowbit.transform.fold)
     readers = rounding_readers(ranges, sources, links)
     shared = _shared_grids(links, sources, fused) if learn_ranges else set()
-    _check_learnable(learn_ranges, ranges)
     for name, spec in specs.items():
         grids = ranges.get(name, {})
         learned = tuple(side for side in ("input", "output") if learn_ranges and (name, side) not in shared)
@@ -127,8 +128,9 @@ def _shared_grids(links: Links, sources: dict[str, str], fused: dict) -> set[tup
     return shared
 
 
-def _check_learnable(learn_ranges: bool, ranges: dict[str, dict]) -> None:
-    if learn_ranges and not ranges:
+def _check_learnable(learn_ranges: bool, specs: dict[str, LayerSpec]) -> None:
+    """Refused before any work: learned ranges for a recipe without static grids."""
+    if learn_ranges and not any(spec.scheme == "static" for spec in specs.values()):
         raise QuantizationError("learn_ranges trains the static scheme's activation ranges; this recipe "
                                 "quantizes no activations statically (use e.g. 'w8a8-static')")
 
