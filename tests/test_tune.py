@@ -70,11 +70,15 @@ def test_when_nothing_meets_the_budget_the_closest_candidate_is_distilled_and_ju
                          time_budget=20, final_comparison=False, progress=False)
     post_training, distilled = result.trials
     assert post_training.label == "w4-g32" and not post_training.accepted
-    # the distilled drop is over the held-out 128 samples, the post-training one over all 256 (steps 1/128
-    # and 1/256), and the steps the 20 s allow depend on the host's load: no worse than one more
-    # held-out sample flipped (under a full test run's load it once gave 0.0703 against 0.0664); a
-    # broken distillation (a diverged model) is far worse
-    assert distilled.label == "w4-g32 + distillation" and distilled.drop <= post_training.drop + 1 / 128
+    # Judged against the post-training model on the same held-out half. On this tiny random task
+    # distillation barely generalises: over 1-1000 steps (lr 1e-4, 1e-3) the held-out drop
+    # measured 0.023-0.117 around post-training's 0.047, and the steps the 20 s allow depend on
+    # the host's load. What this catches is a broken distillation (a diverged model flips most of
+    # the 128 samples).
+    held_out_post_training = _agreement_drop(model, lowbit.quantize(model, "w4-g32", progress=False),
+                                             data[128:])
+    assert distilled.label == "w4-g32 + distillation"
+    assert distilled.drop <= held_out_post_training + 0.08
     assert "on the first 128 samples; judged on the other 128" in distilled.notes[0]
     # Whether it meets the budget depends on the steps the time allows (it did alone; under a
     # full test run's load it may not): when it does, it is the model tune returns.
@@ -83,6 +87,11 @@ def test_when_nothing_meets_the_budget_the_closest_candidate_is_distilled_and_ju
         assert result.chosen is distilled and "Chose w4-g32 + distillation" in result.message
         assert result.model.lowbit_training["method"] == "distillation"
     assert not hasattr(model, "lowbit_training")  # the original is untouched
+
+
+def _agreement_drop(original: torch.nn.Module, quantized: torch.nn.Module, inputs: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 1.0 - (original(inputs).argmax(-1) == quantized(inputs).argmax(-1)).float().mean().item()
 
 
 def test_distillation_is_not_tried_without_a_time_budget_and_the_report_says_so(inputs):
