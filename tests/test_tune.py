@@ -89,6 +89,16 @@ def test_when_nothing_meets_the_budget_the_closest_candidate_is_distilled_and_ju
     assert not hasattr(model, "lowbit_training")  # the original is untouched
 
 
+def test_a_static_candidate_distils_with_its_activation_ranges_trained_too(monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    model, data = tiny_mlp().eval(), torch.randn(256, 64)
+    result = lowbit.tune(model, data, metric="agreement", max_drop=0.0, candidates=["w8a8-static"],
+                         time_budget=15, final_comparison=False, progress=False)
+    post_training, distilled = result.trials
+    assert post_training.drop > 0 and distilled.label == "w8a8-static + distillation"
+    assert "samples, activation ranges trained too; judged on the other 128" in distilled.notes[0]
+
+
 def _agreement_drop(original: torch.nn.Module, quantized: torch.nn.Module, inputs: torch.Tensor) -> float:
     with torch.no_grad():
         return 1.0 - (original(inputs).argmax(-1) == quantized(inputs).argmax(-1)).float().mean().item()

@@ -1,6 +1,7 @@
 """tune's last resort: when no post-training candidate meets the accuracy budget, the closest one
 is trained back by distillation (lowbit.distill, the original as teacher) in the time left, and
-judged on samples it did not train on.
+judged on samples it did not train on. A static candidate's activation ranges train too (they
+start from the calibrated ones).
 
 The data is split in two: the first half teaches, the second half judges (against the original
 on that same half). Distillation runs only under a time budget, with at least MIN_SECONDS of
@@ -52,10 +53,12 @@ def distillation_fallback(search: _BudgetSearch, work: _Workload, dataset: Datas
     judged = _judged_on(work, held, tokenizer, batch_size, seq_len)
     seconds = search.deadline - time.monotonic() - 2 * search.trial_cost()
     recipe = make_recipe(closest.recipe)
+    learned = ", activation ranges trained too" if recipe.scheme == "static" else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LowbitWarning)  # the candidate's trial recorded them
-            prepared = prepare(work.model, recipe, calibration=work.rounding_batches, progress=False)
+            prepared = prepare(work.model, recipe, calibration=work.rounding_batches, progress=False,
+                               learn_ranges=bool(learned))
             result = distill(prepared, work.model, training_inputs(train, 16), time_budget=max(seconds, 1.0),
                              tokenizer=tokenizer, lr=LEARNING_RATE, max_length=seq_len, progress=progress)
             model = convert(prepared, progress=False)
@@ -64,7 +67,7 @@ def distillation_fallback(search: _BudgetSearch, work: _Workload, dataset: Datas
         return None
     quality, drop = _score(judged, model)
     accepted = drop <= work.max_drop + BUDGET_TOLERANCE
-    note = (f"distilled {result.steps} steps ({result.seconds:.0f} s) on the first {half} samples; "
+    note = (f"distilled {result.steps} steps ({result.seconds:.0f} s) on the first {half} samples{learned}; "
             f"judged on the other {len(held)}, which it did not train on")
     trial = Trial(name, closest.recipe, quality, drop, parameter_bytes(model), accepted, "", notes=[note],
                   candidate=closest.candidate, node=node_name())
