@@ -3,9 +3,11 @@ the same outputs (Hinton et al., 2015; as NNCF's QAT with distillation).
 
 The loss follows the output: KL divergence of the output distributions for classifiers and
 language models (logits), and for encoders the mean squared error of the token states plus one
-minus the cosine of the mean-pooled sentence embeddings. Adam with a learning rate that decays
-linearly to zero over the step or time budget: a quantized weight then settles on one side of
-its rounding boundary instead of flipping at the last step.
+minus the cosine of the mean-pooled sentence embeddings; "layers" adds every intermediate
+layer's token states (a transformers model's hidden states, as TinyBERT's layer-wise
+distillation), which guides a pruned encoder more than its last layer alone. Adam with a
+learning rate that decays linearly to zero over the step or time budget: a quantized weight then
+settles on one side of its rounding boundary instead of flipping at the last step.
 """
 
 from __future__ import annotations
@@ -62,12 +64,28 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Any) -> 
     """Token states' squared error relative to the teacher's mean square, plus 1 − cosine of the
     mean-pooled sentence embeddings (what a sentence encoder is judged by)."""
     mask = _mask(batch, teacher)
-    squared = ((student - teacher) ** 2 * mask).sum() / (mask.sum() * teacher.shape[-1])
-    relative = squared / (teacher ** 2 * mask).sum().div(mask.sum() * teacher.shape[-1]).clamp(min=1e-12)
+    relative = _relative_squared_error(student, teacher, mask)
 
     def pooled(hidden: torch.Tensor) -> torch.Tensor:
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
     return relative + (1 - F.cosine_similarity(pooled(student), pooled(teacher), dim=-1)).mean()
+
+
+@LOSSES.register("layers")
+def layers_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Any) -> torch.Tensor:
+    """The embedding loss on the last layer's token states plus the mean relative squared error of
+    the intermediate layers' ([layers + 1, batch, positions, width]: the embeddings' output first)."""
+    mask = _mask(batch, teacher[-1])
+    inner = [_relative_squared_error(s, t, mask) for s, t in zip(student[1:-1], teacher[1:-1], strict=True)]
+    return embedding_loss(student[-1], teacher[-1], batch) + sum(inner) / max(len(inner), 1)
+
+
+layers_loss.hidden_states = True  # the models are called for all their layers' states
+
+
+def _relative_squared_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared error over real positions, relative to the teacher's square there."""
+    return ((student - teacher) ** 2 * mask).sum() / ((teacher ** 2) * mask).sum().clamp(min=1e-12)
 
 
 @LOSSES.register("mse")
@@ -84,12 +102,35 @@ def judged_output(output: Any) -> tuple[torch.Tensor, str]:
     hidden = getattr(output, "last_hidden_state", None)
     if isinstance(hidden, torch.Tensor):
         return hidden, "embedding"
+    if isinstance(output, LayerStates):
+        return output.states, "layers"
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         output = output[0]
     if isinstance(output, torch.Tensor) and output.dim() >= 2:
         return output, "kl"
     raise DistillationError("cannot find logits or hidden states in the model's output "
                             f"({type(output).__name__})")
+
+
+@dataclass
+class LayerStates:
+    """Every layer's token states of a transformers model, stacked (what the "layers" loss reads)."""
+
+    states: torch.Tensor
+
+
+def model_output(model: nn.Module, batch: Any, hidden_states: bool) -> Any:
+    """The model's output on `batch`; with `hidden_states`, its layers' states (LayerStates)."""
+    if not hidden_states:
+        return call_model(model, batch)
+    if not isinstance(batch, dict):
+        raise DistillationError("the 'layers' loss reads a transformers model's hidden states: it needs "
+                                "batches of keyword inputs (texts with tokenizer=)")
+    states = getattr(model(**batch, output_hidden_states=True), "hidden_states", None)
+    if not states:
+        raise DistillationError("the model gives no hidden states (output_hidden_states=True): "
+                                "use loss='embedding' or 'kl'")
+    return LayerStates(torch.stack(states))
 
 
 @dataclass
@@ -135,14 +176,15 @@ def distill(
     if (steps is not None and steps < 1) or (time_budget is not None and time_budget <= 0):
         raise DistillationError("the step and time budgets must be positive")
     batches = _batches(data, tokenizer, batch_size, max_length)
-    outputs = _Teacher(teacher, batches)
-    chosen = _check_outputs(student, outputs, batches[0], loss)
+    layers = getattr(LOSSES.get(loss), "hidden_states", False) if loss != "auto" else False
+    outputs = _Teacher(teacher, batches, layers)
+    chosen = _check_outputs(student, outputs, batches[0], loss, layers)
     parameters = [p for p in student.parameters() if p.requires_grad]
     if not parameters:
         raise DistillationError("the student has no trainable parameters")
     optimizer = torch.optim.Adam(parameters, lr=lr)
     result = _train(student, batches, outputs, chosen, optimizer, lr, _Budget(steps, time_budget), seed,
-                    progress, after_step=keep_pruned_zeros(student))
+                    progress, after_step=keep_pruned_zeros(student), layers=layers)
     state = getattr(student, QAT_ATTRIBUTE, None)
     if state is not None:
         state.training = result.to_dict()
@@ -165,8 +207,8 @@ class _Teacher:
     """The teacher's judged output per batch, computed without gradients; kept after the first
     epoch while they fit in TEACHER_CACHE_BYTES, recomputed otherwise (an LM's logits)."""
 
-    def __init__(self, teacher: nn.Module, batches: list[Any]) -> None:
-        self.teacher, self.cache, self.keep = teacher, {}, None
+    def __init__(self, teacher: nn.Module, batches: list[Any], layers: bool) -> None:
+        self.teacher, self.cache, self.keep, self.layers = teacher, {}, None, layers
         self.count = len(batches)
 
     def __call__(self, index: int, batch: Any) -> torch.Tensor:
@@ -175,7 +217,7 @@ class _Teacher:
         was_training = self.teacher.training
         self.teacher.eval()
         with torch.no_grad():
-            output = judged_output(call_model(self.teacher, batch))[0].detach()
+            output = judged_output(model_output(self.teacher, batch, self.layers))[0].detach()
         self.teacher.train(was_training)
         if self.keep is None:
             self.keep = output.numel() * output.element_size() * self.count <= TEACHER_CACHE_BYTES
@@ -184,13 +226,13 @@ class _Teacher:
         return output
 
 
-def _check_outputs(student: nn.Module, teacher: _Teacher, batch: Any, loss: str) -> str:
+def _check_outputs(student: nn.Module, teacher: _Teacher, batch: Any, loss: str, layers: bool) -> str:
     """The loss to use; refuses data the models cannot run on, and a teacher and student whose
     outputs differ in shape."""
     try:
         expected = teacher(0, batch)
         with torch.no_grad():
-            got, suited = judged_output(call_model(student, batch))
+            got, suited = judged_output(model_output(student, batch, layers))
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DistillationError(f"the models cannot run on the first training batch: {first}") from None
@@ -205,7 +247,7 @@ def _check_outputs(student: nn.Module, teacher: _Teacher, batch: Any, loss: str)
 
 def _train(student: nn.Module, batches: list[Any], teacher: _Teacher, loss: str,
            optimizer: torch.optim.Optimizer, lr: float, budget: _Budget, seed: int,
-           progress: bool, after_step: Callable[[], None]) -> DistillResult:
+           progress: bool, after_step: Callable[[], None], layers: bool) -> DistillResult:
     generator = torch.Generator().manual_seed(seed)
     loss_fn, curve = LOSSES.get(loss), _Curve()
     was_training = student.training
@@ -217,7 +259,7 @@ def _train(student: nn.Module, batches: list[Any], teacher: _Teacher, loss: str,
                 for index in torch.randperm(len(batches), generator=generator).tolist():
                     for group in optimizer.param_groups:
                         group["lr"] = lr * (1.0 - budget.share())
-                    output = judged_output(call_model(student, batches[index]))[0]
+                    output = judged_output(model_output(student, batches[index], layers))[0]
                     value = loss_fn(output, teacher(index, batches[index]), batches[index])
                     optimizer.zero_grad(set_to_none=True)
                     value.backward()

@@ -11,6 +11,7 @@ import lowbit
 from lowbit.errors import QuantizationError
 from lowbit.nn.fake_quant import FakeQuant
 from lowbit.qat import DistillationError
+from lowbit.transform.distill import embedding_loss, layers_loss
 from lowbit.transform.quantize import quantized_modules
 from tests.fixtures_models import residual_net, tied_lm, tiny_cnn, tiny_mlp
 
@@ -217,3 +218,32 @@ def test_minilm_trains_converts_and_reloads(minilm, wiki_sentences, tmp_path):
     with torch.no_grad():
         expected = converted(**batch).last_hidden_state
         assert torch.equal(lowbit.load(folder)(**batch).last_hidden_state, expected)
+
+
+def test_the_layers_loss_matches_every_layer_and_is_zero_only_when_all_agree():
+    torch.manual_seed(0)
+    teacher = torch.randn(4, 2, 5, 8)  # embeddings' output + 3 layers, batch 2, 5 positions, width 8
+    batch = {"attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    assert float(layers_loss(teacher.clone(), teacher, batch)) == pytest.approx(0.0, abs=1e-6)
+    inner_off = teacher.clone()
+    inner_off[1] += 0.5  # only an intermediate layer differs: the last layer's loss sees nothing
+    assert float(embedding_loss(inner_off[-1], teacher[-1], batch)) == pytest.approx(0.0, abs=1e-6)
+    assert float(layers_loss(inner_off, teacher, batch)) > 0.01
+    first_off = teacher.clone()
+    first_off[0] += 0.5  # the embeddings' output is the input both models share: not matched
+    assert float(layers_loss(first_off, teacher, batch)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_layers_loss_on_plain_tensor_batches_is_refused():
+    teacher = tiny_mlp().eval()
+    prepared = lowbit.qat.prepare(teacher, "w8", progress=False)
+    with pytest.raises(DistillationError, match="hidden states"):
+        lowbit.qat.distill(prepared, teacher, [torch.randn(4, 64)], steps=1, loss="layers", progress=False)
+
+
+def test_minilm_distils_layer_by_layer(minilm, wiki_sentences):
+    model, tokenizer, _ = minilm
+    prepared = lowbit.qat.prepare(model, "w4", progress=False)
+    result = lowbit.qat.distill(prepared, model, wiki_sentences[-16:], tokenizer=tokenizer, steps=2,
+                                batch_size=8, loss="layers", progress=False)
+    assert result.loss == "layers" and result.steps == 2 and result.curve[0][2] > 0
