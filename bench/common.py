@@ -21,17 +21,17 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def bench_arguments(
-    description: str, runs: int | None = 30, extra: dict[str, int] | None = None,
+    description: str, runs: int | None = 30, extra: dict[str, int | float | str] | None = None,
 ) -> argparse.Namespace:
     """--threads and (unless `runs` is None) --runs, shared by every bench script, plus `extra`
-    integer options with their defaults; sets torch's thread count."""
+    options with their defaults (each parsed as its default's type); sets torch's thread count."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     if runs is not None:
         parser.add_argument("--runs", type=int, default=runs)
     for option, default in (extra or {}).items():
-        parser.add_argument(option, type=int, default=default)
+        parser.add_argument(option, type=type(default), default=default)
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     return arguments

@@ -8,22 +8,25 @@ quantized w8 (int8 per channel, symmetric, so the zeros stay zero). Unstructured
 tables lose --embedding-percent of each row and the Linears what makes half of all these weights
 (0: half of every row everywhere, also measured); 2:4 is half of every row by construction.
 "post-training" is that model as it is, beside Wanda's one-shot pruning (|W| x ||X||, no update,
-half of every row) for reference; "+ distillation" is the float model teaching the pruned,
-fake-quantized copy on 2,000 Wikipedia first sentences (documents 256-2,255, no labels) for
---budget seconds. "zeros" is the share of zeros measured in all those weights of the model. Judged by
-the cosine of mean-pooled embeddings to fp32 on 256 held-out sentences (documents 0-255) and 256
-others (documents 5,000-5,255); "recovered" is the share of the post-training loss (1 − cosine)
-that distillation wins back.
+half of every row) for reference; "+ distillation" is the float model teaching the pruned, fake-
+quantized copy on --sentences Wikipedia first sentences (documents from 256 on, no labels; at most
+4,744, which stay clear of the re-check set) for --budget seconds, with --loss (layers: every
+layer's token states; embedding: the last layer's) and Adam from --lr. "zeros" is the share of
+zeros measured in all those weights of the model. Judged by the cosine of mean-pooled embeddings to
+fp32 on 256 held-out sentences (documents 0-255) and 256 others (documents 5,000-5,255);
+"recovered" is the share of the post-training loss (1 − cosine) that distillation wins back.
 
 Size: each model is saved with the torch runtime; a pruned weight is stored as a deflated bitmask
 and its deflated kept values (lowbit.formats.sparse). Ratios are to plain w8's tensor file and
 whole folder (tokenizer files included). For reference, plain w8's tensor file deflated whole
 (zlib level 9) is printed too: what compression alone would give. This CPU has no sparse kernel:
-a pruned model runs the same dense int8 kernels, so it is smaller, not faster. Writes
-bench/results/prune.json.
+a pruned model runs the same dense int8 kernels, so it is smaller, not faster.
 
     .venv/bin/python -m bench.prune [--budget 900] [--batch-size 16] [--calibration 1024]
-                                    [--embedding-percent 60] [--threads 2]
+        [--embedding-percent 60] [--sentences 2000] [--loss layers] [--lr 3e-4]
+        [--patterns unstructured,2:4] [--threads 2]
+
+Writes bench/results/prune.json (prune-unstructured.json, prune-2of4.json for one pattern).
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ from pathlib import Path
 
 import lowbit
 from bench.common import bench_arguments, print_table, write_json
-from bench.qat import minilm_setup, recovered
+from bench.qat import TRAIN, minilm_setup, recovered
+from lowbit.data import assets
 from lowbit.evaluate import folder_bytes
 from lowbit.families import transformers as hf
 from lowbit.nn.kinds import module_kind
 from lowbit.transform.quantize import quantized_modules
 
 TENSOR_FILE = "model.lowbit.safetensors"
+RECHECK_OFFSET = 5000  # the re-check sentences start here (bench.qat's HELD_OUT): training stops before
 
 
 def sizes(model, folder: Path) -> dict[str, int]:
@@ -109,12 +114,31 @@ def post_training_rows(setup, pattern: str, calibration: list, embedding_percent
     return rows, pruned, ptq, allocation
 
 
+def check_arguments(args) -> list[str]:
+    """The patterns asked for; exits on a pattern or sentence count this bench cannot take."""
+    patterns, first = args.patterns.split(","), TRAIN[1]
+    if not set(patterns) <= {"unstructured", "2:4"}:
+        raise SystemExit("--patterns takes unstructured, 2:4 or both (comma-separated)")
+    if not 0 < args.sentences <= RECHECK_OFFSET - first:
+        raise SystemExit(f"--sentences must be in 1..{RECHECK_OFFSET - first} (documents {first} to "
+                         f"{RECHECK_OFFSET - 1}; the re-check set starts at {RECHECK_OFFSET})")
+    return patterns
+
+
+def training_sentences(setup, count: int) -> list[str]:
+    """The first `count` sentences from document 256 on (setup.train holds the first 2,000)."""
+    return setup.train[:count] if count <= len(setup.train) else assets.wikipedia_sentences(count, TRAIN[1])
+
+
 def main() -> None:
     args = bench_arguments(__doc__, runs=None,
                            extra={"--budget": 900, "--batch-size": 16, "--calibration": 1024,
-                                  "--embedding-percent": 60})
+                                  "--embedding-percent": 60, "--sentences": 2000, "--loss": "layers",
+                                  "--lr": 3e-4, "--patterns": "unstructured,2:4"})
+    patterns = check_arguments(args)
     setup = minilm_setup()
     fp32, tokenizer, train, scores = setup.fp32, setup.tokenizer, setup.train, setup.scores
+    texts = training_sentences(setup, args.sentences)
     calibration = [hf.tokenize(tokenizer, train[start : start + 16])
                    for start in range(0, args.calibration, 16)]
 
@@ -123,14 +147,14 @@ def main() -> None:
         dense = sizes(plain, Path(scratch) / "w8")
         deflated = len(zlib.compress((Path(scratch) / "w8" / TENSOR_FILE).read_bytes(), 9))
         rows = [{"model": "w8 (dense)", "method": "post-training", **scores(plain), **dense}]
-        for pattern in ("unstructured", "2:4"):
+        for pattern in patterns:
             pruned_rows, pruned, ptq, allocation = post_training_rows(setup, pattern, calibration,
                                                                       args.embedding_percent)
             rows += pruned_rows
             start = time.perf_counter()
             prepared = lowbit.qat.prepare(pruned, "w8", progress=False)
-            result = lowbit.distill(prepared, fp32, train, tokenizer=tokenizer, time_budget=args.budget,
-                                    batch_size=args.batch_size, lr=1e-4)
+            result = lowbit.distill(prepared, fp32, texts, tokenizer=tokenizer, time_budget=args.budget,
+                                    batch_size=args.batch_size, lr=args.lr, loss=args.loss)
             converted = lowbit.qat.convert(prepared, progress=False)
             minutes = (time.perf_counter() - start) / 60
             trained, stored = scores(converted), sizes(converted, Path(scratch) / pattern.replace(":", "of"))
@@ -148,8 +172,10 @@ def main() -> None:
           "CPU: pruned models run the dense int8 kernels (smaller, not faster).")
     payload = {"threads": args.threads, "budget_s": args.budget, "batch_size": args.batch_size,
                "calibration_sentences": args.calibration, "embedding_percent": args.embedding_percent,
+               "training_sentences": args.sentences, "loss": args.loss, "lr": args.lr,
                "w8_tensor_file_deflated_bytes": deflated, "rows": rows}
-    print(f"results: {write_json('prune', payload)}")
+    name = "prune" if len(patterns) > 1 else f"prune-{patterns[0].replace(':', 'of')}"
+    print(f"results: {write_json(name, payload)}")
 
 
 if __name__ == "__main__":

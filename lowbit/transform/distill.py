@@ -135,7 +135,7 @@ def model_output(model: nn.Module, batch: Any, hidden_states: bool) -> Any:
 
 @dataclass
 class DistillResult:
-    """What distillation did: steps, seconds, which loss ("kl", "embedding", "mse"), and the loss
+    """What distillation did: steps, seconds, which loss ("kl", "embedding", "layers", "mse"), the loss
     curve (step, seconds, mean loss since the previous point), at most CURVE_POINTS points."""
 
     steps: int

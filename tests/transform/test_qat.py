@@ -230,7 +230,7 @@ def test_the_layers_loss_matches_every_layer_and_is_zero_only_when_all_agree():
     assert float(embedding_loss(inner_off[-1], teacher[-1], batch)) == pytest.approx(0.0, abs=1e-6)
     assert float(layers_loss(inner_off, teacher, batch)) > 0.01
     first_off = teacher.clone()
-    first_off[0] += 0.5  # the embeddings' output is the input both models share: not matched
+    first_off[0] += 0.5  # the embeddings' output is not matched: the layers after it carry what it lost
     assert float(layers_loss(first_off, teacher, batch)) == pytest.approx(0.0, abs=1e-6)
 
 
