@@ -36,6 +36,7 @@ from lowbit.families.sources import load_source
 from lowbit.formats.atomic import write_text
 from lowbit.formats.gguf_file import export_gguf
 from lowbit.formats.lowbit_format import check_folder, read_manifest, verify_files
+from lowbit.transform.distill import LOSSES
 from lowbit.transform.prune import CRITERIA, PATTERNS
 from lowbit.transform.quantize import quantize as quantize_model
 from lowbit.transform.quantize import quantized_modules
@@ -137,6 +138,13 @@ def _one_of(*choices: str):
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
         return value
     return check
+
+
+DistillationLoss = Annotated[str, typer.Option(
+    "--loss", callback=_one_of("auto", *LOSSES),
+    help="What the copy learns to match: auto (logits: kl; an encoder: embedding, its last layer's "
+         "token states and sentence embedding); layers (an encoder's every layer: more guidance for a "
+         "pruned one); mse.")]
 
 
 def _one_of_blocks(value: int | None) -> int | None:
@@ -894,6 +902,7 @@ def qat(
         help="Train the static scheme's activation ranges too, from their calibrated values.")] = False,
     lr: Annotated[float, typer.Option(callback=_positive,
         help="Adam's learning rate at the start; it decays linearly to zero over the budget.")] = 5e-5,
+    loss: DistillationLoss = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Texts or inputs per training step.")] = 16,
     skip: Annotated[list[str] | None, typer.Option(
         help="Module-name glob to keep in float (repeatable), e.g. --skip 'pooler*'.")] = None,
@@ -931,7 +940,7 @@ def qat(
         prepared = training.prepare(teacher, make_recipe(recipe), calibration=batches,
                                     learn_scales=learn_scales, learn_ranges=learn_ranges, skip=skip)
         result = distillation.distill(prepared, teacher, inputs, steps=steps, time_budget=time_budget,
-                                      tokenizer=tokenizer, lr=lr, batch_size=batch_size)
+                                      tokenizer=tokenizer, lr=lr, batch_size=batch_size, loss=loss)
         quantized = training.convert(prepared)
         folder = save(quantized, out, overwrite=overwrite, runtime=runtime)
         _print_training(result)
@@ -967,6 +976,7 @@ def prune(
         help="Seconds of distillation after pruning (with --steps: whichever ends first).")] = None,
     lr: Annotated[float, typer.Option(callback=_positive,
         help="Adam's learning rate at the start of distillation; it decays linearly to zero.")] = 1e-4,
+    loss: DistillationLoss = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Texts or inputs per distillation step.")] = 16,
     skip: Annotated[list[str] | None, typer.Option(
         help="Module-name glob to leave dense and in float (repeatable), e.g. --skip 'pooler*'.")] = None,
@@ -1009,7 +1019,7 @@ def prune(
             inputs = training_inputs(as_dataset(data), batch_size)
             prepared = training.prepare(pruned, make_recipe(recipe), calibration=batches, skip=skip)
             result = distillation.distill(prepared, teacher, inputs, steps=steps, time_budget=time_budget,
-                                          tokenizer=tokenizer, lr=lr, batch_size=batch_size)
+                                          tokenizer=tokenizer, lr=lr, batch_size=batch_size, loss=loss)
             quantized = training.convert(prepared)
         folder = save(quantized, out, overwrite=overwrite, runtime="torch")
         if result is not None:

@@ -93,6 +93,21 @@ def test_qat_trains_and_saves_a_folder_with_its_loss_curve(tmp_path, weights):
     assert inspected.returncode == 0 and "trained after quantizing: distillation, 6 steps" in inspected.stdout
 
 
+def test_qat_takes_the_loss_asked_for_and_refuses_an_unknown_one(tmp_path, weights):
+    data = tmp_path / "train.safetensors"
+    save_file({"input": torch.randn(32, 64)}, data)
+    out = tmp_path / "qat"
+    assert_refused(lowbit("qat", FACTORY, "--weights", weights, "--data", data, "--steps", 2,
+                          "--loss", "cosine", "--out", out), "is not one of auto, kl, embedding", out)
+    assert_refused(lowbit("qat", FACTORY, "--weights", weights, "--data", data, "--steps", 2,
+                          "--loss", "layers", "--out", out), "hidden states", out)
+    result = lowbit("qat", FACTORY, "--weights", weights, "--data", data, "--steps", 2, "--loss", "mse",
+                    "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "(mse loss)" in result.stdout
+    assert json.loads((out / "lowbit.json").read_text())["training"]["loss"] == "mse"
+
+
 def test_qat_without_a_budget_is_refused(tmp_path, weights):
     data = tmp_path / "train.safetensors"
     save_file({"input": torch.randn(8, 64)}, data)
