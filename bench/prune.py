@@ -38,7 +38,7 @@ from pathlib import Path
 
 import lowbit
 from bench.common import bench_arguments, print_table, write_json
-from bench.qat import TRAIN, minilm_setup, recovered
+from bench.qat import HELD_OUT, TRAIN, minilm_setup, recovered
 from lowbit.data import assets
 from lowbit.evaluate import folder_bytes
 from lowbit.families import transformers as hf
@@ -46,7 +46,7 @@ from lowbit.nn.kinds import module_kind
 from lowbit.transform.quantize import quantized_modules
 
 TENSOR_FILE = "model.lowbit.safetensors"
-RECHECK_OFFSET = 5000  # the re-check sentences start here (bench.qat's HELD_OUT): training stops before
+RECHECK_OFFSET = HELD_OUT["cosine, re-check"][1]  # the re-check sentences start here: training stops before
 
 
 def sizes(model, folder: Path) -> dict[str, int]:

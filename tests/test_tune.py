@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 import lowbit
 from lowbit.cli import EXIT_BUDGET_MISSED, app
+from lowbit.evaluate.metrics import top1_agreement
 from lowbit.tune.search import safer_candidates, sensitivity
 from tests.fixtures_models import sensitive_mlp, tiny_mlp
 
@@ -75,8 +76,9 @@ def test_when_nothing_meets_the_budget_the_closest_candidate_is_distilled_and_ju
     # measured 0.023-0.117 around post-training's 0.047, and the steps the 20 s allow depend on
     # the host's load. What this catches is a broken distillation (a diverged model flips most of
     # the 128 samples).
-    held_out_post_training = _agreement_drop(model, lowbit.quantize(model, "w4-g32", progress=False),
-                                             data[128:])
+    with torch.no_grad():
+        held_out_post_training = 1.0 - top1_agreement(
+            model(data[128:]), lowbit.quantize(model, "w4-g32", progress=False)(data[128:]))
     assert distilled.label == "w4-g32 + distillation"
     assert distilled.drop <= held_out_post_training + 0.08
     assert "on the first 128 samples; judged on the other 128" in distilled.notes[0]
@@ -97,11 +99,6 @@ def test_a_static_candidate_distils_with_its_activation_ranges_trained_too(monke
     post_training, distilled = result.trials
     assert post_training.drop > 0 and distilled.label == "w8a8-static + distillation"
     assert "samples, activation ranges trained too; judged on the other 128" in distilled.notes[0]
-
-
-def _agreement_drop(original: torch.nn.Module, quantized: torch.nn.Module, inputs: torch.Tensor) -> float:
-    with torch.no_grad():
-        return 1.0 - (original(inputs).argmax(-1) == quantized(inputs).argmax(-1)).float().mean().item()
 
 
 def test_distillation_is_not_tried_without_a_time_budget_and_the_report_says_so(inputs):

@@ -102,8 +102,6 @@ def judged_output(output: Any) -> tuple[torch.Tensor, str]:
     hidden = getattr(output, "last_hidden_state", None)
     if isinstance(hidden, torch.Tensor):
         return hidden, "embedding"
-    if isinstance(output, LayerStates):
-        return output.states, "layers"
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         output = output[0]
     if isinstance(output, torch.Tensor) and output.dim() >= 2:
@@ -112,17 +110,12 @@ def judged_output(output: Any) -> tuple[torch.Tensor, str]:
                             f"({type(output).__name__})")
 
 
-@dataclass
-class LayerStates:
-    """Every layer's token states of a transformers model, stacked (what the "layers" loss reads)."""
-
-    states: torch.Tensor
-
-
-def model_output(model: nn.Module, batch: Any, hidden_states: bool) -> Any:
-    """The model's output on `batch`; with `hidden_states`, its layers' states (LayerStates)."""
+def judged(model: nn.Module, batch: Any, hidden_states: bool) -> tuple[torch.Tensor, str]:
+    """What distillation matches of the model's output on `batch`, and the loss that suits it
+    (judged_output); with `hidden_states`, every layer's token states stacked
+    ([layers + 1, batch, positions, width]), for the "layers" loss."""
     if not hidden_states:
-        return call_model(model, batch)
+        return judged_output(call_model(model, batch))
     if not isinstance(batch, dict):
         raise DistillationError("the 'layers' loss reads a transformers model's hidden states: it needs "
                                 "batches of keyword inputs (texts with tokenizer=)")
@@ -130,7 +123,7 @@ def model_output(model: nn.Module, batch: Any, hidden_states: bool) -> Any:
     if not states:
         raise DistillationError("the model gives no hidden states (output_hidden_states=True): "
                                 "use loss='embedding' or 'kl'")
-    return LayerStates(torch.stack(states))
+    return torch.stack(states), "layers"
 
 
 @dataclass
@@ -217,7 +210,7 @@ class _Teacher:
         was_training = self.teacher.training
         self.teacher.eval()
         with torch.no_grad():
-            output = judged_output(model_output(self.teacher, batch, self.layers))[0].detach()
+            output = judged(self.teacher, batch, self.layers)[0].detach()
         self.teacher.train(was_training)
         if self.keep is None:
             self.keep = output.numel() * output.element_size() * self.count <= TEACHER_CACHE_BYTES
@@ -232,7 +225,7 @@ def _check_outputs(student: nn.Module, teacher: _Teacher, batch: Any, loss: str,
     try:
         expected = teacher(0, batch)
         with torch.no_grad():
-            got, suited = judged_output(model_output(student, batch, layers))
+            got, suited = judged(student, batch, layers)
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DistillationError(f"the models cannot run on the first training batch: {first}") from None
@@ -259,7 +252,7 @@ def _train(student: nn.Module, batches: list[Any], teacher: _Teacher, loss: str,
                 for index in torch.randperm(len(batches), generator=generator).tolist():
                     for group in optimizer.param_groups:
                         group["lr"] = lr * (1.0 - budget.share())
-                    output = judged_output(model_output(student, batches[index], layers))[0]
+                    output = judged(student, batches[index], layers)[0]
                     value = loss_fn(output, teacher(index, batches[index]), batches[index])
                     optimizer.zero_grad(set_to_none=True)
                     value.backward()

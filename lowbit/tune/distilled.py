@@ -53,12 +53,12 @@ def distillation_fallback(search: _BudgetSearch, work: _Workload, dataset: Datas
     judged = _judged_on(work, held, tokenizer, batch_size, seq_len)
     seconds = search.deadline - time.monotonic() - 2 * search.trial_cost()
     recipe = make_recipe(closest.recipe)
-    learned = ", activation ranges trained too" if recipe.scheme == "static" else ""
+    learn_ranges = recipe.scheme == "static"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LowbitWarning)  # the candidate's trial recorded them
             prepared = prepare(work.model, recipe, calibration=work.rounding_batches, progress=False,
-                               learn_ranges=bool(learned))
+                               learn_ranges=learn_ranges)
             result = distill(prepared, work.model, training_inputs(train, 16), time_budget=max(seconds, 1.0),
                              tokenizer=tokenizer, lr=LEARNING_RATE, max_length=seq_len, progress=progress)
             model = convert(prepared, progress=False)
@@ -67,6 +67,7 @@ def distillation_fallback(search: _BudgetSearch, work: _Workload, dataset: Datas
         return None
     quality, drop = _score(judged, model)
     accepted = drop <= work.max_drop + BUDGET_TOLERANCE
+    learned = ", activation ranges trained too" if learn_ranges else ""
     note = (f"distilled {result.steps} steps ({result.seconds:.0f} s) on the first {half} samples{learned}; "
             f"judged on the other {len(held)}, which it did not train on")
     trial = Trial(name, closest.recipe, quality, drop, parameter_bytes(model), accepted, "", notes=[note],
