@@ -24,7 +24,7 @@ by the KL divergence of the photos' class distributions from fp32's. Writes
 bench/results/qat.json.
 
     .venv/bin/python -m bench.qat [--budget 720] [--static-budget 1200] [--batch-size 16]
-        [--efficientnet-budget 600] [--efficientnet-lr 1e-4] [--threads 2]
+        [--efficientnet-budget 600] [--efficientnet-lr 3e-4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ COLUMNS = [("model", "model"), ("recipe", "recipe"), ("method", "method"), ("acc
 def main() -> None:
     args = bench_arguments(__doc__, runs=None, extra={"--budget": 720, "--static-budget": 1200,
                                                       "--batch-size": 16, "--efficientnet-budget": 600,
-                                                      "--efficientnet-lr": 1e-4})
+                                                      "--efficientnet-lr": 3e-4})
     budgets = {"w4": args.budget, "w8a8-static": args.static_budget}
     minilm = {recipe: budget for recipe, budget in budgets.items() if budget > 0}
     rows = mnist_rows() + (minilm_rows(minilm, args.batch_size) if minilm else [])
