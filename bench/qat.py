@@ -41,6 +41,7 @@ from lowbit.data import assets
 from lowbit.evaluate import mean_cosine
 from lowbit.evaluate.metrics import top1_agreement
 from lowbit.families import transformers as hf
+from lowbit.transform.distill import kl_loss
 
 TRAIN = (2000, 256)  # (count, offset) of the training sentences
 HELD_OUT = {"cosine": (256, 0), "cosine, re-check": (256, 5000)}
@@ -204,7 +205,7 @@ def photo_crops(photos: dict[str, torch.Tensor], count: int, seed: int = 0) -> t
             crop = (crop * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0).expand(3, -1, -1)
         mean = crop.mean()
         crop = ((crop - mean) * uniform(0.6, 1.4) + mean + uniform(-0.15, 0.15)).clamp(0, 1)
-        crops.append((crop - 0.498) / 0.502)
+        crops.append(assets.efficientnet_scaled(crop))
     return torch.stack(crops)
 
 
@@ -222,11 +223,8 @@ def efficientnet_rows(budget: int, lr: float, recipe: str = "w8a8-static") -> li
     def scores(model) -> dict[str, float]:
         with torch.no_grad():
             logits = {name: model(images) for name, images in held_out.items()}
-        kl = torch.nn.functional.kl_div(logits["agreement"].log_softmax(-1),
-                                        references["agreement"].log_softmax(-1), log_target=True,
-                                        reduction="batchmean")
         return {**{name: top1_agreement(references[name], logits[name]) for name in held_out},
-                "kl": float(kl)}
+                "kl": float(kl_loss(logits["agreement"], references["agreement"], None))}
 
     crops = photo_crops(assets.training_photos(), CROPS)
     calibration = list(crops[:64].split(8))

