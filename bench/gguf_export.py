@@ -4,9 +4,9 @@ SmolLM2-135M: the float32 model is exported by lowbit as an F32 GGUF (the baseli
 both ways from the same weights:
 - llama.cpp's quantizer: Q8_0, Q4_0, Q4_K_M, and Q4_K_M with an importance matrix computed by
   llama-imatrix from the calibration text (when `make bench-gguf` has built llama.cpp's tools);
-- lowbit: `q8_0`, `q5_0` and `q4_0` (round-to-nearest), `q5_0-gptq`, `q4_0-gptq` and
-  `q4_0-awq-gptq` (GPTQ, AWQ + GPTQ, calibrated on the same text), written by
-  `lowbit.export_gguf` (`lowbit export --format gguf`).
+- lowbit: `q8_0`, `q5_0` and `q4_0` (round-to-nearest), `q5_0-gptq`, `q5_0-awq-gptq`,
+  `q4_0-gptq` and `q4_0-awq-gptq` (GPTQ, AWQ + GPTQ, calibrated on the same text), written by
+  `lowbit.export_gguf` (`lowbit export --format gguf`); --recipes picks some of them.
   Q5_0 is where llama.cpp's Q4_K_M puts most of this model: its 576-wide rows are not a multiple
   of Q4_K's 256, and llama.cpp falls back to Q5_0 for them.
 Perplexity: llama.cpp's logits over the first --tokens tokens of the Wikipedia corpus (sliding
@@ -16,6 +16,7 @@ tokens never reach. Decode: greedy tokens/s in llama.cpp after a 64-token prompt
 --runs interleaved rounds. Writes bench/results/gguf_export.json.
 
     .venv/bin/python -m bench.gguf_export [--threads 2] [--tokens 4096] [--calibration 128] [--runs 5]
+        [--recipes q8_0,q5_0-awq-gptq,...]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from bench.llm_4bit import smollm2_workload
 from bench.smollm2 import Contender, decode_speed, perplexity
 from lowbit.families import transformers as hf
 
-LOWBIT_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q4_0", "q4_0-gptq", "q4_0-awq-gptq")
+LOWBIT_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q5_0-awq-gptq", "q4_0", "q4_0-gptq", "q4_0-awq-gptq")
 LLAMACPP_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 # llama.cpp's llama-imatrix and llama-quantize, built by `make bench-gguf`
 TOOLS = Path(os.environ.get("LOWBIT_LLAMACPP_TOOLS", Path.home() / ".cache/lowbit/llama.cpp-tools"))
@@ -74,9 +75,9 @@ def imatrix_quantize(source: Path, target: Path, calibration_text: Path, chunks:
     return time.perf_counter() - start
 
 
-def lowbit_files(fp32, folder: Path, calibration, scratch: Path) -> dict[str, dict]:
+def lowbit_files(fp32, folder: Path, calibration, scratch: Path, recipes: list[str]) -> dict[str, dict]:
     files = {}
-    for recipe in LOWBIT_RECIPES:
+    for recipe in recipes:
         start = time.perf_counter()
         calibrated = lowbit.make_recipe(recipe).algorithm != "rtn"  # GPTQ and AWQ read calibration text
         quantized = lowbit.quantize(fp32, recipe, calibration=calibration if calibrated else None)
@@ -114,7 +115,11 @@ def decode_speeds(files: dict[str, dict], prompt: torch.Tensor, threads: int,
 
 
 def main() -> None:
-    args = bench_arguments(__doc__, runs=5, extra={"--tokens": 4096, "--calibration": 128})
+    args = bench_arguments(__doc__, runs=5, extra={"--tokens": 4096, "--calibration": 128,
+                                                   "--recipes": ",".join(LOWBIT_RECIPES)})
+    recipes = args.recipes.split(",")
+    if unknown := sorted(set(recipes) - set(LOWBIT_RECIPES)):
+        raise SystemExit(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join(LOWBIT_RECIPES)}")
     if not llamacpp.available():
         raise SystemExit("llama.cpp is not installed: run `make bench-gguf` (it builds llama-cpp-python)")
     folder, windows, calibration, fp32 = smollm2_workload(args.tokens, args.calibration)
@@ -128,7 +133,7 @@ def main() -> None:
         calibration_text.write_text(tokenizer.decode(torch.cat([b["input_ids"][0] for b in calibration])))
         files = {"fp32 (F32)": {"path": source, "quantize_s": 0.0}}
         files |= llamacpp_files(source, calibration_text, args.calibration, scratch, args.threads)
-        files |= lowbit_files(fp32, folder, calibration, scratch)
+        files |= lowbit_files(fp32, folder, calibration, scratch, recipes)
         fp32 = None  # its memory back before the files are read
         rows = []
         for name, entry in files.items():

@@ -36,7 +36,8 @@ from lowbit.formats.atomic import atomic_file
 
 ARCHITECTURES = ("LlamaForCausalLM",)  # what llama.cpp's `llama` architecture holds as lowbit maps it
 BLOCK = 32  # values per block in every type lowbit writes
-GGUF_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q4_0", "q4_0-gptq", "q4_0-awq-gptq")  # lowbit presets
+# lowbit's presets whose models export
+GGUF_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q5_0-awq-gptq", "q4_0", "q4_0-gptq", "q4_0-awq-gptq")
 # tokenizer.json pre-tokenizers whose splitting llama.cpp reproduces, by llama.cpp's name for it
 PRE_TOKENIZERS = {
     json.dumps({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
