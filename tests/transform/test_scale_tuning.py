@@ -13,9 +13,11 @@ from tests.fixtures_models import tiny_mlp, token_batches, trained_like_llama
 
 
 def _kl(model, teacher, batches) -> float:
+    """Summed KL divergence of `model`'s next-token distributions from `teacher`'s."""
     with torch.no_grad():
-        return sum(float(F.kl_div(F.log_softmax(model(**b).logits, -1), F.log_softmax(teacher(**b).logits, -1),
-                                  log_target=True, reduction="batchmean")) for b in batches)
+        return sum(float(F.kl_div(F.log_softmax(model(**b).logits, -1),
+                                  F.log_softmax(teacher(**b).logits, -1), log_target=True,
+                                  reduction="batchmean")) for b in batches)
 
 
 def _integers(model) -> dict[str, torch.Tensor]:
