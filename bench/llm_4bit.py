@@ -2,7 +2,8 @@
 side by side on the same tokens.
 
 Measures perplexity over the first --tokens tokens of the Wikipedia corpus (sliding windows of
-512, stride 256, each token scored once), the saved file's size, the quantize time, and the peak
+512, stride 256, each token scored once), for lowbit's rows also over --tokens tokens of other
+extracts (the re-check), the saved file's size, the quantize time, and the peak
 RSS while quantizing (Linux's high-water mark, reset before each; the float model already loaded
 is the baseline).
 GPTQ and AWQ calibrate on --calibration sequences of 512 tokens from the end of the corpus, which the
@@ -18,9 +19,14 @@ Decode speed: greedy tokens per second after a 64-token prompt, the median of --
 rounds in shuffled order (bench.smollm2.decode_speed); lowbit rows decode from their folder saved
 for ONNX Runtime with int8 activations (`runtime="onnxruntime", accuracy_level=4`), the fp32 and
 quanto models in PyTorch, ONNX Runtime's with its cached-step graph, llama.cpp's in llama.cpp.
+"tuned scales": after quantizing, the group scales and norms train for --tune-steps steps of one
+calibration sequence against the float model, every integer kept (lowbit.qat.tune_scales).
+--rows keeps the lowbit rows whose names hold one of its comma-separated parts; --peers 0 leaves
+out ONNX Runtime, quanto and llama.cpp.
 Writes bench/results/llm_4bit.json.
 
     .venv/bin/python -m bench.llm_4bit [--threads 2] [--tokens 4096] [--calibration 128] [--runs 3]
+        [--tune-steps 64] [--rows "GPTQ,tuned"] [--peers 0]
 """
 
 from __future__ import annotations
@@ -58,7 +64,10 @@ RECIPES = {
     "lowbit GPTQ g64": lowbit.make_recipe("w4-gptq", overrides=HEAD_INT8),
     "lowbit HQQ g64": lowbit.make_recipe("w4-hqq", overrides=HEAD_INT8),
     "lowbit AWQ g64": lowbit.make_recipe("w4-awq", overrides=HEAD_INT8),
+    "lowbit AWQ+GPTQ sym g32": lowbit.make_recipe("q4_0-awq-gptq"),
+    "lowbit AWQ+GPTQ sym g32, tuned scales": lowbit.make_recipe("q4_0-awq-gptq"),
 }
+TUNED = ", tuned scales"  # rows whose group scales and norms then train (lowbit.qat.tune_scales)
 
 
 class PeakMemory:
@@ -93,18 +102,33 @@ def smollm2_workload(tokens: int, sequences: int) -> tuple[Path, list[dict], lis
     return path, windows, calibration, fp32
 
 
-def lowbit_rows(fp32, windows, calibration, scratch: Path, contenders: dict[str, Contender]) -> list[dict]:
+RECHECK_FROM = 5000  # the re-check text: Wikipedia extracts from this one on (scored and calibration
+# text come from the corpus' start and end)
+
+
+def recheck_windows(tokens: int) -> list[dict]:
+    """Windows over `tokens` tokens of other Wikipedia text, to re-check the perplexities on."""
+    tokenizer = hf.load_tokenizer(hf.smollm2_path())
+    texts = [document["extract"] for document in assets.wikipedia_documents()[RECHECK_FROM:]]
+    return language_model_windows(tokenizer, texts, 512, tokens)
+
+
+def lowbit_rows(fp32, windows, calibration, scratch: Path, contenders: dict[str, Contender],
+                names: list[str], tune_steps: int, recheck: list[dict]) -> list[dict]:
     rows, served = [], {}
     baseline = current_rss_bytes()
-    for name, recipe in RECIPES.items():
+    for name in names:
         start = time.perf_counter()
         with PeakMemory() as memory:
-            quantized = lowbit.quantize(fp32, recipe, calibration=calibration)
+            quantized = lowbit.quantize(fp32, RECIPES[name], calibration=calibration)
+            if name.endswith(TUNED):
+                lowbit.qat.tune_scales(quantized, fp32, calibration, steps=tune_steps)
         seconds = time.perf_counter() - start
         folder = lowbit.save(quantized, scratch / name.replace(" ", "-").replace(",", ""), runtime="torch")
         served[name] = lowbit.save(quantized, folder.with_name(folder.name + "-ort"), runtime="onnxruntime",
                                    accuracy_level=4)
         rows.append({"model": name, "perplexity": perplexity(lambda ids, q=quantized: q(ids).logits, windows),
+                     "recheck": perplexity(lambda ids, q=quantized: q(ids).logits, recheck),
                      "size_mb": folder_bytes(folder) / 1e6, "quantize_s": seconds,
                      "peak_rss_gb": memory.peak / 1e9, "rss_over_model_gb": (memory.peak - baseline) / 1e9})
         print(rows[-1], flush=True)
@@ -210,31 +234,41 @@ def ort_rows(fp32, windows, threads: int, scratch: Path, contenders: dict[str, C
 
 
 def main() -> None:
-    args = bench_arguments(__doc__, runs=3, extra={"--tokens": 4096, "--calibration": 128})
+    args = bench_arguments(__doc__, runs=3, extra={"--tokens": 4096, "--calibration": 128, "--tune-steps": 64,
+                                                   "--rows": "", "--peers": 1})
+    names = [name for name in RECIPES if not args.rows or any(part in name for part in args.rows.split(","))]
     path, windows, calibration, fp32 = smollm2_workload(args.tokens, args.calibration)
     size = folder_bytes(path / "model.safetensors")
+    recheck = recheck_windows(args.tokens)
     rows = [{"model": "fp32", "perplexity": perplexity(lambda ids: fp32(ids).logits, windows),
+             "recheck": perplexity(lambda ids: fp32(ids).logits, recheck),
              "size_mb": size / 1e6}]
     contenders = {"fp32": torch_contender(fp32, size)}
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:
-        rows += lowbit_rows(fp32, windows, calibration, Path(scratch), contenders)
-        rows += ort_rows(fp32, windows, args.threads, Path(scratch), contenders)
-        rows += quanto_rows(fp32, windows, Path(scratch), contenders)
-        rows += llamacpp_rows(windows, args.threads, contenders)
+        rows += lowbit_rows(fp32, windows, calibration, Path(scratch), contenders, names, args.tune_steps,
+                            recheck)
+        if args.peers:
+            rows += ort_rows(fp32, windows, args.threads, Path(scratch), contenders)
+            rows += quanto_rows(fp32, windows, Path(scratch), contenders)
+            rows += llamacpp_rows(windows, args.threads, contenders)
         with torch.inference_mode():
             speeds = decode_speed(contenders, windows[0]["input_ids"][:, :PROMPT_TOKENS], args.runs)
     for row in rows:
         if "perplexity" in row:
             row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"]
+        if "recheck" in row:
+            row["recheck_vs_fp32"] = row["recheck"] / rows[0]["recheck"]
         if row["model"] in speeds:
             row["decode_tokens_per_second"] = speeds[row["model"]]["decode_tokens_per_second"]
     print_table(f"SmolLM2-135M at 4 bits, perplexity over {args.tokens} tokens, GPTQ calibrated on "
                 f"{args.calibration} × 512 tokens, {args.threads} threads",
                 rows, [("model", "model"), ("perplexity", "perplexity"), ("perplexity_vs_fp32", "× fp32"),
-                       ("size_mb", "MB"), ("quantize_s", "quantize s"), ("peak_rss_gb", "peak RSS GB"),
+                       ("recheck_vs_fp32", "re-check × fp32"), ("size_mb", "MB"),
+                       ("quantize_s", "quantize s"), ("peak_rss_gb", "peak RSS GB"),
                        ("rss_over_model_gb", "RSS over fp32 GB"),
                        ("decode_tokens_per_second", "decode tok/s")])
-    payload = {"threads": args.threads, "tokens": args.tokens, "calibration": args.calibration, "rows": rows}
+    payload = {"threads": args.threads, "tokens": args.tokens, "calibration": args.calibration,
+               "tune_steps": args.tune_steps, "recheck_from_extract": RECHECK_FROM, "rows": rows}
     print(f"results: {write_json('llm_4bit', payload)}")
 
 

@@ -41,6 +41,7 @@ from lowbit.transform.prune import CRITERIA, PATTERNS
 from lowbit.transform.quantize import quantize as quantize_model
 from lowbit.transform.quantize import quantized_modules
 from lowbit.transform.recipe import PRESETS, make_recipe
+from lowbit.transform.scale_tuning import tune_scales
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -223,6 +224,10 @@ def quantize(
     smoothing: Annotated[float | None, typer.Option(min=0.0, max=1.0,
         help="SmoothQuant's alpha (e.g. 0.5): move activation outliers into the weights of a "
         "Llama-style decoder before quantizing; needs --calibration.")] = None,
+    tune_steps: Annotated[int | None, typer.Option(min=1,
+        help="After quantizing, train the group scales and norms for N steps against the float model "
+        "on --calibration, every integer kept, so the file and its GGUF export keep their size "
+        "(lowbit.qat.tune_scales; weight-only recipes such as q4_0-awq-gptq).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     max_drop: Annotated[float | None, typer.Option(callback=_non_negative,
         help="Quality budget: measure on --data and fall back (layer by layer, then to safer recipes) "
@@ -272,7 +277,7 @@ def quantize(
 
 def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size, fallback, overwrite,
                     max_drop, data, metric, relative, runtime, accuracy_level, activation_block, smoothing,
-                    **_) -> None:
+                    tune_steps, **_) -> None:
     granularity = f"group:{group_size}" if group_size else None
     chosen = make_recipe(recipe, granularity=granularity, smoothing=smoothing)
     pretrained = hf.is_transformers_folder(source)
@@ -287,11 +292,19 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
         _tune_and_save(load_source(source, weights), data, metric, max_drop, "size", candidates, batches,
                        relative, out, overwrite, tokenizer=tokenizer)
         return
+    if tune_steps and not batches:
+        raise LowbitError("--tune-steps needs --calibration: the text the float model teaches on")
     options = {"calibration": batches, "skip": skip, "fallback": fallback}
     if pretrained:  # each module's float weights read from the files as it is quantized
         quantized = quantize_pretrained(source, chosen, **options)
     else:  # in place: the model was loaded for this alone, each float module freed as it is replaced
         quantized = quantize_model(load_source(source, weights), chosen, inplace=True, **options)
+    if tune_steps:  # the float model teaches: loaded again, as quantizing freed it
+        teacher = hf.load_pretrained(source) if pretrained else load_source(source, weights)
+        tuned = tune_scales(quantized, teacher, batches, steps=tune_steps)
+        del teacher
+        console.print(f"tuned the scales and norms: {tuned.steps} steps in {tuned.seconds:.0f} s, "
+                      f"{tuned.loss} loss {tuned.curve[0][2]:.4g} -> {tuned.curve[-1][2]:.4g}")
     folder = save(quantized, out, overwrite=overwrite, runtime=runtime, accuracy_level=accuracy_level,
                   activation_block=activation_block)
     modules = quantized_modules(quantized)

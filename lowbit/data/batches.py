@@ -4,7 +4,8 @@ task needs (tokenized text, language-model windows, tensors), one per batch size
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,23 @@ def primary_tensor(output: Any) -> torch.Tensor:
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = 128, pad_to_max: bool = False) -> dict:
     """One batch of token ids for `texts`: padded to the longest (or to `max_length`, for a
     fixed shape to time), truncated at `max_length`."""
-    return dict(tokenizer(list(texts), padding="max_length" if pad_to_max else True, truncation=True,
-                          max_length=max_length, return_tensors="pt"))
+    with _padding_token(tokenizer):
+        return dict(tokenizer(list(texts), padding="max_length" if pad_to_max else True, truncation=True,
+                              max_length=max_length, return_tensors="pt"))
+
+
+@contextmanager
+def _padding_token(tokenizer: Any) -> Iterator[None]:
+    """Causal LM tokenizers (Llama's, GPT-2's) often have no padding token: their end-of-text
+    token pads instead, hidden by the attention mask; the tokenizer is left as it was."""
+    if getattr(tokenizer, "pad_token", "") is not None or getattr(tokenizer, "eos_token", None) is None:
+        yield
+        return
+    tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.pad_token = None
 
 
 def as_dataset(data: Any) -> Dataset:

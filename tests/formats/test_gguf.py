@@ -184,3 +184,24 @@ def test_the_cli_exports_a_lowbit_folder_and_refuses_one_gguf_cannot_hold(llama_
         else:
             assert result.exit_code == 2 and "per_channel" in result.output, result.output
             assert not (tmp_path / "w8.gguf").exists()
+
+
+def test_the_cli_tunes_scales_and_the_file_still_holds_lowbits_weights(llama_folder, tmp_path):
+    runner = CliRunner()
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(assets.wikipedia_sentences(40)))
+    folder, path = tmp_path / "tuned", tmp_path / "tuned.gguf"
+    refused = runner.invoke(app, ["quantize", str(llama_folder), "-r", "q4_0", "--tune-steps", "3",
+                                  "--out", str(folder)])
+    assert refused.exit_code == 2 and "--calibration" in refused.output and not folder.exists()
+    result = runner.invoke(app, ["quantize", str(llama_folder), "-r", "q4_0", "--calibration", str(text),
+                                 "--tune-steps", "3", "--runtime", "torch", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "tuned the scales and norms: 3 steps" in result.output
+    assert runner.invoke(app, ["export", str(folder), "--format", "gguf", "--out", str(path)]).exit_code == 0
+    tuned = lowbit.load(folder)
+    assert tuned.lowbit_training["method"] == "scale tuning (distillation)"
+    untuned = lowbit.quantize(hf.load_pretrained(llama_folder), "q4_0", progress=False)
+    down = tuned.model.layers[0].mlp.down_proj
+    assert not torch.equal(down.weight_scale, untuned.model.layers[0].mlp.down_proj.weight_scale)
+    assert torch.equal(_read_back(path)["blk.0.ffn_down.weight"], down.dequantized_weight())
