@@ -6,7 +6,10 @@ both ways from the same weights:
   llama-imatrix from the calibration text (when `make bench-gguf` has built llama.cpp's tools);
 - lowbit: `q8_0`, `q5_0` and `q4_0` (round-to-nearest), `q5_0-gptq`, `q5_0-awq-gptq`,
   `q4_0-gptq` and `q4_0-awq-gptq` (GPTQ, AWQ + GPTQ, calibrated on the same text), written by
-  `lowbit.export_gguf` (`lowbit export --format gguf`); --recipes picks some of them.
+  `lowbit.export_gguf` (`lowbit export --format gguf`); --recipes picks some of them. With
+  --tune-steps, each calibrated one is also written after that many steps of scale tuning
+  (lowbit.qat.tune_scales: its group scales and norms trained against the float model on the
+  calibration sequences, every integer kept).
   Q5_0 is where llama.cpp's Q4_K_M puts most of this model: its 576-wide rows are not a multiple
   of Q4_K's 256, and llama.cpp falls back to Q5_0 for them.
 Perplexity: llama.cpp's logits over the first --tokens tokens of the Wikipedia corpus (sliding
@@ -16,7 +19,7 @@ tokens never reach. Decode: greedy tokens/s in llama.cpp after a 64-token prompt
 --runs interleaved rounds. Writes bench/results/gguf_export.json.
 
     .venv/bin/python -m bench.gguf_export [--threads 2] [--tokens 4096] [--calibration 128] [--runs 5]
-        [--recipes q8_0,q5_0-awq-gptq,...]
+        [--recipes q8_0,q5_0-awq-gptq,...] [--tune-steps 64]
 """
 
 from __future__ import annotations
@@ -75,7 +78,10 @@ def imatrix_quantize(source: Path, target: Path, calibration_text: Path, chunks:
     return time.perf_counter() - start
 
 
-def lowbit_files(fp32, folder: Path, calibration, scratch: Path, recipes: list[str]) -> dict[str, dict]:
+def lowbit_files(fp32, folder: Path, calibration, scratch: Path, recipes: list[str],
+                 tune_steps: int) -> dict[str, dict]:
+    """Each recipe's GGUF file; with `tune_steps`, each calibrated one's also after that many steps
+    of scale tuning (lowbit.qat.tune_scales), its seconds counting the quantization's."""
     files = {}
     for recipe in recipes:
         start = time.perf_counter()
@@ -86,6 +92,12 @@ def lowbit_files(fp32, folder: Path, calibration, scratch: Path, recipes: list[s
         lowbit.export_gguf(quantized, folder, path)
         files[f"lowbit {recipe}"] = {"path": path, "quantize_s": seconds}
         print(f"lowbit {recipe}: quantized in {seconds:.0f} s", flush=True)
+        if calibrated and tune_steps:
+            lowbit.qat.tune_scales(quantized, fp32, calibration, steps=tune_steps)
+            path = scratch / f"lowbit-{recipe}-tuned.gguf"
+            lowbit.export_gguf(quantized, folder, path)
+            files[f"lowbit {recipe}, tuned scales"] = {"path": path,
+                                                       "quantize_s": time.perf_counter() - start}
         del quantized
     return files
 
@@ -116,7 +128,7 @@ def decode_speeds(files: dict[str, dict], prompt: torch.Tensor, threads: int,
 
 def main() -> None:
     args = bench_arguments(__doc__, runs=5, extra={"--tokens": 4096, "--calibration": 128,
-                                                   "--recipes": ",".join(LOWBIT_RECIPES)})
+                                                   "--recipes": ",".join(LOWBIT_RECIPES), "--tune-steps": 0})
     recipes = args.recipes.split(",")
     if unknown := sorted(set(recipes) - set(LOWBIT_RECIPES)):
         raise SystemExit(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join(LOWBIT_RECIPES)}")
@@ -133,7 +145,7 @@ def main() -> None:
         calibration_text.write_text(tokenizer.decode(torch.cat([b["input_ids"][0] for b in calibration])))
         files = {"fp32 (F32)": {"path": source, "quantize_s": 0.0}}
         files |= llamacpp_files(source, calibration_text, args.calibration, scratch, args.threads)
-        files |= lowbit_files(fp32, folder, calibration, scratch, recipes)
+        files |= lowbit_files(fp32, folder, calibration, scratch, recipes, args.tune_steps)
         fp32 = None  # its memory back before the files are read
         rows = []
         for name, entry in files.items():
@@ -156,6 +168,7 @@ def main() -> None:
                        ("size_mb", "MB"), ("quantize_s", "quantize s"),
                        ("decode_tokens_per_second", "decode tok/s")])
     payload = {"threads": args.threads, "tokens": args.tokens, "calibration": args.calibration,
+               "tune_steps": args.tune_steps,
                "torch_fp32_perplexity": torch_fp32, "rows": rows}
     print(f"results: {write_json('gguf_export', payload)}")
 

@@ -106,7 +106,7 @@ def tune_scales(
     steps: int | None = None,
     time_budget: float | None = None,
     tokenizer: Any = None,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     batch_size: int = 1,
     max_length: int = 512,
     seed: int = 0,
