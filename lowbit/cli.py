@@ -283,6 +283,9 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
     pretrained = hf.is_transformers_folder(source)
     tokenizer = hf.load_tokenizer(source) if pretrained else None
     batches = calibration_batches(calibration, tokenizer) if calibration else None
+    if tune_steps and max_drop is not None:
+        raise LowbitError("--tune-steps does not combine with --max-drop: tune the model quantize "
+                          "writes, or let --max-drop search without it")
     if max_drop is not None:
         if data is None:
             raise LowbitError("--max-drop needs --data to measure the quality on")

@@ -194,6 +194,10 @@ def test_the_cli_tunes_scales_and_the_file_still_holds_lowbits_weights(llama_fol
     refused = runner.invoke(app, ["quantize", str(llama_folder), "-r", "q4_0", "--tune-steps", "3",
                                   "--out", str(folder)])
     assert refused.exit_code == 2 and "--calibration" in refused.output and not folder.exists()
+    refused = runner.invoke(app, ["quantize", str(llama_folder), "-r", "q4_0", "--calibration", str(text),
+                                  "--tune-steps", "3", "--max-drop", "0.1", "--data", str(text),
+                                  "--out", str(folder)])
+    assert refused.exit_code == 2 and "--max-drop" in refused.output and not folder.exists()
     result = runner.invoke(app, ["quantize", str(llama_folder), "-r", "q4_0", "--calibration", str(text),
                                  "--tune-steps", "3", "--runtime", "torch", "--out", str(folder)])
     assert result.exit_code == 0, result.output

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.errors import QuantizationError
-from tests.fixtures_models import tiny_mlp, token_batches, trained_like_llama
+from tests.fixtures_models import tiny_cnn, tiny_mlp, token_batches, trained_like_llama
 
 
 def _kl(model, teacher, batches) -> float:
@@ -77,3 +77,10 @@ def test_a_float_model_is_refused():
     model = tiny_mlp().eval()
     with pytest.raises(QuantizationError, match="no group-wise weight-only Linear"):
         lowbit.qat.tune_scales(copy.deepcopy(model), model, [torch.randn(4, 64)], steps=1, progress=False)
+
+
+def test_models_with_quantized_convolutions_are_refused():
+    model = tiny_cnn().eval()
+    quantized = lowbit.quantize(model, "w8", progress=False)
+    with pytest.raises(QuantizationError, match="Linear and Embedding"):
+        lowbit.qat.tune_scales(quantized, model, [torch.randn(2, 3, 16, 16)], steps=1, progress=False)
