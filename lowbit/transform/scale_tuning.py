@@ -124,7 +124,7 @@ def tune_scales(
     student, tuned, norms = _student(quantized)
     result = distill(student, teacher, data, steps=steps, time_budget=time_budget, tokenizer=tokenizer,
                      lr=lr, batch_size=batch_size, max_length=max_length, seed=seed, progress=progress)
-    with torch.no_grad():
+    with torch.no_grad():  # a tied LM head shares its scales with the embedding: both get the head's
         for name, stand_in in tuned.items():
             module = quantized.get_submodule(name)
             scale = on_scale_grid(stand_in.tuned_scale(), module.spec.torch_scale_dtype)
