@@ -87,9 +87,9 @@ def _student(quantized: nn.Module) -> tuple[nn.Module, dict[str, ScaledCodes], d
         parameter.requires_grad_(False)
     tuned = {}
     for name, module in modules.items():
-        stand_in = ScaledCodes(module, _tunable(module))
+        stand_in = ScaledCodes(module, trainable=_tunable(module))
         set_module(student, name, stand_in)
-        if _tunable(module):
+        if stand_in.log_factor.requires_grad:
             tuned[name] = stand_in
     norms = {f"{name}.{key}": parameter for name, module in student.named_modules()
              if type(module).__name__.endswith("Norm")
