@@ -209,7 +209,8 @@ def photo_crops(photos: dict[str, torch.Tensor], count: int, seed: int = 0) -> t
     return torch.stack(crops)
 
 
-def efficientnet_rows(budget: int, lr: float, recipe: str = "w8a8-static") -> list[dict]:
+def efficientnet_rows(budget: int, lr: float, recipe: str = "w8a8-static", algorithm: str = "gptq",
+                      calibration_crops: int = 64) -> list[dict]:
     """Post-training static int8 and QAT with distillation, both calibrated on crops of
     assets.TRAINING_PHOTOS (none of the evaluation photos); judged by top-1 agreement with fp32 on
     the 20 sample photos, re-checked on the same photos mirrored. QAT learns the biases and the
@@ -227,8 +228,8 @@ def efficientnet_rows(budget: int, lr: float, recipe: str = "w8a8-static") -> li
                 "kl": float(kl_loss(logits["agreement"], references["agreement"], None))}
 
     crops = photo_crops(assets.training_photos(), CROPS)
-    calibration = list(crops[:64].split(8))
-    preset, recipe = recipe, lowbit.make_recipe(recipe, calibrator="mse")
+    calibration = list(crops[:calibration_crops].split(8))
+    preset, recipe = recipe, lowbit.make_recipe(recipe, calibrator="mse", algorithm=algorithm)
     ptq = scores(lowbit.quantize(fp32, recipe, calibration=calibration, skip=EFFICIENTNET_FLOAT,
                                  progress=False))
     start = time.perf_counter()
@@ -238,7 +239,7 @@ def efficientnet_rows(budget: int, lr: float, recipe: str = "w8a8-static") -> li
         parameter.requires_grad_(not name.endswith(".weight"))
     result = lowbit.qat.distill(prepared, fp32, list(crops.split(8)), time_budget=budget, lr=lr)
     trained = scores(lowbit.qat.convert(prepared))
-    row = {"model": "EfficientNet-Lite0", "recipe": f"{preset} (mse ranges)"}
+    row = {"model": "EfficientNet-Lite0", "recipe": f"{preset} ({algorithm}, mse ranges)"}
     return [{**row, "method": "post-training", **ptq},
             {**row, "method": "QAT (biases, ranges) + distillation", **trained,
              "recovered": recovered(ptq["agreement"], trained["agreement"]),

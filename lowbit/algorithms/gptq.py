@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.algorithms import ALGORITHMS, Algorithm
-from lowbit.core import QuantizedTensor
+from lowbit.core import Granularity, QuantizedTensor
 from lowbit.core.quantize import qparams_from_range, quantize_with, to_blocks
 from lowbit.errors import QuantizationError
 from lowbit.nn.qweight import round_to_nearest
@@ -95,7 +95,35 @@ def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
 
 
 def gptq(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor) -> QuantizedTensor:
-    """`weight` (out, in) on `spec`'s grid, rounded by GPTQ against `hessian` (in, in)."""
+    """`weight` on `spec`'s grid, rounded by GPTQ: a Linear's (out, in) against `hessian` (in, in),
+    a convolution's (out, in / groups, kh, kw) against its patches' Hessian, (groups, columns,
+    columns) for a grouped one, each group's output channels against their own inputs."""
+    if weight.dim() == 2 and hessian.dim() == 2:
+        return _gptq_rows(weight, spec, hessian)
+    rows = weight.reshape(weight.shape[0], -1)
+    hessians = hessian.reshape(-1, rows.shape[1], rows.shape[1])
+    if rows.shape[0] % hessians.shape[0]:
+        raise QuantizationError(f"a weight of {rows.shape[0]} rows cannot split into "
+                                f"{hessians.shape[0]} groups of inputs")
+    if Granularity.parse(spec.granularity).kind != "per_channel":
+        raise QuantizationError("GPTQ rounds a convolution's weight per output channel only")
+    parts = [_gptq_rows(part, spec, group_hessian)
+             for part, group_hessian in zip(rows.chunk(hessians.shape[0]), hessians, strict=True)]
+    shape = round_to_nearest(weight, spec)
+    return QuantizedTensor(torch.cat([part.data for part in parts]).reshape(weight.shape),
+                           _joined(parts, "scale", shape.scale), _joined(parts, "zero_point", shape.zero_point),
+                           shape.qtype, shape.granularity)
+
+
+def _joined(parts: list[QuantizedTensor], field: str, like: torch.Tensor | None) -> torch.Tensor | None:
+    """The groups' per-channel scales (or zero points) as one tensor shaped as `like`."""
+    if like is None:
+        return None
+    return torch.cat([getattr(part, field).reshape(-1) for part in parts]).reshape(like.shape)
+
+
+def _gptq_rows(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor) -> QuantizedTensor:
+    """`weight` (rows, in) on `spec`'s grid, rounded by GPTQ against `hessian` (in, in)."""
     importance = hessian.diagonal().float().clamp_min(0).reshape(1, -1)
     grid = searched_grid(weight.float(), spec, importance)  # static groups, fixed before any update
     signed = spec.symmetric and grid.qtype.is_signed  # lowbit's symmetric grids are ±qmax

@@ -41,7 +41,7 @@ class FakeQuant(nn.Module):
 
     def __init__(self, module: nn.Module, spec: LayerSpec, learn_scales: bool = False,
                  input_range: Range | None = None, output_range: Range | None = None,
-                 learn_ranges: tuple[str, ...] = ()) -> None:
+                 learn_ranges: tuple[str, ...] = (), rounded: QuantizedTensor | None = None) -> None:
         super().__init__()
         self.float_module, self.spec = module, spec
         self.qtype = get_qtype(storage_qtype(spec))
@@ -51,11 +51,25 @@ class FakeQuant(nn.Module):
                    if spec.scheme == "static" and self.calibrated[side] is not None]
         self.range_steps = nn.ParameterDict({side: nn.Parameter(torch.zeros(2)) for side in learned})
         scale = zero_point = None
-        if learn_scales and not self.qtype.is_float:
+        if rounded is not None and not self.qtype.is_float:
+            scale, zero_point = self._start_from(rounded)
+        elif learn_scales and not self.qtype.is_float:
             scale, zero_point = self._weight_qparams()
-            scale = nn.Parameter(scale)
-        self.weight_scale = scale
+        if learn_scales and scale is not None:
+            self.weight_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zero_point)
+
+    def _start_from(self, rounded: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Set the float weight to an algorithm's rounding (GPTQ) and return its grid, which then
+        stays fixed (learned with `learn_scales`): the weight trains from those integers, not
+        from its own round-to-nearest."""
+        like, like_zero = self._weight_qparams()
+        with torch.no_grad():
+            self.float_module.weight.copy_(rounded.dequantize().reshape(self.float_module.weight.shape))
+        zero_point = None if rounded.zero_point is None else rounded.zero_point.reshape(like_zero.shape)
+        return rounded.scale.detach().float().reshape(like.shape).clone(), zero_point
 
     def _weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scales (and zero points) from the weight's own range, as round-to-nearest takes them."""
@@ -121,7 +135,8 @@ class FakeQuant(nn.Module):
         return QuantizedTensor(data, scale, self.weight_zero_point, self.qtype, self.granularity)
 
     def extra_repr(self) -> str:
-        learned = "learned" if self.weight_scale is not None else "from each weight's range"
+        learned = ("learned" if isinstance(self.weight_scale, nn.Parameter) else "fixed"
+                   if self.weight_scale is not None else "from each weight's range")
         ranges = f", learned ranges={'+'.join(self.range_steps)}" if len(self.range_steps) else ""
         return (f"scheme={self.spec.scheme}, weight={self.spec.weight}, "
                 f"granularity={self.spec.granularity}, scales={learned}{ranges}")

@@ -146,9 +146,31 @@ def _replaces(module: nn.Module) -> bool:
     return (type(module) is nn.Conv2d or same_padding) and module.padding_mode == "zeros"
 
 
+def input_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The patches each output position of `conv` reads from `x`, grouped as its weight is:
+    (groups, positions, in_channels / groups x kernel area), in the order of the weight's
+    flattened rows (a grouped or depthwise convolution's groups each have their own inputs)."""
+    static = getattr(conv, "static_padding", None)
+    x, padding = (x, conv.padding) if static is None else (static(x), conv.padding)
+    if isinstance(padding, str):  # "valid", or "same" (any odd spare on the right, as torch pads)
+        totals = [d * (k - 1) if padding == "same" else 0 for d, k in zip(conv.dilation, conv.kernel_size)]
+        x = F.pad(x, [side for total in reversed(totals) for side in (total // 2, total - total // 2)])
+        padding = 0
+    patches = F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)  # (n, C k, L)
+    batch, width, positions = patches.shape
+    grouped = patches.reshape(batch, conv.groups, width // conv.groups, positions)
+    return grouped.permute(1, 0, 3, 2).reshape(conv.groups, batch * positions, width // conv.groups)
+
+
+def _geometry(conv: nn.Conv2d) -> tuple:
+    return (repr((conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+                  getattr(conv, "static_padding", None))),)
+
+
 register_qmodule(QModuleKind(
     "conv", QConv2d, replaces=_replaces,
     build=lambda module, spec, ranges: QConv2d.from_float(
         module, spec, ranges.get("input"), ranges.get("output"), ranges.get("input_shape"),
         ranges.get("weight")),
-    empty=lambda module, spec: QConv2d(module, spec)))
+    empty=lambda module, spec: QConv2d(module, spec),
+    input_rows=input_patches, rows_key=_geometry))

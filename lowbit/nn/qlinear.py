@@ -99,4 +99,5 @@ register_qmodule(QModuleKind(
     build=lambda module, spec, ranges: QLinear.from_float(
         module, spec, ranges.get("input"), ranges.get("output"), rounded=ranges.get("weight")),
     empty=lambda module, spec: QLinear(
-        module.in_features, module.out_features, module.bias is not None, spec)))
+        module.in_features, module.out_features, module.bias is not None, spec),
+    input_rows=lambda module, x: x.reshape(1, -1, x.shape[-1])))

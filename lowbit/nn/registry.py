@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.nn.spec import LayerSpec
@@ -23,6 +24,12 @@ class QModuleKind:
     replaces: Callable[[nn.Module], bool]  # the float modules it reproduces exactly
     build: Callable[[nn.Module, LayerSpec, dict[str, Any]], nn.Module]  # quantize one (calibrated ranges)
     empty: Callable[[nn.Module, LayerSpec], nn.Module]  # one shaped like it, to load tensors into
+    # the rows (groups, n, columns) whose products X Xᵀ make the Hessian a GPTQ-class algorithm
+    # rounds its weight against, from one input; None: the kind has no such inputs (a table)
+    input_rows: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # what, beside the input tensor itself, its rows depend on: modules reading one tensor with
+    # the same key share one product (query, key and value)
+    rows_key: Callable[[nn.Module], tuple] = lambda module: ()
 
 
 QMODULES: Registry[QModuleKind] = Registry("quantized module kind")

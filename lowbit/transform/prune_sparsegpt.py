@@ -3,8 +3,8 @@
 (lowbit.algorithms.sparsegpt) against the Hessian of its inputs, and each block calibrated on the
 outputs of the blocks before it, already pruned, so it can make up for their loss too.
 
-SparseGPT needs a Linear's inputs: the modules outside the blocks (embedding tables, a head) and
-any non-Linear in them are pruned by magnitude, as the reference leaves them.
+SparseGPT needs a Linear's inputs: Linears outside the blocks are pruned against what they read in
+one more pass of the whole model; tables, a tied head and convolutions are pruned by magnitude.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def prune_blocks(model: nn.Module, pruning: Pruning) -> None:
 
     def build(name: str, inputs: dict[str, Any]) -> nn.Module:
         module, hessian = model.get_submodule(name), inputs.get("hessian")
-        if hessian is None:
-            prune_by_scores(model, [name], pruning, {})
+        if hessian is None or hessian.dim() != 2 or module.weight.dim() != 2:  # a convolution's
+            prune_by_scores(model, [name], pruning, {})  # patches: SparseGPT here prunes Linears only
         else:
             with torch.no_grad():
                 module.weight.copy_(sparsegpt(module.weight, hessian, pruning.sparsities[name],

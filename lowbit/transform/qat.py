@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.algorithms import ALGORITHMS
+from lowbit.core import QuantizedTensor
 from lowbit.errors import LowbitWarning, QuantizationError
 from lowbit.nn.fake_quant import FakeQuant
 from lowbit.nn.kinds import set_module
@@ -31,6 +33,7 @@ from lowbit.transform.quantize import (
     _static_ranges,
     describe_source,
     plan,
+    quantize,
     quantized_modules,
     share_tied_weights,
     weight_storage,
@@ -99,6 +102,7 @@ def prepare(
     calibration = list(calibration) if calibration is not None else None
     source = describe_source(model)
     target = model if inplace else copy.deepcopy(model)
+    rounded = _algorithm_roundings(model, recipe, calibration, progress)
     links = _fold(target, list(specs), calibration)
     ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
     fused = share_grids(ranges, links)  # the grids post-training quantization gives (lowbit.transform.fold)
@@ -108,7 +112,8 @@ def prepare(
         grids = ranges.get(name, {})
         learned = tuple(side for side in ("input", "output") if learn_ranges and (name, side) not in shared)
         set_module(target, name, FakeQuant(target.get_submodule(name), spec, learn_scales,
-                                           grids.get("input"), grids.get("output"), learned))
+                                           grids.get("input"), grids.get("output"), learned,
+                                           rounded.get(name)))
     roundings = {source: target.get_submodule(reader).grid("input")[:2] for source, reader in readers.items()}
     attach_fake_roundings(target, roundings)
     setattr(target, QAT_ATTRIBUTE, Prepared(recipe, source, dict(links.batch_norms), fused, roundings))
@@ -135,12 +140,31 @@ def _check_learnable(learn_ranges: bool, specs: dict[str, LayerSpec]) -> None:
                                 "quantizes no activations statically (use e.g. 'w8a8-static')")
 
 
+def _starts_from_algorithm(recipe: Recipe) -> bool:
+    """Whether the weights start from the recipe's algorithm's rounding (GPTQ): one that only
+    rounds each weight; AWQ's input scaling changes the model around it, HQQ's float zero points
+    are no grid a FakeQuant trains on."""
+    algorithm = ALGORITHMS.get(recipe.algorithm)
+    return recipe.algorithm != "rtn" and algorithm.scales_inputs is None and not algorithm.float_zero_points
+
+
 def _warn_ignored(recipe: Recipe) -> None:
-    """Training learns its own rounding: a post-training algorithm or smoothing does not apply."""
-    if recipe.algorithm != "rtn" or recipe.smoothing is not None:
+    """A post-training algorithm that changes more than the rounding, or smoothing, does not
+    apply to training."""
+    if (recipe.algorithm != "rtn" and not _starts_from_algorithm(recipe)) or recipe.smoothing is not None:
         warnings.warn(f"quantization-aware training learns its own rounding, so the recipe's "
                       f"{recipe.algorithm!r} algorithm and smoothing do not apply; the weights start "
                       "from round-to-nearest", LowbitWarning, stacklevel=3)
+
+
+def _algorithm_roundings(model: nn.Module, recipe: Recipe, calibration: list | None,
+                         progress: bool) -> dict[str, QuantizedTensor]:
+    """The weights as post-training quantization with the recipe's algorithm rounds them (GPTQ
+    against each layer's calibration inputs), by module name; empty for round-to-nearest."""
+    if not _starts_from_algorithm(recipe):
+        return {}
+    quantized = quantize(model, recipe, calibration=calibration, progress=progress)
+    return {name: module.quantized_weight() for name, module in quantized_modules(quantized).items()}
 
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuant]:

@@ -3,14 +3,17 @@ each block calibrated on the outputs of the blocks before it, already quantized.
 
 As the GPTQ reference does: the model runs once on the calibration batches up to its first
 block, whose inputs are kept; then, for each block in turn, its Linears' inputs are gathered
-into Hessians (H = 2 X Xᵀ / n) while the float block runs on the kept inputs, the Linears are
+into Hessians (H = 2 X Xᵀ / n; a convolution's rows are the patches it reads, one Hessian per
+group: lowbit.nn.registry's `input_rows`) while the float block runs on the kept inputs, they are
 rounded and swapped in, and the quantized block runs again to give the next block its inputs.
 Only one block's activations and Hessians are held at a time, and each block sees the errors of
 the quantized blocks before it, which it can then absorb. Padding tokens (attention mask 0) are
 left out of the Hessians.
 
-The blocks are the longest `nn.ModuleList` holding the modules to quantize (a transformer's
-layers). Modules outside it (an LM head, embeddings) are rounded to nearest.
+The blocks are the `nn.ModuleList` or `nn.Sequential` holding most of the modules to quantize (a
+transformer's layers, a CNN's stages, a plain stack of layers). Modules outside it that read
+inputs (a CNN's head and classifier, an untied LM head) are rounded last, against what they read
+in one pass of the whole model; embeddings, and an LM head tied to one, are rounded to nearest.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 from lowbit.data.batches import call_model
 from lowbit.errors import CalibrationError, LowbitWarning, QuantizationError
 from lowbit.nn.kinds import set_module
+from lowbit.nn.registry import QModuleKind, qmodule_for
 from lowbit.progress import progress_bar
 
 Build = Callable[[str, dict[str, Any]], nn.Module]  # (module name, {"hessian": H}) -> its replacement
@@ -54,19 +58,21 @@ class _Stop(Exception):
     """Raised by the first block's hook: the rest of the model need not run."""
 
 
-def find_blocks(model: nn.Module, names: Iterable[str]) -> tuple[str, nn.ModuleList]:
-    """(dotted name, the ModuleList) of the list of blocks holding most of `names`."""
+def find_blocks(model: nn.Module, names: Iterable[str]) -> tuple[str, nn.Module]:
+    """(dotted name, the container) of the list of blocks holding most of `names`: an
+    nn.ModuleList (a transformer's layers, a CNN's stages) or an nn.Sequential whose children run
+    one after another (the model itself, for a plain stack of layers); the finer one on a tie."""
     names = list(names)
-    best: tuple[int, str, nn.ModuleList] | None = None
+    best: tuple[int, int, str, nn.Module] | None = None
     for prefix, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
-            held = sum(name.startswith(f"{prefix}.") for name in names)
-            if held and (best is None or held > best[0]):
-                best = (held, prefix, module)
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1:
+            held = sum(_within(name, prefix) for name in names)
+            if held and (best is None or (held, len(module)) > best[:2]):
+                best = (held, len(module), prefix, module)
     if best is None:
         raise QuantizationError("block-by-block calibration needs a model whose layers are an "
-                                "nn.ModuleList (a transformer's blocks); this one has none")
-    return best[1], best[2]
+                                "nn.ModuleList or nn.Sequential (a transformer's blocks); this one has none")
+    return best[2], best[3]
 
 
 def _first_block_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> Inputs:
@@ -116,52 +122,64 @@ def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple,
 
 
 class _Hessians:
-    """Forward hooks summing 2 X Xᵀ over every token each named Linear sees. Linears fed the same
-    tensor (query, key and value; gate and up) share one product per call of the block."""
+    """Forward hooks summing 2 X Xᵀ over every row of input each named module sees (a Linear's
+    tokens, a convolution's patches: lowbit.nn.registry's `input_rows`), one product per group
+    of a grouped convolution. Modules fed the same tensor alike (query, key and value; gate and
+    up) share one product per call of the block."""
 
     def __init__(self, block: nn.Module, modules: dict[str, nn.Module]) -> None:
-        self.sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in modules.items()}
+        self.sums: dict[str, torch.Tensor] = {}
         self.counts = dict.fromkeys(modules, 0)
         self.mask: torch.Tensor | None = None  # this call's real (not padding) tokens, when known
-        # this call's (input, X Xᵀ, tokens) by input tensor, each kept alive with its tensor so that
+        # this call's (input, X Xᵀ, rows) by input tensor, each kept alive with its tensor so that
         # no later input of the call can take over its memory (and its data_ptr) while it stands
         self.products: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.handles = [block.register_forward_pre_hook(lambda *_: self.products.clear())]
-        self.handles += [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+        self.handles += [module.register_forward_hook(self._hook(name, qmodule_for(module)))
+                         for name, module in modules.items()]
 
-    def _hook(self, name: str):
-        def hook(_module, inputs, _output):
-            key = (inputs[0].data_ptr(), tuple(inputs[0].shape))
+    def _hook(self, name: str, kind: QModuleKind):
+        def hook(module, inputs, _output):
+            key = (inputs[0].data_ptr(), tuple(inputs[0].shape), kind.name, kind.rows_key(module))
             if key not in self.products:
-                rows = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-                if self.mask is not None and self.mask.numel() == rows.shape[0]:
-                    rows = rows[self.mask.reshape(-1).bool()]
-                self.products[key] = (inputs[0], rows.T @ rows, rows.shape[0])
-            _, product, tokens = self.products[key]
-            self.sums[name] += product
-            self.counts[name] += tokens
+                rows = kind.input_rows(module, inputs[0].detach()).float()
+                if self.mask is not None and self.mask.numel() == rows.shape[1]:
+                    rows = rows[:, self.mask.reshape(-1).bool()]
+                self.products[key] = (inputs[0], rows.transpose(1, 2) @ rows, rows.shape[1])
+            _, product, count = self.products[key]
+            self.sums[name] = self.sums[name] + product if name in self.sums else product.clone()
+            self.counts[name] += count
         return hook
 
     def remove(self) -> dict[str, torch.Tensor]:
+        """Each module's Hessian: (in, in), or (groups, columns, columns) for a grouped convolution."""
         for handle in self.handles:
             handle.remove()
         self.products.clear()
-        return {name: 2 * total / max(self.counts[name], 1) for name, total in self.sums.items()}
+        return {name: self._squeezed(2 * total / max(self.counts[name], 1)) for name, total in self.sums.items()}
+
+    @staticmethod
+    def _squeezed(hessian: torch.Tensor) -> torch.Tensor:
+        return hessian[0] if hessian.shape[0] == 1 else hessian
+
+    def widths(self) -> dict[str, int]:
+        """The number of inputs (Hessian columns) of each module seen."""
+        return {name: total.shape[-1] for name, total in self.sums.items()}
 
 
-def _warn_if_short(counts: dict[str, int], modules: dict[str, nn.Module]) -> None:
-    """Warn when a layer saw fewer calibration tokens than it has inputs: its Hessian is then
-    singular, and only the damping GPTQ always adds to the diagonal lets it go on; more
-    calibration text rounds better."""
-    short = {name: (counts[name], module.in_features) for name, module in modules.items()
-             if name in counts and counts[name] < module.in_features}
+def _warn_if_short(hessians: _Hessians) -> None:
+    """Warn when a layer saw fewer calibration rows (tokens, patches) than it has inputs: its
+    Hessian is then singular, and only the damping GPTQ always adds to the diagonal lets it go
+    on; more calibration data rounds better."""
+    short = {name: (hessians.counts[name], width) for name, width in hessians.widths().items()
+             if hessians.counts[name] < width}
     if short:
-        name, (tokens, width) = next(iter(short.items()))
+        name, (rows, width) = next(iter(short.items()))
         more = f" and {len(short) - 1} more layers" if len(short) > 1 else ""
-        warnings.warn(f"calibration gave {tokens} tokens, fewer than the {width} inputs of {name}{more}: "
-                      "their Hessians are singular and GPTQ goes on only through the damping it adds "
-                      "to their diagonal; pass more calibration text to round better", LowbitWarning,
-                      stacklevel=4)
+        warnings.warn(f"calibration gave {rows} tokens (or patches), fewer than the {width} inputs of "
+                      f"{name}{more}: their Hessians are singular and GPTQ goes on only through the "
+                      "damping it adds to their diagonal; pass more calibration data to round better",
+                      LowbitWarning, stacklevel=4)
 
 
 # (block name, its Linears' Hessians, a call giving the block's output on its first input): may
@@ -169,18 +187,28 @@ def _warn_if_short(counts: dict[str, int], modules: dict[str, nn.Module]) -> Non
 BeforeRounding = Callable[[str, dict[str, torch.Tensor], Callable[[], torch.Tensor]], Any]
 
 
+def _joined(prefix: str, child: int | str) -> str:
+    return f"{prefix}.{child}" if prefix else str(child)
+
+
+def _within(name: str, prefix: str) -> bool:
+    """Whether the module `name` is `prefix` or inside it ("" holds every module)."""
+    return not prefix or name == prefix or name.startswith(f"{prefix}.")
+
+
 def _outside(model: nn.Module, prefix: str) -> list[str]:
     """The modules holding parameters of their own outside the blocks under `prefix`."""
     return [name for name, module in model.named_modules()
-            if name != prefix and not name.startswith(f"{prefix}.")
-            and next(module.parameters(False), None) is not None]
+            if not _within(name, prefix) and next(module.parameters(False), None) is not None]
 
 
 def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], build: Build,
                     progress: bool = True, before_rounding: BeforeRounding | None = None,
                     weights: WeightReader | None = None) -> list[str]:
     """Replace the `names` inside the model's blocks, block by block, with `build(name, {"hessian":
-    H})`; returns the names outside the blocks, left for the caller to round without inputs.
+    H})`, and then those outside the blocks that read inputs, against what they read in one more
+    pass of the whole model; returns the names left for the caller to round without inputs (tables,
+    a tied LM head).
     With `weights` (parameters on the meta device, read on demand), the modules outside the blocks
     are read only to run the calibration batches up to the first block, and each block just before
     it runs: one block's float weights in memory at a time."""
@@ -199,28 +227,70 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
         weights.release(outside)
     with progress_bar(progress) as bar:
         task = bar.add_task(f"calibrating {len(blocks)} blocks", total=len(blocks))
-        for index, block in enumerate(blocks):
+        for index in range(len(blocks)):
+            block_name, block = _joined(prefix, index), blocks[index]
             if weights is not None:
-                weights.load([f"{prefix}.{index}"])
-            inside = [name for name in names if name.startswith(f"{prefix}.{index}.")]
+                weights.load([block_name])
+            inside = [name for name in names if _within(name, block_name)]
             modules = {name: model.get_submodule(name) for name in inside}
-            hessians = _Hessians(block, {n: m for n, m in modules.items() if hasattr(m, "in_features")})
+            hessians = _Hessians(block, {n: m for n, m in modules.items()
+                                         if getattr(qmodule_for(m), "input_rows", None) is not None})
             with torch.inference_mode():
                 for (args, kwargs), mask in zip(calls, masks, strict=True):
                     hessians.mask = mask
                     block(*args, **kwargs)
             gathered = hessians.remove()
             if index == 0:
-                _warn_if_short(hessians.counts, modules)
+                _warn_if_short(hessians)
             if before_rounding is not None:
-                before_rounding(f"{prefix}.{index}", gathered, _first_output(block, calls[0]))
+                before_rounding(block_name, gathered, _first_output(block, calls[0]))
             for name in inside:
                 try:
                     replacement = build(name, {"hessian": gathered.get(name)})
                 except QuantizationError as error:
                     raise QuantizationError(f"{name}: {error}") from None
                 set_module(model, name, replacement)
+            block = blocks[index]  # the quantized block (itself replaced when it is one of `names`)
             with torch.inference_mode():
                 calls = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in calls]
             bar.advance(task)
-    return [name for name in names if not name.startswith(f"{prefix}.")]
+    outside_names = [name for name in names if not _within(name, prefix)]
+    if weights is not None:  # one block in memory at a time: no whole-model pass
+        return outside_names
+    done = _quantize_outside(model, outside_names, batches, masks, build)
+    return [name for name in outside_names if name not in done]
+
+
+def _untied(model: nn.Module, names: list[str]) -> list[str]:
+    """Those of `names` whose weight no other module shares (a tied LM head keeps its
+    embedding's rounding, so the two still share one quantized table)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    return [name for name in names if owners.get(id(model.get_submodule(name).weight), 0) == 1]
+
+
+def _quantize_outside(model: nn.Module, names: list[str], batches: list[Any], masks: list, build: Build) -> set[str]:
+    """Round the modules outside the blocks that read inputs (a CNN's head and classifier, an
+    untied LM head) against the Hessians of what they read when the whole model, its blocks
+    already quantized, runs on the calibration batches; returns their names."""
+    modules = {name: model.get_submodule(name) for name in _untied(model, names)}
+    modules = {name: module for name, module in modules.items()
+               if getattr(qmodule_for(module), "input_rows", None) is not None}
+    if not modules:
+        return set()
+    hessians = _Hessians(model, modules)
+    with torch.inference_mode():
+        for batch, mask in zip(batches, masks, strict=True):
+            hessians.mask = mask
+            call_model(model, batch)
+    gathered = hessians.remove()
+    for name in modules:
+        try:
+            replacement = build(name, {"hessian": gathered.get(name)})
+        except QuantizationError as error:
+            raise QuantizationError(f"{name}: {error}") from None
+        set_module(model, name, replacement)
+    return set(modules)

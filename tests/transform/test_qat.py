@@ -12,6 +12,7 @@ from lowbit.errors import QuantizationError
 from lowbit.nn.fake_quant import FakeQuant
 from lowbit.qat import DistillationError
 from lowbit.transform.distill import embedding_loss, layers_loss
+from lowbit.transform.qat import fake_quant_modules
 from lowbit.transform.quantize import quantized_modules
 from tests.fixtures_models import residual_net, tied_lm, tiny_cnn, tiny_mlp
 
@@ -247,3 +248,26 @@ def test_minilm_distils_layer_by_layer(minilm, wiki_sentences):
     result = lowbit.qat.distill(prepared, model, wiki_sentences[-16:], tokenizer=tokenizer, steps=2,
                                 batch_size=8, loss="layers", progress=False)
     assert result.loss == "layers" and result.steps == 2 and result.curve[0][2] > 0
+
+
+def test_training_starts_from_gptqs_rounding_and_converts_to_it_untrained(monkeypatch):
+    """With a GPTQ recipe the weights start from GPTQ's integers on a fixed grid: untrained, the
+    prepared model, its conversion and post-training GPTQ agree; trained, the grid holds."""
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    model, calibration = residual_net().eval(), _calibration((3, 8, 8))
+    recipe = lowbit.make_recipe("w8a8-static", algorithm="gptq")
+    prepared = lowbit.qat.prepare(model, recipe, calibration=calibration, progress=False)
+    converted = lowbit.qat.convert(prepared, progress=False)
+    ptq = lowbit.quantize(model, recipe, calibration=calibration, progress=False)
+    for name, module in quantized_modules(ptq).items():
+        torch.testing.assert_close(converted.get_submodule(name).weight, module.weight, rtol=0, atol=0)
+    nearest = lowbit.quantize(model, "w8a8-static", calibration=calibration, progress=False)
+    assert any(not torch.equal(module.weight, nearest.get_submodule(name).weight)
+               for name, module in quantized_modules(ptq).items())  # GPTQ rounded differently
+    _same_outputs(prepared, converted, calibration[1], tolerance=1e-5)
+    _same_outputs(ptq, converted, calibration[1], tolerance=1e-5)
+    grids = {name: fake.weight_scale.clone() for name, fake in fake_quant_modules(prepared).items()}
+    lowbit.qat.distill(prepared, model, calibration, steps=3, lr=1e-2, progress=False)
+    for name, fake in fake_quant_modules(prepared).items():
+        assert torch.equal(fake.weight_scale, grids[name])
+    _same_outputs(prepared, lowbit.qat.convert(prepared, progress=False), calibration[1], tolerance=1e-5)
