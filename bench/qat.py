@@ -14,17 +14,20 @@ and 256 others (documents 5,000-5,255). "recovered" is the share of the post-tra
 training sentences; --static-budget seconds), whose activation ranges train too (learn_ranges).
 A budget of 0 leaves that recipe out.
 
-EfficientNet-Lite0, w8a8-static (batch norm folded, mse-calibrated ranges, the stem and the first
-depthwise convolution kept float: EFFICIENTNET_FLOAT): calibrated and distilled on 768 augmented
-crops of seven photos none of the evaluation photos (assets.TRAINING_PHOTOS: scikit-learn's
-china.jpg and flower.jpg, matplotlib's grace_hopper.jpg, scikit-image's motorcycle_left,
-chessboard_RGB, cell and microaneurysms) for --efficientnet-budget seconds; judged by top-1
-agreement with fp32 on the 20 photos bench.efficientnet scores, re-checked on them mirrored, and
-by the KL divergence of the photos' class distributions from fp32's. Writes
-bench/results/qat.json.
+EfficientNet-Lite0, w8a8-static-gptq (int8 weights rounded by GPTQ, batch norm folded,
+mse-calibrated ranges, the stem and the first depthwise convolution kept float:
+EFFICIENTNET_FLOAT): calibrated on the first --efficientnet-calibration of 768 augmented crops of
+seven photos none of the evaluation photos (assets.TRAINING_PHOTOS: scikit-learn's china.jpg and
+flower.jpg, matplotlib's grace_hopper.jpg, scikit-image's motorcycle_left, chessboard_RGB, cell
+and microaneurysms), and distilled on all of them for --efficientnet-budget seconds (biases and
+activation ranges; the weights keep GPTQ's integers). Judged by top-1 agreement with fp32 on the
+20 photos bench.efficientnet scores, re-checked on them mirrored, and by the KL divergence of the
+photos' class distributions from fp32's ("recovered (KL)": the share of it training wins back).
+Round-to-nearest w8a8-static is shown beside it. Writes bench/results/qat.json.
 
     .venv/bin/python -m bench.qat [--budget 720] [--static-budget 1200] [--batch-size 16]
-        [--efficientnet-budget 600] [--efficientnet-lr 3e-4] [--threads 2]
+        [--efficientnet-budget 600] [--efficientnet-lr 3e-4] [--efficientnet-calibration 64]
+        [--threads 2]
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ def mnist_rows(recipe: str = "w8a8-static") -> list[dict]:
 # 0.01). Their batch-norm-folded weights reach ±17 in filters whose terms cancel, finer than int8's
 # steps resolve; they stay float (1,152 of 4.7M weights).
 EFFICIENTNET_FLOAT = ("_conv_stem", "_blocks.0._depthwise_conv")
-CROPS = 768  # training crops; the first 64 calibrate
+CROPS = 768  # training crops; the first --efficientnet-calibration of them calibrate
 
 
 def photo_crops(photos: dict[str, torch.Tensor], count: int, seed: int = 0) -> torch.Tensor:
@@ -209,13 +212,14 @@ def photo_crops(photos: dict[str, torch.Tensor], count: int, seed: int = 0) -> t
     return torch.stack(crops)
 
 
-def efficientnet_rows(budget: int, lr: float, recipe: str = "w8a8-static", algorithm: str = "gptq",
-                      calibration_crops: int = 64) -> list[dict]:
-    """Post-training static int8 and QAT with distillation, both calibrated on crops of
-    assets.TRAINING_PHOTOS (none of the evaluation photos); judged by top-1 agreement with fp32 on
-    the 20 sample photos, re-checked on the same photos mirrored. QAT learns the biases and the
-    activation ranges; the weights keep their post-training values (trained too, they fit the
-    seven training photos and lose agreement on the others)."""
+def efficientnet_rows(budget: int, lr: float, calibration_crops: int = 64,
+                      recipe: str = "w8a8-static-gptq") -> list[dict]:
+    """Post-training static int8 (round-to-nearest, and the recipe's GPTQ) and QAT with
+    distillation from the recipe's rounding, all calibrated on crops of assets.TRAINING_PHOTOS
+    (none of the evaluation photos); judged by top-1 agreement with fp32 on the 20 sample photos,
+    re-checked on the same photos mirrored. QAT learns the biases and the activation ranges; the
+    weights keep their post-training integers (trained too, they fit the seven training photos and
+    lose agreement on the others)."""
     fp32, photos = assets.efficientnet_lite0(), assets.sample_photos()
     held_out = {"agreement": photos, "agreement, re-check": photos.flip(-1)}
     with torch.no_grad():
@@ -229,7 +233,9 @@ def efficientnet_rows(budget: int, lr: float, recipe: str = "w8a8-static", algor
 
     crops = photo_crops(assets.training_photos(), CROPS)
     calibration = list(crops[:calibration_crops].split(8))
-    preset, recipe = recipe, lowbit.make_recipe(recipe, calibrator="mse", algorithm=algorithm)
+    preset, recipe = recipe, lowbit.make_recipe(recipe, calibrator="mse")
+    nearest = scores(lowbit.quantize(fp32, lowbit.make_recipe(recipe, algorithm="rtn"),
+                                     calibration=calibration, skip=EFFICIENTNET_FLOAT, progress=False))
     ptq = scores(lowbit.quantize(fp32, recipe, calibration=calibration, skip=EFFICIENTNET_FLOAT,
                                  progress=False))
     start = time.perf_counter()
@@ -239,9 +245,11 @@ def efficientnet_rows(budget: int, lr: float, recipe: str = "w8a8-static", algor
         parameter.requires_grad_(not name.endswith(".weight"))
     result = lowbit.qat.distill(prepared, fp32, list(crops.split(8)), time_budget=budget, lr=lr)
     trained = scores(lowbit.qat.convert(prepared))
-    row = {"model": "EfficientNet-Lite0", "recipe": f"{preset} ({algorithm}, mse ranges)"}
-    return [{**row, "method": "post-training", **ptq},
+    row = {"model": "EfficientNet-Lite0", "recipe": f"{preset} (mse ranges)"}
+    return [{**row, "recipe": "w8a8-static (mse ranges)", "method": "post-training", **nearest},
+            {**row, "method": "post-training", **ptq},
             {**row, "method": "QAT (biases, ranges) + distillation", **trained,
+             "recovered, kl": (ptq["kl"] - trained["kl"]) / ptq["kl"],
              "recovered": recovered(ptq["agreement"], trained["agreement"]),
              "recovered, re-check": recovered(ptq["agreement, re-check"], trained["agreement, re-check"]),
              "steps": result.steps, "minutes": (time.perf_counter() - start) / 60, "curve": result.curve}]
@@ -249,7 +257,8 @@ def efficientnet_rows(budget: int, lr: float, recipe: str = "w8a8-static", algor
 
 COLUMNS = [("model", "model"), ("recipe", "recipe"), ("method", "method"), ("accuracy", "accuracy"),
            ("cosine", "cosine"), ("agreement", "top-1 agreement"), ("kl", "KL to fp32"),
-           ("recovered", "recovered"), ("cosine, re-check", "cosine (re-check)"),
+           ("recovered", "recovered"), ("recovered, kl", "recovered (KL)"),
+           ("cosine, re-check", "cosine (re-check)"),
            ("agreement, re-check", "agreement (re-check)"), ("recovered, re-check", "recovered (re-check)"),
            ("steps", "steps"), ("minutes", "minutes")]
 
@@ -257,17 +266,20 @@ COLUMNS = [("model", "model"), ("recipe", "recipe"), ("method", "method"), ("acc
 def main() -> None:
     args = bench_arguments(__doc__, runs=None, extra={"--budget": 720, "--static-budget": 1200,
                                                       "--batch-size": 16, "--efficientnet-budget": 600,
-                                                      "--efficientnet-lr": 3e-4})
+                                                      "--efficientnet-lr": 3e-4,
+                                                      "--efficientnet-calibration": 64})
     budgets = {"w4": args.budget, "w8a8-static": args.static_budget}
     minilm = {recipe: budget for recipe, budget in budgets.items() if budget > 0}
     rows = mnist_rows() + (minilm_rows(minilm, args.batch_size) if minilm else [])
     if args.efficientnet_budget > 0:
-        rows += efficientnet_rows(args.efficientnet_budget, args.efficientnet_lr)
+        rows += efficientnet_rows(args.efficientnet_budget, args.efficientnet_lr,
+                                  args.efficientnet_calibration)
     print_table(f"QAT + distillation vs post-training, {args.threads} threads, measured now", rows,
                 COLUMNS)
     payload = {"threads": args.threads, "budget_s": args.budget, "static_budget_s": args.static_budget,
                "batch_size": args.batch_size, "efficientnet_budget_s": args.efficientnet_budget,
-               "efficientnet_lr": args.efficientnet_lr, "rows": rows}
+               "efficientnet_lr": args.efficientnet_lr,
+               "efficientnet_calibration": args.efficientnet_calibration, "rows": rows}
     print(f"results: {write_json('qat', payload)}")
 
 

@@ -17,13 +17,13 @@ from lowbit.families import transformers as hf
 from lowbit.families.lazy_weights import open_lazily
 
 
-def _llama(folder, layers, hidden, intermediate, vocab, shard):
+def _llama(folder, layers, hidden, intermediate, vocab, shard, tied=True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, max_position_embeddings=256)
+                         tie_word_embeddings=tied, max_position_embeddings=256)
     LlamaForCausalLM(config).save_pretrained(folder, max_shard_size=shard)
     return folder
 
@@ -72,6 +72,21 @@ def test_gptq_reads_one_block_at_a_time_and_equals_a_whole_load(sharded):
               and modules[0].count(".") == 2]
     assert blocks == [["model.layers.0"], ["model.layers.1"], ["model.layers.2"]]
     assert not any(parameter.is_meta for parameter in lazy.parameters())
+
+
+def test_an_untied_lm_head_is_rounded_by_gptq_after_the_blocks_lazily_as_whole(tmp_path):
+    """Outside the blocks, an untied LM head reads the final hidden states: GPTQ rounds it in one
+    more pass of the model (its blocks quantized), read lazily or whole alike."""
+    folder = _llama(tmp_path / "untied", 2, 64, 128, 300, "100KB", tied=False)
+    calibration = [torch.randint(0, 300, (2, 96), generator=torch.Generator().manual_seed(seed))
+                   for seed in range(2)]
+    model, weights = open_lazily(folder)
+    lazy = lowbit.quantize(model, "w4-gptq", calibration=calibration, weights=weights, progress=False)
+    whole = lowbit.quantize(hf.load_pretrained(folder), "w4-gptq", calibration=calibration, progress=False)
+    assert _same_state(lazy, whole)
+    nearest = lowbit.quantize(hf.load_pretrained(folder), "w4-g64", progress=False)
+    assert not torch.equal(whole.lm_head.weight, nearest.lm_head.weight)  # GPTQ's, not round-to-nearest's
+    assert torch.equal(whole.model.embed_tokens.weight, nearest.model.embed_tokens.weight)  # a table
 
 
 def test_a_checkpoint_missing_a_tensor_is_refused(sharded, tmp_path):

@@ -111,7 +111,8 @@ def gptq(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor) -> Quanti
              for part, group_hessian in zip(rows.chunk(hessians.shape[0]), hessians, strict=True)]
     shape = round_to_nearest(weight, spec)
     return QuantizedTensor(torch.cat([part.data for part in parts]).reshape(weight.shape),
-                           _joined(parts, "scale", shape.scale), _joined(parts, "zero_point", shape.zero_point),
+                           _joined(parts, "scale", shape.scale),
+                           _joined(parts, "zero_point", shape.zero_point),
                            shape.qtype, shape.granularity)
 
 

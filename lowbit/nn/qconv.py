@@ -153,7 +153,8 @@ def input_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     static = getattr(conv, "static_padding", None)
     x, padding = (x, conv.padding) if static is None else (static(x), conv.padding)
     if isinstance(padding, str):  # "valid", or "same" (any odd spare on the right, as torch pads)
-        totals = [d * (k - 1) if padding == "same" else 0 for d, k in zip(conv.dilation, conv.kernel_size)]
+        totals = [d * (k - 1) if padding == "same" else 0
+                  for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
         x = F.pad(x, [side for total in reversed(totals) for side in (total // 2, total - total // 2)])
         padding = 0
     patches = F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)  # (n, C k, L)

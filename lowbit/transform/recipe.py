@@ -119,6 +119,10 @@ class Recipe(BaseModel):
 PRESETS: dict[str, dict] = {
     "w8a8-dynamic": {"scheme": "dynamic", "weights": "int8", "granularity": "per_channel"},
     "w8a8-static": {"scheme": "static", "weights": "int8", "granularity": "per_channel"},
+    # the weights rounded by GPTQ against the calibration inputs (convolutions' patches too):
+    # a CNN's int8 weights lose less (bench/README.md, issue 15's EfficientNet section)
+    "w8a8-static-gptq": {"scheme": "static", "weights": "int8", "granularity": "per_channel",
+                         "algorithm": "gptq"},
     "w8": {"scheme": "weight_only", "weights": "int8", "granularity": "per_channel"},
     "w4": {"scheme": "weight_only", "weights": "int4", "granularity": "group:128",
            "symmetric": False},

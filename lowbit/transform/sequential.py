@@ -12,7 +12,7 @@ left out of the Hessians.
 
 The blocks are the `nn.ModuleList` or `nn.Sequential` holding most of the modules to quantize (a
 transformer's layers, a CNN's stages, a plain stack of layers). Modules outside it that read
-inputs (a CNN's head and classifier, an untied LM head) are rounded last, against what they read
+inputs (a CNN's stem, head and classifier, an untied LM head) are rounded last, against what they read
 in one pass of the whole model; embeddings, and an LM head tied to one, are rounded to nearest.
 """
 
@@ -156,7 +156,8 @@ class _Hessians:
         for handle in self.handles:
             handle.remove()
         self.products.clear()
-        return {name: self._squeezed(2 * total / max(self.counts[name], 1)) for name, total in self.sums.items()}
+        return {name: self._squeezed(2 * total / max(self.counts[name], 1))
+                for name, total in self.sums.items()}
 
     @staticmethod
     def _squeezed(hessian: torch.Tensor) -> torch.Tensor:
@@ -167,7 +168,7 @@ class _Hessians:
         return {name: total.shape[-1] for name, total in self.sums.items()}
 
 
-def _warn_if_short(hessians: _Hessians) -> None:
+def _warn_if_short(hessians: _Hessians, stacklevel: int = 4) -> None:
     """Warn when a layer saw fewer calibration rows (tokens, patches) than it has inputs: its
     Hessian is then singular, and only the damping GPTQ always adds to the diagonal lets it go
     on; more calibration data rounds better."""
@@ -179,7 +180,7 @@ def _warn_if_short(hessians: _Hessians) -> None:
         warnings.warn(f"calibration gave {rows} tokens (or patches), fewer than the {width} inputs of "
                       f"{name}{more}: their Hessians are singular and GPTQ goes on only through the "
                       "damping it adds to their diagonal; pass more calibration data to round better",
-                      LowbitWarning, stacklevel=4)
+                      LowbitWarning, stacklevel=stacklevel)
 
 
 # (block name, its Linears' Hessians, a call giving the block's output on its first input): may
@@ -255,9 +256,7 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
                 calls = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in calls]
             bar.advance(task)
     outside_names = [name for name in names if not _within(name, prefix)]
-    if weights is not None:  # one block in memory at a time: no whole-model pass
-        return outside_names
-    done = _quantize_outside(model, outside_names, batches, masks, build)
+    done = _quantize_outside(model, outside_names, batches, masks, build, weights, outside)
     return [name for name in outside_names if name not in done]
 
 
@@ -272,21 +271,28 @@ def _untied(model: nn.Module, names: list[str]) -> list[str]:
     return [name for name in names if owners.get(id(model.get_submodule(name).weight), 0) == 1]
 
 
-def _quantize_outside(model: nn.Module, names: list[str], batches: list[Any], masks: list, build: Build) -> set[str]:
-    """Round the modules outside the blocks that read inputs (a CNN's head and classifier, an
+def _quantize_outside(model: nn.Module, names: list[str], batches: list[Any], masks: list, build: Build,
+                      weights: WeightReader | None, outside: list[str]) -> set[str]:
+    """Round the modules outside the blocks that read inputs (a CNN's stem, head and classifier, an
     untied LM head) against the Hessians of what they read when the whole model, its blocks
-    already quantized, runs on the calibration batches; returns their names."""
+    already quantized, runs on the calibration batches; returns their names. Read lazily
+    (`weights`), only the float modules outside the blocks are in memory for that pass."""
     modules = {name: model.get_submodule(name) for name in _untied(model, names)}
     modules = {name: module for name, module in modules.items()
                if getattr(qmodule_for(module), "input_rows", None) is not None}
     if not modules:
         return set()
+    if weights is not None:
+        weights.load(outside)
     hessians = _Hessians(model, modules)
     with torch.inference_mode():
         for batch, mask in zip(batches, masks, strict=True):
             hessians.mask = mask
             call_model(model, batch)
     gathered = hessians.remove()
+    _warn_if_short(hessians, stacklevel=5)
+    if weights is not None:
+        weights.release([name for name in outside if name not in modules])
     for name in modules:
         try:
             replacement = build(name, {"hessian": gathered.get(name)})

@@ -13,7 +13,13 @@ from lowbit.nn import QLinear
 from lowbit.nn.qweight import round_to_nearest
 from lowbit.nn.spec import LayerSpec
 from lowbit.transform.quantize import quantized_modules
-from tests.fixtures_models import StaticSamePaddingConv, residual_net, tiny_llama, token_batches, trained_like_llama
+from tests.fixtures_models import (
+    StaticSamePaddingConv,
+    residual_net,
+    tiny_llama,
+    token_batches,
+    trained_like_llama,
+)
 
 SPECS = [LayerSpec("weight_only", "int4", "group:32", False),
          LayerSpec("weight_only", "int4", "group:32", True),
@@ -190,18 +196,18 @@ def test_a_convolutions_patches_reproduce_its_output(make):
         expected = conv(x) - (0 if conv.bias is None else conv.bias.reshape(1, -1, 1, 1))
         patches = input_patches(conv, x)  # (groups, batch x positions, columns)
     rows = conv.weight.detach().reshape(conv.groups, conv.out_channels // conv.groups, -1)
-    products = patches @ rows.transpose(1, 2)  # (groups, batch x positions, channels of the group)
+    products = patches @ rows.transpose(1, 2)  # (groups, batch x positions, group's channels)
     batch, _, height, width = expected.shape
     got = products.reshape(conv.groups, batch, height * width, -1).permute(1, 0, 3, 2)
     torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("make", [CONVOLUTIONS["dense"], CONVOLUTIONS["depthwise"]], ids=["dense", "depthwise"])
-def test_gptq_beats_round_to_nearest_on_a_convolutions_output(make):
+@pytest.mark.parametrize("kind", ["dense", "depthwise"])
+def test_gptq_beats_round_to_nearest_on_a_convolutions_output(kind):
     from lowbit.nn.qconv import input_patches
 
     torch.manual_seed(1)
-    conv = make().eval()
+    conv = CONVOLUTIONS[kind]().eval()
     inputs = torch.nn.functional.avg_pool2d(torch.randn(16, 8, 14, 14), 3, 1, 1)  # smooth: correlated patches
     patches = input_patches(conv, inputs)
     hessian = 2 * patches.transpose(1, 2) @ patches / patches.shape[1]
