@@ -911,7 +911,8 @@ def qat(
     time_budget: Annotated[float | None, typer.Option(callback=_positive,
         help="Seconds to train for (with --steps: whichever ends first).")] = None,
     calibration: Annotated[Path | None, typer.Option(
-        help="Calibration data for the static scheme's activation grids (w8a8-static).")] = None,
+        help="Calibration data for the static scheme's activation grids (w8a8-static) and for "
+             "GPTQ's rounding, which training starts from (-gptq recipes).")] = None,
     learn_scales: Annotated[bool, typer.Option(
         help="Train each weight scale too (LSQ), instead of taking it from the weight's range.")] = False,
     learn_ranges: Annotated[bool, typer.Option(

@@ -44,7 +44,8 @@ class ScaledCodes(nn.Module):
         if weight.zero_point is not None:
             blocks = blocks - weight.zero_point.reshape(-1, 1).float()
         self.register_buffer("centered", blocks)
-        self.register_buffer("scale", weight.scale.detach().float().reshape(-1, 1))
+        # a copy: the module's own scales are written back while other stand-ins may still read theirs
+        self.register_buffer("scale", weight.scale.detach().float().reshape(-1, 1).clone())
         self.log_factor = nn.Parameter(torch.zeros_like(self.scale), requires_grad=trainable)
         self.granularity, self.shape = weight.granularity, weight.data.shape
         self.embedding = module.kind == "embedding"
@@ -85,9 +86,12 @@ def _student(quantized: nn.Module) -> tuple[nn.Module, dict[str, ScaledCodes], d
     student = _float_copy(quantized, modules)
     for parameter in student.parameters():
         parameter.requires_grad_(False)
-    tuned = {}
+    tuned, factors = {}, {}
     for name, module in modules.items():
-        stand_in = ScaledCodes(module, trainable=_tunable(module))
+        sharing = _sharing_scales(modules, module)
+        stand_in = ScaledCodes(module, trainable=any(_tunable(m) for m in sharing))
+        if len(sharing) > 1:  # a tied LM head and embedding: one set of scales, trained as one
+            stand_in.log_factor = factors.setdefault(id(module.weight_scale), stand_in.log_factor)
         set_module(student, name, stand_in)
         if stand_in.log_factor.requires_grad:
             tuned[name] = stand_in
@@ -99,10 +103,31 @@ def _student(quantized: nn.Module) -> tuple[nn.Module, dict[str, ScaledCodes], d
     return student, tuned, norms
 
 
+def _sharing_scales(modules: dict[str, nn.Module], module: nn.Module) -> list[nn.Module]:
+    """The quantized modules holding `module`'s very scale tensor (itself included)."""
+    scale = getattr(module, "weight_scale", None)
+    if scale is None:
+        return [module]
+    return [m for m in modules.values() if getattr(m, "weight_scale", None) is scale]
+
+
 def _float_copy(quantized: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
     """A deep copy of `quantized` without copying its quantized modules (they are replaced)."""
     memo = {id(module): nn.Identity() for module in modules.values()}
     return copy.deepcopy(quantized, memo)
+
+
+def write_back(quantized: nn.Module, tuned: dict[str, ScaledCodes], norms: dict[str, nn.Parameter]) -> None:
+    """Store the trained scales (on their grid: float16 for the GGUF recipes) and norms into the
+    quantized model; modules that share scales (a tied LM head and embedding) trained them as one."""
+    with torch.no_grad():
+        for name, stand_in in tuned.items():
+            module = quantized.get_submodule(name)
+            scale = on_scale_grid(stand_in.tuned_scale(), module.spec.torch_scale_dtype)
+            module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+            getattr(module, "kernel_cache", {}).clear()
+        for name, parameter in norms.items():
+            quantized.get_parameter(name).copy_(parameter)
 
 
 def tune_scales(
@@ -124,14 +149,7 @@ def tune_scales(
     student, tuned, norms = _student(quantized)
     result = distill(student, teacher, data, steps=steps, time_budget=time_budget, tokenizer=tokenizer,
                      lr=lr, batch_size=batch_size, max_length=max_length, seed=seed, progress=progress)
-    with torch.no_grad():  # a tied LM head shares its scales with the embedding: both get the head's
-        for name, stand_in in tuned.items():
-            module = quantized.get_submodule(name)
-            scale = on_scale_grid(stand_in.tuned_scale(), module.spec.torch_scale_dtype)
-            module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
-            module.kernel_cache.clear()
-        for name, parameter in norms.items():
-            quantized.get_parameter(name).copy_(parameter)
+    write_back(quantized, tuned, norms)
     quantized.lowbit_training = {**result.to_dict(), "method": "scale tuning (distillation)",
                                  "trained": f"{len(tuned)} modules' group scales, {len(norms)} norm weights"}
     return result

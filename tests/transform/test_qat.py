@@ -271,3 +271,15 @@ def test_training_starts_from_gptqs_rounding_and_converts_to_it_untrained(monkey
     for name, fake in fake_quant_modules(prepared).items():
         assert torch.equal(fake.weight_scale, grids[name])
     _same_outputs(prepared, lowbit.qat.convert(prepared, progress=False), calibration[1], tolerance=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["w4-hqq", "w4-awq"])
+def test_algorithms_that_change_more_than_the_rounding_start_from_round_to_nearest(recipe):
+    """HQQ's float zero points and AWQ's input scaling are no grid a FakeQuant trains on: the
+    weights start from round-to-nearest, and a warning says so."""
+    model = tiny_mlp().eval()
+    with pytest.warns(lowbit.LowbitWarning, match="start from round-to-nearest"):
+        prepared = lowbit.qat.prepare(model, recipe, calibration=[torch.randn(8, 64)], progress=False)
+    for name, fake in fake_quant_modules(prepared).items():
+        assert fake.weight_scale is None  # from each weight's own range, at every step
+        assert torch.equal(fake.float_module.weight, model.get_submodule(name).weight)

@@ -84,3 +84,29 @@ def test_models_with_quantized_convolutions_are_refused():
     quantized = lowbit.quantize(model, "w8", progress=False)
     with pytest.raises(QuantizationError, match="Linear and Embedding"):
         lowbit.qat.tune_scales(quantized, model, [torch.randn(2, 3, 16, 16)], steps=1, progress=False)
+
+
+def test_a_tied_head_and_embedding_train_one_set_of_scales(monkeypatch):
+    """A tied LM head and embedding hold one scale tensor: the student trains it as one, so the
+    model written back computes what the student trained to (no embedding left on old scales)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.transform.scale_tuning import _student, write_back
+
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")  # the float math the student runs
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    teacher = LlamaForCausalLM(config).eval()
+    quantized = lowbit.quantize(copy.deepcopy(teacher), "w4-g32", progress=False)
+    assert quantized.lm_head.weight_scale is quantized.model.embed_tokens.weight_scale
+    student, tuned, norms = _student(quantized)
+    assert {"lm_head", "model.embed_tokens"} <= tuned.keys()
+    assert tuned["lm_head"].log_factor is tuned["model.embed_tokens"].log_factor
+    before = quantized.model.embed_tokens.weight_scale.clone()
+    lowbit.distill(student, teacher, token_batches(teacher, 4, seed=1), steps=8, lr=1e-2, progress=False)
+    write_back(quantized, tuned, norms)
+    assert not torch.equal(quantized.model.embed_tokens.weight_scale, before)
+    ids = token_batches(teacher, 1, seed=2)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(**ids).logits, student(**ids).logits, rtol=1e-4, atol=1e-4)
