@@ -245,12 +245,7 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
                 _warn_if_short(hessians)
             if before_rounding is not None:
                 before_rounding(block_name, gathered, _first_output(block, calls[0]))
-            for name in inside:
-                try:
-                    replacement = build(name, {"hessian": gathered.get(name)})
-                except QuantizationError as error:
-                    raise QuantizationError(f"{name}: {error}") from None
-                set_module(model, name, replacement)
+            _replace(model, inside, gathered, build)
             block = blocks[index]  # the quantized block (itself replaced when it is one of `names`)
             with torch.inference_mode():
                 calls = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in calls]
@@ -293,10 +288,15 @@ def _quantize_outside(model: nn.Module, names: list[str], batches: list[Any], ma
     _warn_if_short(hessians, stacklevel=5)
     if weights is not None:
         weights.release([name for name in outside if name not in modules])
-    for name in modules:
+    _replace(model, list(modules), gathered, build)
+    return set(modules)
+
+
+def _replace(model: nn.Module, names: list[str], hessians: dict[str, torch.Tensor], build: Build) -> None:
+    """Swap each named module for `build(name, {"hessian": H})`; an error names the module."""
+    for name in names:
         try:
-            replacement = build(name, {"hessian": gathered.get(name)})
+            replacement = build(name, {"hessian": hessians.get(name)})
         except QuantizationError as error:
             raise QuantizationError(f"{name}: {error}") from None
         set_module(model, name, replacement)
-    return set(modules)
