@@ -150,8 +150,8 @@ def input_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The patches each output position of `conv` reads from `x`, grouped as its weight is:
     (groups, positions, in_channels / groups x kernel area), in the order of the weight's
     flattened rows (a grouped or depthwise convolution's groups each have their own inputs)."""
-    static = getattr(conv, "static_padding", None)
-    x, padding = (x, conv.padding) if static is None else (static(x), conv.padding)
+    static, padding = getattr(conv, "static_padding", None), conv.padding
+    x = x if static is None else static(x)
     if isinstance(padding, str):  # "valid", or "same" (any odd spare on the right, as torch pads)
         totals = [d * (k - 1) if padding == "same" else 0
                   for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
