@@ -12,8 +12,9 @@ left out of the Hessians.
 
 The blocks are the `nn.ModuleList` or `nn.Sequential` holding most of the modules to quantize (a
 transformer's layers, a CNN's stages, a plain stack of layers). Modules outside it that read
-inputs (a CNN's stem, head and classifier, an untied LM head) are rounded last, against what they read
-in one pass of the whole model; embeddings, and an LM head tied to one, are rounded to nearest.
+inputs (a CNN's stem, head and classifier, an untied LM head) are rounded last, against what
+they read in one pass of the whole model; embeddings, and an LM head tied to one, are rounded to
+nearest.
 """
 
 from __future__ import annotations
@@ -188,6 +189,12 @@ def _warn_if_short(hessians: _Hessians, stacklevel: int = 4) -> None:
 BeforeRounding = Callable[[str, dict[str, torch.Tensor], Callable[[], torch.Tensor]], Any]
 
 
+def _reading_inputs(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Those of `modules` whose kind turns its inputs into Hessian rows (not a table)."""
+    return {name: module for name, module in modules.items()
+            if getattr(qmodule_for(module), "input_rows", None) is not None}
+
+
 def _joined(prefix: str, child: int | str) -> str:
     return f"{prefix}.{child}" if prefix else str(child)
 
@@ -234,8 +241,7 @@ def quantize_blocks(model: nn.Module, names: list[str], batches: Iterable[Any], 
                 weights.load([block_name])
             inside = [name for name in names if _within(name, block_name)]
             modules = {name: model.get_submodule(name) for name in inside}
-            hessians = _Hessians(block, {n: m for n, m in modules.items()
-                                         if getattr(qmodule_for(m), "input_rows", None) is not None})
+            hessians = _Hessians(block, _reading_inputs(modules))
             with torch.inference_mode():
                 for (args, kwargs), mask in zip(calls, masks, strict=True):
                     hessians.mask = mask
@@ -272,9 +278,7 @@ def _quantize_outside(model: nn.Module, names: list[str], batches: list[Any], ma
     untied LM head) against the Hessians of what they read when the whole model, its blocks
     already quantized, runs on the calibration batches; returns their names. Read lazily
     (`weights`), only the float modules outside the blocks are in memory for that pass."""
-    modules = {name: model.get_submodule(name) for name in _untied(model, names)}
-    modules = {name: module for name, module in modules.items()
-               if getattr(qmodule_for(module), "input_rows", None) is not None}
+    modules = _reading_inputs({name: model.get_submodule(name) for name in _untied(model, names)})
     if not modules:
         return set()
     if weights is not None:
