@@ -115,7 +115,7 @@ def test_a_truncated_shard_is_refused(sharded, tmp_path):
 # Quantizes a folder in a process whose address space is capped at what it uses after a warm-up
 # run (imports, first kernels) plus BUDGET bytes: the float model does not fit in that budget.
 CAPPED = textwrap.dedent("""
-    import resource, sys
+    import resource, sys, traceback
     import torch
     import lowbit
     from lowbit.families import transformers as hf
@@ -136,18 +136,21 @@ CAPPED = textwrap.dedent("""
         run(big, out)
     except Exception as error:  # a MemoryError, or one that wraps a failed allocation or mmap
         if isinstance(error, MemoryError) or "Cannot allocate memory" in repr(error.__cause__ or error):
+            traceback.print_exc()  # where the cap was met, for a run that should have fitted
             sys.exit(3)
         raise
 """)
 
 
 def test_a_model_larger_than_the_memory_cap_is_quantized_shard_by_shard(tmp_path):
-    # 8 blocks of hidden 512: 38M parameters, 151 MB in float32, in 20 MB shards; the cap leaves
-    # 60% of that over what a warm-up on a one-block model left the process using (the quantized
-    # model takes a sixth; first uses of kernels in the big run take some tens of MB)
+    # 8 blocks of hidden 512: 36M parameters, 143 MB in float32, in 20 MB shards; the cap leaves
+    # 90% of that over what a warm-up on a one-block model left the process using. A whole load
+    # fails up to 110% here; shard by shard needs about 50 MB (the quantized model takes a sixth,
+    # a shard is read at a time), and the rest is margin for a host whose first uses of kernels or
+    # threads in the big run reserve more address space (60% failed once in CI)
     big = _llama(tmp_path / "big", 8, 512, 2048, 8192, "20MB")
     warm = _llama(tmp_path / "warm", 1, 512, 2048, 8192, "20MB")
-    budget = sum(path.stat().st_size for path in big.glob("*.safetensors")) * 6 // 10
+    budget = sum(path.stat().st_size for path in big.glob("*.safetensors")) * 9 // 10
 
     def capped(mode):
         command = [sys.executable, "-c", CAPPED, str(warm), str(big), str(tmp_path / mode), mode, str(budget)]
