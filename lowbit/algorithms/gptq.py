@@ -27,7 +27,7 @@ import torch
 
 from lowbit.algorithms import ALGORITHMS, Algorithm
 from lowbit.core import Granularity, QuantizedTensor
-from lowbit.core.quantize import qparams_from_range, quantize_with, to_blocks
+from lowbit.core.quantize import minimum_qparams_from_range, qparams_from_range, quantize_with, to_blocks
 from lowbit.errors import QuantizationError
 from lowbit.nn.qweight import round_to_nearest
 from lowbit.nn.spec import LayerSpec
@@ -53,29 +53,47 @@ def searched_grid(weight: torch.Tensor, spec: LayerSpec, importance: torch.Tenso
     blocks = to_blocks(weight, best.granularity)
     low, high = blocks.min(dim=1).values, blocks.max(dim=1).values
     best_error = _grid_error(weight, best, importance)
-    scale, zero = best.scale.clone(), None if best.zero_point is None else best.zero_point.clone()
+    kept = {field: getattr(best, field) for field in GRID_FIELDS}
     for shrink in SHRINKS[1:]:
-        trial_scale, trial_zero = qparams_from_range(low * shrink, high * shrink, best.qtype, spec.symmetric,
-                                                     spec.torch_scale_dtype)
-        data = quantize_with(weight, trial_scale, trial_zero, best.qtype, best.granularity, spec.symmetric)
-        trial = QuantizedTensor(data, trial_scale, trial_zero, best.qtype, best.granularity)
+        trial = _nearest_on_range(weight, low * shrink, high * shrink, best, spec)
         error = _grid_error(weight, trial, importance)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
-        scale = torch.where(better, trial_scale.reshape(-1), scale.reshape(-1)).reshape(scale.shape)
-        if zero is not None:
-            zero = torch.where(better, trial_zero.reshape(-1), zero.reshape(-1)).reshape(zero.shape)
-    data = quantize_with(weight, scale, zero, best.qtype, best.granularity, spec.symmetric)
-    return QuantizedTensor(data, scale, zero, best.qtype, best.granularity)
+        kept = {field: None if value is None else
+                torch.where(better, getattr(trial, field).reshape(-1), value.reshape(-1)).reshape(value.shape)
+                for field, value in kept.items()}
+    scale, zero, minimum = (kept[field] for field in GRID_FIELDS)
+    data = quantize_with(weight, scale, zero, best.qtype, best.granularity, spec.symmetric, minimum)
+    return QuantizedTensor(data, scale, zero, best.qtype, best.granularity, minimum)
+
+
+GRID_FIELDS = ("scale", "zero_point", "minimum")  # what a group's grid is, one value per group
+
+
+def _nearest_on_range(weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor, like: QuantizedTensor,
+                      spec: LayerSpec) -> QuantizedTensor:
+    """`weight` rounded to nearest on the grids (of `like`'s kind) spanning [low, high] per group."""
+    zero = minimum = None
+    if like.minimum is not None:
+        scale, minimum = minimum_qparams_from_range(low, high, like.qtype, spec.torch_scale_dtype)
+    else:
+        scale, zero = qparams_from_range(low, high, like.qtype, spec.symmetric, spec.torch_scale_dtype)
+    data = quantize_with(weight, scale, zero, like.qtype, like.granularity, spec.symmetric, minimum)
+    return QuantizedTensor(data, scale, zero, like.qtype, like.granularity, minimum)
 
 
 def _column_grid(grid: QuantizedTensor, rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero point) of every weight entry as (rows, columns) matrices, from the grid's
-    one-per-block values (zero point 0 where the grid has none)."""
+    one-per-block values (zero point 0 where the grid has none; a minimum m as the float zero
+    point −m / scale, the same levels)."""
     shape = to_blocks(torch.empty(rows, columns), grid.granularity).shape
     scale = grid.scale.reshape(-1, 1).expand(shape)
-    zero = (grid.zero_point.reshape(-1, 1).expand(shape).float() if grid.zero_point is not None
-            else torch.zeros(shape))
+    if grid.minimum is not None:
+        zero = (-grid.minimum.double() / grid.scale.double()).reshape(-1, 1).expand(shape)
+    elif grid.zero_point is not None:
+        zero = grid.zero_point.reshape(-1, 1).expand(shape).float()
+    else:
+        zero = torch.zeros(shape)
     return scale.reshape(rows, columns), zero.reshape(rows, columns)
 
 
@@ -155,7 +173,7 @@ def _gptq_rows(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor) -> 
     data = torch.empty_like(codes)
     data[:, order] = codes
     return QuantizedTensor(data.to(grid.data.dtype), grid.scale, grid.zero_point, grid.qtype,
-                           grid.granularity)
+                           grid.granularity, grid.minimum)
 
 
 ALGORITHMS.add("gptq", Algorithm(gptq, needs_hessian=True))

@@ -1,7 +1,8 @@
 """Scale / zero-point math and (de)quantization at per-tensor, per-channel and per-group granularity.
 
 Affine quantization as in Jacob et al. (2018): q = clamp(round(x / scale) + zero_point), and
-x ≈ (q - zero_point) * scale. Symmetric mode fixes zero_point at the type's midpoint.
+x ≈ (q - zero_point) * scale. Symmetric mode fixes zero_point at the type's midpoint. A grid with a
+minimum (llama.cpp's Q4_1) offsets the levels by a float instead: x ≈ q * scale + minimum.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ ROUNDED_AT_ONCE = 1 << 22  # elements `quantize_with` rounds per step (a 16 MB f
 
 @dataclass
 class QuantizedTensor:
-    """Integer values (one per element, original shape) plus the scale/zero point to read them."""
+    """Integer values (one per element, original shape) plus the scale and zero point (or
+    minimum) to read them."""
 
     data: torch.Tensor
     scale: torch.Tensor | None
     zero_point: torch.Tensor | None
     qtype: QType
     granularity: Granularity
+    minimum: torch.Tensor | None = None  # x = q * scale + minimum; no zero point then
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.qtype.is_float:
@@ -34,6 +37,8 @@ class QuantizedTensor:
         if self.zero_point is not None:
             blocks.sub_(self.zero_point.reshape(-1, 1))
         blocks.mul_(self.scale.reshape(-1, 1))
+        if self.minimum is not None:  # as a separate add, the order GGUF's readers compute in
+            blocks.add_(self.minimum.reshape(-1, 1).to(dtype))
         return from_blocks(blocks, self.data.shape, self.granularity)
 
 
@@ -102,6 +107,28 @@ def qparams_from_range(
     return scale, None if zero_point is None else zero_point.to(torch.int32)
 
 
+def minimum_qparams_from_range(
+    low: torch.Tensor, high: torch.Tensor, qtype: QType, scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and minimum of a grid x = q * scale + minimum (q in 0..qmax of an unsigned type)
+    spanning [low, high], both held in `scale_dtype` as llama.cpp's Q4_1 blocks hold them. Unlike
+    a zero point, the minimum need not be a level of an integer grid through 0, so the range is
+    not widened to include 0. A zero-width range gets scale 1 (its values are the minimum)."""
+    low, high = low.float(), high.float()
+    minimum = on_value_grid(low, scale_dtype)
+    scale = (high - minimum) / qtype.qmax
+    scale = on_scale_grid(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
+    return scale, minimum
+
+
+def on_value_grid(values: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """`values` as `scale_dtype` holds them (float16: nearest, within its finite range), in float32."""
+    if scale_dtype == torch.float16:
+        largest = torch.finfo(torch.float16).max
+        return values.float().clamp(-largest, largest).to(torch.float16).float()
+    return values.float()
+
+
 def _midpoint_scale(low: torch.Tensor, high: torch.Tensor, qtype: QType) -> torch.Tensor:
     """Scale of a symmetric grid stored unsigned around its midpoint (int4 as 0..15, zero point
     8): such a grid has one more level below the midpoint (−8) than above (+7). As in llama.cpp's
@@ -142,6 +169,16 @@ def compute_qparams(
     return scale.reshape(shape), None if zero_point is None else zero_point.reshape(shape)
 
 
+def compute_minimum_qparams(
+    x: torch.Tensor, qtype: QType, granularity: Granularity, scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and minimum from the min/max of each block of `x`, shaped as `scale_shape`."""
+    blocks = to_blocks(x.detach().float(), granularity)
+    scale, minimum = minimum_qparams_from_range(blocks.amin(dim=1), blocks.amax(dim=1), qtype, scale_dtype)
+    shape = scale_shape(x.shape, granularity)
+    return scale.reshape(shape), minimum.reshape(shape)
+
+
 def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
     """Refuse NaN/Inf early: they would silently poison every scale computed from them. (Checked a
     chunk at a time: `isfinite` of a whole tensor takes twice its size in temporaries.)"""
@@ -168,17 +205,21 @@ def quantize_with(
     qtype: QType,
     granularity: Granularity,
     symmetric: bool,
+    minimum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Round `x` onto the grid given by `scale`/`zero_point` and clamp to the type's range."""
+    """Round `x` onto the grid given by `scale` and `zero_point` (or `minimum`), clamped to the
+    type's range."""
     blocks = to_blocks(x.detach().float(), granularity)
     scales = scale.reshape(-1, 1)
     zeros = None if zero_point is None else zero_point.reshape(-1, 1)
+    offsets = None if minimum is None else minimum.reshape(-1, 1)
     low, high = grid_bounds(qtype, symmetric)
     out = torch.empty(blocks.shape, dtype=qtype.storage_dtype)
     rows = max(1, ROUNDED_AT_ONCE // max(blocks.shape[1], 1))
     for start in range(0, blocks.shape[0], rows):  # one float temporary of a chunk, not of all of x
         end = start + rows
-        q = blocks[start:end] / scales[start:end]
+        q = blocks[start:end] if offsets is None else blocks[start:end] - offsets[start:end]
+        q = q / scales[start:end]
         if zeros is not None and zeros.is_floating_point():  # a float zero point (HQQ's): round after
             q.add_(zeros[start:end]).round_()
         elif zeros is not None:
@@ -195,8 +236,10 @@ def quantize_tensor(
     granularity: Granularity | str = "per_tensor",
     symmetric: bool = True,
     scale_dtype: torch.dtype = torch.float32,
+    minimum: bool = False,
 ) -> QuantizedTensor:
-    """Quantize `x` by round-to-nearest with scales from its own min/max (held in `scale_dtype`)."""
+    """Quantize `x` by round-to-nearest with scales from its own min/max (held in `scale_dtype`);
+    with `minimum`, on an unsigned grid offset by each block's minimum (llama.cpp's Q4_1)."""
     qtype, granularity = get_qtype(qtype), Granularity.parse(granularity)
     check_finite(x)
     if qtype.is_float:
@@ -204,6 +247,12 @@ def quantize_tensor(
         if x.numel() and float(x.detach().abs().max()) > limit:
             raise QuantizationError(f"values exceed the {qtype.name} range (±{limit:g})")
         return QuantizedTensor(x.detach().to(qtype.storage_dtype), None, None, qtype, granularity)
+    if minimum:
+        if qtype.is_signed or symmetric:
+            raise QuantizationError(f"a grid with a minimum is asymmetric and unsigned, not {qtype.name}")
+        scale, offset = compute_minimum_qparams(x, qtype, granularity, scale_dtype)
+        data = quantize_with(x, scale, None, qtype, granularity, False, minimum=offset)
+        return QuantizedTensor(data, scale, None, qtype, granularity, minimum=offset)
     scale, zero_point = compute_qparams(x, qtype, granularity, symmetric, scale_dtype)
     data = quantize_with(x, scale, zero_point, qtype, granularity, symmetric)
     return QuantizedTensor(data, scale, zero_point, qtype, granularity)

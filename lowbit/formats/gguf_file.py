@@ -7,9 +7,11 @@ integers inside exactly that structure and the file holds them unchanged:
 - Q5_0: 32 5-bit values and one float16 scale, x = d·(q − 16), lowbit's symmetric int5 as stored
   (unsigned, zero point 16);
 - Q4_0: 32 4-bit values and one float16 scale, x = d·(q − 8), lowbit's symmetric int4 as stored
-  (unsigned, zero point 8).
-A model quantized with `scale_dtype="float16"` and symmetric groups of 32 (the `q8_0`, `q5_0`
-and `q4_0` recipes, and their `-gptq` variants) fits; anything else is refused with the module's
+  (unsigned, zero point 8);
+- Q4_1: 32 4-bit values, a float16 scale and a float16 minimum, x = d·q + m, lowbit's asymmetric
+  int4 with a minimum (`zero_point="minimum"`).
+A model quantized with `scale_dtype="float16"` and groups of 32 (the `q8_0`, `q5_0`, `q4_0` and
+`q4_1` recipes, and their `-gptq` variants) fits; anything else is refused with the module's
 name rather than requantized, so dequantizing the file (llama.cpp, or the `gguf` package) gives
 exactly lowbit's dequantized weights. Norms and float modules are written in float32.
 
@@ -37,7 +39,8 @@ from lowbit.formats.atomic import atomic_file
 ARCHITECTURES = ("LlamaForCausalLM",)  # what llama.cpp's `llama` architecture holds as lowbit maps it
 BLOCK = 32  # values per block in every type lowbit writes
 # lowbit's presets whose models export
-GGUF_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q5_0-awq-gptq", "q4_0", "q4_0-gptq", "q4_0-awq-gptq")
+GGUF_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q5_0-awq-gptq", "q4_0", "q4_0-gptq", "q4_0-awq-gptq",
+                "q4_1", "q4_1-gptq", "q4_1-awq-gptq")
 # tokenizer.json pre-tokenizers whose splitting llama.cpp reproduces, by llama.cpp's name for it
 PRE_TOKENIZERS = {
     json.dumps({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
@@ -56,6 +59,7 @@ class BlockType:
     name: str
     weight: str  # lowbit's weight type it holds ("int8", "int5", "int4")
     encode: Callable[[QuantizedTensor], np.ndarray]  # (rows, bytes per row)
+    symmetric: bool = True  # a symmetric grid; else one with a float16 minimum (LayerSpec.zero_point)
 
 
 def _codes(weight: QuantizedTensor, dtype: type) -> np.ndarray:
@@ -63,11 +67,14 @@ def _codes(weight: QuantizedTensor, dtype: type) -> np.ndarray:
     return weight.data.reshape(weight.data.shape[0], -1, BLOCK).numpy().astype(dtype)
 
 
+def _halves(weight: QuantizedTensor, values: torch.Tensor) -> np.ndarray:
+    """One float16 per block (a scale or a minimum) as its two bytes, (rows, blocks, 2)."""
+    return values.reshape(weight.data.shape[0], -1, 1).numpy().astype(np.float16).view(np.uint8)
+
+
 def _rows(weight: QuantizedTensor, *fields: np.ndarray) -> np.ndarray:
     """Each block's float16 scale followed by `fields` (its other bytes), as (rows, bytes per row)."""
-    rows = weight.data.shape[0]
-    scales = weight.scale.reshape(rows, -1, 1).numpy().astype(np.float16).view(np.uint8)
-    return np.concatenate([scales, *fields], axis=-1).reshape(rows, -1)
+    return np.concatenate([_halves(weight, weight.scale), *fields], axis=-1).reshape(weight.data.shape[0], -1)
 
 
 def _low_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -90,9 +97,18 @@ def _q4_0(weight: QuantizedTensor) -> np.ndarray:
     return _rows(weight, _low_nibbles(_codes(weight, np.uint8)))  # 0..15, zero point 8
 
 
+def _q4_1(weight: QuantizedTensor) -> np.ndarray:
+    return _rows(weight, _halves(weight, weight.minimum), _low_nibbles(_codes(weight, np.uint8)))  # 0..15
+
+
 BLOCK_TYPES = {"Q8_0": BlockType("Q8_0", "int8", _q8_0), "Q5_0": BlockType("Q5_0", "int5", _q5_0),
-               "Q4_0": BlockType("Q4_0", "int4", _q4_0)}
-FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0", "Q4_0": "MOSTLY_Q4_0", "F32": "ALL_F32"}
+               "Q4_0": BlockType("Q4_0", "int4", _q4_0), "Q4_1": BlockType("Q4_1", "int4", _q4_1, False)}
+# a weight grid in words, by (LayerSpec.symmetric, LayerSpec.zero_point)
+GRIDS = {(True, "int"): "symmetric", (False, "int"): "asymmetric with integer zero points",
+         (False, "float"): "asymmetric with float zero points",
+         (False, "minimum"): "asymmetric with a minimum"}
+FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
+              "F32": "ALL_F32"}
 
 
 @dataclass
@@ -115,16 +131,19 @@ def _gguf() -> Any:
 def block_type_for(name: str, module: nn.Module) -> BlockType:
     """The block type that holds `module`'s quantized weight exactly, or a GGUFError saying why none does."""
     spec = module.spec
-    kind = next((k for k in BLOCK_TYPES.values() if k.weight == spec.weight), None)
+    offset = spec.symmetric or spec.zero_point == "minimum"  # a grid GGUF blocks offset as lowbit does
+    kind = next((k for k in BLOCK_TYPES.values() if (k.weight, k.symmetric) == (spec.weight, spec.symmetric)),
+                None)
     reasons = []
-    if kind is None:
-        reasons.append(f"{spec.weight} weights have no GGUF block type here")
-    if spec.granularity != f"group:{BLOCK}" or not spec.symmetric:
-        reasons.append(f"{'symmetric' if spec.symmetric else 'asymmetric'} {spec.granularity} weights "
-                       f"are not GGUF blocks (symmetric groups of {BLOCK})")
-    scale = getattr(module, "weight_scale", None)
-    if scale is not None and not torch.equal(scale.half().float(), scale):
-        reasons.append("its scales are not float16 values")
+    if kind is None or not offset:
+        reasons.append(f"{spec.weight} weights, {GRIDS[spec.symmetric, spec.zero_point]}, have no GGUF block "
+                       "type (it holds symmetric int8, int5 and int4, and int4 with a minimum)")
+    if spec.granularity != f"group:{BLOCK}":
+        reasons.append(f"{spec.granularity} weights are not GGUF blocks (groups of {BLOCK})")
+    for field in ("scale", "minimum"):
+        values = getattr(module, f"weight_{field}", None)
+        if values is not None and not torch.equal(values.half().float(), values):
+            reasons.append(f"its {field}s are not float16 values")
     if reasons:
         raise GGUFError(f"{name}: {'; '.join(reasons)}. Quantize with a GGUF recipe "
                         f"({', '.join(GGUF_RECIPES)}) to export to GGUF")
@@ -136,7 +155,7 @@ def _quantized_tensor(name: str, target: str, module: nn.Module) -> GGUFTensor:
     kind = block_type_for(name, module)
     weight = module.quantized_weight()
     midpoint = 2 ** (weight.qtype.bits - 1)  # symmetric grids stored unsigned sit on it
-    if not weight.qtype.is_signed and not bool((weight.zero_point == midpoint).all()):
+    if kind.symmetric and not weight.qtype.is_signed and not bool((weight.zero_point == midpoint).all()):
         raise GGUFError(f"{name}: {kind.name} needs lowbit's symmetric {kind.weight} (zero point {midpoint} "
                         "in every group)")
     return GGUFTensor(target, kind.name, kind.encode(weight))

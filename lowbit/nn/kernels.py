@@ -217,8 +217,11 @@ def _prepack_int4(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     quantized = module.quantized_weight()
     packed = torch._convert_weight_to_int4pack_for_cpu(quantized.data.to(torch.int32), 2)
     scale = quantized.scale
-    zero_point = module.weight_zero_point.float() if quantized.zero_point is not None else 8.0
-    zero = (8.0 - zero_point) * scale  # the kernel computes (q - 8) * scale + zero
+    if quantized.minimum is not None:  # q * scale + minimum
+        zero = quantized.minimum + 8.0 * scale  # the kernel computes (q - 8) * scale + zero
+    else:
+        zero_point = quantized.zero_point.float() if quantized.zero_point is not None else 8.0
+        zero = (8.0 - zero_point) * scale
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
     return packed, scales_and_zeros.to(torch.bfloat16)
 

@@ -52,7 +52,11 @@ class QEmbedding(QuantizedWeightMixin, nn.Module):
         if zero_point is not None:
             zero_point = F.embedding(indices, zero_point.reshape(self.num_embeddings, -1))
             gathered = gathered - zero_point.unsqueeze(-1).float()
-        return (gathered * scale.unsqueeze(-1)).reshape(*indices.shape, self.embedding_dim)
+        gathered = gathered * scale.unsqueeze(-1)
+        if rows.minimum is not None:  # q * scale + minimum
+            minimum = F.embedding(indices, rows.minimum.reshape(self.num_embeddings, -1))
+            gathered = gathered + minimum.unsqueeze(-1)
+        return gathered.reshape(*indices.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return (

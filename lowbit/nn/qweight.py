@@ -15,6 +15,7 @@ from lowbit.core import (
 )
 from lowbit.core.qtypes import UINT7, UINT8
 from lowbit.core.quantize import qparams_from_range, scale_shape
+from lowbit.errors import QuantizationError
 from lowbit.nn.spec import LayerSpec
 
 UNSIGNED_STORAGE = {"int4": "uint4", "int5": "uint5"}
@@ -30,11 +31,12 @@ def round_to_nearest(weight: torch.Tensor, spec: LayerSpec) -> QuantizedTensor:
     """`weight` on `spec`'s grid, each value rounded to the nearest level with scales (and zero
     points) from its own range: what a module stores when no algorithm rounded it."""
     return quantize_tensor(weight, storage_qtype(spec), spec.granularity, spec.symmetric,
-                           spec.torch_scale_dtype)
+                           spec.torch_scale_dtype, minimum=spec.zero_point == "minimum")
 
 
 class QuantizedWeightMixin:
-    """Registers `weight` (packed two per byte for 4-bit), `weight_scale` and `weight_zero_point`."""
+    """Registers `weight` (packed two per byte for 4-bit), `weight_scale` and `weight_zero_point`
+    (or `weight_minimum`)."""
 
     spec: LayerSpec
     weight_shape: tuple[int, ...]
@@ -51,6 +53,9 @@ class QuantizedWeightMixin:
         granularity = Granularity.parse(spec.granularity)
         scales = scale_shape(torch.Size(shape), granularity)
         self.register_buffer("weight_scale", torch.ones(scales))
+        if spec.zero_point == "minimum":
+            self.register_buffer("weight_minimum", torch.zeros(scales))
+            return
         has_zero_point = not (spec.symmetric and qtype.is_signed)
         if has_zero_point:
             dtype = torch.float32 if spec.zero_point == "float" else torch.int32
@@ -69,6 +74,12 @@ class QuantizedWeightMixin:
             self.weight_scale.copy_(quantized.scale)
         if quantized.zero_point is not None:
             self.weight_zero_point.copy_(quantized.zero_point)
+        if (quantized.minimum is None) != (getattr(self, "weight_minimum", None) is None):
+            has = "with" if quantized.minimum is not None else "without"
+            raise QuantizationError(f"a grid {has} a minimum cannot be stored in a module whose spec's zero "
+                                    f"point is {self.spec.zero_point!r}")
+        if quantized.minimum is not None:
+            self.weight_minimum.copy_(quantized.minimum)
 
     def quantized_weight(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor (int4 unpacked to one value per element)."""
@@ -80,6 +91,7 @@ class QuantizedWeightMixin:
             getattr(self, "weight_zero_point", None),
             qtype,
             Granularity.parse(self.spec.granularity),
+            getattr(self, "weight_minimum", None),
         )
 
     def _init_static_activation_buffers(self: nn.Module) -> None:
@@ -120,6 +132,10 @@ class QuantizedWeightMixin:
             problem = self._scale_problem(scale, flippable=self.spec.symmetric and not qtype.is_signed)
             if problem:
                 return problem
+        minimum = getattr(self, "weight_minimum", None)
+        if minimum is not None and not (bool(torch.isfinite(minimum).all()) and torch.equal(
+                minimum.to(self.spec.torch_scale_dtype).float(), minimum)):
+            return f"a weight minimum is not a finite {self.spec.scale_dtype} value, as the spec says"
         zero_point = getattr(self, "weight_zero_point", None)
         if zero_point is not None and zero_point.is_floating_point():
             if not bool(torch.isfinite(zero_point).all()):

@@ -19,8 +19,9 @@ ACTIVATIONS = ("uint8", "uint8-full")
 # model quantized with them exports to GGUF exactly (lowbit.formats.gguf_file)
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # What an asymmetric grid's zero points are: integers on the grid (round-to-nearest, GPTQ, AWQ),
-# or any float (HQQ optimises them; x = (q - z) · scale all the same)
-ZERO_POINTS = ("int", "float")
+# or any float (HQQ optimises them; x = (q - z) · scale all the same); or, instead of a zero point,
+# a float minimum added to the levels, x = q · scale + minimum (llama.cpp's Q4_1 blocks)
+ZERO_POINTS = ("int", "float", "minimum")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class LayerSpec:
     input) to a kernel name, chosen by measurement when the module is built and saved with it, so
     a reload runs the same code and gives the same outputs. `scale_dtype` names the values the
     weight scales may take ("float32" or "float16"; they are stored in float32 either way);
-    `zero_point` whether an asymmetric int4 grid's zero points are integers or floats (HQQ).
+    `zero_point` whether an asymmetric int4 grid's zero points are integers or floats (HQQ), or
+    whether it has a float minimum instead ("minimum": x = q · scale + minimum, held in the scale type).
     """
 
     scheme: str
@@ -72,9 +74,9 @@ class LayerSpec:
             return f"unknown scheme {self.scheme!r} or weight type {self.weight!r}"
         if self.scale_dtype not in SCALE_DTYPES:
             return f"unknown scale type {self.scale_dtype!r}; choose one of {', '.join(SCALE_DTYPES)}"
-        if self.zero_point not in ZERO_POINTS or (self.zero_point == "float" and (
+        if self.zero_point not in ZERO_POINTS or (self.zero_point != "int" and (
                 self.weight != "int4" or self.symmetric or not granularity.startswith("group:"))):
-            return "float zero points are for asymmetric int4 groups only"
+            return "float zero points and minimums are for asymmetric int4 groups only"
         if self.weight in ("fp16", "bf16"):
             return None if (self.scheme, granularity) == ("weight_only", "per_tensor") else \
                 "16-bit float weights are stored weight-only and per tensor"

@@ -143,8 +143,8 @@ def nbits_weights(module: nn.Module, max_block: int | None = None) -> NbitsWeigh
         block = _group_block(group, max_block)
         repeat, blocks = group // block, width // block
         scales = np.repeat(module.weight_scale.float().numpy().reshape(rows, -1), repeat, axis=1)
-        floats = spec.zero_point == "float"  # HQQ's: float32, one per block, not packed
-        zero_points = module.weight_zero_point.numpy()
+        floats = spec.zero_point != "int"  # HQQ's, or a minimum's: float32, one per block, not packed
+        zero_points = _zero_points(module)
         zero_points = np.repeat((zero_points if floats else zero_points.astype(np.uint8)).reshape(rows, -1),
                                 repeat, axis=1)
         if spec.weight == "int4":  # packed two per byte, as MatMulNBits' 4-bit blocks are
@@ -203,6 +203,15 @@ def matmul_nbits(graph: Graph, module: nn.Module, x: str, accuracy_level: int) -
     sums = graph.node("MatMul", [x, graph.constant("block_sums", _block_sums(module.in_features, block))])
     correction = graph.node("MatMul", [sums, graph.constant("zero_fractions", fractions)])
     return graph.node("Sub", [product, correction])
+
+
+def _zero_points(module: nn.Module) -> np.ndarray:
+    """A module's zero points; for a grid with a minimum m, the float zero point −m / scale that
+    gives the same levels ((q − z)·s = q·s + m, up to float32 rounding)."""
+    minimum = getattr(module, "weight_minimum", None)
+    if minimum is None:
+        return module.weight_zero_point.numpy()
+    return (-minimum.double() / module.weight_scale.double()).float().numpy()
 
 
 def _float_zero_points(weights: list[NbitsWeights]) -> tuple[list[NbitsWeights], np.ndarray]:

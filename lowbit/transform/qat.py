@@ -98,6 +98,9 @@ def prepare(
     if not specs:
         raise QuantizationError("nothing to train: the model has no Linear, Conv2d or Embedding "
                                 "outside `skip`")
+    if any(spec.zero_point == "minimum" for spec in specs.values()):
+        raise QuantizationError("quantization-aware training rounds onto grids through zero; a grid with a "
+                                "minimum (a Q4_1 recipe) is for post-training quantization only")
     _check_learnable(learn_ranges, specs)
     calibration = list(calibration) if calibration is not None else None
     source = describe_source(model)

@@ -158,7 +158,7 @@ def build_module(module: nn.Module, spec: LayerSpec, ranges: dict | None = None,
     return kind.build(module, spec, {**ranges, "weight": rounded})
 
 
-WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_zero_point")
+WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_zero_point", "weight_minimum")
 
 
 def weight_storage(module: nn.Module) -> tuple[int, tuple[int, ...]]:

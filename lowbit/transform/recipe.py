@@ -41,6 +41,10 @@ class Recipe(BaseModel):
     # what weight scales may be: "float16" gives the values GGUF's blocks hold, so a model
     # quantized with them exports to llama.cpp exactly (lowbit export --format gguf)
     scale_dtype: Literal["float32", "float16"] = "float32"
+    # an asymmetric int4 grid's offset: "auto", integer zero points (HQQ: floats it optimises);
+    # "minimum", each group's levels start at a float minimum, x = q · scale + minimum, held in
+    # `scale_dtype` (llama.cpp's Q4_1 blocks)
+    zero_point: Literal["auto", "minimum"] = "auto"
     embeddings: bool = True
     skip: tuple[str, ...] = ()
     overrides: dict[str, Recipe] = Field(default_factory=dict)
@@ -81,6 +85,11 @@ class Recipe(BaseModel):
                 raise ValueError(f"scheme {self.scheme!r} needs per_channel or per_tensor weights")
         if self.weights in ("int4", "int5") and not self.granularity.startswith("group"):
             raise ValueError(f"{self.weights} weights need a group granularity, e.g. 'group:128'")
+        if self.zero_point == "minimum" and (self.weights != "int4" or self.symmetric):
+            raise ValueError("zero_point 'minimum' is for asymmetric int4 groups (symmetric: false)")
+        if self.zero_point == "minimum" and ALGORITHMS.get(self.algorithm).float_zero_points:
+            raise ValueError(f"the {self.algorithm!r} algorithm optimises its own float zero points; "
+                             "it cannot round onto a grid with a minimum (zero_point 'minimum')")
         return self
 
     def layer_spec(self, kind: str = "linear") -> LayerSpec:
@@ -88,7 +97,8 @@ class Recipe(BaseModel):
         if self.weights in ("fp16", "bf16"):
             return LayerSpec("weight_only", self.weights, "per_tensor", True)
         scales = self.scale_dtype
-        zeros = ("float" if ALGORITHMS.get(self.algorithm).float_zero_points and self.weights == "int4"
+        zeros = ("minimum" if self.zero_point == "minimum" else
+                 "float" if ALGORITHMS.get(self.algorithm).float_zero_points and self.weights == "int4"
                  and not self.symmetric else "int")
         if kind == "embedding":
             granularity = self.granularity if self.granularity.startswith("group:") else "per_channel"
@@ -162,6 +172,16 @@ PRESETS: dict[str, dict] = {
     "q4_0-awq-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32",
                       "scale_dtype": "float16", "algorithm": "awq-gptq",
                       "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
+    # Q4_1: asymmetric, each group's float16 minimum and scale (x = q · scale + minimum)
+    "q4_1": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32", "symmetric": False,
+             "scale_dtype": "float16", "zero_point": "minimum",
+             "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
+    "q4_1-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32", "symmetric": False,
+                  "scale_dtype": "float16", "zero_point": "minimum", "algorithm": "gptq",
+                  "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
+    "q4_1-awq-gptq": {"scheme": "weight_only", "weights": "int4", "granularity": "group:32",
+                      "symmetric": False, "scale_dtype": "float16", "zero_point": "minimum",
+                      "algorithm": "awq-gptq", "overrides": {"lm_head": "q8_0", "*embed_tokens": "q8_0"}},
     "fp16": {"scheme": "weight_only", "weights": "fp16", "granularity": "per_tensor"},
     "bf16": {"scheme": "weight_only", "weights": "bf16", "granularity": "per_tensor"},
 }

@@ -77,6 +77,10 @@ def _student(quantized: nn.Module) -> tuple[nn.Module, dict[str, ScaledCodes], d
     if refused:
         name, scheme = next(iter(refused.items()))
         raise QuantizationError(f"scale tuning is for weight-only models; {name} is {scheme}")
+    offset = next((name for name, m in modules.items() if m.spec.zero_point == "minimum"), None)
+    if offset is not None:
+        raise QuantizationError(f"scale tuning trains scales of grids through zero; {offset}'s grid has a "
+                                "minimum (a Q4_1 recipe), which would have to train with them")
     other = [name for name, m in modules.items() if m.kind not in STAND_INS]
     if other:
         raise QuantizationError(f"scale tuning trains Linear and Embedding modules; {other[0]} is a "

@@ -1,7 +1,7 @@
-"""GGUF export for llama.cpp: lowbit's integers and float16 scales land in Q8_0/Q4_0 blocks
-unchanged (the gguf package's dequantizer gives exactly lowbit's weights), the tokenizer and
-metadata are complete enough for llama.cpp to load the file and compute lowbit's logits, and
-what GGUF cannot hold is refused by name with nothing written."""
+"""GGUF export for llama.cpp: lowbit's integers and float16 scales (and Q4_1's float16 minimums)
+land in Q8_0/Q5_0/Q4_0/Q4_1 blocks unchanged (the gguf package's dequantizer gives exactly
+lowbit's weights), the tokenizer and metadata are complete enough for llama.cpp to load the file
+and compute lowbit's logits, and what GGUF cannot hold is refused by name with nothing written."""
 
 import json
 
@@ -66,7 +66,8 @@ def _read_back(path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("recipe", "block"), [("q4_0", "Q4_0"), ("q5_0", "Q5_0"), ("q8_0", "Q8_0"),
-                                              ("q4_0-awq-gptq", "Q4_0")])
+                                              ("q4_0-awq-gptq", "Q4_0"), ("q4_1", "Q4_1"),
+                                              ("q4_1-gptq", "Q4_1")])
 def test_the_file_holds_exactly_lowbits_dequantized_weights(llama_folder, tmp_path, recipe, block):
     calibration = _calibration() if "gptq" in recipe else None
     quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, calibration=calibration,
@@ -116,8 +117,8 @@ def test_the_metadata_and_tokenizer_are_llamas(llama_folder, tmp_path):
 
 
 # q5_0 with AWQ: its scales folded into the norms and up_proj's rows must reach llama.cpp too
-@pytest.mark.parametrize("recipe", ["q8_0", "q5_0", {"preset": "q5_0", "algorithm": "awq"}],
-                         ids=["q8_0", "q5_0", "q5_0-awq"])
+@pytest.mark.parametrize("recipe", ["q8_0", "q5_0", "q4_1", {"preset": "q5_0", "algorithm": "awq"}],
+                         ids=["q8_0", "q5_0", "q4_1", "q5_0-awq"])
 def test_llama_cpp_loads_the_file_and_computes_lowbits_logits(llama_folder, tmp_path, recipe):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is built by `make bench-llamacpp`")
     if isinstance(recipe, dict):
@@ -143,17 +144,20 @@ def test_llama_cpp_loads_the_file_and_computes_lowbits_logits(llama_folder, tmp_
 def test_weights_gguf_cannot_hold_are_refused_by_module_name(llama_folder, tmp_path):
     quantized = lowbit.quantize(hf.load_pretrained(llama_folder), "w4-g32", progress=False)
     path = tmp_path / "model.gguf"
-    with pytest.raises(GGUFError, match=r"^model\.embed_tokens: asymmetric group:32.*q4_0"):
+    with pytest.raises(GGUFError, match=r"^model\.embed_tokens: int4 weights, asymmetric with integer zero "
+                                        r"points, have no GGUF block type.*q4_1"):
         export_gguf(quantized, llama_folder, path)
     assert not path.exists() and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(("changes", "reason"), [
-    ({"granularity": "group:64"}, "symmetric group:64 weights are not GGUF blocks"),
-    ({"scale_dtype": "float32"}, "its scales are not float16 values"),
+@pytest.mark.parametrize(("preset", "changes", "reason"), [
+    ("q4_0", {"granularity": "group:64"}, "group:64 weights are not GGUF blocks"),
+    ("q4_0", {"scale_dtype": "float32"}, "its scales are not float16 values"),
+    ("q4_1", {"scale_dtype": "float32"}, "its scales are not float16 values; its minimums are not float16"),
 ])
-def test_a_group_or_scale_a_gguf_type_does_not_allow_is_refused(llama_folder, tmp_path, changes, reason):
-    recipe = lowbit.make_recipe("q4_0", **changes)
+def test_a_group_or_scale_a_gguf_type_does_not_allow_is_refused(llama_folder, tmp_path, preset, changes,
+                                                                reason):
+    recipe = lowbit.make_recipe(preset, **changes)
     quantized = lowbit.quantize(hf.load_pretrained(llama_folder), recipe, progress=False)
     with pytest.raises(GGUFError, match=rf"^model\.layers\.0\.self_attn\.q_proj: {reason}"):
         export_gguf(quantized, llama_folder, tmp_path / "model.gguf")
