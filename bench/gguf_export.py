@@ -2,16 +2,18 @@
 
 SmolLM2-135M: the float32 model is exported by lowbit as an F32 GGUF (the baseline) and quantized
 both ways from the same weights:
-- llama.cpp's quantizer: Q8_0, Q4_0, Q4_K_M, and Q4_K_M with an importance matrix computed by
-  llama-imatrix from the calibration text (when `make bench-gguf` has built llama.cpp's tools);
-- lowbit: `q8_0`, `q5_0` and `q4_0` (round-to-nearest), `q5_0-gptq`, `q5_0-awq-gptq`,
-  `q4_0-gptq` and `q4_0-awq-gptq` (GPTQ, AWQ + GPTQ, calibrated on the same text), written by
-  `lowbit.export_gguf` (`lowbit export --format gguf`); --recipes picks some of them. With
+- llama.cpp's quantizer: Q8_0, Q4_0, Q4_1, Q4_K_M, and Q4_K_M with an importance matrix computed
+  by llama-imatrix from the calibration text (when `make bench-gguf` has built llama.cpp's tools);
+- lowbit: `q8_0`, `q5_0`, `q4_0` and `q4_1` (round-to-nearest), `q5_0-gptq`, `q5_0-awq-gptq`,
+  `q4_0-gptq`, `q4_0-awq-gptq` and `q4_1-gptq` (GPTQ, AWQ + GPTQ, calibrated on the same text),
+  written by `lowbit.export_gguf` (`lowbit export --format gguf`); --recipes picks some. With
   --tune-steps, each calibrated one is also written after that many steps of scale tuning
   (lowbit.qat.tune_scales: its group scales and norms trained against the float model on the
   calibration sequences, every integer kept).
   Q5_0 is where llama.cpp's Q4_K_M puts most of this model: its 576-wide rows are not a multiple
-  of Q4_K's 256, and llama.cpp falls back to Q5_0 for them.
+  of Q4_K's 256, and llama.cpp falls back to Q5_0 for them. SmolLM2's Linear weights were
+  published as Q4_1 blocks: a Q4_1 file of them (llama.cpp's or lowbit's) holds them exactly, so
+  its rows measure the file format, not how well 4 bits round a trained model.
 Perplexity: llama.cpp's logits over the first --tokens tokens of the Wikipedia corpus (sliding
 windows of 512, stride 256, each token scored once), the same token ids for every file.
 Calibration: --calibration sequences of 512 tokens from the end of the corpus, which the scored
@@ -41,8 +43,9 @@ from bench.llm_4bit import smollm2_workload
 from bench.smollm2 import Contender, decode_speed, perplexity
 from lowbit.families import transformers as hf
 
-LOWBIT_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q5_0-awq-gptq", "q4_0", "q4_0-gptq", "q4_0-awq-gptq")
-LLAMACPP_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
+LOWBIT_RECIPES = ("q8_0", "q5_0", "q5_0-gptq", "q5_0-awq-gptq", "q4_0", "q4_0-gptq", "q4_0-awq-gptq", "q4_1",
+                  "q4_1-gptq")
+LLAMACPP_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 # llama.cpp's llama-imatrix and llama-quantize, built by `make bench-gguf`
 TOOLS = Path(os.environ.get("LOWBIT_LLAMACPP_TOOLS", Path.home() / ".cache/lowbit/llama.cpp-tools"))
 NEW_TOKENS = 64

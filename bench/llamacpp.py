@@ -21,7 +21,7 @@ import torch
 from lowbit.data.assets import cache_folder
 from lowbit.families.transformers import SMOLLM2_GGUF
 
-GGUF_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* values
+GGUF_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q4_K_M": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* values
 DECODE_TYPES = ("Q8_0", "Q4_0")  # the types bench.smollm2 times beside lowbit's w8 and w4
 
 

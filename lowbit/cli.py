@@ -863,7 +863,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="The file to write; must not exist.")],
     file_format: Annotated[str, typer.Option("--format", callback=_one_of("onnx", "gguf"),
         help="What to write: onnx (ONNX Runtime), or gguf (llama.cpp, Ollama, LM Studio; a Llama "
-        "model quantized with a q8_0, q5_0 or q4_0 recipe: RTN, -gptq or -awq-gptq).")] = "onnx",
+        "model quantized with a q8_0, q5_0, q4_0 or q4_1 recipe: RTN, -gptq or -awq-gptq).")] = "onnx",
     accuracy_level: Annotated[int, typer.Option(min=0, max=4,
         help="0: float32 compute from lowbit's dequantized weights; 4: int8 activations per block.")] = 0,
     activation_block: Annotated[int | None, typer.Option(callback=_one_of_blocks,

@@ -37,6 +37,21 @@ def test_inconsistent_recipes_are_refused_with_a_reason(changes, message):
         make_recipe("w8a8-dynamic", **changes)
 
 
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"symmetric": True}, "asymmetric int4 groups"),
+    ({"weights": "int5"}, "asymmetric int4 groups"),
+    ({"algorithm": "hqq"}, "optimises its own float zero points"),
+])
+def test_a_grid_with_a_minimum_is_refused_where_it_cannot_apply(changes, message):
+    with pytest.raises(InvalidRecipeError, match=message):
+        make_recipe("q4_1", **changes)
+
+
+def test_q4_1_gives_specs_with_a_minimum():
+    assert make_recipe("q4_1").layer_spec().zero_point == "minimum"
+    assert make_recipe("q4_1").layer_spec("embedding").zero_point == "minimum"
+
+
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(InvalidRecipeError, match="w8a8-dynamic"):
         make_recipe("w3")

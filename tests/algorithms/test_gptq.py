@@ -23,7 +23,8 @@ from tests.fixtures_models import (
 
 SPECS = [LayerSpec("weight_only", "int4", "group:32", False),
          LayerSpec("weight_only", "int4", "group:32", True),
-         LayerSpec("weight_only", "int8", "per_channel", True)]
+         LayerSpec("weight_only", "int8", "per_channel", True),
+         LayerSpec("weight_only", "int4", "group:32", False, scale_dtype="float16", zero_point="minimum")]
 
 
 def _layer(outlier: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +41,7 @@ def _output_error(weight: torch.Tensor, rounded: torch.Tensor, inputs: torch.Ten
     return float(((inputs @ (weight - rounded).T) ** 2).mean())
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["int4-asymmetric", "int4-symmetric", "int8"])
+@pytest.mark.parametrize("spec", SPECS, ids=["int4-asymmetric", "int4-symmetric", "int8", "q4_1"])
 @pytest.mark.parametrize("outlier", [False, True], ids=["plain", "outlier-channel"])
 def test_gptq_beats_round_to_nearest_on_the_layer_output(spec, outlier):
     weight, inputs = _layer(outlier)
@@ -57,7 +58,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output(spec, outlier):
     assert low <= int(rounded.data.min()) and int(rounded.data.max()) <= high
 
 
-@pytest.mark.parametrize("spec", SPECS[:2], ids=["asymmetric", "symmetric"])
+@pytest.mark.parametrize("spec", [*SPECS[:2], SPECS[3]], ids=["asymmetric", "symmetric", "q4_1"])
 def test_the_searched_grid_never_rounds_a_group_worse_than_round_to_nearest(spec):
     from lowbit.algorithms.gptq import _grid_error, searched_grid
 

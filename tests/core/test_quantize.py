@@ -132,3 +132,38 @@ def test_symmetric_int4_puts_the_largest_magnitude_on_its_extra_level(sign):
     assert float(torch.sign(quantized.scale[0, 0])) == -sign
     assert int(quantized.data[0, 0]) == 0  # x = scale * (0 - 8): the largest magnitude, exactly
     assert torch.equal(quantized.dequantize()[1, :2], x[1, :2])  # ±1 as ±7 steps of 1/7: not clipped
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices())
+def test_a_grid_with_a_minimum_rounds_within_half_a_step(array):
+    x = torch.from_numpy(array)
+    quantized = quantize_tensor(x, "uint4", "group:32", symmetric=False, minimum=True)
+    assert quantized.zero_point is None and quantized.minimum is not None
+    error = to_blocks((quantized.dequantize() - x).abs(), quantized.granularity)
+    assert bool((error <= quantized.scale.reshape(-1, 1) / 2 * (1 + 1e-5) + 1e-6).all())
+    levels = to_blocks(quantized.data, quantized.granularity).float() * quantized.scale.reshape(-1, 1)
+    assert torch.equal(quantized.dequantize(), (levels + quantized.minimum.reshape(-1, 1)).reshape(x.shape))
+
+
+def test_a_minimum_follows_a_group_far_from_zero_where_a_zero_point_cannot():
+    # values in [10, 11]: a grid through 0 spans [0, 11] with 15 steps; one from the minimum, [10, 11]
+    x = 10 + torch.rand(4, 64, generator=torch.Generator().manual_seed(0))
+    through_zero = quantize_tensor(x, "uint4", "group:32", symmetric=False, scale_dtype=torch.float16)
+    from_minimum = quantize_tensor(x, "uint4", "group:32", symmetric=False, scale_dtype=torch.float16,
+                                   minimum=True)
+    assert (from_minimum.dequantize() - x).abs().max() < (through_zero.dequantize() - x).abs().max() / 5
+    assert torch.equal(from_minimum.minimum.half().float(), from_minimum.minimum)  # as Q4_1 holds it
+    assert torch.equal(from_minimum.scale.half().float(), from_minimum.scale)
+
+
+def test_a_constant_group_with_a_minimum_round_trips():
+    constant = torch.full((2, 64), -3.5)
+    quantized = quantize_tensor(constant, "uint4", "group:32", symmetric=False, minimum=True)
+    assert torch.equal(quantized.dequantize(), constant)
+
+
+@pytest.mark.parametrize(("qtype", "symmetric"), [("int4", False), ("uint4", True)])
+def test_a_minimum_is_for_asymmetric_unsigned_grids_only(qtype, symmetric):
+    with pytest.raises(QuantizationError, match="asymmetric and unsigned"):
+        quantize_tensor(torch.randn(2, 32), qtype, "group:32", symmetric=symmetric, minimum=True)

@@ -34,7 +34,7 @@ def test_folder_has_safetensors_and_a_manifest_without_pickle(saved_mlp):
     assert manifest["versions"]["torch"] == torch.__version__
 
 
-@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8", "w4-g32", "fp16", "q8_0", "q5_0", "q4_0"])
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8", "w4-g32", "fp16", "q8_0", "q5_0", "q4_0", "q4_1"])
 @pytest.mark.parametrize("factory", [tiny_mlp, tiny_cnn, tied_lm], ids=lambda f: f.__name__)
 def test_outputs_after_load_are_bit_identical(tmp_path, recipe, factory):
     model = factory().eval()

@@ -26,6 +26,7 @@ SPECS = [
     LayerSpec("dynamic", "int8", "per_channel", True, "uint8-full"),  # fbgemm only where VNNI is
     LayerSpec("weight_only", "int5", "group:32", True, scale_dtype="float16"),  # GGUF's Q5_0
     LayerSpec("weight_only", "int8", "group:32", True, scale_dtype="float16"),  # GGUF's Q8_0
+    LayerSpec("weight_only", "int4", "group:32", False, scale_dtype="float16", zero_point="minimum"),  # Q4_1
 ]
 
 
@@ -140,7 +141,8 @@ def test_qlinear_keeps_leading_dimensions_and_dtype():
 
 
 @pytest.mark.parametrize("spec", [LayerSpec("weight_only", "int8", "per_channel", True),
-                                  LayerSpec("weight_only", "int4", "group:32", False)])
+                                  LayerSpec("weight_only", "int4", "group:32", False),
+                                  LayerSpec("weight_only", "int4", "group:32", False, zero_point="minimum")])
 def test_qembedding_gathers_exactly_the_dequantized_rows(spec):
     embedding = nn.Embedding(500, 64)
     module = QEmbedding.from_float(embedding, spec)

@@ -43,7 +43,7 @@ def _kept(hidden, batch):
     return hidden[batch["attention_mask"].bool()]
 
 
-@pytest.mark.parametrize("recipe", [None, "w8", "w4-g32", "fp16", "q4_0", "q5_0", "q8_0"])
+@pytest.mark.parametrize("recipe", [None, "w8", "w4-g32", "fp16", "q4_0", "q5_0", "q8_0", "q4_1"])
 def test_the_graph_computes_what_lowbit_computes(recipe):
     model = tiny_bert()
     if recipe is not None:

@@ -95,6 +95,11 @@ def test_learning_ranges_without_static_grids_is_refused():
         lowbit.qat.prepare(tiny_mlp(), "w4", learn_ranges=True, progress=False)
 
 
+def test_a_grid_with_a_minimum_is_refused_for_training():
+    with pytest.raises(QuantizationError, match="a grid with a minimum"):
+        lowbit.qat.prepare(tiny_mlp(), "q4_1", progress=False)
+
+
 def test_fake_quant_conv_equals_the_converted_convolution(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
     calibration = _calibration((3, 8, 8))

@@ -73,6 +73,13 @@ def test_models_with_quantized_activations_are_refused():
         lowbit.qat.tune_scales(quantized, model, [torch.randn(4, 64)], steps=1, progress=False)
 
 
+def test_grids_with_a_minimum_are_refused():
+    model = tiny_mlp().eval()
+    quantized = lowbit.quantize(model, "q4_1", progress=False)
+    with pytest.raises(QuantizationError, match="has a minimum"):
+        lowbit.qat.tune_scales(quantized, model, [torch.randn(4, 64)], steps=1, progress=False)
+
+
 def test_a_float_model_is_refused():
     model = tiny_mlp().eval()
     with pytest.raises(QuantizationError, match="no group-wise weight-only Linear"):
