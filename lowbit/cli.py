@@ -33,6 +33,7 @@ from lowbit.families.api import load, save
 from lowbit.families.lazy_weights import quantize_pretrained
 from lowbit.families.registry import family_of
 from lowbit.families.sources import load_source
+from lowbit.families.written_while_quantizing import data_free
 from lowbit.formats.atomic import write_text
 from lowbit.formats.gguf_file import export_gguf
 from lowbit.formats.lowbit_format import check_folder, read_manifest, verify_files
@@ -298,6 +299,11 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
     if tune_steps and not batches:
         raise LowbitError("--tune-steps needs --calibration: the text the float model teaches on")
     options = {"calibration": batches, "skip": skip, "fallback": fallback}
+    if pretrained and runtime == "torch" and data_free(chosen) and not batches and not tune_steps:
+        # written shard by shard as it is quantized: neither model is ever held whole
+        folder = quantize_pretrained(source, chosen, out=out, overwrite=overwrite, **options)
+        _print_written(folder, recipe)
+        return
     if pretrained:  # each module's float weights read from the files as it is quantized
         quantized = quantize_pretrained(source, chosen, **options)
     else:  # in place: the model was loaded for this alone, each float module freed as it is replaced
@@ -310,12 +316,16 @@ def _quantize_torch(source, out, recipe, calibration, skip, weights, group_size,
                       f"{tuned.loss} loss {tuned.curve[0][2]:.4g} -> {tuned.curve[-1][2]:.4g}")
     folder = save(quantized, out, overwrite=overwrite, runtime=runtime, accuracy_level=accuracy_level,
                   activation_block=activation_block)
-    modules = quantized_modules(quantized)
-    console.print(
-        f"quantized {len(modules)} modules with {recipe}; wrote {folder} "
-        f"({_mib(folder_bytes(folder))}, source weights {_mib(quantized.lowbit_source['bytes'])})"
-    )
+    _print_written(folder, recipe)
+
+
+def _print_written(folder: Path, recipe: str) -> None:
+    """What `quantize` wrote, from the folder's manifest."""
     manifest = json.loads((folder / "lowbit.json").read_text())
+    console.print(
+        f"quantized {len(manifest['modules'])} modules with {recipe}; wrote {folder} "
+        f"({_mib(folder_bytes(folder))}, source weights {_mib(manifest['source']['bytes'])})"
+    )
     choice = manifest.get("runtime_choice") or {}
     reason = f" ({choice['reason']})" if choice.get("reason") else ""
     console.print(f"runtime: {manifest['runtime']}{reason}")

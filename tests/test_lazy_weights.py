@@ -10,11 +10,14 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 import lowbit
-from lowbit.errors import ModelLoadError
+from lowbit.errors import ModelLoadError, QuantizationError
 from lowbit.families import transformers as hf
-from lowbit.families.lazy_weights import open_lazily
+from lowbit.families.lazy_weights import LazyWeights, open_lazily
+from lowbit.nn import QLinear
+from lowbit.transform.quantize import quantized_modules
 
 
 def _llama(folder, layers, hidden, intermediate, vocab, shard, tied=True):
@@ -89,6 +92,56 @@ def test_an_untied_lm_head_is_rounded_by_gptq_after_the_blocks_lazily_as_whole(t
     assert torch.equal(whole.model.embed_tokens.weight, nearest.model.embed_tokens.weight)  # a table
 
 
+def _resident_quantized_bytes(model) -> int:
+    return sum(buffer.numel() * buffer.element_size() for module in quantized_modules(model).values()
+               for buffer in module.buffers() if not buffer.is_meta)
+
+
+@pytest.mark.parametrize("recipe", ["w4-g32", "q4_1", "w4-hqq"])
+def test_the_folder_is_written_shard_by_shard_while_quantizing(tmp_path, monkeypatch, recipe):
+    sharded = _llama(tmp_path / "deep", 6, 64, 128, 100, "100KB")  # a small vocabulary: blocks dominate
+    resident = []
+    read = LazyWeights.load
+
+    def reading(self, modules):  # what the model holds in quantized tensors as each module is read
+        resident.append(_resident_quantized_bytes(self.model))
+        return read(self, modules)
+
+    monkeypatch.setattr(LazyWeights, "load", reading)
+    folder = lowbit.quantize_pretrained(sharded, recipe, out=tmp_path / "streamed", max_shard_bytes=4096,
+                                        progress=False)
+    monkeypatch.undo()
+    whole = lowbit.quantize_pretrained(sharded, recipe, progress=False)
+    assert _same_state(lowbit.load(folder), whole)
+    saved = lowbit.save(whole, tmp_path / "saved", runtime="torch")
+    streamed, expected = (json.loads((f / "lowbit.json").read_text()) for f in (folder, saved))
+    del streamed["files"], expected["files"]
+    assert streamed == expected  # the same manifest but for how the tensors split into files
+    assert len(list(folder.glob("model.lowbit-*.safetensors"))) > 5
+    # held at any time: the tied embedding and LM head (kept to the end, then stored once), a shard
+    # not yet full and the module just made; never the quantized model
+    modules = {name: _resident_quantized_bytes(nn.Sequential(module))
+               for name, module in quantized_modules(whole).items()}
+    tied = modules["model.embed_tokens"] + modules["lm_head"]
+    assert max(resident) <= tied + 4096 + max(modules.values()) < sum(modules.values()) / 2
+
+
+def test_writing_while_quantizing_refuses_a_calibrated_recipe_and_writes_nothing(sharded, tmp_path):
+    with pytest.raises(QuantizationError, match="data-free recipes"):
+        lowbit.quantize_pretrained(sharded, "w4-gptq", out=tmp_path / "out", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failure_while_writing_shard_by_shard_leaves_nothing(sharded, tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise QuantizationError("planted failure")
+
+    monkeypatch.setattr(QLinear, "from_float", failing)
+    with pytest.raises(QuantizationError, match="planted"):
+        lowbit.quantize_pretrained(sharded, "w8", out=tmp_path / "out", max_shard_bytes=4096, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_checkpoint_missing_a_tensor_is_refused(sharded, tmp_path):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
@@ -123,6 +176,9 @@ CAPPED = textwrap.dedent("""
     warm, big, out, mode, budget = sys.argv[1:6]
 
     def run(folder, target):
+        if mode == "stream":  # written shard by shard as it is quantized
+            lowbit.quantize_pretrained(folder, "w4-g64", out=target, max_shard_bytes=4 << 20, progress=False)
+            return
         if mode == "lazy":
             model = lowbit.quantize_pretrained(folder, "w4-g64", progress=False)
         else:
@@ -130,6 +186,7 @@ CAPPED = textwrap.dedent("""
         lowbit.save(model, target, runtime="torch")
 
     run(warm, out + "-warm")
+    run(warm, out + "-warm-again")  # whatever a first run sets up lazily is set up by now
     size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (size + int(budget), resource.RLIM_INFINITY))
     try:
@@ -157,9 +214,11 @@ def test_a_model_larger_than_the_memory_cap_is_quantized_shard_by_shard(tmp_path
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "MALLOC_ARENA_MAX": "1"})
 
-    runs = {mode: capped(mode) for mode in ("whole", "lazy")}
+    runs = {mode: capped(mode) for mode in ("whole", "lazy", "stream")}
     errors = {mode: run.communicate(timeout=300)[1] for mode, run in runs.items()}
     assert runs["whole"].returncode == 3, errors["whole"][-2000:]  # the cap is real: a whole load fails
     assert runs["lazy"].returncode == 0, errors["lazy"][-2000:]
+    assert runs["stream"].returncode == 0, errors["stream"][-2000:]
     expected = lowbit.quantize_pretrained(big, "w4-g64", progress=False)
     assert _same_state(lowbit.load(tmp_path / "lazy"), expected)
+    assert _same_state(lowbit.load(tmp_path / "stream"), expected)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class LazyWeights:
 
     def __init__(self, model: nn.Module, files: dict[str, Path]) -> None:
         self.model, self.files = model, files
+        self.before_read: Callable[[], None] | None = None  # called before each read (see `load`)
         self.names: dict[int, list[str]] = {}  # a parameter on meta (tied ones share it) -> its names
         self.read: dict[int, list[str]] = {}  # the same for parameters read from the files
         self.layouts: dict[Path, Layout] = {}  # each file's, read once
@@ -100,10 +101,13 @@ class LazyWeights:
 
     def load(self, modules: Iterable[str]) -> None:
         """Read the parameters of the named modules (and of their submodules) still on meta,
-        first handing back to the system what the modules quantized before them freed."""
+        first calling `before_read` (lowbit.families.written_while_quantizing writes the modules
+        quantized so far there) and handing back to the system what was freed before."""
         unread = {id(parameter): parameter for prefix in modules  # a tied parameter once
                   for parameter in self.model.get_submodule(prefix).parameters() if parameter.is_meta}
         if unread:
+            if self.before_read is not None:
+                self.before_read()
             release_freed_memory()
         for parameter in unread.values():
             self._read(parameter)
@@ -189,12 +193,22 @@ def open_lazily(folder: str | Path) -> tuple[nn.Module, LazyWeights]:
     return model, LazyWeights(model, files)
 
 
-def quantize_pretrained(folder: str | Path, recipe: Any = "w8a8-dynamic", **options: Any) -> nn.Module:
+def quantize_pretrained(folder: str | Path, recipe: Any = "w8a8-dynamic", out: str | Path | None = None,
+                        **options: Any) -> nn.Module | Path:
     """`lowbit.quantize` of the transformers model in `folder`, its weights read from their
     safetensors files (sharded or not) only as each module, or each block for GPTQ and AWQ, is
     quantized: peak memory is about the quantized model plus one block, not the float model.
     (SmoothQuant and static recipes run the whole float model first, so they read it all.)
-    A checkpoint whose tensor names differ from the model's is loaded whole, with a warning."""
+    A checkpoint whose tensor names differ from the model's is loaded whole, with a warning.
+
+    With `out`, a data-free recipe's model is written there as it is made, a lowbit folder for
+    PyTorch, each shard of quantized tensors leaving memory once written (`overwrite` and
+    `max_shard_bytes` as for lowbit.save); returns the folder
+    (lowbit.families.written_while_quantizing)."""
+    if out is not None:
+        from lowbit.families.written_while_quantizing import quantize_into_folder  # it builds on this file
+
+        return quantize_into_folder(folder, recipe, out, **options)
     try:
         model, weights = open_lazily(folder)
     except NamesDifferError as error:

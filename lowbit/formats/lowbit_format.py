@@ -55,18 +55,6 @@ def deduplicate(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return unique, aliases
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    return [*shards, current]
-
-
 TENSOR_FILE = "model.lowbit.safetensors"  # not model.safetensors: see lowbit.families.hf_quantizer
 
 
@@ -80,12 +68,6 @@ def tensor_regions(folder: Path) -> list[tuple[str, int, int]]:
     return regions
 
 
-def _shard_names(count: int) -> list[str]:
-    if count == 1:
-        return [TENSOR_FILE]
-    return [f"model.lowbit-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-
-
 def _file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
@@ -96,6 +78,48 @@ def _other_files(staging: Path, listed: dict[str, Any]) -> dict[str, dict[str, A
              for path in sorted(staging.rglob("*")) if path.is_file()}
     return {name: _file_entry(path) for name, path in files.items()
             if name != MANIFEST and name not in listed}
+
+
+class ShardWriter:
+    """Tensor files written as tensors arrive: each shard goes to disk once it holds
+    `max_bytes`, so a model quantized module by module need not be held whole to be saved
+    (lowbit.families.lazy_weights). `finish` names the shards as a folder holds them."""
+
+    def __init__(self, staging: Path, max_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.staging, self.max_bytes = staging, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, dict[str, str]]] = []  # (file, each tensor's sha256)
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue `tensors` (already deduplicated), writing a shard whenever one is full."""
+        for name, tensor in tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+                self.flush()
+            self.pending[name] = tensor.detach().contiguous()
+            self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        """Write what is queued as one shard, and let go of it."""
+        if not self.pending and self.written:
+            return
+        path = self.staging / f"shard-{len(self.written):05d}.partial"
+        save_file(self.pending, path, metadata={"format": "pt", "writer": "lowbit"})
+        self.written.append((path, {key: tensor_sha256(value) for key, value in self.pending.items()}))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """Write the rest and name the shards (model.lowbit.safetensors when there is one):
+        the manifest's entry for each."""
+        if self.pending or not self.written:
+            self.flush()
+        count, files = len(self.written), {}
+        for index, (path, tensors) in enumerate(self.written):
+            name = TENSOR_FILE if count == 1 else f"model.lowbit-{index + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(self.staging / name)
+            files[name] = {**_file_entry(self.staging / name), "tensors": tensors}
+        return files
 
 
 def write_folder(
@@ -115,19 +139,23 @@ def write_folder(
     with atomic_folder(path, overwrite) as staging:
         unique, aliases = deduplicate(tensors)
         unique, sparse_record = encode_sparse(unique) if sparse else (unique, {})
-        files = {}
-        shards = _shards(unique, max_shard_bytes)
-        for name, shard in zip(_shard_names(len(shards)), shards, strict=True):
-            save_file(shard, staging / name, metadata={"format": "pt", "writer": "lowbit"})
-            files[name] = {**_file_entry(staging / name),
-                           "tensors": {key: tensor_sha256(value) for key, value in shard.items()}}
-        if write_extra is not None:
-            write_extra(staging)
-        files.update(_other_files(staging, files))
-        full_manifest = {"format": "lowbit", "format_version": FORMAT_VERSION, **manifest,
-                         "sparse": sparse_record, "files": files, "aliases": aliases}
-        (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=False))
+        shards = ShardWriter(staging, max_shard_bytes)
+        shards.add(unique)
+        finish_folder(staging, shards, manifest, write_extra, aliases, sparse_record)
     return Path(path)
+
+
+def finish_folder(staging: Path, shards: ShardWriter, manifest: dict[str, Any],
+                  write_extra: Callable[[Path], None] | None, aliases: dict[str, str],
+                  sparse_record: dict[str, Any] | None = None) -> None:
+    """The last shard, the family's files and the manifest that lists every file."""
+    files = shards.finish()
+    if write_extra is not None:
+        write_extra(staging)
+    files.update(_other_files(staging, files))
+    full_manifest = {"format": "lowbit", "format_version": FORMAT_VERSION, **manifest,
+                     "sparse": sparse_record or {}, "files": files, "aliases": aliases}
+    (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=False))
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
