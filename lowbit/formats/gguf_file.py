@@ -131,11 +131,11 @@ def _gguf() -> Any:
 def block_type_for(name: str, module: nn.Module) -> BlockType:
     """The block type that holds `module`'s quantized weight exactly, or a GGUFError saying why none does."""
     spec = module.spec
-    offset = spec.symmetric or spec.zero_point == "minimum"  # a grid GGUF blocks offset as lowbit does
-    kind = next((k for k in BLOCK_TYPES.values() if (k.weight, k.symmetric) == (spec.weight, spec.symmetric)),
-                None)
+    held = spec.symmetric or spec.zero_point == "minimum"  # blocks offset by a midpoint or by a minimum
+    kind = next((k for k in BLOCK_TYPES.values()
+                 if held and (k.weight, k.symmetric) == (spec.weight, spec.symmetric)), None)
     reasons = []
-    if kind is None or not offset:
+    if kind is None:
         reasons.append(f"{spec.weight} weights, {GRIDS[spec.symmetric, spec.zero_point]}, have no GGUF block "
                        "type (it holds symmetric int8, int5 and int4, and int4 with a minimum)")
     if spec.granularity != f"group:{BLOCK}":

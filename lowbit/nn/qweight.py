@@ -68,16 +68,16 @@ class QuantizedWeightMixin:
 
     def store_quantized(self: nn.Module, quantized: QuantizedTensor) -> None:
         """Take values already rounded by an algorithm (RTN, GPTQ, ...) into the buffers."""
+        if (quantized.minimum is None) != (getattr(self, "weight_minimum", None) is None):
+            has = "with" if quantized.minimum is not None else "without"
+            raise QuantizationError(f"a grid {has} a minimum cannot be stored in a module whose spec's zero "
+                                    f"point is {self.spec.zero_point!r}")
         data = pack_int4(quantized.data) if quantized.qtype.bits == 4 else quantized.data
         self.weight.copy_(data)
         if quantized.scale is not None:
             self.weight_scale.copy_(quantized.scale)
         if quantized.zero_point is not None:
             self.weight_zero_point.copy_(quantized.zero_point)
-        if (quantized.minimum is None) != (getattr(self, "weight_minimum", None) is None):
-            has = "with" if quantized.minimum is not None else "without"
-            raise QuantizationError(f"a grid {has} a minimum cannot be stored in a module whose spec's zero "
-                                    f"point is {self.spec.zero_point!r}")
         if quantized.minimum is not None:
             self.weight_minimum.copy_(quantized.minimum)
 
