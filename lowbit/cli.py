@@ -266,8 +266,10 @@ def quantize(
     \b
     Examples:
       lowbit quantize ./minilm --recipe w8a8-dynamic --out ./minilm-w8a8
-      lowbit quantize ./minilm --recipe w4 --max-drop 0.005 --data val.jsonl --out ./q
-      lowbit quantize model.joblib --trust-pickle --data test.jsonl --out model.lowbit
+      lowbit quantize ./minilm --recipe w4 --max-drop 0.005 --data val.jsonl \\
+          --out ./q
+      lowbit quantize model.joblib --trust-pickle --data test.jsonl \\
+          --out model.lowbit
     """
     with _user_errors():
         if out.exists() and not overwrite:
@@ -775,8 +777,10 @@ def tune_command(
 
     \b
     Examples:
-      lowbit tune ./minilm --data val.jsonl --metric cosine --max-drop 0.01 --out ./q
-      lowbit tune ./minilm --data val.jsonl --max-drop 0.01 --out ./q --ray 10.0.0.5:6379
+      lowbit tune ./minilm --data val.jsonl --metric cosine --max-drop 0.01 \\
+          --out ./q
+      lowbit tune ./minilm --data val.jsonl --max-drop 0.01 --out ./q \\
+          --ray 10.0.0.5:6379
     """
     with _user_errors():
         if out.exists() and not overwrite:
@@ -947,8 +951,8 @@ def qat(
     Examples:
       lowbit qat ./minilm --recipe w4 --data sentences.txt --time-budget 720 \\
           --out ./minilm-w4-qat
-      lowbit qat ./minilm --recipe w8a8-static --calibration calib.jsonl --data train.jsonl \\
-          --steps 300 --out ./minilm-w8a8-qat
+      lowbit qat ./minilm --recipe w8a8-static --calibration calib.jsonl \\
+          --data train.jsonl --steps 300 --out ./minilm-w8a8-qat
     """
     with _user_errors():
         from lowbit.data.batches import as_dataset, training_inputs
@@ -1018,8 +1022,10 @@ def prune(
 
     \b
     Examples:
-      lowbit prune ./minilm --sparsity 0.5 --calibration calib.txt --out ./minilm-sparse
-      lowbit prune ./minilm --data sentences.txt --time-budget 900 --out ./minilm-sparse-kd
+      lowbit prune ./minilm --sparsity 0.5 --calibration calib.txt \\
+          --out ./minilm-sparse
+      lowbit prune ./minilm --data sentences.txt --time-budget 900 \\
+          --out ./minilm-sparse-kd
     """
     with _user_errors():
         from lowbit.data.batches import as_dataset, training_inputs
