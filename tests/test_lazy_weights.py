@@ -142,6 +142,21 @@ def test_a_failure_while_writing_shard_by_shard_leaves_nothing(sharded, tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_a_checkpoint_under_older_names_is_loaded_whole_and_still_written(tmp_path):
+    """Names without the `model.` prefix, which transformers' own loader maps: read module by
+    module is not possible, so the model is loaded whole (a warning says so), and saved."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _llama(tmp_path / "older", 2, 64, 128, 300, "10MB")
+    path = folder / "model.safetensors"
+    renamed = {key.removeprefix("model."): value for key, value in load_file(path).items()}
+    save_file(renamed, path, metadata={"format": "pt"})
+    with pytest.warns(lowbit.LowbitWarning, match="loading the whole model instead"):
+        written = lowbit.quantize_pretrained(folder, "w8", out=tmp_path / "out", progress=False)
+    expected = lowbit.quantize(hf.load_pretrained(folder), "w8", progress=False)
+    assert _same_state(lowbit.load(written), expected)
+
+
 def test_a_checkpoint_missing_a_tensor_is_refused(sharded, tmp_path):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]

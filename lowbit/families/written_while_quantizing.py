@@ -12,16 +12,18 @@ their tensors are stored once as a whole save stores them.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lowbit.algorithms import ALGORITHMS
-from lowbit.errors import QuantizationError
-from lowbit.families.lazy_weights import open_lazily
+from lowbit.errors import LowbitWarning, QuantizationError
+from lowbit.families import transformers as hf
+from lowbit.families.lazy_weights import NamesDifferError, open_lazily
 from lowbit.families.registry import torch_kind_of
-from lowbit.families.torch_folders import build_manifest
+from lowbit.families.torch_folders import build_manifest, save
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.lowbit_format import DEFAULT_SHARD_BYTES, ShardWriter, deduplicate, finish_folder
 from lowbit.transform.quantize import quantize, quantized_modules
@@ -71,7 +73,12 @@ def quantize_into_folder(folder: str | Path, recipe: Any, out: str | Path, overw
     if not data_free(recipe) or options.get("calibration") is not None:
         raise QuantizationError("writing the folder while quantizing is for data-free recipes (round-to-"
                                 "nearest, HQQ; weight-only or dynamic); quantize, then lowbit.save")
-    model, weights = open_lazily(folder)
+    try:
+        model, weights = open_lazily(folder)
+    except NamesDifferError as error:  # transformers' loader renames them: loaded whole, saved whole
+        warnings.warn(f"{error}: loading the whole model instead", LowbitWarning, stacklevel=3)
+        quantized = quantize(hf.load_pretrained(folder), recipe, inplace=True, **options)
+        return save(quantized, out, overwrite=overwrite, runtime="torch")
     with atomic_folder(out, overwrite) as staging:
         shards = ShardWriter(staging, max_shard_bytes)
         spill = _Spill(model, shards)
