@@ -51,6 +51,8 @@ class _Spill:
         self.tied = {owner for names in owners.values() if len(names) > 1 for owner in names}
 
     def write_finished(self) -> None:
+        """Queue every quantized module not yet written (a shard goes to disk when full), then put
+        its buffers on meta and drop its kernels' packed copies."""
         for name, module in quantized_modules(self.model).items():
             if name in self.done or name in self.tied:
                 continue
