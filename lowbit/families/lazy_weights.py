@@ -212,6 +212,13 @@ def quantize_pretrained(folder: str | Path, recipe: Any = "w8a8-dynamic", out: s
     try:
         model, weights = open_lazily(folder)
     except NamesDifferError as error:
-        warnings.warn(f"{error}: loading the whole model instead", LowbitWarning, stacklevel=2)
-        return quantize(hf.load_pretrained(folder), recipe, inplace=True, **options)
+        return quantize_whole(folder, recipe, error, stacklevel=3, **options)
     return quantize(model, recipe, weights=weights, **options)
+
+
+def quantize_whole(folder: str | Path, recipe: Any, error: NamesDifferError, stacklevel: int,
+                   **options: Any) -> nn.Module:
+    """The model in `folder` loaded whole by transformers (which renames the checkpoint's older
+    tensor names) and quantized in place, with a warning saying why it was not read lazily."""
+    warnings.warn(f"{error}: loading the whole model instead", LowbitWarning, stacklevel=stacklevel)
+    return quantize(hf.load_pretrained(folder), recipe, inplace=True, **options)

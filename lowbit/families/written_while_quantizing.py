@@ -12,16 +12,14 @@ their tensors are stored once as a whole save stores them.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lowbit.algorithms import ALGORITHMS
-from lowbit.errors import LowbitWarning, QuantizationError
-from lowbit.families import transformers as hf
-from lowbit.families.lazy_weights import NamesDifferError, open_lazily
+from lowbit.errors import QuantizationError
+from lowbit.families.lazy_weights import NamesDifferError, open_lazily, quantize_whole
 from lowbit.families.registry import torch_kind_of
 from lowbit.families.torch_folders import build_manifest, save
 from lowbit.formats.atomic import atomic_folder
@@ -34,8 +32,9 @@ def data_free(recipe: Recipe) -> bool:
     """Whether every module of `recipe` (its overrides too) is rounded on its own, from its weight
     alone: no calibration, no activation ranges, nothing folded across modules."""
     recipes = [recipe, *recipe.overrides.values()]
-    return all(r.scheme != "static" and r.smoothing is None and not ALGORITHMS.get(r.algorithm).needs_hessian
-               and ALGORITHMS.get(r.algorithm).scales_inputs is None for r in recipes)
+    algorithms = [ALGORITHMS.get(r.algorithm) for r in recipes]
+    return all(r.scheme != "static" and r.smoothing is None and not a.needs_hessian
+               and a.scales_inputs is None for r, a in zip(recipes, algorithms, strict=True))
 
 
 class _Spill:
@@ -77,9 +76,8 @@ def quantize_into_folder(folder: str | Path, recipe: Any, out: str | Path, overw
                                 "nearest, HQQ; weight-only or dynamic); quantize, then lowbit.save")
     try:
         model, weights = open_lazily(folder)
-    except NamesDifferError as error:  # transformers' loader renames them: loaded whole, saved whole
-        warnings.warn(f"{error}: loading the whole model instead", LowbitWarning, stacklevel=3)
-        quantized = quantize(hf.load_pretrained(folder), recipe, inplace=True, **options)
+    except NamesDifferError as error:  # loaded whole, saved whole
+        quantized = quantize_whole(folder, recipe, error, stacklevel=4, **options)
         return save(quantized, out, overwrite=overwrite, runtime="torch")
     with atomic_folder(out, overwrite) as staging:
         shards = ShardWriter(staging, max_shard_bytes)

@@ -102,8 +102,6 @@ class ShardWriter:
 
     def flush(self) -> None:
         """Write what is queued as one shard, and let go of it."""
-        if not self.pending and self.written:
-            return
         path = self.staging / f"shard-{len(self.written):05d}.partial"
         save_file(self.pending, path, metadata={"format": "pt", "writer": "lowbit"})
         self.written.append((path, {key: tensor_sha256(value) for key, value in self.pending.items()}))
