@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 import lowbit
 from lowbit.core import CALIBRATORS, Histogram, compute_range
@@ -97,3 +98,15 @@ def test_calibrate_covers_the_static_same_padding_convolutions_quantize_replaces
     static = [name for name, module in quantized.named_modules() if getattr(module, "spec", None)
               and module.spec.scheme == "static"]
     assert static and set(static) <= set(result.histograms)
+
+
+@pytest.mark.parametrize(("model", "returned"), [
+    (nn.Sequential(nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 6)), ["2"]),
+    (nn.Sequential(nn.Linear(64, 12), nn.Unflatten(1, (3, 4))), ["0"]),  # a view of its output
+    (nn.Sequential(nn.Linear(64, 12), nn.Softmax(-1)), []),  # read by another operation
+])
+def test_calibration_finds_the_modules_whose_output_the_model_returns(model, returned, mlp_batches,
+                                                                     tmp_path):
+    result = calibrate(model.eval(), mlp_batches, progress=False)
+    assert result.outputs == returned
+    assert load_calibration(result.save(tmp_path / "calibration.safetensors")).outputs == returned

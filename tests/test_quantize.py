@@ -178,3 +178,39 @@ def test_a_group_that_does_not_divide_adapts_to_the_largest_that_does():
         assert torch.nn.functional.cosine_similarity(quantized(x), model(x)).min() > 0.99
     with pytest.raises(QuantizationError, match="does not divide the input dimension 8"):
         lowbit.quantize(nn.Sequential(nn.Linear(8, 4)), "w4", progress=False)  # no group divides 8
+
+
+def test_a_static_linear_whose_output_the_model_returns_leaves_it_float(mlp, mlp_batches, tmp_path):
+    """Nothing reads the model's output on an int8 grid: rounding it only clips and ties logits.
+    The last Linear's kernel gives the int32 sums times the scales, as the reference computes."""
+    from lowbit.nn import kernels
+    from lowbit.transform.calibrate import calibrate
+
+    quantized = lowbit.quantize(mlp, "w8a8-static", calibration=mlp_batches, progress=False)
+    assert (quantized[0].spec.output, quantized[2].spec.output) == ("uint8", "float")
+    rounding_all = calibrate(mlp, mlp_batches, progress=False)
+    rounding_all.outputs = []  # what a calibration file written before this knew: every output rounded
+    rounded = lowbit.quantize(mlp, "w8a8-static", calibration=rounding_all, progress=False)
+    assert rounded[2].spec.output == "uint8"
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        hidden = quantized[1](quantized[0](x))
+        reference = kernels.reference(quantized[2], hidden)
+        assert torch.allclose(kernels.fbgemm_static(quantized[2], hidden), reference, atol=1e-4)
+        assert torch.allclose(quantized(x), reference, atol=1e-4)
+        assert len(reference.unique()) > 256  # on no 8-bit grid
+        error, rounded_error = ((model(x) - mlp(x)).norm() for model in (quantized, rounded))
+    assert error < rounded_error
+    loaded = lowbit.load(lowbit.save(quantized, tmp_path / "m", runtime="torch"), skeleton=mlp)
+    assert loaded[2].spec.output == "float"
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), quantized(x))
+
+
+def test_only_a_static_linear_may_leave_its_output_float():
+    from lowbit.nn.spec import LayerSpec
+
+    assert LayerSpec("static", "int8", "per_channel", True, output="float").problem("linear", (4, 4)) is None
+    for scheme, kind in (("weight_only", "linear"), ("dynamic", "linear"), ("static", "conv")):
+        problem = LayerSpec(scheme, "int8", "per_channel", True, output="float").problem(kind, (4, 4, 1, 1))
+        assert "only a static Linear's output may be float" in problem

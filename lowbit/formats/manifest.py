@@ -16,7 +16,7 @@ from lowbit.core import Granularity
 from lowbit.errors import FormatError, LowbitError
 from lowbit.nn.kernels import KERNEL_NAMES, ROW_BUCKETS
 from lowbit.nn.registry import QMODULES
-from lowbit.nn.spec import ACTIVATIONS, SCALE_DTYPES, SCHEMES, WEIGHT_TYPES, ZERO_POINTS
+from lowbit.nn.spec import ACTIVATIONS, OUTPUTS, SCALE_DTYPES, SCHEMES, WEIGHT_TYPES, ZERO_POINTS
 from lowbit.runtimes import RUNTIMES
 from lowbit.runtimes.onnxruntime import ACTIVATION_BLOCKS
 from lowbit.transform.prune import CRITERIA, PATTERNS
@@ -54,6 +54,7 @@ class SpecEntry(Strict):
     kernels: dict[Literal[(*map(str, ROW_BUCKETS), "all")], Literal[KERNEL_NAMES]] = Field(max_length=8)
     scale_dtype: Literal[tuple(SCALE_DTYPES)] = "float32"
     zero_point: Literal[ZERO_POINTS] = "int"
+    output: Literal[OUTPUTS] = "uint8"
 
     @field_validator("granularity")
     @classmethod

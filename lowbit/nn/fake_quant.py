@@ -47,8 +47,9 @@ class FakeQuant(nn.Module):
         self.qtype = get_qtype(storage_qtype(spec))
         self.granularity = Granularity.parse(spec.granularity)
         self.calibrated = {"input": input_range, "output": output_range}
-        learned = [side for side in learn_ranges
-                   if spec.scheme == "static" and self.calibrated[side] is not None]
+        rounded_sides = ("input", "output") if spec.output == "uint8" else ("input",)
+        learned = [side for side in learn_ranges if spec.scheme == "static"
+                   and side in rounded_sides and self.calibrated[side] is not None]
         self.range_steps = nn.ParameterDict({side: nn.Parameter(torch.zeros(2)) for side in learned})
         scale = zero_point = None
         if rounded is not None and not self.qtype.is_float:
@@ -93,7 +94,8 @@ class FakeQuant(nn.Module):
         elif self.spec.scheme == "static":
             x = self._static("input", x)
         y = functional_call(self.float_module, {"weight": self.fake_weight()}, (x,))
-        return self._static("output", y) if self.spec.scheme == "static" else y
+        rounds_output = self.spec.scheme == "static" and self.spec.output == "uint8"
+        return self._static("output", y) if rounds_output else y
 
     def bounds(self, side: str) -> torch.Tensor:
         """(low, high) of a learned static range, differentiable in its parameter."""

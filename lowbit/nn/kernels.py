@@ -65,7 +65,9 @@ def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> 
 
 def static_fake_quantize(module: torch.nn.Module, x: torch.Tensor, side: str) -> torch.Tensor:
     """Round a static module's "input" (7-bit grid; 8-bit for a "uint8-full" convolution) or
-    "output" (8-bit grid) as its kernel does."""
+    "output" (8-bit grid; none for a float output) as its kernel does."""
+    if side == "output" and module.spec.output == "float":
+        return x
     qmax = module.spec.input_qmax if side == "input" else 255
     return fake_quantize(x, float(getattr(module, f"{side}_scale")),
                          int(getattr(module, f"{side}_zero_point")), qmax)
@@ -74,11 +76,17 @@ def static_fake_quantize(module: torch.nn.Module, x: torch.Tensor, side: str) ->
 def quantize_static_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x as a quint8 tensor on a static module's calibrated 7-bit input grid (clamped first, so
     values outside the calibrated range cannot reach the saturating top half of uint8)."""
+    with _quantized_tensor_api():
+        return torch.quantize_per_tensor(clamped_static_input(module, x).contiguous(),
+                                         float(module.input_scale), int(module.input_zero_point),
+                                         torch.quint8)
+
+
+def clamped_static_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x clamped to a static module's calibrated 7-bit input grid."""
     scale, zero_point = float(module.input_scale), int(module.input_zero_point)
     low = -zero_point * scale
-    x = torch.clamp(x, low, low + ACTIVATION_QMAX * scale)
-    with _quantized_tensor_api():
-        return torch.quantize_per_tensor(x.contiguous(), scale, zero_point, torch.quint8)
+    return torch.clamp(x, low, low + ACTIVATION_QMAX * scale)
 
 
 def reference(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +194,12 @@ def dequantized_fp32(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def fbgemm_static(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """fbgemm `quantized::linear`: int8 weights, activations quantized with calibrated scales."""
+    """fbgemm `quantized::linear`: int8 weights, activations quantized with calibrated scales; a
+    float output is the int32 sums times the scales, plus the bias."""
+    if module.spec.output == "float":
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            clamped_static_input(module, x).contiguous(), float(module.input_scale),
+            int(module.input_zero_point), _fbgemm_packed(module))
     qx = quantize_static_input(module, x)
     qy = torch.ops.quantized.linear(
         qx, _fbgemm_packed(module), float(module.output_scale), int(module.output_zero_point)

@@ -22,6 +22,12 @@ SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # or any float (HQQ optimises them; x = (q - z) · scale all the same); or, instead of a zero point,
 # a float minimum added to the levels, x = q · scale + minimum (llama.cpp's Q4_1 blocks)
 ZERO_POINTS = ("int", "float", "minimum")
+# What a static module's output leaves as: rounded onto a calibrated 8-bit grid (what the next
+# int8 module reads), or float (the int32 sums times the scales) when the model returns it:
+# nothing reads it as int8, and rounding a classifier's logits clips the largest and ties the
+# nearest (lowbit.transform.calibrate.model_output_modules finds such modules). Linear only: fbgemm
+# and ONNX Runtime have int8 matrix products with a float output, no such convolution
+OUTPUTS = ("uint8", "float")
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,8 @@ class LayerSpec:
     a reload runs the same code and gives the same outputs. `scale_dtype` names the values the
     weight scales may take ("float32" or "float16"; they are stored in float32 either way);
     `zero_point` whether an asymmetric int4 grid's zero points are integers or floats (HQQ), or
-    whether it has a float minimum instead ("minimum": x = q · scale + minimum, held in the scale type).
+    whether it has a float minimum instead ("minimum": x = q · scale + minimum, held in the scale type);
+    `output` whether a static module rounds its output onto an 8-bit grid or leaves it float.
     """
 
     scheme: str
@@ -44,6 +51,7 @@ class LayerSpec:
     kernels: dict[str, str] = field(default_factory=dict)
     scale_dtype: str = "float32"
     zero_point: str = "int"
+    output: str = "uint8"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +85,9 @@ class LayerSpec:
         if self.zero_point not in ZERO_POINTS or (self.zero_point != "int" and (
                 self.weight != "int4" or self.symmetric or not granularity.startswith("group:"))):
             return "float zero points and minimums are for asymmetric int4 groups only"
+        float_output_allowed = (self.scheme, kind) == ("static", "linear")
+        if self.output not in OUTPUTS or (self.output != "uint8" and not float_output_allowed):
+            return f"unknown output {self.output!r}; only a static Linear's output may be float"
         if self.weight in ("fp16", "bf16"):
             return None if (self.scheme, granularity) == ("weight_only", "per_tensor") else \
                 "16-bit float weights are stored weight-only and per tensor"

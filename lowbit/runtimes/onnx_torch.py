@@ -234,6 +234,8 @@ class _Rewrite:
             node.input[2] = self.emit("DequantizeLinear", [
                 self.constant("bias", bias.astype(np.int32)), self.constant("bias_scale", bias_scales),
                 self.constant("bias_zero_point", np.zeros(len(bias), np.int32))], axis=0)
+        if module.spec.output == "float":
+            return
         output_grid = (float(module.output_scale), int(module.output_zero_point))
         self.pending[node.output[0]] = output_grid
         readers = self.readers[node.output[0]]

@@ -134,6 +134,7 @@ class CalibrationResult:
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     folded: dict[str, str] = field(default_factory=dict)  # {batch norm: conv} folded before recording
     sources: dict[str, str] = field(default_factory=dict)  # {conv: module whose output it reads}
+    outputs: list[str] = field(default_factory=list)  # modules whose output the model returns
 
     def ranges(self, calibrator: str = AUTO, names: Iterable[str] | None = None,
                **options: float) -> dict[str, dict[str, Any]]:
@@ -178,7 +179,8 @@ class CalibrationResult:
                    for key, value in histogram.state_dict().items()}
         metadata = {"format": "lowbit-calibration", "version": "1",
                     "input_shapes": json.dumps({k: list(v) for k, v in self.input_shapes.items()}),
-                    "folded": json.dumps(self.folded), "sources": json.dumps(self.sources)}
+                    "folded": json.dumps(self.folded), "sources": json.dumps(self.sources),
+                    "outputs": json.dumps(self.outputs)}
         return tensors, metadata
 
     @classmethod
@@ -194,7 +196,8 @@ class CalibrationResult:
         shapes = {k: tuple(v) for k, v in json.loads(metadata.get("input_shapes", "{}")).items()}
         folded = json.loads(metadata.get("folded", "{}"))
         sources = json.loads(metadata.get("sources", "{}"))
-        return cls(histograms, shapes, _folded_copy(model, folded), folded, sources)
+        outputs = json.loads(metadata.get("outputs", "[]"))
+        return cls(histograms, shapes, _folded_copy(model, folded), folded, sources, outputs)
 
 
 def merge_histograms(first: Histogram, second: Histogram) -> Histogram:
@@ -239,7 +242,37 @@ def calibrate(
     unlinked = [name for name in names
                 if isinstance(modules[name], nn.Conv2d) and name not in links.producers]
     sources = tensor_sources(subject, batches[0], unlinked) if unlinked else {}
-    return CalibrationResult(histograms, shapes, subject, links.batch_norms, sources)
+    outputs = model_output_modules(subject, batches[0], names)
+    return CalibrationResult(histograms, shapes, subject, links.batch_norms, sources, outputs)
+
+
+def model_output_modules(model: nn.Module, batch: Any, names: Iterable[str]) -> list[str]:
+    """The named modules whose output `model` returns, itself or a view of it (a classifier's
+    logits, a language model's head), found by one call on `batch`: nothing reads those outputs
+    on an int8 grid, so a static module there leaves its output float (LayerSpec.output)."""
+    made_by: dict[int, str] = {}
+    kept: list[torch.Tensor] = []  # alive until the end, so no storage is reused
+
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.numel():
+                kept.append(output)
+                made_by[output.untyped_storage().data_ptr()] = name
+
+        return hook
+
+    with forward_hooks(model, set(names), make_hook), torch.inference_mode():
+        returned = call_model(model, batch)
+    found = {made_by.get(tensor.untyped_storage().data_ptr()) for tensor in _tensors_in(returned)}
+    return sorted(name for name in found if name is not None)
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output: itself, or those in its tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.numel() else []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return [tensor for item in items for tensor in _tensors_in(item)]
 
 
 def _folded_copy(model: nn.Module | None, folded: dict[str, str]) -> nn.Module | None:

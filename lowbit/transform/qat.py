@@ -37,6 +37,7 @@ from lowbit.transform.quantize import (
     quantized_modules,
     share_tied_weights,
     weight_storage,
+    with_float_outputs,
 )
 from lowbit.transform.recipe import Recipe, make_recipe
 
@@ -107,7 +108,8 @@ def prepare(
     target = model if inplace else copy.deepcopy(model)
     rounded = _algorithm_roundings(model, recipe, calibration, progress)
     links = _fold(target, list(specs), calibration)
-    ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
+    ranges, sources, outputs = _static_ranges(target, specs, recipe, calibration, progress)
+    specs = with_float_outputs(target, specs, outputs)
     fused = share_grids(ranges, links)  # the grids post-training quantization gives (lowbit.transform.fold)
     readers = rounding_readers(ranges, sources, links)
     shared = _shared_grids(links, sources, fused) if learn_ranges else set()

@@ -193,12 +193,13 @@ def _same_quantized_weight(a: nn.Module, b: nn.Module) -> bool:
     return True
 
 
-def _static_ranges(model, specs, recipe, calibration, progress) -> tuple[dict[str, dict], dict[str, str]]:
-    """Calibrated ranges of the static modules, and which module makes each convolution's input
-    (lowbit.transform.fold.tensor_sources)."""
+def _static_ranges(model, specs, recipe, calibration, progress) -> tuple[dict[str, dict], dict[str, str],
+                                                                         list[str]]:
+    """Calibrated ranges of the static modules, which module makes each convolution's input
+    (lowbit.transform.fold.tensor_sources), and which modules' outputs the model returns."""
     static = [name for name, spec in specs.items() if spec.scheme == "static"]
     if not static:
-        return {}, {}
+        return {}, {}, []
     if calibration is None:
         raise QuantizationError(
             "the static scheme needs calibration data: pass calibration=[batch, ...] "
@@ -207,7 +208,18 @@ def _static_ranges(model, specs, recipe, calibration, progress) -> tuple[dict[st
     if not isinstance(calibration, CalibrationResult):
         calibration = calibrate(model, calibration, static, progress)
     options = {"percentile": recipe.percentile} if recipe.calibrator == "percentile" else {}
-    return calibration.ranges(recipe.calibrator, static, **options), calibration.sources
+    return calibration.ranges(recipe.calibrator, static, **options), calibration.sources, calibration.outputs
+
+
+def with_float_outputs(model: nn.Module, specs: dict[str, LayerSpec], outputs: list[str]
+                       ) -> dict[str, LayerSpec]:
+    """`specs`, where a static Linear's output is the model's: left float (LayerSpec.output)."""
+    def adapted(name: str, spec: LayerSpec) -> LayerSpec:
+        returned = (spec.scheme == "static" and name in outputs
+                    and module_kind(model.get_submodule(name)) == "linear")
+        return dataclasses.replace(spec, output="float") if returned else spec
+
+    return {name: adapted(name, spec) for name, spec in specs.items()}
 
 
 def _input_scaling(target: nn.Module, specs: dict[str, LayerSpec], recipe: Recipe) -> BeforeRounding | None:
@@ -293,7 +305,8 @@ def quantize(
     target = model if inplace or weights is not None else _copy_for_quantizing(model, list(specs), recipe)
     _smooth(target, recipe, calibration)
     links = _fold(target, list(specs), calibration)
-    ranges, sources = _static_ranges(target, specs, recipe, calibration, progress)
+    ranges, sources, outputs = _static_ranges(target, specs, recipe, calibration, progress)
+    specs = with_float_outputs(target, specs, outputs)
     fused = share_grids(ranges, links)
     readers = rounding_readers(ranges, sources, links)
     storages = {name: weight_storage(target.get_submodule(name)) for name in specs}

@@ -67,8 +67,10 @@ def test_learned_ranges_train_and_convert_to_the_same_numerics(monkeypatch):
     prepared = lowbit.qat.prepare(model, "w8a8-static", calibration=calibration, learn_ranges=True,
                                   progress=False)
     fakes = [m for m in prepared.modules() if isinstance(m, FakeQuant)]
-    # the first Linear's output grid is fused with the ReLU after it (lowbit.transform.fold): kept
-    assert [set(fake.range_steps) for fake in fakes] == [{"input"}, {"input", "output"}]
+    # the first Linear's output grid is fused with the ReLU after it (lowbit.transform.fold): kept;
+    # the last one's output is the model's, left float (LayerSpec.output): no grid to learn
+    assert [set(fake.range_steps) for fake in fakes] == [{"input"}, {"input"}]
+    assert fakes[1].spec.output == "float"
     before = [fake.ranges for fake in fakes]
     _same_outputs(prepared, lowbit.qat.convert(prepared, progress=False), calibration[1], tolerance=1e-6)
     lowbit.qat.distill(prepared, model, calibration, steps=5, lr=1e-2, loss="mse", progress=False)
