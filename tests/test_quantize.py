@@ -214,3 +214,5 @@ def test_only_a_static_linear_may_leave_its_output_float():
     for scheme, kind in (("weight_only", "linear"), ("dynamic", "linear"), ("static", "conv")):
         problem = LayerSpec(scheme, "int8", "per_channel", True, output="float").problem(kind, (4, 4, 1, 1))
         assert "only a static Linear's output may be float" in problem
+    written_before = {"scheme": "static", "weight": "int8", "granularity": "per_channel", "symmetric": True}
+    assert LayerSpec.from_dict(written_before).output == "uint8"  # files from before the field
