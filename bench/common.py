@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -100,14 +101,44 @@ def onnx_bytes(path: Path) -> int:
     return sum(file.stat().st_size for file in files)
 
 
-def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
+def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]], width: int = 80) -> None:
+    """`rows` as a table of `columns` ((key, header) pairs; those no row fills are left out), or,
+    when that is wider than `width`, as one block per row: its leading text columns as a heading,
+    then each measured value with its header, wrapped to `width`."""
+    columns = [(key, header) for key, header in columns
+               if any(row.get(key) not in (None, "") for row in rows)]
     table = Table(title=title)
     for _, header in columns:
         table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(*[row.get(key, "") if isinstance(row.get(key), str) else _format(row.get(key))
-                        for key, _ in columns])
-    Console(width=160).print(table)
+        table.add_row(*[_cell(row.get(key)) for key, _ in columns])
+    console = Console(width=width)
+    if Console(width=10 * width).measure(table).maximum <= width:  # its natural width
+        console.print(table)
+        return
+    names = [key for key, _ in columns[:3] if all(isinstance(row.get(key, ""), str) for row in rows)]
+    console.print(Text(title, style="bold"))
+    for row in rows:
+        console.print(Text(" · ".join(row[key] for key in names if row.get(key)), style="bold"))
+        values = [f"{header} {_cell(row.get(key))}" for key, header in columns
+                  if key not in names and row.get(key) not in (None, "")]
+        for line in _packed(values, width - 4):
+            console.print(Text("    " + line))
+
+
+def _cell(value) -> str:
+    return value if isinstance(value, str) else _format(value)
+
+
+def _packed(items: list[str], width: int, gap: str = "   ") -> list[str]:
+    """`items` in lines of at most `width` characters, none split (one longer stays whole)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(gap) + len(item) <= width:
+            lines[-1] += gap + item
+        else:
+            lines.append(item)
+    return lines
 
 
 def _format(value) -> str:
