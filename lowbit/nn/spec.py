@@ -25,7 +25,7 @@ ZERO_POINTS = ("int", "float", "minimum")
 # What a static module's output leaves as: rounded onto a calibrated 8-bit grid (what the next
 # int8 module reads), or float (the int32 sums times the scales) when the model returns it:
 # nothing reads it as int8, and rounding a classifier's logits clips the largest and ties the
-# nearest (lowbit.transform.calibrate.model_output_modules finds such modules). Linear only: fbgemm
+# nearest (lowbit.transform.calibrate.collect_histograms finds such modules). Linear only: fbgemm
 # and ONNX Runtime have int8 matrix products with a float output, no such convolution
 OUTPUTS = ("uint8", "float")
 

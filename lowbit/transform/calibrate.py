@@ -37,13 +37,17 @@ SIDE_QTYPES = {"input": UINT7, "output": UINT8}
 
 
 def _recording(model: nn.Module, names: set[str], histograms: dict[str, dict[str, Histogram]],
-               input_shapes: dict[str, tuple[int, ...]]):
-    """Forward hooks that add each named module's input and output to its histograms."""
+               input_shapes: dict[str, tuple[int, ...]], made_by: dict[int, str]):
+    """Forward hooks that add each named module's input and output to its histograms, and note
+    which module made each output storage (`made_by`; the last to write one owns it: a storage
+    the model returns is alive, so no later module can reuse it)."""
     def make_hook(name: str):
         def hook(module, inputs, output):
             histograms[name]["input"].update(inputs[0])
             histograms[name]["output"].update(output)
             input_shapes.setdefault(name, tuple(inputs[0].shape))
+            if isinstance(output, torch.Tensor) and output.numel():
+                made_by[output.untyped_storage().data_ptr()] = name
 
         return hook
 
@@ -56,11 +60,15 @@ def collect_histograms(
     names: Iterable[str],
     progress: bool = True,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    outputs: list[str] | None = None,
 ) -> dict[str, dict[str, Histogram]]:
     """Input and output histograms of the named modules over all calibration batches.
 
     `input_shapes`, when given, receives the shape of each module's first input (convolution
-    kernels are timed on it).
+    kernels are timed on it); `outputs` the named modules whose output (itself or a view of it)
+    the model returns on the first batch (a classifier's logits, a language model's head): nothing
+    reads those on an int8 grid, so a static module there leaves its output float
+    (LayerSpec.output).
     """
     names = set(names)
     histograms = {name: {"input": Histogram(), "output": Histogram()} for name in names}
@@ -70,15 +78,16 @@ def collect_histograms(
         raise CalibrationError(
             "calibration data is empty; pass a few representative batches (e.g. 32-128 samples)"
         )
+    made_by: dict[int, str] = {}
     was_training = model.training
     model.eval()
     try:
-        with _recording(model, names, histograms, input_shapes), torch.inference_mode(), \
+        with _recording(model, names, histograms, input_shapes, made_by), torch.inference_mode(), \
                 progress_bar(progress) as bar:
             task = bar.add_task("calibrating", total=len(batches))
             for index, batch in enumerate(batches):
                 try:
-                    call_model(model, batch)
+                    returned = call_model(model, batch)
                 except LowbitError:
                     raise
                 except Exception as error:
@@ -86,6 +95,11 @@ def collect_histograms(
                         f"the model failed on calibration batch {index}: {error}. "
                         "Check that the batches have the shape and type the model expects."
                     ) from error
+                if index == 0 and outputs is not None:
+                    found = {made_by.get(tensor.untyped_storage().data_ptr())
+                             for tensor in _tensors_in(returned)}
+                    outputs.extend(sorted(name for name in found if name is not None))
+                made_by.clear()
                 bar.advance(task)
     finally:
         model.train(was_training)
@@ -237,34 +251,13 @@ def calibrate(
     subject = _folded_copy(model, links.batch_norms)
     batches = list(batches) if batches is not None else []
     shapes: dict[str, tuple[int, ...]] = {}
-    histograms = collect_histograms(subject, batches, names, progress, shapes)
+    outputs: list[str] = []
+    histograms = collect_histograms(subject, batches, names, progress, shapes, outputs)
     modules = dict(subject.named_modules())
     unlinked = [name for name in names
                 if isinstance(modules[name], nn.Conv2d) and name not in links.producers]
     sources = tensor_sources(subject, batches[0], unlinked) if unlinked else {}
-    outputs = model_output_modules(subject, batches[0], names)
     return CalibrationResult(histograms, shapes, subject, links.batch_norms, sources, outputs)
-
-
-def model_output_modules(model: nn.Module, batch: Any, names: Iterable[str]) -> list[str]:
-    """The named modules whose output `model` returns, itself or a view of it (a classifier's
-    logits, a language model's head), found by one call on `batch`: nothing reads those outputs
-    on an int8 grid, so a static module there leaves its output float (LayerSpec.output)."""
-    made_by: dict[int, str] = {}
-    kept: list[torch.Tensor] = []  # alive until the end, so no storage is reused
-
-    def make_hook(name: str):
-        def hook(module, inputs, output):
-            if isinstance(output, torch.Tensor) and output.numel():
-                kept.append(output)
-                made_by[output.untyped_storage().data_ptr()] = name
-
-        return hook
-
-    with forward_hooks(model, set(names), make_hook), torch.inference_mode():
-        returned = call_model(model, batch)
-    found = {made_by.get(tensor.untyped_storage().data_ptr()) for tensor in _tensors_in(returned)}
-    return sorted(name for name in found if name is not None)
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
