@@ -23,7 +23,10 @@ and microaneurysms), and distilled on all of them for --efficientnet-budget seco
 activation ranges; the weights keep GPTQ's integers). Judged by top-1 agreement with fp32 on the
 20 photos bench.efficientnet scores, re-checked on them mirrored, and by the KL divergence of the
 photos' class distributions from fp32's ("recovered (KL)": the share of it training wins back).
-Round-to-nearest w8a8-static is shown beside it. Writes bench/results/qat.json.
+Round-to-nearest w8a8-static is shown beside it, and fp32 with its weights only rounded to
+float16 and bfloat16 (no integer grid): the resolution of agreement on 20 photos, where fp32's top
+class is under 1.15 times as probable as its second on several ("near ties", counted in the fp32
+row). Writes bench/results/qat.json.
 
     .venv/bin/python -m bench.qat [--budget 720] [--static-budget 1200] [--batch-size 16]
         [--efficientnet-budget 600] [--efficientnet-lr 3e-4] [--efficientnet-calibration 64]
@@ -32,6 +35,7 @@ Round-to-nearest w8a8-static is shown beside it. Writes bench/results/qat.json.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,6 +187,12 @@ def mnist_rows(recipe: str = "w8a8-static") -> list[dict]:
 # steps resolve; they stay float (1,152 of 4.7M weights).
 EFFICIENTNET_FLOAT = ("_conv_stem", "_blocks.0._depthwise_conv")
 CROPS = 768  # training crops; the first --efficientnet-calibration of them calibrate
+# The resolution of top-1 agreement on 20 photos: fp32 with its weights only rounded to these
+# float types (no integer grid) is scored beside the int8 models. On many of the photos fp32's top
+# two classes are near ties (NEAR_TIE: the first's probability under 1.15 times the second's), so
+# rounding as fine as float16's flips some of them.
+ROUNDED_FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+NEAR_TIE = 1.15
 
 
 def photo_crops(photos: dict[str, torch.Tensor], count: int, seed: int = 0) -> torch.Tensor:
@@ -212,6 +222,22 @@ def photo_crops(photos: dict[str, torch.Tensor], count: int, seed: int = 0) -> t
     return torch.stack(crops)
 
 
+def rounded_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `model` whose parameters are rounded to `dtype` and held as float32 again."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            parameter.copy_(parameter.to(dtype))
+    return rounded
+
+
+def near_ties(logits: torch.Tensor) -> int:
+    """How many rows of `logits` have their top class under NEAR_TIE times as probable as the
+    second."""
+    top = logits.softmax(-1).topk(2, dim=-1).values
+    return int((top[:, 0] < NEAR_TIE * top[:, 1]).sum())
+
+
 def efficientnet_rows(budget: int, lr: float, calibration_crops: int = 64,
                       recipe: str = "w8a8-static-gptq") -> list[dict]:
     """Post-training static int8 (round-to-nearest, and the recipe's GPTQ) and QAT with
@@ -233,6 +259,11 @@ def efficientnet_rows(budget: int, lr: float, calibration_crops: int = 64,
                 "kl, re-check": float(kl_loss(logits["agreement, re-check"],
                                               references["agreement, re-check"], None))}
 
+    row = {"model": "EfficientNet-Lite0", "method": "reference (no int8)"}
+    reference_rows = [{**row, "recipe": "fp32", "near ties": near_ties(references["agreement"]),
+                        "near ties, re-check": near_ties(references["agreement, re-check"])}]
+    reference_rows += [{**row, "recipe": f"{name} weights", **scores(rounded_weights(fp32, dtype))}
+                        for name, dtype in ROUNDED_FLOATS.items()]
     crops = photo_crops(assets.training_photos(), CROPS)
     calibration = list(crops[:calibration_crops].split(8))
     preset, recipe = recipe, lowbit.make_recipe(recipe, calibrator="mse")
@@ -248,7 +279,8 @@ def efficientnet_rows(budget: int, lr: float, calibration_crops: int = 64,
     result = lowbit.qat.distill(prepared, fp32, list(crops.split(8)), time_budget=budget, lr=lr)
     trained = scores(lowbit.qat.convert(prepared))
     row = {"model": "EfficientNet-Lite0", "recipe": f"{preset} (mse ranges)"}
-    return [{**row, "recipe": "w8a8-static (mse ranges)", "method": "post-training", **nearest},
+    return [*reference_rows,
+            {**row, "recipe": "w8a8-static (mse ranges)", "method": "post-training", **nearest},
             {**row, "method": "post-training", **ptq},
             {**row, "method": "QAT (biases, ranges) + distillation", **trained,
              "recovered, kl": (ptq["kl"] - trained["kl"]) / ptq["kl"],
@@ -263,6 +295,7 @@ COLUMNS = [("model", "model"), ("recipe", "recipe"), ("method", "method"), ("acc
            ("cosine, re-check", "cosine (re-check)"),
            ("agreement, re-check", "agreement (re-check)"), ("kl, re-check", "KL (re-check)"),
            ("recovered, re-check", "recovered (re-check)"),
+           ("near ties", "near ties"), ("near ties, re-check", "near ties (re-check)"),
            ("steps", "steps"), ("minutes", "minutes")]
 
 
