@@ -32,6 +32,7 @@ Writes bench/results/prune.json (prune-unstructured.json, prune-2of4.json for on
 from __future__ import annotations
 
 import tempfile
+import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -168,8 +169,9 @@ def main() -> None:
                  ("tensor file / w8", "file / w8"), ("folder / w8", "folder / w8"), ("steps", "steps"),
                  ("minutes", "minutes")])
     share = deflated / dense["tensor file bytes"]
-    print(f"plain w8's tensor file deflated whole (zlib 9): {share:.3f} of it. No sparse kernel on this "
-          "CPU: pruned models run the dense int8 kernels (smaller, not faster).")
+    print(textwrap.fill(f"plain w8's tensor file deflated whole (zlib 9): {share:.3f} of it. No sparse "
+                        "kernel on this CPU: pruned models run the dense int8 kernels (smaller, not "
+                        "faster).", 80))
     payload = {"threads": args.threads, "budget_s": args.budget, "batch_size": args.batch_size,
                "calibration_sentences": args.calibration, "embedding_percent": args.embedding_percent,
                "training_sentences": args.sentences, "loss": args.loss, "lr": args.lr,
