@@ -22,8 +22,9 @@ $(INSTALLED): pyproject.toml constraints.txt | $(BIN)/python
 demo: $(INSTALLED)
 	$(BIN)/lowbit demo
 
+# A pytest-xdist worker per core of CI's two (tests/conftest.py gives each one torch thread)
 test: $(INSTALLED)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 test-slow: $(INSTALLED)
 	$(BIN)/python -m pytest -m slow

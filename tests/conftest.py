@@ -5,6 +5,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core: one thread each
+    torch.set_num_threads(1)
+    # xdist's workers inherit COLUMNS=80, which fixes lowbit.cli's console at 80 columns when it is
+    # made; without it the console follows each test's own COLUMNS, as in a serial run
+    os.environ.pop("COLUMNS", None)
 
 
 @pytest.fixture(scope="session")
