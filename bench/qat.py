@@ -259,10 +259,10 @@ def efficientnet_rows(budget: int, lr: float, calibration_crops: int = 64,
                 "kl, re-check": float(kl_loss(logits["agreement, re-check"],
                                               references["agreement, re-check"], None))}
 
-    row = {"model": "EfficientNet-Lite0", "method": "reference (no int8)"}
-    reference_rows = [{**row, "recipe": "fp32", "near ties": near_ties(references["agreement"]),
+    reference = {"model": "EfficientNet-Lite0", "method": "reference (no int8)"}
+    reference_rows = [{**reference, "recipe": "fp32", "near ties": near_ties(references["agreement"]),
                         "near ties, re-check": near_ties(references["agreement, re-check"])}]
-    reference_rows += [{**row, "recipe": f"{name} weights", **scores(rounded_weights(fp32, dtype))}
+    reference_rows += [{**reference, "recipe": f"{name} weights", **scores(rounded_weights(fp32, dtype))}
                         for name, dtype in ROUNDED_FLOATS.items()]
     crops = photo_crops(assets.training_photos(), CROPS)
     calibration = list(crops[:calibration_crops].split(8))
